@@ -1,0 +1,61 @@
+"""Caption images from the command line.
+
+    python -m diffusion_caption scene.png photo.jpg            # final captions
+    python -m diffusion_caption scene.png --trace              # the caption at every denoising step
+    python -m diffusion_caption scene.png --json               # the whole trace as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "assets", "checkpoints", "shapes-diffusion")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffusion_caption", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint directory or hub id")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clamp", action="store_true", help="clamp each predicted x0 to its nearest tokens")
+    p.add_argument("--trace", action="store_true", help="print the caption at every step")
+    p.add_argument("--json", action="store_true", help="print each trace as JSON")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    from diffusion_caption import Captioner, CheckpointError, ImageLoadError
+
+    try:
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    for path in args.images:
+        try:
+            trace = cap.caption(path, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                                seed=args.seed, clamp=args.clamp)
+        except (ImageLoadError, ValueError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            status = 1
+            continue
+        if args.json:
+            print(json.dumps({"image": path, **trace.to_json()}))
+            continue
+        print(f"{path}: {trace.text}")
+        if args.trace:
+            for s in trace.steps:
+                conf = sum(s.confidence) / len(s.confidence)
+                print(f"  step {s.index + 1:>4} t={s.t:>4} mean conf {conf:.2f}  {s.text}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

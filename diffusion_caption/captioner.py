@@ -1,0 +1,167 @@
+"""The public captioning API: image in, denoising trace out.
+
+    cap = Captioner.from_pretrained("assets/checkpoints/shapes-diffusion")
+    trace = cap.caption("scene.png", steps=20, sampler="ddim", seed=0)
+    trace.text, [(s.t, s.text) for s in trace.steps]
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Iterator
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import CaptionerConfig
+from .denoiser import Denoiser
+from .diffusion import GaussianDiffusion, StepOutput
+from .image_encoder import ImageEncoder
+from .rounding import round_to_tokens
+from .samplers import SAMPLERS, make_sampler
+from .schedule import NoiseSchedule
+from .tokenizer import CaptionTokenizer
+from .trace import DenoisingStep, Trace
+
+FORMAT = "diffusion-caption/1"
+MAX_GUIDANCE = 20.0
+
+
+class Captioner:
+    """A CLIP image encoder, a denoiser, its noise schedule and tokenizer, with sampling settings."""
+
+    def __init__(self, config: CaptionerConfig, denoiser: Denoiser, image_encoder: ImageEncoder,
+                 tokenizer: CaptionTokenizer, device: str | torch.device = "cpu"):
+        self.config = config
+        self.denoiser = denoiser.eval()
+        self.image_encoder = image_encoder
+        self.tokenizer = tokenizer
+        self.schedule = NoiseSchedule(config.schedule, config.T)
+        self.diffusion = GaussianDiffusion(self.schedule, config.predict)
+        self.to(device)
+
+    def to(self, device) -> "Captioner":
+        self.device = torch.device(device)
+        self.denoiser.to(self.device)
+        self.image_encoder.to(self.device)
+        return self
+
+    # ---------------------------------------------------------------------------------------- files
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu") -> "Captioner":
+        path = ckpt.resolve(path_or_hub_id)
+        meta = ckpt.read_json(os.path.join(path, ckpt.CONFIG_NAME))
+        cfg_file = os.path.join(path, ckpt.CONFIG_NAME)
+        if meta.get("format") != FORMAT:
+            raise ckpt.CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r} "
+                                       "(is this a diffusion-caption checkpoint?)")
+        for key in ("captioner", "encoder_config", "image_encoder"):
+            if key not in meta:
+                raise ckpt.CheckpointError(f"{cfg_file}: missing the {key!r} section")
+        try:
+            config = CaptionerConfig.from_dict(meta["captioner"], source=cfg_file)
+        except (TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{cfg_file}: bad captioner config: {e}") from None
+        try:
+            tokenizer = CaptionTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: tokenizer files unreadable: {e}") from None
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ckpt.CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but {cfg_file} "
+                                       f"says vocab_size={config.vocab_size}")
+        denoiser = Denoiser(config, encoder_config=meta["encoder_config"])
+        ckpt.load_into(denoiser, os.path.join(path, ckpt.WEIGHTS_NAME))
+        try:
+            image_encoder = ImageEncoder.load(meta["image_encoder"], base_dir=path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: image encoder: {e}") from None
+        if image_encoder.feature_dim != config.cond_dim:
+            raise ckpt.CheckpointError(f"{path}: the image encoder gives {image_encoder.feature_dim}-d features "
+                                       f"but {cfg_file} says cond_dim={config.cond_dim}")
+        return cls(config, denoiser, image_encoder, tokenizer, device)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json, model.safetensors, the tokenizer and (for local CLIPs) the CLIP in ``clip/``."""
+        with ckpt.atomic_directory(path) as tmp:
+            source = dict(self.image_encoder.source)
+            if source.get("kind") == "local-dir":
+                self.image_encoder.save_pretrained(os.path.join(tmp, "clip"))
+                source = {"kind": "local-dir", "path": "clip"}
+            meta = {"format": FORMAT, "captioner": self.config.to_dict(),
+                    "encoder_config": self.denoiser.encoder_config, "image_encoder": source}
+            ckpt.write_json(os.path.join(tmp, ckpt.CONFIG_NAME), meta)
+            ckpt.save_tensors(self.denoiser.state_dict(), os.path.join(tmp, ckpt.WEIGHTS_NAME))
+            self.tokenizer.save_pretrained(tmp)
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def check_settings(self, steps, sampler, guidance, seed, clamp) -> dict:
+        """Validated sampling settings, or a ValueError naming the parameter and its range."""
+        T = self.config.T
+        steps = self.config.sample_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an integer from 1 to {T}, got {steps!r}")
+        sampler = str(sampler or self.config.sampler).lower()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        guidance = 1.0 if guidance is None else guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+                or not 0.0 <= guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance must be a number from 0 to {MAX_GUIDANCE} (1 = no guidance), got {guidance!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
+                "clamp": bool(clamp)}
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        return self.image_encoder.encode(images).to(self.device)
+
+    def _records(self, out: StepOutput, b: int, ids: torch.Tensor, conf: torch.Tensor) -> DenoisingStep:
+        token_ids = ids[b].tolist()
+        return DenoisingStep(index=out.index, t=out.t, x_t=out.x_t[b].cpu(), x0_pred=out.x0_pred[b].cpu(),
+                             token_ids=token_ids, tokens=self.tokenizer.token_strings(token_ids),
+                             confidence=[round(float(c), 6) for c in conf[b].tolist()],
+                             text=self.tokenizer.decode(token_ids))
+
+    def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
+                           steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
+                           seed: int = 0, clamp: bool = False) -> Iterator[list[DenoisingStep]]:
+        """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features."""
+        s = self.check_settings(steps, sampler, guidance, seed, clamp)
+        if features is None:
+            if not images:
+                raise ValueError("give at least one image (or precomputed features)")
+            features = self.encode_images(list(images))
+        features = features.to(self.device).float()
+        smp = make_sampler(s["sampler"], self.schedule, s["steps"])
+        gen = torch.Generator(device=self.device).manual_seed(s["seed"])
+        E = self.denoiser.embeddings.detach()
+        for out in self.diffusion.sample_progressive(self.denoiser, features, smp, self.config.seq_len,
+                                                     guidance=s["guidance"], clamp=s["clamp"], generator=gen):
+            ids, conf = round_to_tokens(out.x0_pred, E)
+            yield [self._records(out, b, ids, conf) for b in range(features.shape[0])]
+
+    def iter_caption(self, image, **kw) -> Iterator[DenoisingStep]:
+        """Yield the ``DenoisingStep`` of one image at every step, as it is computed (for streaming UIs)."""
+        for batch in self.iter_caption_batch([image], **kw):
+            yield batch[0]
+
+    def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
+                      steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
+                      seed: int = 0, clamp: bool = False) -> list[Trace]:
+        """One ``Trace`` per image, all images denoised together as one batch."""
+        t0 = time.perf_counter()
+        settings = self.check_settings(steps, sampler, guidance, seed, clamp)
+        n = len(images) if features is None else features.shape[0]
+        per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
+        for batch in self.iter_caption_batch(images, features=features, **settings):
+            for b, step in enumerate(batch):
+                per_image[b].append(step)
+        seconds = time.perf_counter() - t0
+        return [Trace(steps, dict(settings), seconds) for steps in per_image]
+
+    def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
+                seed: int = 0, clamp: bool = False) -> Trace:
+        """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
+        return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                                  clamp=clamp)[0]

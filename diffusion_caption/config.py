@@ -1,0 +1,82 @@
+"""One configuration dataclass for the captioner: denoiser, diffusion and loss. Stored as config.json."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FUSIONS = ("concat", "add")
+PREDICTIONS = ("x0", "eps")
+
+
+@dataclass
+class CaptionerConfig:
+    # text
+    seq_len: int = 24  # caption positions, [CLS] ... [SEP] [PAD]... (the seed paper used 16)
+    vocab_size: int = 512
+    emb_dim: int = 64  # token embedding size: the space diffusion runs in
+    # DistilBERT denoiser
+    encoder: str = "tiny"  # "tiny" (built from the fields below) or a DistilBERT name/path for its weights
+    dim: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    hidden_dim: int = 768
+    dropout: float = 0.1
+    # conditioning on the CLIP image feature
+    cond_dim: int = 128
+    fusion: str = "concat"  # "concat": projected feature as prefix token(s); "add": added at every position
+    n_prefix: int = 1
+    p_uncond: float = 0.1  # condition dropout in training, for classifier-free guidance
+    predict_feature: bool = False  # an extra head predicting the image feature from the text positions
+    # diffusion
+    schedule: str = "sqrt"
+    T: int = 1000
+    predict: str = "x0"  # what the network outputs: "x0" or "eps"
+    # loss = x0 MSE + lambda_round * rounding CE (+ lambda_feature * feature loss)
+    lambda_round: float = 0.3
+    lambda_feature: float = 0.1
+    freeze_embeddings: bool = False
+    # sampling defaults
+    sample_steps: int = 20
+    sampler: str = "ddim"
+    extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.predict not in PREDICTIONS:
+            raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
+        if self.n_prefix < 1:
+            raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.lambda_round < 0 or self.lambda_feature < 0:
+            raise ValueError("loss weights lambda_round and lambda_feature must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "CaptionerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown captioner config keys {unknown}")
+        return cls(**d)
+
+
+PRESETS = {
+    # a small denoiser for the shapes world, trained from scratch on CPU
+    "shapes": dict(),
+    # the seed paper's size: DistilBERT-base weights, its 768-d word embeddings, CLIP ViT-B/32 (512-d)
+    "base": dict(seq_len=24, vocab_size=30522, emb_dim=768, encoder="distilbert-base-uncased", dim=768,
+                 n_layers=6, n_heads=12, hidden_dim=3072, cond_dim=512, schedule="cosine"),
+    # a few-second model for tests
+    "tiny": dict(seq_len=12, emb_dim=16, dim=32, n_layers=1, n_heads=2, hidden_dim=64, cond_dim=16, T=100,
+                 dropout=0.0),
+}
+
+
+def preset(name: str, **overrides) -> CaptionerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return CaptionerConfig(**{**PRESETS[name], **overrides})

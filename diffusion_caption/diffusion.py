@@ -1,0 +1,116 @@
+"""Diffusion-LM on token embeddings: the training loss and the progressive sampling loop.
+
+The network is anything with the signature ``model(x_t, t, cond, drop_cond) -> (prediction, feature)``
+and an ``embeddings`` table; the schedule and the sampler are separate objects, so any sampler runs any
+trained model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .rounding import clamp_to_embeddings, token_logits
+from .samplers import Sampler
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class StepOutput:
+    """What the sampling loop produces at each step, for a whole batch."""
+    index: int
+    t: int
+    x_t: torch.Tensor  # [B, L, d] input of this step
+    x0_pred: torch.Tensor  # [B, L, d] predicted clean embeddings (after guidance, before clamping)
+
+
+class GaussianDiffusion:
+    def __init__(self, schedule: NoiseSchedule, predict: str = "x0"):
+        self.schedule = schedule
+        self.predict = predict
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_losses(self, model, tokens: torch.Tensor, cond: torch.Tensor, lambda_round: float = 0.3,
+                        lambda_feature: float = 0.0, p_uncond: float = 0.0,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Losses for a batch of token ids [B, L] and image features [B, D].
+
+        x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
+        x_t ~ q(x_t | x_0) at uniform t. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
+        ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
+        and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
+        """
+        B, L = tokens.shape
+        dev = tokens.device
+        E = model.embeddings
+        x_start_mean = E[tokens]
+        sched = self.schedule
+        std0 = float(sched.sqrt_one_minus_alphas_cumprod[0])
+        noise0 = torch.randn(x_start_mean.shape, generator=generator, device=dev)
+        x_start = x_start_mean + std0 * noise0
+        t = torch.randint(0, sched.T, (B,), generator=generator, device=dev)
+        noise = torch.randn(x_start.shape, generator=generator, device=dev)
+        x_t = sched.q_sample(x_start, t, noise)
+        drop = (torch.rand(B, generator=generator, device=dev) < p_uncond) if p_uncond > 0 else None
+        out, feature = model(x_t, t, cond, drop)
+        out = out.float()
+        if self.predict == "x0":
+            x0_hat = out
+            mse = (out - x_start_mean).pow(2).mean()
+        else:
+            x0_hat = sched.predict_start_from_noise(x_t, t, out)
+            mse = (out - noise).pow(2).mean()
+        logits = token_logits(x0_hat, E.float())
+        round_ce = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1))
+        t_last = torch.full((B,), sched.T - 1, device=dev, dtype=torch.long)
+        prior = sched.q_mean_variance(x_start_mean, t_last)[0].pow(2).mean()
+        losses = {"mse": mse, "round": round_ce, "prior": prior}
+        loss = mse + prior + lambda_round * round_ce
+        if feature is not None:
+            feat_loss = 1 - F.cosine_similarity(feature.float(), cond.float(), dim=-1).mean()
+            losses["feature"] = feat_loss
+            loss = loss + lambda_feature * feat_loss
+        with torch.no_grad():
+            losses["token_acc"] = (logits.argmax(-1) == tokens).float().mean()
+        losses["loss"] = loss
+        return losses
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def predict_x0(self, model, x_t: torch.Tensor, t: int, cond: torch.Tensor,
+                   guidance: float = 1.0) -> torch.Tensor:
+        """The network's x0 at one timestep, with classifier-free guidance when ``guidance != 1``.
+
+        Guided: x0 = x0_uncond + guidance * (x0_cond - x0_uncond), both passes batched as one forward.
+        """
+        B = x_t.shape[0]
+        tt = torch.full((B,), t, device=x_t.device, dtype=torch.long)
+        if guidance == 1.0:
+            out, _ = model(x_t, tt, cond)
+        else:
+            drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
+            both, _ = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([cond, cond]), drop)
+            out_c, out_u = both[:B], both[B:]
+            out = out_u + guidance * (out_c - out_u)
+        out = out.float()
+        if self.predict == "eps":
+            return self.schedule.predict_start_from_noise(x_t, tt, out)
+        return out
+
+    @torch.no_grad()
+    def sample_progressive(self, model, cond: torch.Tensor, sampler: Sampler, seq_len: int,
+                           guidance: float = 1.0, clamp: bool = False, generator: torch.Generator | None = None,
+                           x_T: torch.Tensor | None = None) -> Iterator[StepOutput]:
+        """Yield one ``StepOutput`` per sampler timestep, from pure noise to the final prediction."""
+        B = cond.shape[0]
+        E = model.embeddings.detach().float()
+        if x_T is None:
+            x_T = torch.randn((B, seq_len, E.shape[1]), generator=generator, device=cond.device)
+        x = x_T.float()
+        for i, t in enumerate(sampler.timesteps):
+            x0 = self.predict_x0(model, x, t, cond, guidance)
+            yield StepOutput(i, t, x, x0)
+            x0_used = clamp_to_embeddings(x0, E) if clamp else x0
+            x = sampler.step(x0_used, t, x, generator).prev_sample

@@ -1,0 +1,151 @@
+"""The frozen CLIP image encoder, through open_clip.
+
+Presets:
+- ``base``: ViT-B-32 with a pretrained tag (downloads when online) or a local weights file.
+- ``shapes``: a small open_clip CLIP trained from scratch on the shapes world (``training.train_clip``),
+  saved as an open_clip ``local-dir:`` folder (open_clip_config.json + open_clip_model.safetensors) with
+  the shapes tokenizer beside it.
+
+Features are L2-normalised image embeddings, as the seed paper used.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from .images import load_image
+
+CLIP_CONFIG = "open_clip_config.json"
+CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+# the shapes preset: a ViT on 64 x 64 renders, a 3-layer text tower over the shapes WordPiece vocabulary
+SHAPES_CLIP_CFG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 24, "vocab_size": 512, "width": 128, "heads": 4, "layers": 3,
+                 "pool_type": "eos", "pad_id": 0, "eos_id": 3},
+}
+SHAPES_PREPROCESS_CFG = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                         "interpolation": "bicubic", "resize_mode": "shortest"}
+BASE_MODEL, BASE_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
+
+
+class ImageEncoder:
+    """An open_clip model, frozen, with its preprocessing; ``encode(images)`` gives [N, D] unit vectors."""
+
+    def __init__(self, model, preprocess, source: dict, device: str | torch.device = "cpu"):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.source = source  # how to rebuild it: {"kind": "local-dir"|"open_clip", ...}
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def to(self, device) -> "ImageEncoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    # ---------------------------------------------------------------------------------------- building
+    @classmethod
+    def create_shapes(cls, vocab_size: int, eos_id: int, pad_id: int, context_length: int = 24,
+                      device="cpu") -> "ImageEncoder":
+        """A randomly initialised shapes-preset CLIP, ready for ``training.train_clip``."""
+        import open_clip
+
+        cfg = json.loads(json.dumps(SHAPES_CLIP_CFG))
+        cfg["text_cfg"].update(vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id, context_length=context_length)
+        model = open_clip.CLIP(**cfg)
+        preprocess = open_clip.image_transform(SHAPES_PREPROCESS_CFG["size"], is_train=False,
+                                               mean=SHAPES_PREPROCESS_CFG["mean"], std=SHAPES_PREPROCESS_CFG["std"],
+                                               interpolation="bicubic", resize_mode="shortest")
+        return cls(model, preprocess, {"kind": "local-dir", "model_cfg": cfg,
+                                       "preprocess_cfg": SHAPES_PREPROCESS_CFG}, device)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu") -> "ImageEncoder":
+        """Load a CLIP folder saved by ``save_pretrained`` (open_clip's ``local-dir:`` layout)."""
+        import open_clip
+
+        cfg_path = os.path.join(path, CLIP_CONFIG)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"CLIP checkpoint directory not found: {path}")
+        for f in (CLIP_CONFIG, CLIP_WEIGHTS):
+            if not os.path.isfile(os.path.join(path, f)):
+                raise FileNotFoundError(f"{os.path.join(path, f)}: missing from the CLIP checkpoint")
+        with open(cfg_path) as fh:
+            try:
+                cfg = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + os.path.abspath(path))
+        except RuntimeError as e:  # open_clip's load_state_dict mismatch
+            raise ValueError(f"{os.path.join(path, CLIP_WEIGHTS)} does not match {cfg_path}: {e}") from None
+        return cls(model, preprocess, {"kind": "local-dir", "model_cfg": cfg["model_cfg"],
+                                       "preprocess_cfg": cfg.get("preprocess_cfg", {})}, device)
+
+    @classmethod
+    def from_open_clip(cls, model_name: str = BASE_MODEL, pretrained: str = BASE_PRETRAINED,
+                       device="cpu") -> "ImageEncoder":
+        """The ``base`` preset: an open_clip architecture with a pretrained tag or a local weights file."""
+        import open_clip
+
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        except Exception as e:  # noqa: BLE001 - re-raised with the reason a person can act on
+            offline = any(w in repr(e) for w in ("Connection", "resolve", "offline", "Offline", "LocalEntryNotFound"))
+            hint = (" This machine seems to be offline: pass a local weights file as `pretrained` "
+                    "(open_clip accepts a path) or run where the hub is reachable.") if offline else ""
+            raise RuntimeError(f"could not load open_clip {model_name!r} with pretrained={pretrained!r}: "
+                               f"{type(e).__name__}: {e}.{hint}") from None
+        return cls(model, preprocess, {"kind": "open_clip", "model_name": model_name, "pretrained": pretrained}, device)
+
+    @classmethod
+    def load(cls, source: dict, base_dir: str | None = None, device="cpu") -> "ImageEncoder":
+        """Rebuild from a ``source`` reference as stored in a captioner's config.json."""
+        if source.get("kind") == "local-dir":
+            path = source.get("path", "clip")
+            if base_dir and not os.path.isabs(path):
+                path = os.path.join(base_dir, path)
+            return cls.from_pretrained(path, device)
+        if source.get("kind") == "open_clip":
+            return cls.from_open_clip(source["model_name"], source["pretrained"], device)
+        raise ValueError(f"unknown image encoder source {source!r}")
+
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        if self.source.get("kind") != "local-dir":
+            raise ValueError("only local-dir CLIP models are saved with the captioner; "
+                             f"{self.source} is referenced by name instead")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CLIP_CONFIG), "w") as f:
+            json.dump({"model_cfg": self.source["model_cfg"], "preprocess_cfg": self.source["preprocess_cfg"]}, f, indent=2)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, os.path.join(path, CLIP_WEIGHTS))
+
+    # ---------------------------------------------------------------------------------------- encoding
+    def pixels(self, images) -> torch.Tensor:
+        """Preprocessed [N, 3, H, W] pixels for images given as PIL images, paths or arrays."""
+        return torch.stack([self.preprocess(load_image(im)) for im in images])
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.model.encode_image(pixels.to(self.device))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def encode(self, images: list, batch_size: int = 64) -> torch.Tensor:
+        """[N, D] L2-normalised image features."""
+        out = [self.encode_pixels(self.pixels(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.feature_dim)
+

@@ -1,0 +1,119 @@
+"""Reverse-process samplers, apart from the network (as in diffusers).
+
+A sampler knows the schedule and a list of timesteps; ``step(x0_pred, t, x_t)`` maps the network's
+prediction of the clean sample at timestep ``t`` to the next, less noisy sample. Sampling with fewer
+steps than the schedule's T respaces the process (Nichol & Dhariwal 2021, section 4): between two kept
+timesteps t > s the effective beta is ``1 - alpha_bar_t / alpha_bar_s``. After the last kept timestep
+comes "s = -1", where alpha_bar is 1 and the sample is the clean prediction itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .schedule import NoiseSchedule
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class SamplerOutput:
+    prev_sample: torch.Tensor  # x_s, the sample at the next (smaller) timestep
+    pred_original_sample: torch.Tensor  # x_0 as predicted at this step
+
+
+def spaced_timesteps(T: int, n: int) -> list[int]:
+    """``n`` timesteps from T-1 down to 0, evenly spaced (n = 1 gives [T-1]: one jump from pure noise)."""
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be between 1 and the schedule's T={T}, got {n}")
+    if n == 1:
+        return [T - 1]
+    ts = [round(i * (T - 1) / (n - 1)) for i in range(n)]
+    return sorted(set(ts), reverse=True)
+
+
+class Sampler:
+    """Common timestep bookkeeping; subclasses implement ``step``."""
+
+    name = "base"
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None):
+        self.schedule = schedule
+        self.set_timesteps(num_steps or schedule.T)
+
+    def set_timesteps(self, num_steps: int) -> None:
+        self.timesteps = spaced_timesteps(self.schedule.T, int(num_steps))
+        self._prev = {t: s for t, s in zip(self.timesteps, self.timesteps[1:] + [-1])}
+
+    def prev_timestep(self, t: int) -> int:
+        if t not in self._prev:
+            raise ValueError(f"timestep {t} is not one of this sampler's {len(self.timesteps)} timesteps")
+        return self._prev[t]
+
+    def _alpha_bars(self, t: int) -> tuple[float, float]:
+        """(alpha_bar_t, alpha_bar_s) for t and the timestep s that follows it."""
+        s = self.prev_timestep(t)
+        a_t = float(self.schedule.alphas_cumprod[t])
+        a_s = float(self.schedule.alphas_cumprod[s]) if s >= 0 else 1.0
+        return a_t, a_s
+
+    def step(self, x0_pred: torch.Tensor, t: int, x_t: torch.Tensor,
+             generator: torch.Generator | None = None) -> SamplerOutput:
+        raise NotImplementedError
+
+
+class DDIMSampler(Sampler):
+    """Song et al. (2021), eq. 12. ``eta = 0`` is deterministic; ``eta = 1`` matches DDPM's variance."""
+
+    name = "ddim"
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, eta: float = 0.0):
+        super().__init__(schedule, num_steps)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = eta
+
+    def step(self, x0_pred, t, x_t, generator=None) -> SamplerOutput:
+        a_t, a_s = self._alpha_bars(t)
+        eps = (x_t - math.sqrt(a_t) * x0_pred) / math.sqrt(1.0 - a_t)
+        sigma = self.eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
+        x_s = math.sqrt(a_s) * x0_pred + math.sqrt(max(1.0 - a_s - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x_s = x_s + sigma * _noise_like(x_t, generator)
+        return SamplerOutput(x_s, x0_pred)
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling from the posterior q(x_s | x_t, x_0 = x0_pred) (Ho et al. 2020, eq. 6-7)."""
+
+    name = "ddpm"
+
+    def posterior(self, t: int) -> tuple[float, float, float]:
+        """(posterior_mean_coef1, posterior_mean_coef2, posterior_variance) between t and its successor."""
+        a_t, a_s = self._alpha_bars(t)
+        beta = 1.0 - a_t / a_s
+        coef1 = math.sqrt(a_s) * beta / (1.0 - a_t)
+        coef2 = math.sqrt(1.0 - beta) * (1.0 - a_s) / (1.0 - a_t)
+        return coef1, coef2, beta * (1.0 - a_s) / (1.0 - a_t)
+
+    def step(self, x0_pred, t, x_t, generator=None) -> SamplerOutput:
+        coef1, coef2, var = self.posterior(t)
+        x_s = coef1 * x0_pred + coef2 * x_t
+        if var > 0:
+            x_s = x_s + math.sqrt(var) * _noise_like(x_t, generator)
+        return SamplerOutput(x_s, x0_pred)
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = None, **kw) -> Sampler:
+    name = str(name).lower()
+    if name == "ddim":
+        return DDIMSampler(schedule, num_steps, **kw)
+    if name == "ddpm":
+        return DDPMSampler(schedule, num_steps)
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

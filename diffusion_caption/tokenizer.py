@@ -1,0 +1,74 @@
+"""Caption tokenizers: a WordPiece vocabulary trained on the shapes world, or DistilBERT's own.
+
+Both are ``transformers`` fast tokenizers saved with ``save_pretrained`` (tokenizer.json and
+tokenizer_config.json, no pickle). A caption is encoded as ``[CLS] words [SEP] [PAD]...`` to a fixed
+length; decoding stops at the first [SEP] and drops special tokens.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable
+
+import torch
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class CaptionTokenizer:
+    """Thin wrapper giving fixed-length encoding and trace-friendly decoding over a HF fast tokenizer."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.pad_id = hf_tokenizer.pad_token_id
+        self.cls_id = hf_tokenizer.cls_token_id
+        self.sep_id = hf_tokenizer.sep_token_id
+        self.special_ids = set(hf_tokenizer.all_special_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int = 512) -> "CaptionTokenizer":
+        """Train a lowercase WordPiece vocabulary (BERT pre-tokenisation) on ``captions``."""
+        from tokenizers import BertWordPieceTokenizer
+        from transformers import DistilBertTokenizerFast
+
+        wp = BertWordPieceTokenizer(lowercase=True)
+        wp.train_from_iterator(list(captions), vocab_size=vocab_size, min_frequency=1,
+                               special_tokens=SPECIAL_TOKENS, show_progress=False)
+        with tempfile.TemporaryDirectory() as d:
+            wp.save_model(d)
+            # vocab= (not vocab_file=) is the argument transformers 5 honours
+            hf = DistilBertTokenizerFast(vocab=os.path.join(d, "vocab.txt"))
+        return cls(hf)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "CaptionTokenizer":
+        from transformers import DistilBertTokenizerFast
+
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")) \
+                and not os.path.isfile(os.path.join(path, "vocab.txt")):
+            raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this directory")
+        return cls(DistilBertTokenizerFast.from_pretrained(path))
+
+    def save_pretrained(self, path: str) -> None:
+        self.hf.save_pretrained(path)
+
+    def encode(self, captions: list[str], length: int) -> torch.Tensor:
+        """[N, length] token ids: [CLS] caption [SEP] then [PAD]; too long captions are truncated."""
+        enc = self.hf(list(captions), padding="max_length", truncation=True, max_length=length)
+        return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(list(ids))
+
+    def decode(self, ids: list[int]) -> str:
+        """Caption text of one sequence: everything after [CLS] up to the first [SEP], specials dropped."""
+        ids = list(ids)
+        if self.sep_id in ids:
+            ids = ids[: ids.index(self.sep_id)]
+        ids = [i for i in ids if i not in self.special_ids]
+        return self.hf.decode(ids, clean_up_tokenization_spaces=False).strip()

@@ -1,0 +1,186 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from diffusion_caption import Captioner, CheckpointError
+from diffusion_caption.diffusion import GaussianDiffusion
+from diffusion_caption.schedule import NoiseSchedule
+
+
+def _overfit(cap, tokenizer, steps=150, **loss_kw):
+    captions = ["a red circle", "two blue squares", "a small green star on a black background", "a white diamond"]
+    ids = tokenizer.encode(captions, cap.config.seq_len)
+    cond = torch.nn.functional.normalize(torch.randn(4, cap.config.cond_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, cap.config.T), cap.config.predict)
+    model = cap.denoiser.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(steps):
+        losses = diff.training_losses(model, ids, cond, generator=g, **loss_kw)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        history.append({k: float(v) for k, v in losses.items()})
+    model.eval()
+    return history, ids, cond
+
+
+def _mean(history, key, a, b):
+    return sum(h[key] for h in history[a:b]) / (b - a)
+
+
+def test_loss_falls_when_overfitting_a_tiny_batch(make_captioner, tokenizer):
+    cap = make_captioner()
+    hist, ids, cond = _overfit(cap, tokenizer, lambda_round=0.3)
+    assert _mean(hist, "loss", -20, None if False else len(hist)) < 0.5 * _mean(hist, "loss", 0, 10)
+    assert _mean(hist, "token_acc", -20, len(hist)) > 0.6
+    # and the overfitted model now denoises its own captions
+    traces = cap.caption_batch(features=cond, steps=20, seed=0)
+    right = sum(t.text == c for t, c in zip(traces, ["a red circle", "two blue squares",
+                                                     "a small green star on a black background", "a white diamond"]))
+    assert right >= 2, [t.text for t in traces]
+
+
+@pytest.mark.parametrize("overrides,loss_kw", [
+    (dict(fusion="add"), dict(lambda_round=0.3)),
+    (dict(predict="eps"), dict(lambda_round=0.3)),
+    (dict(predict_feature=True), dict(lambda_round=0.3, lambda_feature=0.5)),
+    (dict(), dict(lambda_round=0.0)),  # the paper's collapse case must run
+    (dict(schedule="cosine", n_prefix=2), dict(lambda_round=1.0, p_uncond=0.5)),
+])
+def test_variants_train(make_captioner, tokenizer, overrides, loss_kw):
+    cap = make_captioner(**overrides)
+    hist, _, _ = _overfit(cap, tokenizer, steps=30, **loss_kw)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert _mean(hist, "mse", -5, 30) < _mean(hist, "mse", 0, 5)
+    if overrides.get("predict_feature"):
+        assert "feature" in hist[0]
+
+
+def test_trace_structure_and_determinism(make_captioner, scene_image):
+    cap = make_captioner()
+    for steps in (1, 2, 7):
+        tr = cap.caption(scene_image, steps=steps, seed=3)
+        assert len(tr) == steps == len(tr.steps)
+        assert [s.index for s in tr.steps] == list(range(steps))
+        assert tr.steps[0].t == cap.config.T - 1 and (steps == 1 or tr.steps[-1].t == 0)
+        s = tr.steps[-1]
+        assert len(s.tokens) == len(s.confidence) == len(s.token_ids) == cap.config.seq_len
+        assert all(0.0 <= c <= 1.0 for c in s.confidence)
+        assert s.x_t.shape == s.x0_pred.shape == (cap.config.seq_len, cap.config.emb_dim)
+        assert "[PAD]" not in tr.text and "[SEP]" not in tr.text and "[CLS]" not in tr.text
+    a, b = cap.caption(scene_image, steps=10, seed=5), cap.caption(scene_image, steps=10, seed=5)
+    assert torch.equal(a.x0_preds(), b.x0_preds()) and a.text == b.text
+    c = cap.caption(scene_image, steps=10, seed=6)
+    assert not torch.equal(a.x_t(), c.x_t())
+    d1, d2 = cap.caption(scene_image, steps=10, sampler="ddpm", seed=1), cap.caption(scene_image, steps=10, sampler="ddpm", seed=1)
+    assert torch.equal(d1.x0_preds(), d2.x0_preds())
+    json.dumps(a.to_json())  # the API form is plain JSON
+
+
+def test_streaming_matches_the_batched_trace(make_captioner, scene_image):
+    cap = make_captioner()
+    streamed = list(cap.iter_caption(scene_image, steps=5, seed=2, guidance=2.0, clamp=True))
+    full = cap.caption(scene_image, steps=5, seed=2, guidance=2.0, clamp=True)
+    assert [s.text for s in streamed] == [s.text for s in full.steps]
+    assert torch.allclose(streamed[-1].x0_pred, full.steps[-1].x0_pred)
+
+
+def test_guidance_combines_conditional_and_unconditional(make_captioner):
+    cap = make_captioner()
+    x = torch.randn(2, cap.config.seq_len, cap.config.emb_dim)
+    cond = torch.randn(2, cap.config.cond_dim)
+    t = torch.full((2,), 50)
+    with torch.no_grad():
+        c, _ = cap.denoiser(x, t, cond)
+        u, _ = cap.denoiser(x, t, None)
+        got = cap.diffusion.predict_x0(cap.denoiser, x, 50, cond, guidance=3.0)
+    assert torch.allclose(got, u + 3.0 * (c - u), atol=1e-5)
+
+
+def test_settings_are_validated(make_captioner, scene_image):
+    cap = make_captioner()
+    for kw, word in [(dict(steps=0), "steps"), (dict(steps=10**6), "steps"), (dict(steps=2.5), "steps"),
+                     (dict(guidance=-1.0), "guidance"), (dict(guidance=float("nan")), "guidance"),
+                     (dict(seed="x"), "seed"), (dict(seed=-1), "seed"), (dict(sampler="euler"), "sampler")]:
+        with pytest.raises(ValueError, match=word):
+            cap.caption(scene_image, **kw)
+
+
+def test_save_load_round_trip_gives_identical_captions(make_captioner, scene_image, tmp_path):
+    cap = make_captioner(init_seed=4)
+    path = str(tmp_path / "ckpt")
+    cap.save_pretrained(path)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "clip"} <= set(os.listdir(path))
+    again = Captioner.from_pretrained(path)
+    a, b = cap.caption(scene_image, steps=8, seed=1), again.caption(scene_image, steps=8, seed=1)
+    assert a.text == b.text and torch.equal(a.x0_preds(), b.x0_preds())
+    assert again.config == cap.config
+
+
+def _broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def test_broken_checkpoints_have_clear_errors(make_captioner, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = str(tmp_path / "good")
+    make_captioner().save_pretrained(src)
+
+    def drop(name):
+        return lambda d: os.remove(os.path.join(d, name))
+
+    def truncate(d):
+        p = os.path.join(d, "model.safetensors")
+        data = open(p, "rb").read()
+        open(p, "wb").write(data[: len(data) // 2])
+
+    def reshape(d):
+        p = os.path.join(d, "model.safetensors")
+        t = load_file(p)
+        t["null_cond"] = torch.zeros(3)
+        save_file(t, p)
+
+    def retype(d):
+        p = os.path.join(d, "model.safetensors")
+        t = load_file(p)
+        t["null_cond"] = t["null_cond"].double()
+        save_file(t, p)
+
+    def remove_tensor(d):
+        p = os.path.join(d, "model.safetensors")
+        t = load_file(p)
+        del t["null_cond"]
+        save_file(t, p)
+
+    def mismatch_config(d):
+        p = os.path.join(d, "config.json")
+        meta = json.load(open(p))
+        meta["captioner"]["dim"] = 48
+        json.dump(meta, open(p, "w"))
+
+    def bad_json(d):
+        open(os.path.join(d, "config.json"), "w").write("{not json")
+
+    cases = [(drop("model.safetensors"), r"model\.safetensors: file missing"),
+             (drop("config.json"), r"config\.json: file missing"),
+             (truncate, r"model\.safetensors: not a readable safetensors file"),
+             (reshape, r"null_cond: shape \(3,\)"),
+             (retype, r"null_cond: dtype torch.float64"),
+             (remove_tensor, r"missing tensors \['null_cond'\]"),
+             (mismatch_config, r"does not match the model"),
+             (bad_json, r"config\.json: not valid JSON"),
+             (drop("tokenizer.json"), r"tokenizer")]
+    for i, (edit, msg) in enumerate(cases):
+        d = _broken_copy(src, str(tmp_path / f"bad{i}"), edit)
+        with pytest.raises(CheckpointError, match=msg):
+            Captioner.from_pretrained(d)
+    with pytest.raises(CheckpointError, match="not found"):
+        Captioner.from_pretrained(str(tmp_path / "nowhere"))

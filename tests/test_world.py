@@ -1,0 +1,84 @@
+import json
+import os
+
+import numpy as np
+
+from diffusion_caption import world
+from diffusion_caption.data import load_karpathy
+
+
+def test_scene_and_render_are_deterministic():
+    a, _ = world.scene_for(7, "train", 12, 0.9)
+    b, _ = world.scene_for(7, "train", 12, 0.9)
+    assert a == b
+    assert np.array_equal(np.asarray(world.render_scene(a)), np.asarray(world.render_scene(b)))
+    c, _ = world.scene_for(7, "train", 13, 0.9)
+    assert c != a
+
+
+def test_scenes_respect_the_world_rules():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = world.sample_scene(rng, p_corr=0.5)
+        assert 1 <= len(s.objects) <= 3
+        assert s.background in world.BACKGROUNDS
+        for o in s.objects:
+            assert o.shape in world.SHAPES and o.color in world.COLORS and o.size in world.SIZES
+            assert o.r <= o.x <= world.IMAGE_SIZE - o.r and o.r <= o.y <= world.IMAGE_SIZE - o.r
+            assert o.color != s.background  # never a pink shape on a pink background
+
+
+def test_captions_name_exactly_the_world_words():
+    rng = np.random.default_rng(1)
+    vocab = set(" ".join(world.COLORS + world.SHAPES + world.SIZES + world.BACKGROUNDS + world.RELATIONS).split())
+    vocab |= {s + "s" for s in world.SHAPES} | {"a", "an", "and", "on", "background", "there", "is", "are",
+                                                 "with", "two", "three", "shapes", ","}
+    for _ in range(200):
+        s = world.sample_scene(rng)
+        caps = world.sample_captions(s, rng)
+        assert 1 <= len(caps) <= 5 and len(set(caps)) == len(caps)
+        for c in caps:
+            assert set(c.split()) <= vocab, c
+            # every colour named for an object is in the scene
+            shapes_named = {w.rstrip("s") for w in c.split() if w.rstrip("s") in world.SHAPES}
+            assert shapes_named <= {o.shape for o in s.objects}
+
+
+def test_single_object_caption_examples():
+    o = world.ShapeObject("circle", "red", "small", 40, 40, 12)
+    s = world.Scene([o], "gray")
+    cands = world.caption_candidates(s)
+    assert "a red circle" in cands and "a small red circle on a gray background" in cands
+    two = world.Scene([world.ShapeObject("square", "blue", "large", 30, 60, 22),
+                       world.ShapeObject("square", "blue", "small", 100, 60, 12)], "black")
+    assert "two blue squares" in world.caption_candidates(two)
+    pair = world.Scene([o, world.ShapeObject("triangle", "green", "large", 100, 45, 22)], "beige")
+    assert "a red circle to the left of a green triangle" in world.caption_candidates(pair)
+    assert world.caption_candidates(world.Scene([world.ShapeObject("star", "orange", "large", 60, 60, 22)], "black"))[0] \
+        == "an orange star"
+
+
+def test_spurious_correlation_rate():
+    rng = np.random.default_rng(2)
+    hits = sum(s.background == world.SHAPE_BACKGROUND[s.objects[0].shape]
+               for s in (world.sample_scene(rng, p_corr=0.9) for _ in range(1000)))
+    assert 0.85 < hits / 1000 < 0.96  # 0.9 plus chance agreement, minus colour clashes
+    rng = np.random.default_rng(2)
+    hits0 = sum(s.background == world.SHAPE_BACKGROUND[s.objects[0].shape]
+                for s in (world.sample_scene(rng, p_corr=0.0) for _ in range(1000)))
+    assert hits0 / 1000 < 0.3
+
+
+def test_dataset_on_disk_in_karpathy_layout(world_dir):
+    with open(os.path.join(world_dir, "dataset_shapes.json")) as f:
+        meta = json.load(f)
+    assert meta["dataset"] == "shapes"
+    splits = {e["split"] for e in meta["images"]}
+    assert splits == {"train", "val", "test", "val_corr", "test_corr"}
+    e = meta["images"][0]
+    assert {"filename", "imgid", "split", "sentences", "sentids", "scene"} <= set(e)
+    assert {"raw", "tokens", "imgid", "sentid"} <= set(e["sentences"][0])
+    recs = load_karpathy("shapes", world_dir, splits=["test"])
+    assert len(recs) == 12 and all(os.path.isfile(r.image_path) for r in recs)
+    assert all(r.scene and r.scene["objects"] for r in recs)
+    assert not any(r.scene["correlated"] for r in recs)  # the plain test split is uncorrelated

@@ -1,0 +1,170 @@
+"""What every training command shares: command-line config, device and DDP set-up, resumable state.
+
+Configs are dataclasses; every field is a ``--flag`` (underscores become dashes) whose type is checked
+by argparse, so an unknown flag or a wrong type fails loudly. Training state (weights, optimizer, RNG
+and step) is saved as safetensors + JSON, atomically, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from diffusion_caption import checkpoint as ckpt
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
+    """One ``--flag`` per field of ``cls``; default from ``defaults`` (an instance) or the field's own."""
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        typ = f.type if isinstance(f.type, type) else eval(f.type, {})  # noqa: S307 - annotation strings
+        kind = _parse_bool if typ is bool else typ
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                            help=f"(default: {default})")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, base=None):
+    """An instance of ``cls``: ``base``'s values overridden by every flag given on the command line."""
+    base = base if base is not None else cls()
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+               if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def setup_device(requested: str = "auto") -> tuple[torch.device, int, int]:
+    """(device, rank, world_size). Under torchrun, initialises DDP (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but CUDA is not available on this machine")
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if requested.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if requested.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            requested = f"cuda:{local}"
+    return torch.device(requested), rank, world
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU (where bf16 is slower and less exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def check_writable(path: str) -> None:
+    """Fail before training starts if the output folder cannot be written or the disk is full."""
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise SystemExit(f"cannot write to the output directory {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
+# ------------------------------------------------------------------------------------------------ LR
+def linear_lr(step: int, total: int, lr: float, lr_end: float, warmup: int = 0) -> float:
+    """Linear warm-up to ``lr``, then linear decay to ``lr_end`` at ``total`` (the seed paper's 1e-4 -> 5e-5)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return lr + (lr_end - lr) * frac
+
+
+# ------------------------------------------------------------------------------------------------ state
+STATE_DIR = "train_state"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, v in tensors.items():
+        _, idx, k = name.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for name, v in meta["scalars"].items():
+        idx, k = name.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_train_state(run_dir: str, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                     generator: torch.Generator, info: dict) -> None:
+    """Weights, optimizer, RNG states and progress in ``run_dir/train_state``, replaced atomically."""
+    with ckpt.atomic_directory(os.path.join(run_dir, STATE_DIR)) as tmp:
+        ckpt.save_tensors(model.state_dict(), os.path.join(tmp, "model.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(opt)
+        ckpt.save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+        ckpt.save_tensors(rng, os.path.join(tmp, "rng.safetensors"))
+        ckpt.write_json(os.path.join(tmp, "state.json"),
+                        {"step": step, "optimizer": opt_meta, "info": info, "saved_at": time.time()})
+
+
+def has_train_state(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, STATE_DIR, "state.json"))
+
+
+def load_train_state(run_dir: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     generator: torch.Generator) -> dict:
+    """Restore what ``save_train_state`` wrote; returns the state.json contents (step, info)."""
+    d = os.path.join(run_dir, STATE_DIR)
+    meta = ckpt.read_json(os.path.join(d, "state.json"))
+    ckpt.load_into(model, os.path.join(d, "model.safetensors"))
+    opt.load_state_dict(_unflatten_optimizer(ckpt.load_tensors(os.path.join(d, "optimizer.safetensors")),
+                                             meta["optimizer"]))
+    rng = ckpt.load_tensors(os.path.join(d, "rng.safetensors"))
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return meta
+
+
+def write_log(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,217 @@
+"""Train the CLIP-conditioned diffusion captioner.
+
+    python -m training.train_diffusion --preset shapes                       # the shipped default, on CPU
+    python -m training.train_diffusion --preset base --data flickr8k --data-dir DIR   # GPU + internet
+    torchrun --nproc-per-node 8 -m training.train_diffusion --preset base ...        # multi-GPU (DDP)
+
+Image features come from the frozen CLIP once and are cached. Any captioner config field is a flag
+too (``--fusion add``, ``--lambda-round 0``, ``--schedule cosine`` ...). ``--resume`` continues a killed
+run from ``--run-dir`` with the same data order and noise.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from diffusion_caption import checkpoint as ckpt
+from diffusion_caption.captioner import Captioner
+from diffusion_caption.config import PRESETS, CaptionerConfig, preset
+from diffusion_caption.data import caption_pairs, load_datasets
+from diffusion_caption.denoiser import Denoiser
+from diffusion_caption.diffusion import GaussianDiffusion
+from diffusion_caption.features import image_features
+from diffusion_caption.image_encoder import BASE_MODEL, BASE_PRETRAINED, ImageEncoder
+from diffusion_caption.schedule import NoiseSchedule
+from diffusion_caption.tokenizer import CaptionTokenizer
+from training import common
+
+
+@dataclass
+class DiffusionTrainConfig:
+    preset: str = "shapes"
+    data: str = "shapes"  # shapes | flickr8k | flickr30k | coco, or a combination like flickr8k+flickr30k
+    data_dir: str = "data/shapes"
+    image_dir: str = ""
+    clip: str = "assets/checkpoints/shapes-clip"  # a CLIP folder, or "open_clip:MODEL:TAG_OR_FILE"
+    tokenizer: str = ""  # default: the CLIP folder's (shapes) or distilbert-base-uncased (base)
+    out: str = "assets/checkpoints/shapes-diffusion"
+    run_dir: str = "runs/shapes-diffusion"
+    cache_dir: str = "cache"
+    steps: int = 12000
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_end: float = 5e-5
+    warmup: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    val_every: int = 1000
+    ckpt_every: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+
+PRESET_TRAINING = {
+    "shapes": {},
+    # the seed paper's recipe: batch 8, AdamW, lr decaying linearly 1e-4 -> 5e-5
+    "base": dict(data="flickr8k", clip=f"open_clip:{BASE_MODEL}:{BASE_PRETRAINED}", tokenizer="distilbert-base-uncased",
+                 out="runs/base-diffusion/final", run_dir="runs/base-diffusion", steps=100000, batch_size=8,
+                 lr=1e-4, lr_end=5e-5, warmup=0),
+    "tiny": dict(steps=50, batch_size=16, val_every=25, ckpt_every=25, warmup=5),
+}
+
+
+def load_clip(spec: str, device) -> ImageEncoder:
+    if spec.startswith("open_clip:"):
+        _, name, pretrained = spec.split(":", 2)
+        return ImageEncoder.from_open_clip(name, pretrained, device=device)
+    return ImageEncoder.from_pretrained(spec, device=device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_dataclass_args(p, DiffusionTrainConfig)
+    common.add_dataclass_args(p, CaptionerConfig)
+    return p
+
+
+def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]:
+    args = build_parser().parse_args(argv)
+    name = args.preset or "shapes"
+    if name not in PRESETS:
+        raise SystemExit(f"unknown --preset {name!r}; expected one of {sorted(PRESETS)}")
+    base_train = DiffusionTrainConfig(**{**PRESET_TRAINING.get(name, {}), "preset": name})
+    tcfg = common.dataclass_from_args(DiffusionTrainConfig, args, base_train)
+    mcfg = common.dataclass_from_args(CaptionerConfig, args, preset(name))
+    return tcfg, mcfg
+
+
+def main(argv=None) -> None:
+    tcfg, mcfg = configs_from_args(argv)
+    device, rank, world = common.setup_device(tcfg.device)
+    is_main = rank == 0
+    if is_main:
+        common.check_writable(tcfg.run_dir)
+    common.seed_everything(tcfg.seed)
+
+    if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
+        from diffusion_caption.world import WorldConfig, write_dataset
+        write_dataset(tcfg.data_dir, WorldConfig())
+    encoder = load_clip(tcfg.clip, device)
+    tok_src = tcfg.tokenizer or (tcfg.clip if not tcfg.clip.startswith("open_clip:") else "distilbert-base-uncased")
+    tokenizer = CaptionTokenizer.from_pretrained(tok_src)
+    mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size, cond_dim=encoder.feature_dim,
+                               extra={"data": tcfg.data, "clip": tcfg.clip, "train_config": asdict(tcfg)})
+
+    image_dir = tcfg.image_dir or None
+    train = load_datasets(tcfg.data, tcfg.data_dir, splits=["train"], image_dir=image_dir)
+    val = load_datasets(tcfg.data, tcfg.data_dir, splits=["val"], image_dir=image_dir)
+    feats = image_features(encoder, [r.image_path for r in train], tcfg.cache_dir, desc="encoding train images")
+    val_feats = image_features(encoder, [r.image_path for r in val], tcfg.cache_dir, desc="encoding val images")
+    pairs = caption_pairs(train)
+    pair_img = torch.tensor([i for i, _ in pairs])
+    pair_ids = tokenizer.encode([c for _, c in pairs], mcfg.seq_len)
+    val_pairs = caption_pairs(val)[:2000]
+    val_img = torch.tensor([i for i, _ in val_pairs])
+    val_ids = tokenizer.encode([c for _, c in val_pairs], mcfg.seq_len)
+
+    denoiser = Denoiser(mcfg).to(device)
+    ema = copy.deepcopy(denoiser).requires_grad_(False)
+    model = denoiser
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+    diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + rank)
+    step = 0
+    if tcfg.resume and common.has_train_state(tcfg.run_dir):
+        step = common.load_train_state(tcfg.run_dir, denoiser, opt, gen)["step"]
+        ckpt.load_into(ema, os.path.join(tcfg.run_dir, common.STATE_DIR, "ema.safetensors"))
+        if is_main:
+            print(f"resumed from {tcfg.run_dir} at step {step}")
+    if is_main:
+        n_params = sum(p.numel() for p in denoiser.parameters())
+        print(f"{len(train)} train images, {len(pairs)} captions; denoiser {n_params / 1e6:.2f} M parameters; "
+              f"device {device}, world size {world}")
+
+    P = len(pairs)
+    per_epoch = max(P // tcfg.batch_size, 1)
+    local_bs = tcfg.batch_size // world
+
+    def batch_indices(s: int) -> torch.Tensor:
+        epoch, j = divmod(s, per_epoch)
+        perm = torch.randperm(P, generator=torch.Generator().manual_seed(tcfg.seed * 100003 + epoch))
+        idx = perm[j * tcfg.batch_size:(j + 1) * tcfg.batch_size]
+        return idx[rank * local_bs:(rank + 1) * local_bs]
+
+    @torch.no_grad()
+    def validate() -> dict:
+        ema.eval()
+        g = torch.Generator(device=device).manual_seed(1234)
+        tot: dict[str, float] = {}
+        n = 0
+        for i in range(0, len(val_pairs), 256):
+            ids = val_ids[i:i + 256].to(device)
+            cond = val_feats[val_img[i:i + 256]].to(device)
+            with common.autocast(device):
+                losses = diffusion.training_losses(ema, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, 0.0, g)
+            for k, v in losses.items():
+                tot[k] = tot.get(k, 0.0) + float(v) * len(ids)
+            n += len(ids)
+        return {f"val_{k}": v / n for k, v in tot.items()}
+
+    def save_state():
+        common.save_train_state(tcfg.run_dir, denoiser, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict()})
+        ckpt.save_tensors(ema.state_dict(), os.path.join(tcfg.run_dir, common.STATE_DIR, "ema.safetensors"))
+
+    t0 = time.time()
+    denoiser.train()
+    bar = tqdm(total=tcfg.steps, initial=step, desc="train_diffusion", disable=not is_main)
+    while step < tcfg.steps:
+        idx = batch_indices(step)
+        ids = pair_ids[idx].to(device)
+        cond = feats[pair_img[idx]].to(device)
+        for g_ in opt.param_groups:
+            g_["lr"] = common.linear_lr(step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
+        with common.autocast(device):
+            losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
+                                               mcfg.p_uncond, gen)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), denoiser.parameters()):
+                pe.lerp_(pm, 1 - tcfg.ema)
+        step += 1
+        bar.update(1)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", mse=f"{losses['mse'].item():.3f}",
+                            ce=f"{losses['round'].item():.3f}", acc=f"{losses['token_acc'].item():.2f}")
+        if is_main and (step % tcfg.val_every == 0 or step == tcfg.steps):
+            rec = {"step": step, **{k: float(v) for k, v in losses.items()}, **validate(),
+                   "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            common.write_log(tcfg.run_dir, rec)
+        if is_main and (step % tcfg.ckpt_every == 0 or step == tcfg.steps):
+            save_state()
+    bar.close()
+    if is_main:
+        Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
+        print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
