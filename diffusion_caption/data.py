@@ -159,7 +159,7 @@ def load_karpathy(name: str, data_dir: str, splits: str | list[str] | tuple = ("
     seen: dict[str, int] = {}
     for i, e in enumerate(entries):
         raw_split = e["split"]
-        split = "train" if False else raw_split
+        split = "train" if restval_as_train and raw_split == "restval" else raw_split
         if raw_split not in wanted_set and split not in wanted_set:
             continue
         image_id = f"{name}:{e.get('imgid', i)}"

@@ -40,7 +40,7 @@ class GaussianDiffusion:
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
         x_t ~ q(x_t | x_0) at uniform t. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
-        ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
+        (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
         """
         B, L = tokens.shape
@@ -64,7 +64,12 @@ class GaussianDiffusion:
             x0_hat = sched.predict_start_from_noise(x_t, t, out)
             mse = (out - noise).pow(2).mean()
         logits = token_logits(x0_hat, E.float())
-        round_ce = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1), reduction="none").view(B, L).mean(1)
+        if self.predict == "eps":
+            # x0 from an eps prediction carries eps's error times sqrt((1 - alpha_bar) / alpha_bar):
+            # weighting by alpha_bar_t keeps the noisiest steps from swamping the loss
+            ce = ce * sched.alphas_cumprod.to(dev)[t].float()
+        round_ce = ce.mean()
         t_last = torch.full((B,), sched.T - 1, device=dev, dtype=torch.long)
         prior = sched.q_mean_variance(x_start_mean, t_last)[0].pow(2).mean()
         losses = {"mse": mse, "round": round_ce, "prior": prior}
