@@ -20,7 +20,7 @@ def encoder_fingerprint(encoder: ImageEncoder) -> str:
     h = hashlib.sha1(json.dumps(encoder.source, sort_keys=True).encode())
     for k, v in sorted(encoder.model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().cpu().float().reshape(-1).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -57,6 +57,7 @@ class DiffusionTrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    stop_at: int = 0  # stop after this step as if killed (checkpoints first); for testing --resume
 
 
 PRESET_TRAINING = {
@@ -205,6 +206,12 @@ def main(argv=None) -> None:
             common.write_log(tcfg.run_dir, rec)
         if is_main and (step % tcfg.ckpt_every == 0 or step == tcfg.steps):
             save_state()
+        if tcfg.stop_at and step >= tcfg.stop_at:
+            if is_main:
+                save_state()
+            bar.close()
+            print(f"stopped at step {step} (--stop-at); continue with --resume")
+            return
     bar.close()
     if is_main:
         Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)

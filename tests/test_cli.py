@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+
+def test_cli_prints_captions_and_trace(make_captioner, scene_image, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    make_captioner().save_pretrained(ckpt)
+    base = [sys.executable, "-m", "diffusion_caption", "--checkpoint", ckpt, "--steps", "4"]
+    out = subprocess.run(base + [scene_image, "--trace"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(scene_image + ":")
+    assert sum(1 for line in lines if line.strip().startswith("step")) == 4
+    js = subprocess.run(base + [scene_image, "--json"], capture_output=True, text=True, timeout=120)
+    trace = json.loads(js.stdout)
+    assert len(trace["steps"]) == 4 and trace["settings"]["steps"] == 4
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    res = subprocess.run(base + [str(bad), scene_image], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "not an image" in res.stderr and "Traceback" not in res.stderr
+    assert scene_image in res.stdout  # the good image is still captioned
+    missing = subprocess.run([sys.executable, "-m", "diffusion_caption", "--checkpoint", str(tmp_path / "nope"),
+                              scene_image], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "not found" in missing.stderr
