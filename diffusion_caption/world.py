@@ -81,7 +81,7 @@ class Scene:
                    correlated=d.get("correlated", False), jitter=d.get("jitter", []))
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -174,7 +174,7 @@ def render_scene(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 3) -> 
 
 def _np(o: ShapeObject, with_size: bool = False) -> str:
     words = ([o.size] if with_size else []) + [o.color, o.shape]
-    return f"{_article(words[0])} {' '.join(words)}"
+    return f"{article(words[0])} {' '.join(words)}"
 
 
 def _grouped(objects: list[ShapeObject]) -> list[str]:
@@ -184,7 +184,7 @@ def _grouped(objects: list[ShapeObject]) -> list[str]:
         groups[(o.color, o.shape)] = groups.get((o.color, o.shape), 0) + 1
     out = []
     for (color, shape), k in groups.items():
-        out.append(f"{_article(color)} {color} {shape}" if k == 1 else f"{COUNT_WORDS[k]} {color} {shape}s")
+        out.append(f"{article(color)} {color} {shape}" if k == 1 else f"{COUNT_WORDS[k]} {color} {shape}s")
     return out
 
 
@@ -199,13 +199,13 @@ def _join(phrases: list[str]) -> str:
 def caption_candidates(scene: Scene, order: list[int] | None = None) -> list[str]:
     """Every phrasing this world uses for a scene (all correct, some more detailed than others)."""
     objs = [scene.objects[i] for i in (order or range(len(scene.objects)))]
-    bg = f"on {_article(scene.background)} {scene.background} background"
+    bg = f"on {article(scene.background)} {scene.background} background"
     n = len(objs)
     out: list[str] = []
     if n == 1:
         o = objs[0]
         out += [_np(o), _np(o, True), f"{_np(o, True)} {bg}", f"{_np(o)} {bg}",
-                f"there is {_np(o)} {bg}", f"{_article(scene.background)} {scene.background} background with {_np(o)}"]
+                f"there is {_np(o)} {bg}", f"{article(scene.background)} {scene.background} background with {_np(o)}"]
         return out
     grouped = _grouped(objs)
     out += [_join(grouped), f"{_join(grouped)} {bg}"]

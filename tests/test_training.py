@@ -13,7 +13,7 @@ from training import train_clip, train_diffusion
 def clip_dir(tmp_path_factory, world_dir):
     out = str(tmp_path_factory.mktemp("clip") / "shapes-clip")
     run = str(tmp_path_factory.mktemp("clip-run"))
-    train_clip.main(["--data-dir", world_dir, "--out", out, "--run-dir", run, "--steps", "3", "--batch-size", "16",
+    train_clip.main(["--data-dir", world_dir, "--out", out, "--run-dir", run, "--steps", "3", "--batch-size", "16", "--corpus-size", "24",
                      "--val-every", "3", "--ckpt-every", "3", "--warmup", "1", "--device", "cpu"])
     return out
 

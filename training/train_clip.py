@@ -2,9 +2,12 @@
 
     python -m training.train_clip --data-dir data/shapes --out assets/checkpoints/shapes-clip
 
-Trains the shapes WordPiece tokenizer on the training captions first; the CLIP folder written to
-``--out`` holds the open_clip config and weights and that tokenizer, which the diffusion model and the
-baseline reuse. Killed runs continue with ``--resume`` from ``--run-dir``.
+Trains the shapes WordPiece tokenizer on the captioning training captions first. CLIP itself is
+pre-trained on its own corpus of freshly rendered world scenes without the training split's
+background/shape correlation (``--corpus-size 0`` uses the training split instead), with hard-negative
+captions whose shape and colour words are swapped. The CLIP folder written to ``--out`` holds the
+open_clip config and weights and the tokenizer, which the diffusion model and the baseline reuse.
+Killed runs continue with ``--resume`` from ``--run-dir``.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from diffusion_caption.data import load_karpathy
+from diffusion_caption import world
+from diffusion_caption.data import ImageRecord, load_karpathy
 from diffusion_caption.image_encoder import ImageEncoder
 from diffusion_caption.images import load_image
 from diffusion_caption.tokenizer import CaptionTokenizer
+from diffusion_caption.world import COLORS, SHAPES, article
 from training import common
 
 
@@ -28,8 +33,8 @@ class ClipTrainConfig:
     data_dir: str = "data/shapes"
     out: str = "assets/checkpoints/shapes-clip"
     run_dir: str = "runs/shapes-clip"
-    steps: int = 1500
-    batch_size: int = 256
+    steps: int = 2000
+    batch_size: int = 128
     lr: float = 1e-3
     lr_end: float = 1e-5
     warmup: int = 100
@@ -41,6 +46,13 @@ class ClipTrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    # CLIP's own pre-training corpus: scenes drawn from the world without the captioning split's
+    # background/shape correlation (as real CLIP is pre-trained on other data than the captioner's);
+    # 0 trains on the captioning train split instead
+    corpus_size: int = 8000
+    corpus_p_corr: float = 0.0
+    corpus_seed: int = 1000
+    hard_negatives: bool = True  # also rank each image against its caption with shape/colour words swapped
     make_world: bool = True  # render the shapes world into data_dir first if it is not there
 
 
@@ -51,6 +63,17 @@ def load_split(encoder: ImageEncoder, data_dir: str, split: str, desc: str):
     return records, pixels
 
 
+def render_corpus(encoder: ImageEncoder, n: int, p_corr: float, seed: int):
+    """``n`` freshly rendered world scenes with their captions, preprocessed (no files written)."""
+    records, pixels = [], []
+    for i in tqdm(range(n), desc="rendering CLIP corpus", leave=False):
+        scene, rng = world.scene_for(seed, "train", i, p_corr)
+        records.append(ImageRecord("", world.sample_captions(scene, rng), "train", f"corpus:{i}", "shapes",
+                                   scene.to_json()))
+        pixels.append(encoder.preprocess(world.render_scene(scene)))
+    return records, torch.stack(pixels)
+
+
 def caption_table(tok: CaptionTokenizer, records, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K, length] ids of every caption of every image, and the count of captions per image."""
     k = max(len(r.captions) for r in records)
@@ -59,6 +82,48 @@ def caption_table(tok: CaptionTokenizer, records, length: int) -> tuple[torch.Te
     for i, r in enumerate(records):
         ids[i, : len(r.captions)] = tok.encode(r.captions, length)
     return ids, counts
+
+
+def swap_table(tok: CaptionTokenizer) -> list[torch.Tensor]:
+    """Groups of single-token words that can replace each other: shapes, plural shapes, colours."""
+    groups = [list(SHAPES), [s + "s" for s in SHAPES], list(COLORS)]
+    table = []
+    for words in groups:
+        ids = [tok.hf.convert_tokens_to_ids(w) for w in words]
+        table.append(torch.tensor([i for i in ids if i != tok.hf.unk_token_id]))
+    return table
+
+
+def swap_words(text: torch.Tensor, table: list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """Hard negatives: each caption with every shape and colour word replaced by a different one of its kind.
+
+    The training split's backgrounds predict shapes, and colour alone separates most captions in a batch,
+    so plain contrastive training learns colour at once but reads shape off the background; a caption that
+    differs only in its shape words can only be told apart by looking at the shape.
+    """
+    out = text.clone()
+    for ids in table:
+        n = len(ids)
+        if n < 2:
+            continue
+        pos = (text[..., None] == ids).nonzero()
+        if len(pos) == 0:
+            continue
+        cur = (text[pos[:, 0], pos[:, 1], None] == ids).float().argmax(-1)
+        shift = torch.randint(1, n, (len(pos),), generator=gen)
+        out[pos[:, 0], pos[:, 1]] = ids[(cur + shift) % n]
+    return out
+
+
+def contrastive_loss(model, pixels, text, negatives=None) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP); image-to-text also ranks against the hard-negative captions."""
+    img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(text if negatives is None else torch.cat([text, negatives])), dim=-1)
+    scale = model.logit_scale.exp()
+    labels = torch.arange(len(img), device=img.device)
+    i2t = scale * img @ txt.T
+    t2i = scale * txt[: len(img)] @ img.T
+    return (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
 
 
 def main(argv=None) -> None:
@@ -82,13 +147,15 @@ def main(argv=None) -> None:
     enc = ImageEncoder.create_shapes(tok.vocab_size, eos_id=tok.sep_id, pad_id=tok.pad_id,
                                      context_length=cfg.context_length, device=device)
     model = enc.model.train().requires_grad_(True)
-    tr_records, tr_pix = load_split(enc, cfg.data_dir, "train", "preprocessing train images")
+    if cfg.corpus_size > 0:
+        tr_records, tr_pix = render_corpus(enc, cfg.corpus_size, cfg.corpus_p_corr, cfg.corpus_seed)
+    else:
+        tr_records, tr_pix = load_split(enc, cfg.data_dir, "train", "preprocessing train images")
     va_records, va_pix = load_split(enc, cfg.data_dir, "val", "preprocessing val images")
     tr_ids, tr_counts = caption_table(tok, tr_records, cfg.context_length)
     va_ids = tok.encode([r.captions[0] for r in va_records], cfg.context_length)
 
-    from open_clip.loss import ClipLoss
-    loss_fn = ClipLoss()
+    swaps = swap_table(tok)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embedding" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -107,17 +174,26 @@ def main(argv=None) -> None:
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         return perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
 
+    # zero-shot probe: single-object val images (uncorrelated backgrounds) against "a {colour} {shape}"
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    probe_ids = tok.encode([f"{article(c)} {c} {s}" for c, s in combos], cfg.context_length)
+    single = [i for i, r in enumerate(va_records) if r.scene and len(r.scene["objects"]) == 1]
+    truth = [(va_records[i].scene["objects"][0]["color"], va_records[i].scene["objects"][0]["shape"]) for i in single]
+
     @torch.no_grad()
     def validate() -> dict:
         model.eval()
         img = torch.nn.functional.normalize(model.encode_image(va_pix.to(device)), dim=-1)
         txt = torch.nn.functional.normalize(model.encode_text(va_ids.to(device)), dim=-1)
-        sims = img @ txt.T
-        # retrieval among captions that differ: compare each image's caption to all others
-        acc = (sims.argmax(1) == torch.arange(len(sims), device=device)).float().mean().item()
-        loss = loss_fn(img, txt, model.logit_scale.exp()).item()
+        loss = contrastive_loss(model, va_pix.to(device), va_ids.to(device)).item()
+        out = {"val_loss": loss}
+        if single:
+            probe = torch.nn.functional.normalize(model.encode_text(probe_ids.to(device)), dim=-1)
+            pred = (img[single] @ probe.T).argmax(1).tolist()
+            out["zeroshot_color_acc"] = sum(combos[p_][0] == t[0] for p_, t in zip(pred, truth)) / len(single)
+            out["zeroshot_shape_acc"] = sum(combos[p_][1] == t[1] for p_, t in zip(pred, truth)) / len(single)
         model.train()
-        return {"val_loss": loss, "val_i2t_acc": acc}
+        return out
 
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train_clip")
@@ -128,9 +204,9 @@ def main(argv=None) -> None:
         pix = tr_pix[idx].to(device)
         for g in opt.param_groups:
             g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
+        negatives = swap_words(text, swaps, gen) if cfg.hard_negatives else None
         with common.autocast(device):
-            img_f, txt_f, scale = model(pix, text)
-            loss = loss_fn(img_f, txt_f, scale)
+            loss = contrastive_loss(model, pix, text, negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
