@@ -2,7 +2,9 @@ import math
 
 import pytest
 
-from diffusion_caption.metrics import bleu, simple_tokenize
+from diffusion_caption.metrics import bleu, caption_metrics, java_available, simple_tokenize, tokenize
+
+needs_java = pytest.mark.skipif(not java_available(), reason="the PTB tokenizer and METEOR need Java")
 
 
 def test_simple_tokenize_lowercases_and_splits_punctuation():
@@ -51,3 +53,50 @@ def test_mismatched_or_empty_ids_raise():
         bleu({"1": "a red circle"}, {"1": []})
     with pytest.raises(ValueError, match="list of strings"):
         bleu({"1": "a red circle"}, {"1": "a red circle"})
+
+
+def _rouge_l_by_hand(hyp: list[str], refs: list[list[str]], beta: float = 1.2) -> float:
+    def lcs(a, b):
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+        return table[-1][-1]
+    p = max(lcs(hyp, r) / len(hyp) for r in refs)
+    r = max(lcs(hyp, r) / len(r) for r in refs)
+    return (1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p and r else 0.0
+
+
+@needs_java
+def test_coco_protocol_metrics():
+    refs = {"1": ["A small red circle, on a gray background.", "a red circle on a gray background"],
+            "2": ["a blue star to the left of a green square"],
+            "3": ["a white triangle on a black background"]}
+    hyps = {"1": "A small red circle on a gray background", "2": "a green square to the left of a blue star",
+            "3": ""}
+    out = caption_metrics(hyps, refs)
+    assert out["tokenizer"] == "ptb"
+    assert set(out) >= {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+    # ROUGE-L is the mean over images of the LCS F-measure (beta 1.2); "" scores 0. The PTB tokenizer
+    # lower-cases and drops the comma and full stop, so image 1 matches its first reference exactly.
+    expected = (1.0 + _rouge_l_by_hand("a green square to the left of a blue star".split(),
+                                       ["a blue star to the left of a green square".split()]) + 0.0) / 3
+    assert out["ROUGE-L"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < out["METEOR"] < 1.0 and out["CIDEr"] > 0.0
+    # identical hypotheses score 1 on BLEU, METEOR and ROUGE-L, and CIDEr rises
+    perfect = caption_metrics({k: v[0] for k, v in refs.items()}, refs)
+    for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L"):
+        assert perfect[k] == pytest.approx(1.0, abs=1e-6), k
+    assert perfect["CIDEr"] > out["CIDEr"]
+
+
+@needs_java
+def test_ptb_tokenizer_drops_punctuation_and_keeps_caption_count():
+    out = tokenize({"a": ["A Red circle, on a\ngray background.", "two stars!"], "b": [""]})
+    assert out["a"] == ["a red circle on a gray background", "two stars"]
+    assert out["b"] == [""]
+
+
+def test_simple_tokenizer_runs_without_java():
+    out = caption_metrics({"1": "a red circle"}, {"1": ["a red circle"]}, tokenizer="simple", meteor=False)
+    assert out["ROUGE-L"] == pytest.approx(1.0) and out["tokenizer"] == "simple" and "METEOR" not in out
