@@ -1,0 +1,181 @@
+"""Evaluating a captioner on a split: caption every image, then score the captions.
+
+The protocol is the standard one: image-level Karpathy splits, every reference of an image, PTB
+tokenisation, corpus-level BLEU-1..4 / METEOR / ROUGE-L / CIDEr (``metrics.caption_metrics``). On the
+shapes world each caption is also checked exactly against its scene (``attributes``): per-attribute
+accuracy, a hallucination rate, and a colour-bias score.
+
+Both model kinds are evaluated by the same code: anything with ``caption_batch(features=..., **settings)``
+returning objects with ``.text`` -- the diffusion ``Captioner`` and the autoregressive baseline.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .attributes import attribute_scores, parse_caption, single_object_accuracy
+from .data import ImageRecord
+from .features import image_features
+from .metrics import caption_metrics
+from .world import SHAPE_BACKGROUND, Scene
+
+ATTRIBUTES = ("color", "shape", "size", "count", "relation", "background")
+DIFFUSION_FORMAT = "diffusion-caption/1"
+BASELINE_FORMAT = "diffusion-caption-baseline/1"
+
+
+def load_model(path_or_hub_id: str, device: str = "cpu"):
+    """The diffusion ``Captioner`` or the ``BaselineCaptioner`` a checkpoint holds (by its config's format)."""
+    path = ckpt.resolve(path_or_hub_id)
+    fmt = ckpt.read_json(os.path.join(path, ckpt.CONFIG_NAME)).get("format")
+    if fmt == DIFFUSION_FORMAT:
+        from .captioner import Captioner
+
+        return Captioner.from_pretrained(path, device=device)
+    if fmt == BASELINE_FORMAT:
+        from .baseline import BaselineCaptioner
+
+        return BaselineCaptioner.from_pretrained(path, device=device)
+    raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.CONFIG_NAME)}: unknown checkpoint format {fmt!r}; "
+                               f"expected {DIFFUSION_FORMAT!r} or {BASELINE_FORMAT!r}")
+
+
+def model_kind(model) -> str:
+    from .captioner import Captioner
+
+    return "diffusion" if isinstance(model, Captioner) else "baseline"
+
+
+def generate(model, features: torch.Tensor, settings: dict, batch_size: int = 128,
+             desc: str = "captioning") -> list[str]:
+    """Captions of every feature row, in batches. Diffusion batches get seeds ``seed + first row``,
+    so a caption depends only on the settings, its row and the batch size."""
+    texts: list[str] = []
+    diffusion = model_kind(model) == "diffusion"
+    for i in tqdm(range(0, features.shape[0], batch_size), desc=desc, leave=False):
+        kw = dict(settings)
+        if diffusion:
+            kw["seed"] = int(kw.get("seed", 0)) + i
+        texts += [o.text for o in model.caption_batch(features=features[i:i + batch_size], **kw)]
+    return texts
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def attribute_report(captions: list[str], scenes: list[Scene]) -> dict:
+    """Exact checks of every caption against its scene.
+
+    For each attribute: ``acc`` (mean over the captions that mention it), ``mentioned`` (fraction of
+    captions that do); ``hallucination`` is the fraction of captions naming a shape or object colour
+    absent from the image; ``single_object`` the headline colour/shape accuracy on one-object scenes.
+    """
+    if len(captions) != len(scenes):
+        raise ValueError(f"got {len(captions)} captions for {len(scenes)} scenes")
+    per = [attribute_scores(parse_caption(c), s) for c, s in zip(captions, scenes)]
+    out: dict = {"n": len(per)}
+    for a in ATTRIBUTES:
+        vals = [p[a] for p in per if p[a] is not None]
+        out[a] = {"acc": _mean(vals), "mentioned": len(vals) / len(per) if per else None}
+    out["hallucination"] = _mean([p["hallucination"] for p in per])
+    out["single_object"] = single_object_accuracy(captions, scenes)
+    return out
+
+
+def typical_background(scene: Scene) -> bool:
+    """Whether the scene follows the training split's spurious shape -> background pairing."""
+    return bool(scene.objects) and SHAPE_BACKGROUND[scene.objects[0].shape] == scene.background
+
+
+def bias_report(captions: list[str], scenes: list[Scene]) -> dict:
+    """Colour-bias score: attribute accuracy on scenes with the typical shape/background pairing minus on
+    the counterfactual ones (a shape on a background it was rarely paired with in training).
+
+    A model that reads the shape off the background, or the background off the shape, scores well on
+    typical scenes and badly on the others: a positive ``bias`` is the size of that shortcut.
+    """
+    groups = {"typical": [], "counterfactual": []}
+    for c, s in zip(captions, scenes):
+        groups["typical" if typical_background(s) else "counterfactual"].append((c, s))
+    out: dict = {k: {"n": len(v)} for k, v in groups.items()}
+    for name, pairs in groups.items():
+        if pairs:
+            rep = attribute_report([c for c, _ in pairs], [s for _, s in pairs])
+            for a in ("shape", "color", "background"):
+                out[name][a] = rep[a]["acc"]
+            out[name]["hallucination"] = rep["hallucination"]
+    out["bias"] = {}
+    for a in ("shape", "color", "background"):
+        t, c = out["typical"].get(a), out["counterfactual"].get(a)
+        out["bias"][a] = None if t is None or c is None else t - c
+    return out
+
+
+def evaluate(model, records: list[ImageRecord], settings: dict | None = None, batch_size: int = 128,
+             cache_dir: str | None = None, metrics: bool = True, tokenizer: str = "ptb") -> dict:
+    """Caption ``records`` with ``model`` and score them; returns a JSON-ready dict."""
+    settings = dict(settings or {})
+    t0 = time.time()
+    feats = image_features(model.image_encoder, [r.image_path for r in records], cache_dir, desc="encoding images")
+    t1 = time.time()
+    texts = generate(model, feats, settings, batch_size)
+    t2 = time.time()
+    result: dict = {"kind": model_kind(model), "n_images": len(records), "settings": settings}
+    if metrics:
+        result["metrics"] = caption_metrics({r.image_id: t for r, t in zip(records, texts)},
+                                            {r.image_id: r.captions for r in records}, tokenizer=tokenizer)
+    if records and all(r.scene for r in records):
+        scenes = [Scene.from_json(r.scene) for r in records]
+        result["attributes"] = attribute_report(texts, scenes)
+        result["bias"] = bias_report(texts, scenes)
+    result["seconds"] = {"encode": round(t1 - t0, 2), "caption": round(t2 - t1, 2),
+                         "per_image_ms": round(1000 * (t2 - t1) / max(len(records), 1), 2)}
+    result["captions"] = [{"image_id": r.image_id, "image": r.image_path, "caption": t, "references": r.captions}
+                          for r, t in zip(records, texts)]
+    return result
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def summary_row(result: dict) -> dict:
+    """The headline numbers of one ``evaluate`` result, flat, for tables."""
+    row = {}
+    for k, v in result.get("metrics", {}).items():
+        if isinstance(v, float):
+            row[k] = v
+    att = result.get("attributes")
+    if att:
+        so = att["single_object"]
+        row.update({"1-obj colour": so["color_acc"], "1-obj shape": so["shape_acc"]})
+        for a in ATTRIBUTES:
+            row[a] = att[a]["acc"]
+        row["hallucination"] = att["hallucination"]
+    bias = result.get("bias")
+    if bias:
+        for a, v in bias["bias"].items():
+            row[f"bias {a}"] = v
+    return row
+
+
+def markdown_table(rows: list[dict], first: str = "model") -> str:
+    """A GitHub markdown table of dicts (columns in first-seen order; missing cells shown as "-")."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    if first in cols:
+        cols.remove(first)
+        cols.insert(0, first)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""The evaluation module and command: attribute report, bias score, and the command end to end."""
+import json
+import os
+
+import pytest
+
+from diffusion_caption.evaluation import (attribute_report, bias_report, load_model, markdown_table,
+                                          summary_row, typical_background)
+from diffusion_caption.metrics import java_available
+from diffusion_caption.world import Scene, ShapeObject
+
+
+def one(shape, color, background, size="small"):
+    return Scene([ShapeObject(shape, color, size, 64.0, 64.0, 12.0)], background)
+
+
+def test_attribute_report_by_hand():
+    scenes = [one("circle", "red", "pink"), one("star", "blue", "black", "large"), one("square", "white", "gray")]
+    caps = ["a small red circle on a pink background",          # all right
+            "a small blue circle on a black background",        # shape and size wrong, circle hallucinated
+            "a white background"]                               # background wrong, no object named
+    rep = attribute_report(caps, scenes)
+    assert rep["n"] == 3
+    assert rep["color"] == {"acc": 1.0, "mentioned": pytest.approx(2 / 3)}
+    assert rep["shape"]["acc"] == pytest.approx(0.5)
+    assert rep["size"]["acc"] == pytest.approx(0.5)
+    assert rep["background"]["acc"] == pytest.approx(2 / 3) and rep["background"]["mentioned"] == 1.0
+    assert rep["hallucination"] == pytest.approx(1 / 3)
+    so = rep["single_object"]
+    assert so["n"] == 3 and so["color_acc"] == pytest.approx(2 / 3) and so["shape_acc"] == pytest.approx(1 / 3)
+
+
+def test_bias_score_is_typical_minus_counterfactual():
+    typical = [one("circle", "red", "pink"), one("star", "blue", "black")]
+    counter = [one("circle", "red", "black"), one("star", "blue", "pink")]
+    assert all(map(typical_background, typical)) and not any(map(typical_background, counter))
+    # a model that reads the shape off the background: right on typical scenes, wrong on the others
+    caps = ["a red circle on a pink background", "a blue star on a black background",
+            "a red star on a black background", "a blue circle on a pink background"]
+    rep = bias_report(caps, typical + counter)
+    assert rep["typical"]["n"] == 2 and rep["counterfactual"]["n"] == 2
+    assert rep["bias"]["shape"] == pytest.approx(1.0)
+    assert rep["bias"]["color"] == pytest.approx(0.0) and rep["bias"]["background"] == pytest.approx(0.0)
+
+
+def test_markdown_table_columns_and_missing_cells():
+    md = markdown_table([{"model": "a", "BLEU-4": 0.5}, {"model": "b", "CIDEr": 1.25}])
+    lines = md.strip().splitlines()
+    assert lines[0] == "| model | BLEU-4 | CIDEr |"
+    assert lines[2] == "| a | 0.500 | - |" and lines[3] == "| b | - | 1.250 |"
+
+
+def test_load_model_rejects_unknown_format(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
+    from diffusion_caption import CheckpointError
+
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        load_model(str(tmp_path))
+
+
+def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys):
+    from training import evaluate
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    make_captioner().save_pretrained(ckpt_dir)
+    out = str(tmp_path / "eval" / "test.json")
+    tok = "ptb" if java_available() else "simple"
+    evaluate.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "6",
+                   "--steps", "3", "--out", out, "--tokenizer", tok, "--cache-dir", str(tmp_path / "cache")])
+    res = json.load(open(out))
+    assert res["kind"] == "diffusion" and res["n_images"] == 6 and res["settings"]["steps"] == 3
+    assert set(res["metrics"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} and res["metrics"]["tokenizer"] == tok
+    assert len(res["captions"]) == 6 and all(isinstance(c["caption"], str) for c in res["captions"])
+    assert 0.0 <= res["attributes"]["hallucination"] <= 1.0
+    row = summary_row(res)
+    assert "1-obj colour" in row and "bias shape" in row
+    md = open(os.path.splitext(out)[0] + ".md").read()
+    assert md.startswith("| model | split |") and "diffusion (ckpt)" in md
+    assert "BLEU-4" in capsys.readouterr().out
