@@ -68,7 +68,7 @@ class Denoiser(nn.Module):
             nn.init.normal_(self.token_embedding.weight, std=1.0)
             self.token_embedding.weight.requires_grad_(not cfg.freeze_embeddings)
         # the encoder never sees token ids: its own word table is replaced by a stub to save memory
-        self.encoder.embeddings.word_embeddings = nn.Embedding(1, H)
+        self.encoder.embeddings.word_embeddings = nn.Embedding(1, H).requires_grad_(False)
         self.encoder.config.vocab_size = 1
         self.input_up_proj = nn.Sequential(nn.Linear(cfg.emb_dim, H), nn.Tanh(), nn.Linear(H, H))
         self.time_embed = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))

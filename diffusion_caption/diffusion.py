@@ -45,7 +45,7 @@ class GaussianDiffusion:
         """
         B, L = tokens.shape
         dev = tokens.device
-        E = model.embeddings
+        E = getattr(model, "module", model).embeddings  # the table itself, also under DistributedDataParallel
         x_start_mean = E[tokens]
         sched = self.schedule
         std0 = float(sched.sqrt_one_minus_alphas_cumprod[0])

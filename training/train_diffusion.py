@@ -128,7 +128,9 @@ def main(argv=None) -> None:
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     model = denoiser
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+        # without condition dropout the null condition gets no gradient, and DDP must be told
+        model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=mcfg.p_uncond == 0)
     diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
