@@ -292,11 +292,14 @@ class PrefixCaptioner(nn.Module):
         ignored) and ``token_acc`` (how often the most probable token was right).
         """
         k = self.cfg.prefix_len
+        is_eos = ids[:, 1:] == self.cfg.eos_id
+        mask = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) == 0  # up to and including the first EOS
+        # drop the columns that are padding in every row: attention is causal, so nothing else changes
+        n = int(mask.sum(1).max())
+        ids, mask = ids[:, :n + 1], mask[:, :n]
         x = torch.cat([self.prefix(features), self.embed(ids[:, :-1])], dim=1)
         logits = self.gpt(inputs_embeds=x, use_cache=False).logits[:, k:]
         labels = ids[:, 1:]
-        is_eos = labels == self.cfg.eos_id
-        mask = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) == 0  # up to and including the first EOS
         flat, target = logits.float()[mask], labels[mask]
         loss = nn.functional.cross_entropy(flat, target)
         acc = (flat.argmax(-1) == target).float().mean()
