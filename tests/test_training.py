@@ -60,3 +60,20 @@ def test_unknown_flags_and_wrong_types_fail_loudly(world_dir):
         train_diffusion.main(["--no-such-flag", "1"])
     with pytest.raises(SystemExit):
         train_diffusion.main(["--steps", "many"])
+
+
+def test_torchrun_ddp_on_cpu(world_dir, clip_dir, tmp_path):
+    """Two gloo ranks through torchrun: the multi-GPU code path, run on CPU."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.train_diffusion", "--preset", "tiny", "--data-dir", world_dir, "--clip", clip_dir,
+           "--out", str(out), "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+           "--steps", "4", "--batch-size", "8", "--val-every", "2", "--ckpt-every", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    assert len(Captioner.from_pretrained(str(out)).caption_batch(features=torch.randn(2, 128), steps=2)) == 2
