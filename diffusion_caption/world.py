@@ -254,11 +254,23 @@ class WorldConfig:
     captions_per_image: int = 5
     seed: int = 0
     image_size: int = IMAGE_SIZE
+    # the colour-bias remedy: per training image, this many extra copies with the background redrawn
+    # uniformly from the other backgrounds (re-rendered, and re-captioned from the changed scene)
+    augment_backgrounds: int = 0
 
 
 def scene_for(seed: int, split: str, index: int, p_corr: float) -> tuple[Scene, np.random.Generator]:
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     return sample_scene(rng, p_corr=p_corr), rng
+
+
+def with_background(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same objects on another background, drawn uniformly from the rest of the palette (never the
+    colour of one of its objects, as in ``sample_scene``)."""
+    colors = {o.color for o in scene.objects}
+    others = [b for b in BACKGROUNDS if b != scene.background and b not in colors]
+    return Scene(list(scene.objects), others[int(rng.integers(len(others)))], correlated=False,
+                 jitter=list(scene.jitter))
 
 
 def write_dataset(out_dir: str, cfg: WorldConfig = WorldConfig(), progress: bool = True) -> str:
@@ -273,20 +285,29 @@ def write_dataset(out_dir: str, cfg: WorldConfig = WorldConfig(), progress: bool
     plan = [("train", cfg.n_train, cfg.p_corr), ("val", cfg.n_val, 0.0), ("test", cfg.n_test, 0.0),
             ("val_corr", cfg.n_val, cfg.p_corr), ("test_corr", cfg.n_test, cfg.p_corr)]
     images, sentid = [], 0
-    bar = tqdm(total=sum(n for _, n, _ in plan), desc="rendering shapes world", disable=not progress)
+    n_aug = cfg.augment_backgrounds
+    bar = tqdm(total=sum(n for _, n, _ in plan) + n_aug * cfg.n_train, desc="rendering shapes world",
+               disable=not progress)
+
+    def add(scene: Scene, rng: np.random.Generator, split: str, fname: str) -> None:
+        nonlocal sentid
+        render_scene(scene, cfg.image_size).save(os.path.join(out_dir, "images", fname))
+        sents = []
+        for c in sample_captions(scene, rng, cfg.captions_per_image):
+            sents.append({"raw": c, "tokens": c.split(), "imgid": len(images), "sentid": sentid})
+            sentid += 1
+        images.append({"filename": fname, "filepath": "images", "imgid": len(images), "split": split,
+                       "sentences": sents, "sentids": [s["sentid"] for s in sents], "scene": scene.to_json()})
+        bar.update(1)
+
     for split, n, p in plan:
         for i in range(n):
             scene, rng = scene_for(cfg.seed, split, i, p)
-            fname = f"{split}_{i:06d}.png"
-            render_scene(scene, cfg.image_size).save(os.path.join(out_dir, "images", fname))
-            sents = []
-            for c in sample_captions(scene, rng, cfg.captions_per_image):
-                sents.append({"raw": c, "tokens": c.split(), "imgid": len(images), "sentid": sentid})
-                sentid += 1
-            images.append({"filename": fname, "filepath": "images", "imgid": len(images), "split": split,
-                           "sentences": sents, "sentids": [s["sentid"] for s in sents],
-                           "scene": scene.to_json()})
-            bar.update(1)
+            add(scene, rng, split, f"{split}_{i:06d}.png")
+            if split == "train":
+                for k in range(n_aug):
+                    arng = np.random.default_rng([cfg.seed, SPLIT_IDS[split], i, 1000 + k])
+                    add(with_background(scene, arng), arng, split, f"train_bg{k}_{i:06d}.png")
     bar.close()
     meta = {"dataset": "shapes", "world": asdict(cfg), "shape_background": SHAPE_BACKGROUND, "images": images}
     path = os.path.join(out_dir, "dataset_shapes.json")

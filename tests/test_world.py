@@ -82,3 +82,28 @@ def test_dataset_on_disk_in_karpathy_layout(world_dir):
     assert len(recs) == 12 and all(os.path.isfile(r.image_path) for r in recs)
     assert all(r.scene and r.scene["objects"] for r in recs)
     assert not any(r.scene["correlated"] for r in recs)  # the plain test split is uncorrelated
+
+
+def test_background_augmentation_relabels_captions(tmp_path):
+    import json
+
+    from diffusion_caption.world import WorldConfig, write_dataset
+
+    write_dataset(str(tmp_path), WorldConfig(n_train=6, n_val=1, n_test=1, augment_backgrounds=2), progress=False)
+    data = json.load(open(tmp_path / "dataset_shapes.json"))
+    train = [im for im in data["images"] if im["split"] == "train"]
+    assert len(train) == 6 * 3
+    originals = {im["filename"]: im for im in train if "_bg" not in im["filename"]}
+    for im in train:
+        if "_bg" not in im["filename"]:
+            continue
+        src = originals["train_" + im["filename"].split("_")[-1]]
+        assert im["scene"]["objects"] == src["scene"]["objects"]
+        bg = im["scene"]["background"]
+        assert bg != src["scene"]["background"] and not im["scene"]["correlated"]
+        assert bg not in {o["color"] for o in im["scene"]["objects"]}
+        # every caption that names a background names the new one
+        for s in im["sentences"]:
+            if "background" in s["raw"]:
+                assert f"{bg} background" in s["raw"], s["raw"]
+        assert (tmp_path / "images" / im["filename"]).is_file()

@@ -1,0 +1,126 @@
+"""Caption quality against sampling steps, sampler and guidance scale, as a table and a plot.
+
+    python -m training.sweep --checkpoint assets/checkpoints/shapes-diffusion --split test --out docs/sweep
+
+Runs the evaluation of ``training.evaluate`` (same protocol, same seeds) once per setting: every
+``--steps`` value with every ``--samplers`` entry at guidance 1, then every ``--guidance`` value with
+DDIM at ``--guidance-steps`` steps. Writes ``OUT.json`` (all results), ``OUT.md`` (the table) and
+``OUT.png`` (the plot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from diffusion_caption.evaluation import evaluate, load_model, markdown_table, model_kind, summary_row  # noqa: E402
+from diffusion_caption.features import image_features  # noqa: E402
+from training.evaluate import load_records  # noqa: E402
+
+
+def floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    metric_keys = [("BLEU-4", "-"), ("METEOR", "--"), ("ROUGE-L", ":"), ("1-obj colour", "-"), ("1-obj shape", "-")]
+    ax = axes[0]
+    for sampler, marker in (("ddim", "o"), ("ddpm", "s")):
+        pts = sorted((r for r in rows if r["sweep"] == "steps" and r["sampler"] == sampler), key=lambda r: r["steps"])
+        if not pts:
+            continue
+        for k, ls in metric_keys:
+            if k in pts[0]:
+                ax.plot([r["steps"] for r in pts], [r[k] for r in pts], ls, marker=marker, ms=4,
+                        label=f"{k} ({sampler.upper()})")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps (log scale)")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("quality against steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax = axes[1]
+    pts = sorted((r for r in rows if r["sweep"] == "guidance"), key=lambda r: r["guidance"])
+    for k, ls in metric_keys:
+        if pts and k in pts[0]:
+            ax.plot([r["guidance"] for r in pts], [r[k] for r in pts], ls, marker="o", ms=4, label=k)
+    if pts:
+        ax2 = ax.twinx()
+        ax2.plot([r["guidance"] for r in pts], [r.get("CIDEr", float("nan")) for r in pts], color="black",
+                 marker="^", ms=4, lw=1, label="CIDEr (right axis)")
+        ax2.set_ylabel("CIDEr")
+        ax2.legend(fontsize=7, loc="lower left")
+        ax.set_title(f"quality against guidance scale (DDIM, {pts[0]['steps']} steps)")
+    ax.set_xlabel("classifier-free guidance scale (1 = none)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="assets/checkpoints/shapes-diffusion")
+    p.add_argument("--data", default="shapes")
+    p.add_argument("--data-dir", default="data/shapes")
+    p.add_argument("--image-dir", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50,100"))
+    p.add_argument("--samplers", default="ddim,ddpm")
+    p.add_argument("--guidance", type=floats, default=floats("0,1,1.5,2,3,5"))
+    p.add_argument("--guidance-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"])
+    p.add_argument("--out", default="docs/sweep", help="writes OUT.json, OUT.md and OUT.png")
+    args = p.parse_args(argv)
+    model = load_model(args.checkpoint, device=args.device)
+    if model_kind(model) != "diffusion":
+        raise SystemExit("the sweep varies diffusion sampling settings; give a diffusion checkpoint")
+    records = load_records(args)
+    image_features(model.image_encoder, [r.image_path for r in records], args.cache_dir)  # encode once, cached
+    plan = [("steps", dict(steps=s, sampler=smp, guidance=1.0)) for smp in args.samplers.split(",") for s in args.steps]
+    plan += [("guidance", dict(steps=args.guidance_steps, sampler="ddim", guidance=g)) for g in args.guidance]
+    rows, results = [], []
+    for sweep, kw in tqdm(plan, desc="sweep"):
+        torch.manual_seed(args.seed)
+        settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, False)
+        res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
+        res.pop("captions")
+        results.append({"sweep": sweep, **res})
+        row = {"sweep": sweep, "sampler": kw["sampler"], "steps": kw["steps"], "guidance": kw["guidance"],
+               **summary_row(res), "ms/image": res["seconds"]["per_image_ms"]}
+        rows.append(row)
+        tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "data": args.data, "split": args.split, "results": results}, f,
+                  indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown_table(rows, first="sweep"))
+    plot(rows, args.out + ".png", f"{args.checkpoint} on {args.data}/{args.split} ({len(records)} images)")
+    print(markdown_table(rows, first="sweep"))
+    print(f"wrote {args.out}.json, {args.out}.md, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
