@@ -3,6 +3,9 @@
     python -m diffusion_caption scene.png photo.jpg            # final captions
     python -m diffusion_caption scene.png --trace              # the caption at every denoising step
     python -m diffusion_caption scene.png --json               # the whole trace as JSON
+
+Exit status: 0 when every image was captioned; 1 when some image could not be read (each gets a one-line
+error, the others are still captioned); 2 for a bad option, setting or checkpoint.
 """
 from __future__ import annotations
 
@@ -30,11 +33,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
+    import torch
+
     from diffusion_caption import Captioner, CheckpointError, ImageLoadError
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: CUDA is not available on this machine (use --device cpu)",
+              file=sys.stderr)
+        return 2
     try:
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device)
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, OSError, RuntimeError) as e:  # RuntimeError: an open_clip model that cannot load
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:  # bad settings are one mistake, said once, before any image is read
+        cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     status = 0
@@ -58,4 +72,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
