@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from .trace import DenoisingStep, Trace
 
 FORMAT = "diffusion-caption/1"
 MAX_GUIDANCE = 20.0
+RECORDS = ("all", "final")  # what a caption keeps: every step (the trace) or the last one only
 
 
 class Captioner:
@@ -95,7 +97,7 @@ class Captioner:
             self.tokenizer.save_pretrained(tmp)
 
     # ---------------------------------------------------------------------------------------- sampling
-    def check_settings(self, steps, sampler, guidance, seed, clamp) -> dict:
+    def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0) -> dict:
         """Validated sampling settings, or a ValueError naming the parameter and its range."""
         T = self.config.T
         steps = self.config.sample_steps if steps is None else steps
@@ -110,36 +112,71 @@ class Captioner:
             raise ValueError(f"guidance must be a number from 0 to {MAX_GUIDANCE} (1 = no guidance), got {guidance!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        early_stop = 0 if early_stop is None else early_stop
+        if isinstance(early_stop, bool) or not isinstance(early_stop, int) or not 0 <= early_stop <= T:
+            raise ValueError(f"early_stop must be an integer from 0 (off) to {T}, got {early_stop!r}")
         return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
-                "clamp": bool(clamp)}
+                "clamp": bool(clamp), "early_stop": early_stop}
 
     def encode_images(self, images: list) -> torch.Tensor:
         return self.image_encoder.encode(images).to(self.device)
 
-    def _records(self, out: StepOutput, b: int, ids: torch.Tensor, conf: torch.Tensor) -> DenoisingStep:
-        token_ids = ids[b].tolist()
-        return DenoisingStep(index=out.index, t=out.t, x_t=out.x_t[b].cpu(), x0_pred=out.x0_pred[b].cpu(),
+    def _records(self, out: StepOutput, j: int, ids: torch.Tensor, conf: torch.Tensor) -> DenoisingStep:
+        """The record of row ``j`` of ``out``, whose rounding is ``ids[j]``, ``conf[j]``."""
+        token_ids = ids[j].tolist()
+        return DenoisingStep(index=out.index, t=out.t, x_t=out.x_t[j].cpu(), x0_pred=out.x0_pred[j].cpu(),
                              token_ids=token_ids, tokens=self.tokenizer.token_strings(token_ids),
-                             confidence=[round(float(c), 6) for c in conf[b].tolist()],
+                             confidence=[round(float(c), 6) for c in conf[j].tolist()],
                              text=self.tokenizer.decode(token_ids))
 
     def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                            steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                           seed: int = 0, clamp: bool = False) -> Iterator[list[DenoisingStep]]:
-        """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features."""
-        s = self.check_settings(steps, sampler, guidance, seed, clamp)
+                           seed: int = 0, clamp: bool = False, early_stop: int = 0,
+                           record: str = "all") -> Iterator[list[DenoisingStep | None]]:
+        """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features.
+
+        ``early_stop = k > 0``: an image stops once every position's rounded token has stayed the same
+        over its last ``k`` steps; from then on its entry in the yielded lists is None, and the loop
+        ends when every image has stopped. ``record="final"`` is the fast path: nothing is rounded,
+        copied or decoded at the intermediate steps, and a single list comes out, each image's last step.
+        """
+        if record not in RECORDS:
+            raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
+        s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop)
         if features is None:
             if not images:
                 raise ValueError("give at least one image (or precomputed features)")
             features = self.encode_images(list(images))
         features = features.to(self.device).float()
+        B = features.shape[0]
         smp = make_sampler(s["sampler"], self.schedule, s["steps"])
+        n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(s["seed"])
         E = self.denoiser.embeddings.detach()
+        final: list[DenoisingStep | None] = [None] * B
         for out in self.diffusion.sample_progressive(self.denoiser, features, smp, self.config.seq_len,
-                                                     guidance=s["guidance"], clamp=s["clamp"], generator=gen):
-            ids, conf = round_to_tokens(out.x0_pred, E)
-            yield [self._records(out, b, ids, conf) for b in range(features.shape[0])]
+                                                     guidance=s["guidance"], clamp=s["clamp"], generator=gen,
+                                                     early_stop=s["early_stop"]):
+            rows = range(B) if out.rows is None else out.rows.tolist()
+            if record == "all":
+                ids, conf = round_to_tokens(out.x0_pred, E)
+                batch: list[DenoisingStep | None] = [None] * B
+                for j, b in enumerate(rows):
+                    batch[b] = self._records(out, j, ids, conf)
+                yield batch
+                continue
+            if out.done is not None:
+                done = out.done.nonzero().flatten().tolist()
+            else:
+                done = list(range(len(rows))) if out.index == n - 1 else []
+            if done:
+                sel = torch.tensor(done, device=out.x0_pred.device)
+                part = dataclasses.replace(out, x_t=out.x_t[sel], x0_pred=out.x0_pred[sel])
+                ids, conf = round_to_tokens(part.x0_pred, E)
+                for k, j in enumerate(done):
+                    final[rows[j]] = self._records(part, k, ids, conf)
+        if record == "final":
+            yield final
 
     def iter_caption(self, image, **kw) -> Iterator[DenoisingStep]:
         """Yield the ``DenoisingStep`` of one image at every step, as it is computed (for streaming UIs)."""
@@ -148,20 +185,27 @@ class Captioner:
 
     def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                      seed: int = 0, clamp: bool = False) -> list[Trace]:
-        """One ``Trace`` per image, all images denoised together as one batch."""
+                      seed: int = 0, clamp: bool = False, early_stop: int = 0, record: str = "all") -> list[Trace]:
+        """One ``Trace`` per image, all images denoised together as one batch.
+
+        ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
+        ``early_stop`` as in ``iter_caption_batch``.
+        """
         t0 = time.perf_counter()
-        settings = self.check_settings(steps, sampler, guidance, seed, clamp)
+        settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop)
         n = len(images) if features is None else features.shape[0]
         per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
-        for batch in self.iter_caption_batch(images, features=features, **settings):
+        for batch in self.iter_caption_batch(images, features=features, record=record, **settings):
             for b, step in enumerate(batch):
-                per_image[b].append(step)
+                if step is not None:
+                    per_image[b].append(step)
         seconds = time.perf_counter() - t0
+        if record != "all":
+            settings["record"] = record
         return [Trace(steps, dict(settings), seconds) for steps in per_image]
 
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                seed: int = 0, clamp: bool = False) -> Trace:
+                seed: int = 0, clamp: bool = False, early_stop: int = 0, record: str = "all") -> Trace:
         """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
         return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                                  clamp=clamp)[0]
+                                  clamp=clamp, early_stop=early_stop, record=record)[0]

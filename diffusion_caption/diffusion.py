@@ -19,11 +19,15 @@ from .schedule import NoiseSchedule
 
 @dataclass
 class StepOutput:
-    """What the sampling loop produces at each step, for a whole batch."""
+    """What the sampling loop produces at each step, for the rows of the batch still being denoised."""
     index: int
     t: int
-    x_t: torch.Tensor  # [B, L, d] input of this step
-    x0_pred: torch.Tensor  # [B, L, d] predicted clean embeddings (after guidance, before clamping)
+    x_t: torch.Tensor  # [B', L, d] input of this step
+    x0_pred: torch.Tensor  # [B', L, d] predicted clean embeddings (after guidance, before clamping)
+    # with early stopping only (otherwise None: all B rows, in order, until the last timestep):
+    rows: torch.Tensor | None = None  # [B'] which rows of the batch these are
+    done: torch.Tensor | None = None  # [B'] bool: the row's last step (its tokens converged, or the last timestep)
+    token_ids: torch.Tensor | None = None  # [B', L] nearest token of each position of x0_pred
 
 
 class GaussianDiffusion:
@@ -107,15 +111,45 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample_progressive(self, model, cond: torch.Tensor, sampler: Sampler, seq_len: int,
                            guidance: float = 1.0, clamp: bool = False, generator: torch.Generator | None = None,
-                           x_T: torch.Tensor | None = None) -> Iterator[StepOutput]:
-        """Yield one ``StepOutput`` per sampler timestep, from pure noise to the final prediction."""
+                           x_T: torch.Tensor | None = None, early_stop: int = 0) -> Iterator[StepOutput]:
+        """Yield one ``StepOutput`` per sampler timestep, from pure noise to the final prediction.
+
+        ``early_stop = k > 0`` stops a row once the nearest token of every position of its x0 prediction
+        has stayed the same over the last ``k`` steps: that step is its last (``done``), and the row
+        leaves the batch, so later steps compute only the rows still changing (``rows`` says which).
+        A row's result does not depend on the other rows (with DDIM; DDPM's noise is drawn per batch).
+        """
+        if early_stop < 0:
+            raise ValueError(f"early_stop must be >= 0 (0 = off), got {early_stop}")
         B = cond.shape[0]
         E = model.embeddings.detach().float()
         if x_T is None:
             x_T = torch.randn((B, seq_len, E.shape[1]), generator=generator, device=cond.device)
         x = x_T.float()
+        n = len(sampler.timesteps)
+        rows = torch.arange(B, device=cond.device) if early_stop else None
+        prev_ids = stable = None
         for i, t in enumerate(sampler.timesteps):
             x0 = self.predict_x0(model, x, t, cond, guidance)
-            yield StepOutput(i, t, x, x0)
+            if not early_stop:
+                yield StepOutput(i, t, x, x0)
+            else:
+                ids = token_logits(x0, E).argmax(-1)  # the rounding of round_to_tokens, without softmax
+                if prev_ids is None:
+                    stable = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+                else:
+                    stable = torch.where((ids == prev_ids).all(-1), stable + 1, torch.zeros_like(stable))
+                done = stable >= early_stop
+                if i == n - 1:
+                    done = torch.ones_like(done)
+                yield StepOutput(i, t, x, x0, rows, done, ids)
+                if i == n - 1:
+                    return
+                if bool(done.any()):
+                    keep = ~done
+                    if not bool(keep.any()):
+                        return
+                    x, x0, cond, rows, ids, stable = (v[keep] for v in (x, x0, cond, rows, ids, stable))
+                prev_ids = ids
             x0_used = clamp_to_embeddings(x0, E) if clamp else x0
             x = sampler.step(x0_used, t, x, generator).prev_sample

@@ -1,0 +1,75 @@
+"""``python -m training.benchmark`` end to end at a tiny size: it writes its table, JSON and plot.
+
+No timing assertions: the figures depend on the machine.
+"""
+import json
+import os
+
+import torch
+
+from diffusion_caption import BaselineCaptioner
+from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
+from training import benchmark
+
+
+def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir, tmp_path):
+    diff_dir, base_dir = str(tmp_path / "diffusion"), str(tmp_path / "baseline")
+    make_captioner().save_pretrained(diff_dir)
+    torch.manual_seed(0)
+    cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
+                          bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
+    BaselineCaptioner(cfg, PrefixCaptioner(cfg), clip_encoder, tokenizer).save_pretrained(base_dir)
+    out = tmp_path / "docs" / "BENCHMARKS.md"
+    out.parent.mkdir()
+    out.write_text("STALE-TEXT\n<!-- notes -->\nkept by hand\n<!-- /notes -->\nSTALE-TEXT\n")
+    report = benchmark.main([
+        "--suites", "shapes,tiny", "--devices", "cpu", "--diffusion", diff_dir, "--baseline", base_dir,
+        "--data-dir", world_dir, "--split", "test", "--quality-limit", "6", "--quality-batch", "4",
+        "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
+        "--warmup", "1", "--repeats", "2", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
+        "--matmul-n", "64", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Benchmarks") and "kept by hand" in text and "STALE-TEXT" not in text
+    for needle in ("| diffusion | DDIM 1 | 1 |", "| diffusion | DDIM 3 | 4 |", "| diffusion | DDIM 3, early stop 1 | 4 |",
+                   "| diffusion | DDIM 3, full trace | 1 |", "| baseline | greedy | 4 |", "| baseline | beam 2 | 1 |",
+                   "| image encoder |", "## Targets", "## Early stopping", "benchmark.png"):
+        assert needle in text, needle
+    assert os.path.isfile(tmp_path / "docs" / "benchmark.png")
+    saved = json.loads((tmp_path / "docs" / "benchmark.json").read_text())
+    rows = saved["rows"]
+    assert {r["suite"] for r in rows} == {"shapes", "tiny"}
+    timed = [r for r in rows if r["model"] in ("diffusion", "baseline")]
+    # per suite: DDIM 1 and 3 at two batch sizes, DDIM 3 early stop at two, two full traces, two beams at two
+    assert len(timed) == 2 * (4 + 2 + 2 + 4)
+    for r in timed:
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and len(r["runs_ms"]) == (2 if r["suite"] == "shapes" else 2)
+        assert r["flops"] > 0 and r["peak_tensor_bytes"] > 0 and r["matmul_fraction"] > 0
+        if r["suite"] == "shapes":
+            assert set(r["quality"]) >= {"BLEU-4", "1-obj colour", "1-obj shape"}
+    # a diffusion call's FLOPs grow with the steps; quality rows exist for every setting
+    f1 = next(r["flops"] for r in timed if r["suite"] == "tiny" and r["setting"] == "DDIM 1" and r["batch"] == 1)
+    f3 = next(r["flops"] for r in timed if r["suite"] == "tiny" and r["setting"] == "DDIM 3" and r["batch"] == 1)
+    assert 2.5 * f1 < f3 < 3.5 * f1
+    assert set(saved["quality"]) == {"shapes|diffusion|DDIM 1", "shapes|diffusion|DDIM 3",
+                                     "shapes|diffusion|DDIM 3, early stop 1", "shapes|baseline|greedy",
+                                     "shapes|baseline|beam 2"}
+    assert len(report["targets"]) == 2 and "batch-4 throughput" in report["targets"][1]
+
+
+def test_peak_tensor_memory_counts_new_tensors_only():
+    w = torch.randn(256, 256)
+    with benchmark.PeakTensorMemory() as mem:
+        a = torch.randn(100, 256)  # 100 KiB
+        b = a @ w  # 100 KiB more
+        del a
+        c = b.t()  # a view: nothing new
+        del b, c
+        d = torch.zeros(50, 256)  # 50 KiB, after a and b are gone
+    assert mem.peak == 2 * 100 * 256 * 4
+    assert mem.live == 50 * 256 * 4
+    del d
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.2, "a"), (2.0, 0.5, "b"), (3.0, 0.4, "c"), (4.0, 0.9, "d"), (0.5, 0.1, "e")]
+    assert [p[2] for p in benchmark.pareto(pts)] == ["e", "a", "b", "d"]

@@ -1,0 +1,801 @@
+"""Speed: diffusion captioning against the autoregressive baseline, measured side by side in one run.
+
+    python -m training.benchmark                                  # shapes checkpoints + base-size models
+    python -m training.benchmark --suites shapes --repeats 3      # the shipped checkpoints only
+    python -m training.benchmark --suites base --devices cuda     # base size on a GPU, bf16
+
+Suites: ``shapes`` is the shipped pair of checkpoints (``--diffusion``, ``--baseline``); ``base`` is the
+seed paper's size with random weights (CLIP ViT-B/32, a DistilBERT-base denoiser over its 30522-token
+table, ClipCap's MLP prefix and GPT-2 small; ``--base-length`` caption positions); ``tiny`` is a
+seconds-long smoke size. For each suite and device, with precomputed image features, it times
+
+* the diffusion captioner at every ``--steps`` count (DDIM, the fast path ``record="final"``), with early
+  stopping (``--early-stop`` patience values), and with the full per-step trace at ``--trace-batch``,
+* the baseline with greedy and beam-3 decoding (``--beams``),
+* the image encoder alone (and image preprocessing, per image),
+
+at batch 1 (latency) and batch 32 (throughput; also 256 on a GPU): ``--warmup`` untimed calls, then
+``--repeats`` timed ones, reported as median, min and max. A separate untimed call per setting counts
+its FLOPs (``torch.utils.flop_counter``) and its peak tensor memory, and the run measures the machine's
+matrix-multiply rate, so every setting's achieved FLOP/s is also a fraction of what the machine does.
+
+Caption quality per setting comes from the evaluation protocol (``diffusion_caption.evaluation``) on the
+shapes test split, or for the diffusion step counts from a ``training.sweep`` JSON (``--sweep``). Writes
+``--out`` (markdown: tables, targets, plot), ``--json`` (every figure) and ``--plot`` (quality against
+latency, with the Pareto front of both models). Text between ``<!-- notes -->`` and ``<!-- /notes -->``
+in an existing ``--out`` is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from diffusion_caption.evaluation import evaluate, load_model, markdown_table, summary_row  # noqa: E402
+from diffusion_caption.features import encoder_fingerprint, image_features  # noqa: E402
+from diffusion_caption.images import load_image  # noqa: E402
+from diffusion_caption.metrics import bleu  # noqa: E402
+
+SUITES = ("shapes", "base", "tiny")
+QUALITY_KEYS = ("BLEU-4", "CIDEr", "1-obj colour", "1-obj shape", "color", "shape")
+TARGET_KEYS = ("BLEU-4", "1-obj colour", "1-obj shape")  # "at equal or better colour/shape accuracy and BLEU-4"
+NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new",
+                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02)
+DISTILBERT_BASE = dict(vocab_size=30522, max_position_embeddings=512, sinusoidal_pos_embds=False, n_layers=6,
+                       n_heads=12, dim=768, hidden_dim=3072, dropout=0.1, attention_dropout=0.1, activation="gelu",
+                       initializer_range=0.02)
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in str(s).split(",") if x.strip()]
+
+
+def strs(s: str) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class Suite:
+    """The two captioners of one size, the features they caption, and what quality is measured on."""
+    name: str
+    label: str
+    diffusion: object | None
+    baseline: object | None
+    features: dict = field(default_factory=dict)  # model kind -> [N, D] image features to time with
+    image_paths: list[str] = field(default_factory=list)  # for the preprocessing time
+    records: list | None = None  # quality split (trained checkpoints only)
+    notes: list[str] = field(default_factory=list)
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A WordPiece tokenizer of ``vocab_size`` made-up tokens (specials first), for random-weight models:
+    the benchmark only needs ids to decode, and this needs no download."""
+    from transformers import DistilBertTokenizerFast
+
+    from diffusion_caption.tokenizer import SPECIAL_TOKENS, CaptionTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "vocab.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(SPECIAL_TOKENS + [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]) + "\n")
+        return CaptionTokenizer(DistilBertTokenizerFast(vocab=path))
+
+
+def random_suite(name: str, length: int, n_features: int) -> Suite:
+    """Randomly initialised models with the real architectures: ``base`` (ViT-B/32, DistilBERT-base, GPT-2
+    small) or ``tiny``; ``length`` caption positions for the diffusion model, tokens for the baseline."""
+    import open_clip
+
+    from diffusion_caption.baseline import BaselineCaptioner, PrefixCaptioner, baseline_preset
+    from diffusion_caption.captioner import Captioner
+    from diffusion_caption.config import preset
+    from diffusion_caption.denoiser import Denoiser
+    from diffusion_caption.image_encoder import ImageEncoder
+
+    torch.manual_seed(0)
+    if name == "base":
+        clip_model = open_clip.create_model("ViT-B-32", pretrained=None)
+        size = clip_model.visual.image_size
+        preprocess = open_clip.image_transform(size[0] if isinstance(size, (tuple, list)) else size, is_train=False)
+        encoder = ImageEncoder(clip_model, preprocess, {"kind": "open_clip", "model_name": "ViT-B-32",
+                                                        "pretrained": None})
+        dtok = synthetic_tokenizer(DISTILBERT_BASE["vocab_size"])
+        cfg = preset("base", seq_len=length, cond_dim=encoder.feature_dim)
+        denoiser = Denoiser(cfg, encoder_config=DISTILBERT_BASE)
+        btok = synthetic_tokenizer(GPT2_SMALL["vocab_size"])
+        bcfg = baseline_preset("base", max_len=length, tokenizer_kind="wordpiece", bos_id=btok.cls_id,
+                               eos_id=btok.sep_id, cond_dim=encoder.feature_dim)
+        gpt_config = dict(GPT2_SMALL, bos_token_id=btok.cls_id, eos_token_id=btok.sep_id)
+        label = (f"base size, random weights: CLIP ViT-B/32, DistilBERT-base denoiser ({length} positions), "
+                 f"ClipCap MLP + GPT-2 small ({length - 1} tokens)")
+    elif name == "tiny":
+        dtok = btok = synthetic_tokenizer(64)
+        encoder = ImageEncoder.create_shapes(dtok.vocab_size, eos_id=dtok.sep_id, pad_id=dtok.pad_id)
+        cfg = preset("tiny", seq_len=length, vocab_size=dtok.vocab_size, cond_dim=encoder.feature_dim)
+        denoiser = Denoiser(cfg)
+        bcfg = baseline_preset("tiny", max_len=length, vocab_size=btok.vocab_size, bos_id=btok.cls_id,
+                               eos_id=btok.sep_id, cond_dim=encoder.feature_dim)
+        gpt_config = None
+        label = "tiny, random weights (a smoke test of the command)"
+    else:
+        raise ValueError(f"unknown random suite {name!r}")
+    diffusion = Captioner(cfg, denoiser, encoder, dtok)
+    baseline = BaselineCaptioner(bcfg, PrefixCaptioner(bcfg, gpt_config=gpt_config), encoder, btok)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(n_features, encoder.feature_dim, generator=g), dim=-1)
+    examples = sorted(glob.glob(os.path.join("assets", "examples", "photo_*.jpg")))
+    return Suite(name, label, diffusion, baseline, {"diffusion": feats, "baseline": feats}, examples,
+                 notes=["random weights: no caption quality; a random GPT-2 rarely ends a caption, so the "
+                        f"baseline decodes all {length - 1} tokens"])
+
+
+def trained_suite(args, n_features: int) -> Suite:
+    """The trained checkpoints, their features of the first images of the quality split."""
+    from training.evaluate import load_records
+
+    notes, models = [], {}
+    for kind, path in (("diffusion", args.diffusion), ("baseline", args.baseline)):
+        if path and os.path.isfile(os.path.join(path, "config.json")):
+            models[kind] = load_model(path)
+        else:
+            models[kind] = None
+            notes.append(f"{kind} checkpoint {path!r} not found: not measured")
+    records = load_records(argparse.Namespace(data=args.data, data_dir=args.data_dir, image_dir=args.image_dir,
+                                              split=args.split, limit=args.quality_limit))
+    paths = [r.image_path for r in records]
+    while len(paths) < n_features:  # a small split (tests): repeat its images
+        paths = paths + paths
+    feats = {k: image_features(m.image_encoder, paths[:n_features], args.cache_dir, desc=f"{k} features")
+             for k, m in models.items() if m is not None}
+    label = f"trained checkpoints: {args.diffusion} and {args.baseline}"
+    return Suite("shapes", label, models["diffusion"], models["baseline"], feats, paths[:8], records, notes)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def time_call(fn, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median, min and max wall time (ms) of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+        sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "runs_ms": [round(t, 3) for t in times]}
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """The peak bytes of tensors created while it is active (activations, caches, temporaries), on any
+    device: every op's outputs are tracked until the last tensor on their storage is freed. Storages that
+    existed before (weights, inputs) are not counted. Allocator overheads are not included."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict = {}
+        self.sizes: dict = {}
+        self.external: set = set()
+
+    @staticmethod
+    def _key(t: torch.Tensor):
+        try:
+            return t.device, t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage
+            return None
+
+    def _release(self, key) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                key = self._key(t)
+                if key is not None and key not in self.refs:
+                    self.external.add(key)
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = self._key(t)
+                if key is None or key in self.external:
+                    continue
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.sizes[key] = t.untyped_storage().nbytes()
+                    self.live += self.sizes[key]
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def count_call(fn, device: torch.device) -> dict:
+    """FLOPs and peak tensor memory of one call (an untimed pass), and the CUDA allocator's peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    mem = PeakTensorMemory()
+    with FlopCounterMode(display=False) as flops, mem:
+        result = fn()
+    out = {"flops": int(flops.get_total_flops()), "peak_tensor_bytes": int(mem.peak)}
+    if device.type == "cuda":
+        sync(device)
+        out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device) - base)
+    return out, result
+
+
+def matmul_rate(device: torch.device, dtype: str, n: int, repeats: int = 10) -> dict:
+    """The best rate (GFLOP/s) of an n x n by n x n matrix product on ``device``: the machine's practical peak."""
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a = torch.randn(n, n, device=device, dtype=tdtype)
+    b = torch.randn(n, n, device=device, dtype=tdtype)
+    t = time_call(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return {"n": n, "dtype": dtype, "gflops": 2 * n ** 3 / (t["min_ms"] / 1000) / 1e9,
+            "median_gflops": 2 * n ** 3 / (t["median_ms"] / 1000) / 1e9}
+
+
+def param_bytes(*modules) -> int:
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def diffusion_plan(args, batch_sizes: list[int]) -> list[dict]:
+    plan = []
+    for steps in args.steps:
+        for B in batch_sizes:
+            plan.append(dict(setting=f"DDIM {steps}", steps=steps, early_stop=0, record="final", batch=B))
+        for k in args.early_stop:
+            if steps > k:
+                for B in batch_sizes:
+                    plan.append(dict(setting=f"DDIM {steps}, early stop {k}", steps=steps, early_stop=k,
+                                     record="final", batch=B))
+        for B in args.trace_batch:
+            plan.append(dict(setting=f"DDIM {steps}, full trace", steps=steps, early_stop=0, record="all", batch=B))
+    return plan
+
+
+def baseline_plan(args, batch_sizes: list[int]) -> list[dict]:
+    return [dict(setting="greedy" if beam == 1 else f"beam {beam}", beam=beam, batch=B)
+            for beam in args.beams for B in batch_sizes]
+
+
+def take(features: torch.Tensor, B: int) -> torch.Tensor:
+    reps = -(-B // features.shape[0])
+    return features.repeat(reps, 1)[:B] if reps > 1 else features[:B]
+
+
+def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_sizes: list[int],
+                  peak: dict, repeats: int) -> list[dict]:
+    """Every timing row of one suite on one device."""
+    rows: list[dict] = []
+    models = [m for m in (suite.diffusion, suite.baseline) if m is not None]
+    for m in models:
+        m.to(device)
+    jobs = []
+    if suite.diffusion is not None:
+        jobs += [("diffusion", p) for p in diffusion_plan(args, batch_sizes)]
+    if suite.baseline is not None:
+        jobs += [("baseline", p) for p in baseline_plan(args, batch_sizes)]
+    for kind, p in tqdm(jobs, desc=f"{suite.name} on {device.type}", leave=False):
+        model = suite.diffusion if kind == "diffusion" else suite.baseline
+        feats = take(suite.features[kind], p["batch"]).to(device)
+        if kind == "diffusion":
+            kw = dict(steps=p["steps"], sampler="ddim", guidance=1.0, seed=args.seed, early_stop=p["early_stop"],
+                      record=p["record"])
+        else:
+            kw = dict(beam=p["beam"])
+
+        def call(model=model, feats=feats, kw=kw):
+            with autocast(device, dtype):
+                return model.caption_batch(features=feats, **kw)
+
+        counts, outs = count_call(call, device)
+        t = time_call(call, device, args.warmup, repeats)
+        B = p["batch"]
+        row = {"suite": suite.name, "device": device.type, "dtype": dtype, "model": kind, **p, **t, **counts,
+               "ms_per_image": t["median_ms"] / B, "images_per_s": 1000 * B / t["median_ms"],
+               "flops_per_caption": counts["flops"] / B,
+               "gflops_per_s": counts["flops"] / (t["median_ms"] / 1000) / 1e9}
+        row["matmul_fraction"] = row["gflops_per_s"] / peak["gflops"]
+        if kind == "diffusion":
+            used = [o.final.index + 1 for o in outs]
+            row["steps_used"] = sum(used) / len(used)
+            row["stopped_early"] = sum(u < p["steps"] for u in used) / len(used)
+        else:
+            row["tokens"] = sum(len(o.token_ids) for o in outs) / len(outs)
+        rows.append(row)
+    # the image encoder alone, on preprocessed pixels; preprocessing per image on its own
+    encoders = []
+    for kind, m in (("diffusion", suite.diffusion), ("baseline", suite.baseline)):
+        if m is not None and all(m.image_encoder is not e and encoder_fingerprint(m.image_encoder) != encoder_fingerprint(e)
+                                 for _, e in encoders):
+            encoders.append((kind, m.image_encoder))
+    images = [load_image(p) for p in suite.image_paths] if suite.image_paths else []
+    for kind, enc in encoders:
+        if images:
+            pre = time_call(lambda enc=enc: enc.pixels(images), torch.device("cpu"), 1, repeats)
+            rows.append({"suite": suite.name, "device": "cpu", "dtype": "fp32", "model": "image encoder",
+                         "setting": f"preprocessing ({kind}'s CLIP)", "batch": len(images), **pre,
+                         "ms_per_image": pre["median_ms"] / len(images),
+                         "images_per_s": 1000 * len(images) / pre["median_ms"]})
+        size = enc.image_size
+        for B in batch_sizes:
+            pixels = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(B)).to(device)
+
+            def call(enc=enc, pixels=pixels):
+                with autocast(device, dtype):
+                    return enc.encode_pixels(pixels)
+
+            counts, _ = count_call(call, device)
+            t = time_call(call, device, args.warmup, repeats)
+            row = {"suite": suite.name, "device": device.type, "dtype": dtype, "model": "image encoder",
+                   "setting": f"{kind}'s CLIP ({size} px)", "batch": B, **t, **counts,
+                   "ms_per_image": t["median_ms"] / B, "images_per_s": 1000 * B / t["median_ms"],
+                   "flops_per_caption": counts["flops"] / B,
+                   "gflops_per_s": counts["flops"] / (t["median_ms"] / 1000) / 1e9}
+            row["matmul_fraction"] = row["gflops_per_s"] / peak["gflops"]
+            rows.append(row)
+    for m in models:
+        m.to("cpu")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def quality(suite: Suite, args) -> dict:
+    """Caption quality per setting (key: model kind and setting name), and early-stopping statistics."""
+    out: dict = {}
+    if suite.records is None:
+        return out
+    sweep = {}
+    if args.sweep:
+        with open(args.sweep) as f:
+            for r in json.load(f)["results"]:
+                s = r["settings"]
+                if r.get("sweep") == "steps" and s.get("sampler") == "ddim" and float(s.get("guidance", 1)) == 1.0:
+                    sweep[int(s["steps"])] = r
+    jobs = []
+    if suite.diffusion is not None:
+        for steps in args.steps:
+            jobs.append(("diffusion", f"DDIM {steps}", dict(steps=steps, early_stop=0)))
+            jobs += [("diffusion", f"DDIM {steps}, early stop {k}", dict(steps=steps, early_stop=k))
+                     for k in args.early_stop if steps > k]
+    if suite.baseline is not None:
+        jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
+    for kind, name, kw in tqdm(jobs, desc="quality", leave=False):
+        model = suite.diffusion if kind == "diffusion" else suite.baseline
+        if kind == "diffusion" and kw["early_stop"] == 0 and kw["steps"] in sweep:
+            res = sweep[kw["steps"]]
+            source = f"sweep {args.sweep}"
+        else:
+            settings = dict(kw)
+            if kind == "diffusion":
+                settings = model.check_settings(kw["steps"], "ddim", 1.0, args.seed, False, kw["early_stop"])
+                settings["record"] = "final"  # the same captions as the full trace, without it
+            res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir,
+                           metrics=not args.bleu_only, tokenizer=args.tokenizer)
+            if args.bleu_only:  # BLEU alone, in Python: no Java METEOR run per setting
+                res["metrics"] = bleu({c["image_id"]: c["caption"] for c in res["captions"]},
+                                      {c["image_id"]: c["references"] for c in res["captions"]}, tokenizer="simple")
+            source = "evaluate" + (" (BLEU only, simple tokenizer)" if args.bleu_only else "")
+        q = {k: v for k, v in summary_row(res).items()}
+        q["source"] = source
+        q["n_images"] = res["n_images"]
+        if kind == "diffusion" and kw["early_stop"]:
+            q.update(early_stop_stats(model, suite, kw["steps"], kw["early_stop"], args))
+        out[f"{kind}|{name}"] = q
+        tqdm.write(f"quality {kind} {name}: " + ", ".join(f"{k}={q[k]:.3f}" for k in QUALITY_KEYS
+                                                          if isinstance(q.get(k), float)))
+    return out
+
+
+def early_stop_stats(model, suite: Suite, steps: int, patience: int, args) -> dict:
+    """How often early stopping fires on the quality split, how many steps it runs, and whether the
+    captions equal those without it."""
+    feats = image_features(model.image_encoder, [r.image_path for r in suite.records], args.cache_dir)
+    used, same = [], 0
+    for i in range(0, feats.shape[0], args.quality_batch):
+        f = feats[i:i + args.quality_batch]
+        seed = args.seed + i  # as evaluation.generate seeds each batch
+        a = model.caption_batch(features=f, steps=steps, seed=seed, early_stop=patience, record="final")
+        b = model.caption_batch(features=f, steps=steps, seed=seed, record="final")
+        used += [t.final.index + 1 for t in a]
+        same += sum(x.text == y.text for x, y in zip(a, b))
+    return {"stopped_early": sum(u < steps for u in used) / len(used), "mean_steps": sum(used) / len(used),
+            "same_caption": same / len(used)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        busy = subprocess.run(["pgrep", "-af", "training.train_"], capture_output=True, text=True).stdout
+        info["other_training_processes"] = [ln for ln in busy.splitlines() if "pgrep" not in ln]
+    except OSError:
+        pass
+    return info
+
+
+def join_quality(rows: list[dict], qual: dict) -> None:
+    for r in rows:
+        if r["model"] in ("diffusion", "baseline"):
+            name = r["setting"].replace(", full trace", "")
+            q = qual.get(f"{r['model']}|{name}")
+            if q:
+                r["quality"] = {k: q[k] for k in QUALITY_KEYS if k in q}
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both lower time and higher quality, by time."""
+    front, best = [], float("-inf")
+    for x, y, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y, name))
+            best = y
+    return front
+
+
+def plot(rows: list[dict], path: str, metric: str, title: str) -> bool:
+    """Quality against latency (batch 1) and against time per image (largest CPU batch), Pareto fronts."""
+    rows = [r for r in rows if r.get("quality", {}).get(metric) is not None and r["model"] != "image encoder"
+            and r.get("record", "final") == "final"]
+    if not rows:
+        return False
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.3), squeeze=False)
+    for ax, B in zip(axes[0], batches):
+        pts = [r for r in rows if r["batch"] == B]
+        allp = []
+        for kind, es, style in (("diffusion", False, dict(marker="o", color="tab:blue")),
+                                ("diffusion", True, dict(marker="x", color="tab:cyan", ls="")),
+                                ("baseline", False, dict(marker="s", color="tab:red", ls=""))):
+            sel = [r for r in pts if r["model"] == kind and bool(r.get("early_stop")) == es]
+            sel.sort(key=lambda r: r["ms_per_image"])
+            if not sel:
+                continue
+            xs, ys = [r["ms_per_image"] for r in sel], [r["quality"][metric] for r in sel]
+            label = {("diffusion", False): "diffusion (DDIM steps)", ("diffusion", True): "diffusion, early stop",
+                     ("baseline", False): "baseline (ClipCap + GPT-2)"}[(kind, es)]
+            ax.plot(xs, ys, label=label, ms=6, **style)
+            for r, x, y in zip(sel, xs, ys):
+                name = r["setting"].replace("DDIM ", "").replace(", early stop ", "/es")
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                allp.append((x, y, r["setting"]))
+        front = pareto(allp)
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", ls="--", lw=1,
+                label="Pareto front (both models)")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"ms per image at batch {B}" + (" (latency)" if B == 1 else " (1 / throughput)"))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _ms(r: dict) -> str:
+    return f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})"
+
+
+def _g(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def timing_table(rows: list[dict]) -> str:
+    lines = ["| model | setting | batch | median ms (min-max) | ms / image | images / s | GFLOP / caption | "
+             "achieved GFLOP/s | of matmul rate | peak tensor MiB | steps used / tokens | BLEU-4 | CIDEr | "
+             "1-obj colour | 1-obj shape |", "|" + "---|" * 15]
+    for r in rows:
+        q = r.get("quality", {})
+        used = r.get("steps_used", r.get("tokens"))
+        lines.append("| " + " | ".join([
+            r["model"], r["setting"], str(r["batch"]), _ms(r), f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.1f}",
+            _g(r.get("flops_per_caption") and r["flops_per_caption"] / 1e9, "{:.3g}"),
+            _g(r.get("gflops_per_s"), "{:.1f}"), _g(r.get("matmul_fraction"), "{:.0%}"),
+            _g(r.get("peak_tensor_bytes") and r["peak_tensor_bytes"] / 2**20, "{:.1f}"),
+            _g(used, "{:.1f}"), _g(q.get("BLEU-4")), _g(q.get("CIDEr")), _g(q.get("1-obj colour")),
+            _g(q.get("1-obj shape"))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets on the trained checkpoints, CPU: at quality >= the baseline's greedy (BLEU-4,
+    single-object colour and shape), diffusion batch-1 latency <= greedy's and throughput at the largest
+    batch (32 by default) >= 2x greedy's."""
+    out = []
+    cpu = [r for r in rows if r["suite"] == "shapes" and r["device"] == "cpu" and r.get("quality")]
+    big = max((r["batch"] for r in cpu), default=32)
+    for B, goal, what in ((1, 1.0, "batch-1 latency"), (big, 2.0, f"batch-{big} throughput")):
+        greedy = next((r for r in cpu if r["model"] == "baseline" and r["setting"] == "greedy" and r["batch"] == B),
+                      None)
+        if greedy is None:
+            out.append(f"- {what}: not measured (no baseline greedy row with quality at batch {B})")
+            continue
+        ok_q = [r for r in cpu if r["model"] == "diffusion" and r["batch"] == B and r.get("record") == "final"
+                and all(r["quality"].get(k, float("-inf")) >= greedy["quality"][k] for k in TARGET_KEYS
+                        if k in greedy["quality"])]
+        gq = ", ".join(f"{k} {greedy['quality'][k]:.3f}" for k in TARGET_KEYS if k in greedy["quality"])
+        if not ok_q:
+            out.append(f"- {what}: **not met** - no diffusion setting reaches the baseline's greedy quality ({gq})")
+            continue
+        best = min(ok_q, key=lambda r: r["ms_per_image"])
+        ratio = greedy["ms_per_image"] / best["ms_per_image"]
+        met = ratio >= goal
+        bq = ", ".join(f"{k} {best['quality'][k]:.3f}" for k in TARGET_KEYS if k in best["quality"])
+        if B == 1:
+            detail = (f"diffusion {best['setting']} {best['ms_per_image']:.2f} ms against greedy "
+                      f"{greedy['ms_per_image']:.2f} ms ({ratio:.2f}x faster; target >= 1x)")
+        else:
+            detail = (f"diffusion {best['setting']} {best['images_per_s']:.0f} images/s against greedy "
+                      f"{greedy['images_per_s']:.0f} images/s ({ratio:.2f}x; target >= 2x)")
+        out.append(f"- {what}: **{'met' if met else 'not met'}** - {detail}; quality {bq} against greedy {gq}")
+    return out
+
+
+def early_stop_table(qual: dict) -> str:
+    rows = [(k.split("|")[-1], q) for k, q in qual.items() if "early stop" in k]
+    if not rows:
+        return ""
+    lines = ["| setting | images stopped early | mean steps run | same caption as without | BLEU-4 | "
+             "1-obj colour | 1-obj shape |", "|---|---|---|---|---|---|---|"]
+    for name, q in rows:
+        lines.append(f"| {name} | {q['stopped_early']:.1%} | {q['mean_steps']:.2f} | {q['same_caption']:.1%} | "
+                     f"{_g(q.get('BLEU-4'))} | {_g(q.get('1-obj colour'))} | {_g(q.get('1-obj shape'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def speedup_table(rows: list[dict]) -> str:
+    """Fast path and early stopping against the full trace, per step count and batch."""
+    by = {(r["suite"], r["device"], r["setting"], r["batch"]): r for r in rows if r["model"] == "diffusion"}
+    lines = ["| suite | device | steps | batch | full trace ms | fast path ms | fast path, early stop ms (patience) |",
+             "|---|---|---|---|---|---|---|"]
+    n = 0
+    for (suite, dev, setting, B), r in by.items():
+        if ", " in setting:
+            continue
+        trace = by.get((suite, dev, f"{setting}, full trace", B))
+        es = [(k[2].rsplit(" ", 1)[1], v) for k, v in by.items()
+              if k[:2] == (suite, dev) and k[3] == B and k[2].startswith(setting + ", early stop")]
+        es_txt = ", ".join(f"{v['median_ms']:.1f} ({k})" for k, v in es) or "-"
+        lines.append(f"| {suite} | {dev} | {r['steps']} | {B} | {trace['median_ms']:.1f} |" if trace else
+                     f"| {suite} | {dev} | {r['steps']} | {B} | - |")
+        lines[-1] += f" {r['median_ms']:.1f} | {es_txt} |"
+        n += 1
+    return "\n".join(lines) + "\n" if n else ""
+
+
+def write_markdown(path: str, report: dict, plot_path: str | None) -> None:
+    notes = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        if NOTES_START in old and NOTES_END in old:
+            notes = old[old.index(NOTES_START) + len(NOTES_START):old.index(NOTES_END)].strip("\n")
+    m = report["machine"]
+    lines = ["# Benchmarks: diffusion against autoregressive captioning", "",
+             f"Written by `{report['command']}` on {m['date']}. Every figure below comes from that one run.", "",
+             f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads"
+             + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU (CUDA figures not measured)") + "."]
+    if m.get("load_average") is not None:
+        lines.append(f"Load average when the run started: {m['load_average']}.")
+    if m.get("other_training_processes"):
+        lines.append(f"**Contention:** {len(m['other_training_processes'])} training processes were running beside "
+                     "the benchmark; its times are slower and noisier than an idle machine's.")
+    for dev, p in report["matmul"].items():
+        lines.append(f"Matrix-multiply rate on {dev} ({p['dtype']}, {p['n']} x {p['n']}): {p['gflops']:.1f} GFLOP/s "
+                     f"(best of the repeats; median {p['median_gflops']:.1f}).")
+    lines += ["", f"Timing: {report['settings']['warmup']} warm-up calls, then {report['settings']['repeats']} timed "
+              "calls per setting (base size: " f"{report['settings']['base_repeats']}); median (min-max). Image features "
+              "are precomputed: the captioning times exclude the image encoder, which is timed on its own. Diffusion "
+              "runs the fast path (`record=\"final\"`) unless the setting says full trace. FLOPs are counted by "
+              "`torch.utils.flop_counter` (matrix products, convolutions, attention) in a separate untimed call; peak "
+              "tensor MiB is the most memory held at once by tensors created during the call (weights excluded).", ""]
+    lines += ["## Targets (shapes checkpoints, CPU)", ""] + (report["targets"] or ["- not measured"]) + [""]
+    if notes:
+        lines += [NOTES_START, notes, NOTES_END, ""]
+    else:
+        lines += [NOTES_START, NOTES_END, ""]
+    if plot_path:
+        lines += ["## Quality against latency", "",
+                  f"![quality against latency]({os.path.relpath(plot_path, os.path.dirname(os.path.abspath(path)))})", ""]
+    for suite in report["suites"]:
+        lines += [f"## {suite['name']}: {suite['label']}", ""]
+        lines += [f"- {n}" for n in suite["notes"]] + ([""] if suite["notes"] else [])
+        for dev in sorted({r["device"] for r in report["rows"] if r["suite"] == suite["name"]}):
+            rows = [r for r in report["rows"] if r["suite"] == suite["name"] and r["device"] == dev]
+            lines += [f"### {dev}" + (f" ({rows[0]['dtype']})" if rows else ""), "", timing_table(rows)]
+        if suite.get("param_mib"):
+            lines += ["Weights: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in suite["param_mib"].items()) + ".", ""]
+    sp = speedup_table(report["rows"])
+    if sp:
+        lines += ["## Fast path and early stopping against the full trace", "", sp]
+    es = early_stop_table(report["quality"])
+    if es:
+        lines += ["## Early stopping on the quality split", "",
+                  "An image stops once the rounded token of every position has stayed the same for `patience` "
+                  "steps; its caption is that step's.", "", es]
+    if report["quality_rows"]:
+        lines += ["## Caption quality per setting", "", report["quality_rows"]]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suites", type=strs, default=strs("shapes,base"), help=f"any of {SUITES}")
+    p.add_argument("--devices", type=strs, default=None, help="cpu and/or cuda (default: cpu, and cuda when present)")
+    p.add_argument("--diffusion", default="assets/checkpoints/shapes-diffusion")
+    p.add_argument("--baseline", default="assets/checkpoints/shapes-baseline")
+    p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50"), help="DDIM step counts")
+    p.add_argument("--early-stop", type=ints, default=ints("1,2"), help="early-stopping patience values (none: '')")
+    p.add_argument("--trace-batch", type=ints, default=ints("1"), help="batch sizes to time the full trace at")
+    p.add_argument("--beams", type=ints, default=ints("1,3"), help="baseline beam sizes (1 = greedy)")
+    p.add_argument("--batch-sizes", type=ints, default=ints("1,32"))
+    p.add_argument("--cuda-batch-sizes", type=ints, default=ints("1,32,256"))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--base-repeats", type=int, default=3, help="timed calls per setting for the base size")
+    p.add_argument("--base-length", type=int, default=20, help="caption length of the base-size models")
+    p.add_argument("--tiny-length", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cpu-dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--cuda-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--matmul-n", type=int, default=1024, help="matrix size of the CPU matmul-rate measurement")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("quality (shapes suite)")
+    g.add_argument("--data", default="shapes")
+    g.add_argument("--data-dir", default="data/shapes")
+    g.add_argument("--image-dir", default=None)
+    g.add_argument("--split", default="test")
+    g.add_argument("--quality-limit", type=int, default=0, help="first N images of the split (0: all)")
+    g.add_argument("--quality-batch", type=int, default=250)
+    g.add_argument("--sweep", default="", help="a training.sweep JSON to read the diffusion step counts' quality from")
+    g.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"])
+    g.add_argument("--bleu-only", action="store_true", help="BLEU in pure Python instead of the full COCO metrics")
+    g.add_argument("--no-quality", action="store_true")
+    g.add_argument("--pareto-metric", default="BLEU-4")
+    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--out", default="docs/BENCHMARKS.md")
+    p.add_argument("--json", default="", help="default: docs/benchmark.json beside --out")
+    p.add_argument("--plot", default="", help="default: docs/benchmark.png beside --out")
+    return p
+
+
+def main(argv=None) -> dict:
+    import sys
+
+    args = build_parser().parse_args(argv)
+    bad = [s for s in args.suites if s not in SUITES]
+    if bad:
+        raise SystemExit(f"unknown suites {bad}; expected some of {SUITES}")
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            raise SystemExit(f"unknown device {d!r}; expected cpu or cuda")
+        if d == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--devices cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    json_path = args.json or os.path.join(out_dir, "benchmark.json")
+    plot_path = args.plot or os.path.join(out_dir, "benchmark.png")
+    machine = machine_info(torch.get_num_threads())
+    report: dict = {"command": "python -m training.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "machine": machine, "settings": vars(args), "matmul": {}, "suites": [], "rows": [],
+                    "quality": {}}
+    report["command"] = report["command"].strip()
+    for d in devices:
+        dev = torch.device(d)
+        dtype = args.cpu_dtype if d == "cpu" else args.cuda_dtype
+        report["matmul"][d] = matmul_rate(dev, dtype, args.matmul_n if d == "cpu" else 8192)
+        tqdm.write(f"matmul rate on {d}: {report['matmul'][d]['gflops']:.1f} GFLOP/s ({dtype})")
+    for name in args.suites:
+        sizes = {d: (args.batch_sizes if d == "cpu" else args.cuda_batch_sizes) for d in devices}
+        n_feat = max(max(v) for v in sizes.values())
+        if name == "shapes":
+            suite = trained_suite(args, n_feat)
+        else:
+            suite = random_suite(name, args.base_length if name == "base" else args.tiny_length, n_feat)
+        qual = {} if args.no_quality else quality(suite, args)
+        report["quality"].update({f"{name}|{k}": v for k, v in qual.items()})
+        rows = []
+        for d in devices:
+            dtype = args.cpu_dtype if d == "cpu" else args.cuda_dtype
+            repeats = args.base_repeats if name == "base" else args.repeats
+            rows += measure_suite(suite, torch.device(d), dtype, args, sizes[d], report["matmul"][d], repeats)
+        join_quality(rows, qual)
+        report["rows"] += rows
+        pm = {}
+        if suite.diffusion is not None:
+            pm["diffusion denoiser"] = param_bytes(suite.diffusion.denoiser) / 2**20
+        if suite.baseline is not None:
+            pm["baseline mapper + GPT-2"] = param_bytes(suite.baseline.model) / 2**20
+        enc = (suite.diffusion or suite.baseline)
+        if enc is not None:
+            pm["CLIP image tower"] = param_bytes(enc.image_encoder.model.visual) / 2**20
+        report["suites"].append({"name": name, "label": suite.label, "notes": suite.notes, "param_mib": pm})
+        if qual:
+            qrows = [{"model": k.split("|")[0], "setting": k.split("|")[1],
+                      **{kk: v for kk, v in q.items() if isinstance(v, float)}} for k, q in qual.items()]
+            report["quality_rows"] = report.get("quality_rows", "") + markdown_table(qrows)
+        del suite
+    report.setdefault("quality_rows", "")
+    report["targets"] = targets(report["rows"])
+    title = "caption quality against time per image (shapes checkpoints, CPU, " + \
+        f"{machine['torch_threads']} threads)"
+    has_plot = plot([r for r in report["rows"] if r["suite"] == "shapes" and r["device"] == "cpu"], plot_path,
+                    args.pareto_metric, title)
+    write_markdown(args.out, report, plot_path if has_plot else None)
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print("\n".join(report["targets"]))
+    print(f"wrote {args.out}, {json_path}" + (f", {plot_path}" if has_plot else ""))
+    return report
+
+
+if __name__ == "__main__":
+    main()
