@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -105,6 +106,42 @@ def linear_lr(step: int, total: int, lr: float, lr_end: float, warmup: int = 0) 
         return lr * (step + 1) / warmup
     frac = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
     return lr + (lr_end - lr) * frac
+
+
+LR_SCHEDULES = ("linear", "constant", "cosine", "log")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def scheduled_lr(schedule: str, step: int, total: int, lr: float, lr_end: float, warmup: int = 0) -> float:
+    """The learning rate at ``step``: linear warm-up to ``lr``, then from ``lr`` to ``lr_end`` at ``total``.
+
+    ``linear`` is ``linear_lr``; ``constant`` stays at ``lr``; ``cosine`` anneals along half a cosine;
+    ``log`` decays geometrically (linear in log-lr). The seed paper compared these four.
+    """
+    if schedule == "linear":
+        return linear_lr(step, total, lr, lr_end, warmup)
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr * (lr_end / lr) ** frac
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``adamw`` (the default), ``adam`` (L2 penalty in the gradient instead of decoupled decay) or
+    ``sgd`` (Nesterov momentum 0.9)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------ state

@@ -50,6 +50,9 @@ class DiffusionTrainConfig:
     lr_end: float = 5e-5
     warmup: int = 500
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adam | sgd (Nesterov momentum 0.9)
+    lr_schedule: str = "linear"  # after warm-up, lr -> lr_end: linear | constant | cosine | log
+    train_limit: int = 0  # train on the first N training images only (0: all); for data-scaling ablations
     grad_clip: float = 1.0
     ema: float = 0.999
     val_every: int = 1000
@@ -92,6 +95,12 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
     base_train = DiffusionTrainConfig(**{**PRESET_TRAINING.get(name, {}), "preset": name})
     tcfg = common.dataclass_from_args(DiffusionTrainConfig, args, base_train)
     mcfg = common.dataclass_from_args(CaptionerConfig, args, preset(name))
+    if tcfg.optimizer not in common.OPTIMIZERS:
+        raise SystemExit(f"unknown --optimizer {tcfg.optimizer!r}; expected one of {common.OPTIMIZERS}")
+    if tcfg.lr_schedule not in common.LR_SCHEDULES:
+        raise SystemExit(f"unknown --lr-schedule {tcfg.lr_schedule!r}; expected one of {common.LR_SCHEDULES}")
+    if tcfg.lr_schedule == "log" and not (tcfg.lr > 0 and tcfg.lr_end > 0):
+        raise SystemExit("--lr-schedule log needs --lr and --lr-end > 0")
     return tcfg, mcfg
 
 
@@ -117,6 +126,8 @@ def main(argv=None) -> None:
     val = load_datasets(tcfg.data, tcfg.data_dir, splits=["val"], image_dir=image_dir)
     feats = image_features(encoder, [r.image_path for r in train], tcfg.cache_dir, desc="encoding train images")
     val_feats = image_features(encoder, [r.image_path for r in val], tcfg.cache_dir, desc="encoding val images")
+    if tcfg.train_limit:  # after encoding, so the full split's feature cache is reused
+        train, feats = train[:tcfg.train_limit], feats[:tcfg.train_limit]
     pairs = caption_pairs(train)
     pair_img = torch.tensor([i for i, _ in pairs])
     pair_ids = tokenizer.encode([c for _, c in pairs], mcfg.seq_len)
@@ -133,7 +144,7 @@ def main(argv=None) -> None:
                                                           find_unused_parameters=mcfg.p_uncond == 0)
     diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict)
     params = [p for p in denoiser.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    opt = common.make_optimizer(tcfg.optimizer, params, tcfg.lr, tcfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + rank)
     step = 0
     if tcfg.resume and common.has_train_state(tcfg.run_dir):
@@ -184,7 +195,7 @@ def main(argv=None) -> None:
         ids = pair_ids[idx].to(device)
         cond = feats[pair_img[idx]].to(device)
         for g_ in opt.param_groups:
-            g_["lr"] = common.linear_lr(step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
+            g_["lr"] = common.scheduled_lr(tcfg.lr_schedule, step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
         with common.autocast(device):
             losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
                                                mcfg.p_uncond, gen)
