@@ -67,16 +67,16 @@ class Captioner:
             raise ckpt.CheckpointError(f"{cfg_file}: bad captioner config: {e}") from None
         try:
             tokenizer = CaptionTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path}: tokenizer files unreadable: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the tokenizers parser raises KeyError, plain Exception ...
+            raise ckpt.CheckpointError(f"{path}: tokenizer files unreadable: {type(e).__name__}: {e}") from None
         if tokenizer.vocab_size != config.vocab_size:
             raise ckpt.CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but {cfg_file} "
                                        f"says vocab_size={config.vocab_size}")
-        denoiser = Denoiser(config, encoder_config=meta["encoder_config"])
-        ckpt.load_into(denoiser, os.path.join(path, ckpt.WEIGHTS_NAME))
+        denoiser = ckpt.build_and_load(lambda: Denoiser(config, encoder_config=meta["encoder_config"]),
+                                       os.path.join(path, ckpt.WEIGHTS_NAME), cfg_file)
         try:
             image_encoder = ImageEncoder.load(meta["image_encoder"], base_dir=path)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{path}: image encoder: {e}") from None
         if image_encoder.feature_dim != config.cond_dim:
             raise ckpt.CheckpointError(f"{path}: the image encoder gives {image_encoder.feature_dim}-d features "

@@ -14,6 +14,8 @@ import json
 import os
 
 import torch
+
+from . import checkpoint as ckpt
 from .images import load_image
 
 CLIP_CONFIG = "open_clip_config.json"
@@ -85,15 +87,16 @@ class ImageEncoder:
         for f in (CLIP_CONFIG, CLIP_WEIGHTS):
             if not os.path.isfile(os.path.join(path, f)):
                 raise FileNotFoundError(f"{os.path.join(path, f)}: missing from the CLIP checkpoint")
-        with open(cfg_path) as fh:
-            try:
-                cfg = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        cfg = ckpt.read_json(cfg_path)
+        if not isinstance(cfg.get("model_cfg"), dict):
+            raise ckpt.CheckpointError(f"{cfg_path}: no 'model_cfg' object (is this an open_clip folder?)")
+        weights = os.path.join(path, CLIP_WEIGHTS)
+        ckpt.read_header(weights)  # a truncated or corrupt file is named as such before open_clip reads it
         try:
             model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + os.path.abspath(path))
-        except RuntimeError as e:  # open_clip's load_state_dict mismatch
-            raise ValueError(f"{os.path.join(path, CLIP_WEIGHTS)} does not match {cfg_path}: {e}") from None
+        except (RuntimeError, TypeError, KeyError, ValueError) as e:  # e.g. open_clip's load_state_dict mismatch
+            raise ckpt.CheckpointError(f"{weights} does not match {cfg_path}: {type(e).__name__}: {e}") from None
+        ckpt.check_matches(model, weights, cfg_path)  # open_clip casts dtypes and resizes position embeddings silently
         return cls(model, preprocess, {"kind": "local-dir", "model_cfg": cfg["model_cfg"],
                                        "preprocess_cfg": cfg.get("preprocess_cfg", {})}, device)
 
