@@ -1,0 +1,673 @@
+"""The browser demo: watch a caption being denoised step by step, beside the autoregressive baseline.
+
+    python app.py                                   # http://127.0.0.1:7860, the shipped shapes checkpoints
+    python app.py --checkpoint DIR --baseline DIR   # other checkpoints (local directories or hub ids)
+    GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py
+
+UI only: captioning, plots, the vocabulary map, variants and scene composition all live in the
+``diffusion_caption`` library; this file lays them out and wires the events. The named API endpoint
+``/caption`` (for ``gradio_client``) streams one JSON chunk per denoising step, then the whole trace.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import html
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusion")
+DEFAULT_BASELINE = os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline")
+EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
+MAX_UI_STEPS = 250  # the steps slider's top (every step is a network call; the API accepts up to T)
+TRACE_CACHE_SIZE = 64
+PLAY_INTERVAL_S = 0.7
+# The stream is paced so that a person sees the caption form: at least this long between two shown steps,
+# but never more than STREAM_BUDGET_S of waiting in all (a fast model would otherwise flash straight to the
+# end). The wall times reported are the model's own, without this pacing.
+STREAM_MIN_INTERVAL_S = 0.04
+STREAM_BUDGET_S = 0.8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="diffusion checkpoint directory or hub id")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE,
+                   help="autoregressive baseline checkpoint directory or hub id ('' for none)")
+    p.add_argument("--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"],
+                   help="projection of the vocabulary map (umap: fitted once per checkpoint and stored; pca: instant)")
+    p.add_argument("--cache-dir", default=os.path.join(ROOT, "cache"), help="where computed vocabulary maps are kept")
+    p.add_argument("--examples", default=EXAMPLES_DIR, help="directory of example images")
+    p.add_argument("--concurrency", type=int, default=2, help="requests computed at once (the rest queue)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@dataclass
+class Models:
+    """Everything loaded once at start-up and shared by all sessions."""
+
+    cap: object
+    checkpoint: str
+    baseline: object | None
+    baseline_path: str
+    baseline_note: str  # why there is no baseline, or what is loaded
+    vocab_job: object
+    scenes: dict
+    examples: list[str]
+    load_seconds: float
+    concurrency: int = 2
+    traces: OrderedDict = field(default_factory=OrderedDict)  # memo of finished traces (see remember())
+
+
+def load_models(args) -> Models:
+    from diffusion_caption import Captioner, CheckpointError
+    from diffusion_caption.variants import known_scenes
+    from diffusion_caption.vocab_map import VocabMapJob
+
+    t0 = time.perf_counter()
+    try:
+        cap = Captioner.from_pretrained(args.checkpoint)
+    except (CheckpointError, OSError) as e:
+        hint = ""
+        if os.path.abspath(args.checkpoint) == DEFAULT_CHECKPOINT:
+            hint = ("\nThe shipped checkpoint is made by `python -m training.train_diffusion --preset shapes`; "
+                    "or start the app with --checkpoint DIR.")
+        raise SystemExit(f"error: cannot load the diffusion checkpoint: {e}{hint}") from None
+    baseline, note = None, ""
+    if not args.baseline:
+        note = "No baseline loaded: the app was started with --baseline ''."
+    else:
+        try:
+            from diffusion_caption.baseline import BaselineCaptioner
+
+            baseline = BaselineCaptioner.from_pretrained(args.baseline)
+            note = f"Baseline: {os.path.basename(os.path.normpath(args.baseline))}"
+        except ImportError as e:
+            note = f"No baseline loaded: this version of diffusion_caption has no baseline module ({e})."
+        except (CheckpointError, OSError, ValueError) as e:
+            hint = (" Train it with `python -m training.train_baseline --preset shapes`, or start the app "
+                    "with --baseline DIR." if os.path.abspath(args.baseline) == DEFAULT_BASELINE else "")
+            note = f"No baseline loaded: {e}.{hint}"
+    E = cap.denoiser.embeddings
+    tokens = cap.tokenizer.token_strings(list(range(cap.tokenizer.vocab_size)))
+    checkpoint_dir = args.checkpoint if os.path.isdir(args.checkpoint) else None
+    job = VocabMapJob(E, tokens, cache_dir=args.cache_dir, checkpoint_dir=checkpoint_dir, method=args.vocab_map)
+    atexit.register(job.close)
+    examples = []
+    if os.path.isdir(args.examples):
+        examples = [os.path.join(args.examples, f) for f in sorted(os.listdir(args.examples))
+                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
+    return Models(cap=cap, checkpoint=args.checkpoint, baseline=baseline, baseline_path=args.baseline,
+                  baseline_note=note, vocab_job=job, scenes=known_scenes(args.examples), examples=examples,
+                  load_seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- per-session view
+@dataclass
+class View:
+    """What the step viewer shows for the last captioned image (kept per browser session)."""
+
+    steps: list
+    seconds: float
+    first_step_seconds: float
+    baseline: object | None = None
+    baseline_seconds: float | None = None
+    points: dict | None = None  # "predicted x0" / "noisy x_t" -> [S, L, 2] map coordinates
+    cached: bool = False
+
+
+TRAJECTORY_KINDS = ("predicted x0", "noisy x_t")
+TRAJECTORY_HELP = """**How to read the map.** Grey dots are the vocabulary's token embeddings, laid out in 2-D so that
+tokens with similar embeddings sit close together. Each coloured path is one caption position: an **x** where
+it starts, dark to bright as the steps go by, a ringed dot at the current step with the token it rounds to.
+
+*predicted x0* is the network's guess of the clean caption at each step; *noisy x_t* is the sample itself,
+from pure noise to the final embeddings. Points are placed between their nearest tokens, weighted by the
+rounding probabilities, so a position that rounds with confidence 0.95 sits on its token."""
+
+
+def _user_error(msg: str):
+    import gradio as gr
+
+    return gr.Error(msg, print_exception=False)
+
+
+class Handlers:
+    def __init__(self, m: Models):
+        self.m = m
+
+    # ------------------------------------------------------------------ helpers (formatting only)
+    def _load(self, image):
+        from diffusion_caption import ImageLoadError, load_image
+
+        if image is None or image == "":
+            raise _user_error("Pick an example, upload an image or paste one from the clipboard first.")
+        try:
+            return load_image(image)
+        except ImageLoadError as e:
+            raise _user_error(str(e)) from None
+
+    def _settings(self, steps, sampler, guidance, clamp, seed) -> dict:
+        try:
+            seed = int(seed) if seed is not None and float(seed) == int(float(seed)) else seed
+            steps = int(steps) if steps is not None and float(steps) == int(float(steps)) else steps
+            return self.m.cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp))
+        except (TypeError, ValueError) as e:
+            raise _user_error(f"Settings: {e}") from None
+
+    def _map_points(self, view: View) -> str:
+        """Place the trace on the vocabulary map if the map is ready; returns a note for the UI."""
+        vmap = self.m.vocab_job.poll()
+        if vmap is None:
+            return self.m.vocab_job.status
+        if view.points is None:
+            import torch
+
+            view.points = {"predicted x0": vmap.place(torch.stack([s.x0_pred for s in view.steps])),
+                           "noisy x_t": vmap.place(torch.stack([s.x_t for s in view.steps]))}
+        return ""
+
+    def _chips(self, step) -> str:
+        from diffusion_caption.html_views import confidence_legend, token_chips
+
+        return token_chips(step.tokens, step.confidence) + confidence_legend()
+
+    def _status(self, view_steps, k: int, total: int | None = None) -> str:
+        s = view_steps[k]
+        total = total or len(view_steps)
+        mean = sum(s.confidence) / len(s.confidence)
+        return (f"**Step {k + 1} of {total}** · timestep t = {s.t} · mean confidence {mean:.2f} · "
+                f"caption: *{html.escape(s.text) or '(empty)'}*")
+
+    def _table(self, steps) -> list[list]:
+        rows = []
+        for s in steps:
+            c = s.confidence
+            rows.append([s.index + 1, s.t, s.text, round(sum(c) / len(c), 3), round(min(c), 3)])
+        return rows
+
+    def _baseline_html(self, view: View | None) -> str:
+        from diffusion_caption.html_views import confidence_legend, token_chips
+
+        if self.m.baseline is None:
+            return f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
+        if view is None or view.baseline is None:
+            return ""
+        b = view.baseline
+        return (f"<div style='font-size:1.05em;margin-bottom:4px'>{html.escape(b.text) or '<i>(empty)</i>'}</div>"
+                + token_chips(b.tokens, b.confidence, end_token="\x00", label="probability")
+                + confidence_legend("token probability"))
+
+    def _timing(self, view: View, settings: dict) -> str:
+        parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps "
+                 f"(first step after {view.first_step_seconds * 1000:.0f} ms)"]
+        if view.baseline_seconds is not None:
+            parts.append(f"baseline **{view.baseline_seconds:.2f} s** (greedy)")
+        note = " · replayed from the memo of finished traces" if view.cached else ""
+        return "Wall time on this server for this image: " + " · ".join(parts) + note
+
+    def _remember(self, key, value) -> None:
+        self.m.traces[key] = value
+        self.m.traces.move_to_end(key)
+        while len(self.m.traces) > TRACE_CACHE_SIZE:
+            self.m.traces.popitem(last=False)
+
+    # ------------------------------------------------------------------ the caption stream
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind):
+        """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
+        import gradio as gr
+
+        from diffusion_caption.variants import scene_key
+
+        img = self._load(image)
+        s = self._settings(steps, sampler, guidance, clamp, seed)
+        key = (scene_key(img), tuple(sorted(s.items())))
+        skip = gr.skip()
+        memo = self.m.traces.get(key)
+        if memo is not None:
+            view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
+                        baseline=memo.baseline, baseline_seconds=memo.baseline_seconds, cached=True)
+            step_iter = iter(memo.steps)
+        else:
+            view = None
+            step_iter = self.m.cap.iter_caption(img, **s)
+        done, first, busy = [], None, 0.0  # busy: time spent computing, not waiting for the browser
+        total = s["steps"]
+        while True:
+            tc = time.perf_counter()
+            try:
+                step = next(step_iter)
+            except StopIteration:
+                break
+            except ValueError as e:  # the library's own checks (settings, image): a message, not a trace
+                raise _user_error(str(e)) from None
+            busy += time.perf_counter() - tc
+            done.append(step)
+            if first is None:
+                first = busy
+                # the first update also clears what belonged to the previous image
+                yield (self._chips(step), self._status(done, len(done) - 1, total),
+                       gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False), None, None,
+                       "", [], self._baseline_html(None) if self.m.baseline is None else "", "", skip,
+                       gr.Timer(active=False))
+            else:
+                wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
+                if wait > 0:
+                    time.sleep(wait)
+                yield (self._chips(step), self._status(done, len(done) - 1, total), skip, skip, skip, skip, skip,
+                       skip, skip, skip, skip)
+            shown = time.perf_counter()
+        seconds = busy
+        if view is None:
+            view = View(steps=done, seconds=seconds, first_step_seconds=first or seconds)
+            if self.m.baseline is not None:
+                tb = time.perf_counter()
+                view.baseline = self.m.baseline.caption(img)
+                view.baseline_seconds = time.perf_counter() - tb
+            self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
+                                     view.baseline_seconds))
+        out = self.show(view, len(view.steps), kind)
+        slider, chips, status, heat, traj, note, _ = out
+        yield (chips, status, slider, heat, traj, note, self._table(view.steps), self._baseline_html(view),
+               self._timing(view, s), view, gr.Timer(active=False))
+
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind):
+        """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
+        import gradio as gr
+
+        if image is None or image == "":
+            yield tuple(gr.skip() for _ in range(11))
+            return
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind)
+
+    # ------------------------------------------------------------------ the step viewer
+    def show(self, view: View | None, k, kind):
+        """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
+        import gradio as gr
+
+        from diffusion_caption.plots import confidence_heatmap, trajectory_map
+
+        if view is None:
+            return (gr.skip(),) * 6 + (view,)
+        S = len(view.steps)
+        k = int(min(max(1, S if k is None else int(k)), S))
+        i = k - 1
+        heat = confidence_heatmap(view.steps, current=i)
+        note = self._map_points(view)
+        traj = None
+        if view.points is not None:
+            vmap = self.m.vocab_job.map
+            kind = kind if kind in TRAJECTORY_KINDS else TRAJECTORY_KINDS[0]
+            traj = trajectory_map(vmap.coords, vmap.tokens, view.points[kind], view.steps, current=i, what=kind,
+                                  method=vmap.method.upper())
+        slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
+                           label=f"Step (1 = pure noise … {S} = final caption)")
+        return slider, self._chips(view.steps[i]), self._status(view.steps, i), heat, traj, note, view
+
+    def goto(self, view, k, kind):
+        import gradio as gr
+
+        return self.show(view, k, kind) + (gr.Timer(active=False),)
+
+    def step_by(self, delta):
+        def fn(view, k, kind):
+            if view is None:
+                return self.goto(view, k, kind)
+            S = len(view.steps)
+            target = 1 if delta == "first" else S if delta == "last" else (S if k is None else int(k)) + delta
+            return self.goto(view, target, kind)
+
+        return fn
+
+    def play(self, view, k, kind):
+        import gradio as gr
+
+        if view is None:
+            return self.show(view, k, kind) + (gr.Timer(active=False),)
+        start = 1 if int(k or 1) >= len(view.steps) else int(k)
+        return self.show(view, start, kind) + (gr.Timer(active=len(view.steps) > 1),)
+
+    def tick(self, view, k, kind):
+        import gradio as gr
+
+        if view is None:
+            return self.show(view, k, kind) + (gr.Timer(active=False),)
+        S = len(view.steps)
+        nxt = min(int(k or 1) + 1, S)
+        return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S),)
+
+    # ------------------------------------------------------------------ the API endpoint
+    def api_caption(self, image, steps, sampler, guidance, clamp, seed):
+        """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...})."""
+        from diffusion_caption import Trace
+
+        img = self._load(image)
+        s = self._settings(steps, sampler, guidance, clamp, seed)
+        t0 = time.perf_counter()
+        done = []
+        try:
+            for step in self.m.cap.iter_caption(img, **s):
+                done.append(step)
+                yield {"done": False, "step": step.to_json(), "of": s["steps"]}
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        trace = Trace(done, dict(s), time.perf_counter() - t0)
+        yield {"done": True, **trace.to_json()}
+
+    # ------------------------------------------------------------------ error analysis
+    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed):
+        from diffusion_caption.compare import changed_words, diff_html, scene_check
+        from diffusion_caption.html_views import VariantRow, variants_table
+        from diffusion_caption.variants import scene_key, variants_for
+        from diffusion_caption.world import Scene
+
+        img = self._load(image)
+        s = self._settings(steps, sampler, guidance, clamp, seed)
+        key = scene_key(img)
+        scene = None
+        if scene_state and scene_state.get("key") == key:
+            scene = Scene.from_json(scene_state["scene"])
+        scene = scene or self.m.scenes.get(key)
+        vs = variants_for(img, scene)
+        images = [v.image for v in vs]
+        traces = self.m.cap.caption_batch(images, **s)
+        models = ["diffusion"]
+        captions = {"diffusion": [t.text for t in traces]}
+        if self.m.baseline is not None:
+            models.append("baseline")
+            captions["baseline"] = [c.text for c in self.m.baseline.caption_batch(images)]
+        rows, changed = [], {m: 0 for m in models}
+        for i, v in enumerate(vs):
+            caps = {m: captions[m][i] for m in models}
+            row = VariantRow(v.name, v.image, v.note, caps)
+            for m in models:
+                ref = captions[m][0]
+                row.html_captions[m] = diff_html(ref, caps[m]) if i else html.escape(caps[m]) or "<i>(empty)</i>"
+                if v.scene is not None:
+                    row.checks[m] = scene_check(caps[m], v.scene)
+                if i and changed_words(ref, caps[m]):
+                    changed[m] += 1
+            rows.append(row)
+        n = len(vs) - 1
+        kind = ("exact re-renders of a known shapes scene (✓/✗ checks against the ground truth)" if scene is not None
+                else "pixel-level edits (no ground truth for this image)")
+        summary = (f"{n} variants, {kind}. Words that changed from the original's caption are "
+                   f"<mark style='background:#ffe08a'>highlighted</mark>, removed ones struck through. "
+                   + " · ".join(f"{m}: caption changed in {changed[m]} of {n}" for m in models))
+        if self.m.baseline is None:
+            summary += f" · {html.escape(self.m.baseline_note)}"
+        return f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)
+
+    def compose(self, background, *obj_fields):
+        """Render the composed scene with the world's own renderer; returns image, scene state, warnings."""
+        from diffusion_caption.composer import ObjectSpec, compose_scene
+        from diffusion_caption.variants import scene_key
+        from diffusion_caption.world import render_scene
+
+        specs = []
+        for i in range(0, len(obj_fields), 6):
+            on, shape, color, size, x, y = obj_fields[i:i + 6]
+            if on:
+                specs.append(ObjectSpec(shape, color, size, x, y))
+        try:
+            scene, warnings = compose_scene(specs, background)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        img = render_scene(scene)
+        note = " ".join(f"⚠ {w}." for w in warnings) or "Rendered by the shapes world's own renderer."
+        return img, {"key": scene_key(img), "scene": scene.to_json()}, note
+
+
+# ---------------------------------------------------------------------------------------------- about
+def about_markdown(m: Models) -> str:
+    cfg = m.cap.config
+    n_params = sum(p.numel() for p in m.cap.denoiser.parameters())
+    extra = cfg.extra or {}
+    train = extra.get("train_config", {})
+    lines = ["### Diffusion captioner",
+             f"- checkpoint: `{m.checkpoint}`",
+             f"- denoiser: DistilBERT-style encoder, {cfg.n_layers} layers × {cfg.dim} wide, {n_params / 1e6:.2f} M "
+             f"parameters; {cfg.emb_dim}-d token embeddings, vocabulary of {cfg.vocab_size} tokens, "
+             f"{cfg.seq_len} caption positions",
+             f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
+             f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps",
+             f"- training data: `{extra.get('data', 'not recorded')}`"
+             + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
+             f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
+    lines += _evaluations(m.checkpoint)
+    lines += ["", "### Autoregressive baseline"]
+    if m.baseline is None:
+        lines.append(f"- {m.baseline_note}")
+    else:
+        bc = m.baseline.config
+        bextra = getattr(bc, "extra", {}) or {}
+        lines += [f"- checkpoint: `{m.baseline_path}`",
+                  f"- ClipCap-style: CLIP prefix ({getattr(bc, 'mapper', '?')} mapper) into a GPT-2 "
+                  f"({getattr(bc, 'n_layer', '?')} layers × {getattr(bc, 'n_embd', '?')} wide), greedy decoding",
+                  f"- training data: `{bextra.get('data', 'not recorded')}`"]
+        lines += _evaluations(m.baseline_path)
+    lines += ["", "### Vocabulary map", f"- {m.vocab_job.status}",
+              "- trajectory points are placed on the stored map by rounding-weighted barycentres of their "
+              "nearest tokens (no UMAP call per request; see `diffusion_caption/vocab_map.py`)",
+              "", "### API",
+              "The named endpoint `/caption` streams one JSON chunk per denoising step, then the whole trace:",
+              "```python\nfrom gradio_client import Client, handle_file\n"
+              "client = Client(\"http://127.0.0.1:7860/\")\n"
+              "job = client.submit(handle_file(\"scene.png\"), 20, \"ddim\", 1.0, False, 0, api_name=\"/caption\")\n"
+              "trace = job.result()   # {'done': True, 'text': ..., 'steps': [{'text', 'tokens', 'confidence', ...}]}\n```",
+              f"", f"Models loaded in {m.load_seconds:.1f} s at start-up."]
+    return "\n".join(lines)
+
+
+def _evaluations(path: str) -> list[str]:
+    """Evaluation tables found next to a checkpoint (``eval*.md`` / ``evaluation*.md``, as training.evaluate writes)."""
+    if not path or not os.path.isdir(path):
+        return []
+    found = sorted(f for f in os.listdir(path) if f.lower().startswith(("eval", "evaluation")) and f.endswith(".md"))
+    if not found:
+        return ["- evaluation: none stored with this checkpoint (run `python -m training.evaluate --checkpoint DIR "
+                "--out DIR/evaluation.json`)"]
+    out = []
+    for f in found:
+        with open(os.path.join(path, f), encoding="utf-8") as fh:
+            out += ["", f"**{f}**", "", fh.read().strip()]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- layout
+CSS = """
+#step-controls button {min-width: 0 !important; padding-left: 8px; padding-right: 8px}
+#caption-chips {min-height: 64px}
+.dc-note {color: #666; font-size: 0.9em}
+"""
+
+
+def build(m: Models):
+    import gradio as gr
+
+    from diffusion_caption.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
+
+    h = Handlers(m)
+    cfg = m.cap.config
+    with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
+        gr.Markdown("# Watch a caption being denoised\n"
+                    "A CLIP-conditioned diffusion language model starts every caption position from Gaussian noise "
+                    "and removes the noise step by step; each position is rounded to its nearest token, with a "
+                    "confidence. Pick an image, then scrub through the steps.")
+        view = gr.State(None)
+        scene_state = gr.State(None)
+        timer = gr.Timer(PLAY_INTERVAL_S, active=False)
+        with gr.Tabs():
+            with gr.Tab("Caption", id="caption"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=300):
+                        first = next((p for p in m.examples if os.path.basename(p).startswith("shapes")),
+                                     m.examples[0] if m.examples else None)
+                        image = gr.Image(first, type="filepath", sources=["upload", "clipboard"], label="Image",
+                                         height=260, format="png", elem_id="input-image")
+                        if m.examples:
+                            gr.Examples(examples=[[p] for p in m.examples], inputs=[image], examples_per_page=12,
+                                        label="Examples: shapes scenes, and photographs unlike anything the models saw",
+                                        elem_id="examples")
+                        with gr.Accordion("Sampling settings", open=True):
+                            steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(cfg.sample_steps, MAX_UI_STEPS),
+                                              step=1, label="Denoising steps")
+                            sampler = gr.Radio(["ddim", "ddpm"], value=cfg.sampler, label="Sampler",
+                                               info="DDIM: deterministic; DDPM: adds fresh noise every step")
+                            guidance = gr.Slider(0, 10, value=1.0, step=0.5, label="Guidance scale",
+                                                 info="classifier-free guidance; 1 = none")
+                            with gr.Row():
+                                clamp = gr.Checkbox(False, label="Clamp to tokens",
+                                                    info="snap each predicted x0 to its nearest token embeddings")
+                                seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                        run = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                    with gr.Column(scale=8, min_width=420):
+                        gr.Markdown("#### Diffusion caption (each token coloured by its rounding confidence)")
+                        chips = gr.HTML("<div class='dc-note'>The caption appears here as it is denoised.</div>",
+                                        elem_id="caption-chips")
+                        status = gr.Markdown("", elem_id="step-status")
+                        slider = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False,
+                                           elem_id="step-slider")
+                        with gr.Row(elem_id="step-controls"):
+                            first_b = gr.Button("|◀ first", size="sm", min_width=60)
+                            prev_b = gr.Button("◀ back", size="sm", min_width=60)
+                            play_b = gr.Button("▶ play", size="sm", min_width=60, elem_id="play-button")
+                            pause_b = gr.Button("❚❚ pause", size="sm", min_width=60)
+                            next_b = gr.Button("forward ▶", size="sm", min_width=60)
+                            last_b = gr.Button("last ▶|", size="sm", min_width=60)
+                        gr.Markdown("#### Autoregressive baseline (same image; each token coloured by its probability)")
+                        base_html = gr.HTML(h._baseline_html(None), elem_id="baseline")
+                        timing = gr.Markdown("", elem_id="timing")
+                heat = gr.Plot(label="Confidence: tokens × steps", show_label=False, elem_id="heatmap", format="png")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=7):
+                        traj = gr.Plot(label="Embedding trajectories on the vocabulary map", show_label=False,
+                                       elem_id="trajectories", format="png")
+                    with gr.Column(scale=3, min_width=240):
+                        kind = gr.Radio(list(TRAJECTORY_KINDS), value=TRAJECTORY_KINDS[0], label="Trajectories of")
+                        gr.Markdown(TRAJECTORY_HELP, elem_classes=["dc-note"])
+                        map_note = gr.Markdown("", elem_classes=["dc-note"])
+                with gr.Accordion("The caption at every step", open=False):
+                    table = gr.Dataframe(headers=["step", "t", "caption", "mean confidence", "lowest confidence"],
+                                         datatype=["number", "number", "str", "number", "number"], value=[],
+                                         interactive=False, wrap=True, elem_id="step-table", max_height=420)
+
+            with gr.Tab("Error analysis", id="errors"):
+                gr.Markdown("Caption one image and its variants with both models: hue rotations, grayscale, another "
+                            "background, object colours swapped. Words that change are highlighted. For a shapes "
+                            "scene (an example, or one you compose below) the background and colour variants are "
+                            "re-rendered exactly and every caption is checked against the ground truth, so a colour "
+                            "bias (captions that follow the background instead of the objects) shows up directly.")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3, min_width=260):
+                        a_image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image", height=220,
+                                           format="png", elem_id="analysis-image")
+                        copy_b = gr.Button("Use the Caption tab's image", size="sm")
+                        variants_b = gr.Button("Caption the variants", variant="primary", elem_id="variants-button")
+                    with gr.Column(scale=9, min_width=600):
+                        with gr.Accordion("Scene composer: build a shapes scene, rendered by the world's own generator",
+                                          open=True):
+                            obj_inputs = []
+                            defaults = [("circle", "blue", "large", 40, 64), ("square", "yellow", "small", 92, 64),
+                                        ("star", "green", "small", 64, 100)]
+                            with gr.Row(equal_height=False):
+                                with gr.Column(min_width=170):
+                                    background = gr.Dropdown(list(BACKGROUNDS), value="pink", label="Background")
+                                    compose_b = gr.Button("Render and caption this scene", variant="primary",
+                                                          elem_id="compose-button")
+                                    compose_note = gr.Markdown("", elem_classes=["dc-note"])
+                                for i, (sh, co, sz, x, y) in enumerate(defaults):
+                                    with gr.Column(min_width=170, variant="panel"):
+                                        on = gr.Checkbox(i < 2, label=f"object {i + 1}")
+                                        o_shape = gr.Dropdown(list(SHAPES), value=sh, label="shape")
+                                        o_color = gr.Dropdown(list(COLORS), value=co, label="colour")
+                                        o_size = gr.Radio(list(SIZES), value=sz, label="size")
+                                        o_x = gr.Slider(0, IMAGE_SIZE, value=x, step=1, label="x (left → right)")
+                                        o_y = gr.Slider(0, IMAGE_SIZE, value=y, step=1, label="y (top → bottom)")
+                                    obj_inputs += [on, o_shape, o_color, o_size, o_x, o_y]
+                variants_html = gr.HTML("<div class='dc-note'>The variants and their captions appear here.</div>",
+                                        elem_id="variants-table")
+
+            with gr.Tab("About", id="about"):
+                about = gr.Markdown(about_markdown(m))
+
+        # ------------------------------------------------------------------ events
+        settings = [steps, sampler, guidance, clamp, seed]
+        stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer]
+        step_out = [slider, chips, status, heat, traj, map_note, view, timer]
+        model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
+        run.click(h.caption_stream, [image] + settings + [kind], stream_out, api_visibility="undocumented",
+                  api_name="caption_ui", **model_events)
+        image.change(h.auto_caption, [image] + settings + [kind], stream_out, api_visibility="undocumented",
+                     trigger_mode="always_last", **model_events)
+        slider.input(h.goto, [view, slider, kind], step_out, trigger_mode="always_last", api_visibility="undocumented")
+        kind.change(h.goto, [view, slider, kind], step_out, api_visibility="undocumented")
+        for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
+            b.click(h.step_by(delta), [view, slider, kind], step_out, api_visibility="undocumented")
+        play_b.click(h.play, [view, slider, kind], step_out, api_visibility="undocumented")
+        pause_b.click(lambda: gr.Timer(active=False), None, timer, api_visibility="undocumented")
+        timer.tick(h.tick, [view, slider, kind], step_out, api_visibility="undocumented", trigger_mode="always_last")
+
+        # the API takes the image as a plain file, so the library's loader (not the Image component's
+        # preprocessing) reads it and a broken file gets the loader's message
+        # and its own settings inputs, so it accepts what the library accepts (steps up to T) and not
+        # only what the sliders offer
+        api_image = gr.File(visible=False, type="filepath", label="image")
+        api_settings = [gr.Number(cfg.sample_steps, precision=0, visible=False, label="steps"),
+                        gr.Textbox(cfg.sampler, visible=False, label="sampler"),
+                        gr.Number(1.0, visible=False, label="guidance"),
+                        gr.Checkbox(False, visible=False, label="clamp"),
+                        gr.Number(0, precision=0, visible=False, label="seed")]
+        api_out = gr.JSON(visible=False)
+        api_btn = gr.Button(visible=False)
+        api_btn.click(h.api_caption, [api_image] + api_settings, api_out, api_name="caption",
+                      api_description="Caption an image; streams one JSON chunk per denoising step "
+                                      "({done: false, step: {index, t, text, tokens, confidence}}), then the whole "
+                                      "trace ({done: true, text, settings, seconds, steps}).", **model_events)
+
+        copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
+        variants_b.click(h.variants, [a_image, scene_state] + settings, variants_html, api_visibility="undocumented",
+                         **model_events)
+        compose_b.click(h.compose, [background] + obj_inputs, [a_image, scene_state, compose_note],
+                        api_visibility="undocumented").then(
+            h.variants, [a_image, scene_state] + settings, variants_html, api_visibility="undocumented", **model_events)
+        demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
+        # the page opens with the first example already denoised
+        demo.load(h.auto_caption, [image] + settings + [kind], stream_out, api_visibility="undocumented",
+                  **model_events)
+    return demo
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    m = load_models(args)
+    m.concurrency = max(1, args.concurrency)
+    demo = build(m)
+    demo.queue(default_concurrency_limit=m.concurrency, max_size=64)
+    host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    print(f"diffusion-caption app: models loaded in {m.load_seconds:.1f} s, page built in "
+          f"{time.perf_counter() - t0 - m.load_seconds:.1f} s; {m.vocab_job.status}; {m.baseline_note}", flush=True)
+    try:
+        demo.launch(server_name=host, server_port=port, css=CSS, footer_links=["api", "gradio"], show_error=True,
+                    allowed_paths=[EXAMPLES_DIR, os.path.abspath(args.examples)])
+    except OSError as e:
+        print(f"error: cannot serve on {host}:{port}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The app in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven by Selenium.
+
+Loads the page, captions an example, waits for the final caption and checks that both plots rendered,
+then saves a screenshot (to $DC_SCREENSHOT_DIR when set, else the test's temporary directory).
+"""
+import os
+import shutil
+import time
+
+import pytest
+
+from app_server import running_app, save_tiny_checkpoint, write_examples
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+STEPS = 20  # the tiny checkpoint's default number of steps (the slider's initial value)
+
+try:
+    import selenium  # noqa: F401
+    HAVE_SELENIUM = True
+except ImportError:
+    HAVE_SELENIUM = False
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="Chromium is not installed (Debian packages chromium and chromium-driver; .ci/run installs them)"),
+    pytest.mark.skipif(not HAVE_SELENIUM, reason="selenium is not installed (pip install selenium)"),
+]
+
+
+def _driver():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        opts.add_argument(a)
+    opts.binary_location = CHROMIUM
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def _wait(driver, what, predicate, timeout=90.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; page text:\n"
+                         + driver.find_element("tag name", "body").text[:2000])
+
+
+def _rendered_img(driver, elem_id):
+    """The src of the plot's image once the browser has decoded it (naturalWidth > 0), else None."""
+    return driver.execute_script(
+        "const i = document.querySelector(arguments[0] + ' img');"
+        "return i && i.complete && i.naturalWidth > 100 ? i.src : null;", f"#{elem_id}")
+
+
+def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_encoder):
+    from selenium.webdriver.common.by import By
+
+    ck = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "ckpt"))
+    write_examples(str(tmp_path / "examples"))
+    shots = os.environ.get("DC_SCREENSHOT_DIR") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    with running_app(ck, str(tmp_path / "examples"), str(tmp_path)) as url:
+        d = _driver()
+        try:
+            d.get(url)
+            # the page opens with the first example denoised: wait for that, so the next caption is ours
+            _wait(d, "the first caption's heatmap", lambda: _rendered_img(d, "heatmap"))
+            # pick another scene than the one shown at start (shapes_01; the page opened with shapes_00)
+            thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
+            assert len(thumbs) == 3
+            other = next(t for t in thumbs if "shapes_01" in t.get_attribute("src"))
+            # record every status line the stream shows, to see the caption being denoised step by step
+            d.execute_script("""window.__statuses = [];
+                const el = document.getElementById('step-status');
+                new MutationObserver(() => window.__statuses.push(el.innerText)).observe(
+                    el, {subtree: true, childList: true, characterData: true});""")
+            d.execute_script("arguments[0].click()", other)
+            seen = _wait(d, "the final caption", lambda: (lambda st: st if any(f"Step {STEPS} of {STEPS}" in x for x in st)
+                                                          else None)(d.execute_script("return window.__statuses")),
+                         timeout=120)
+            assert any(f"Step 1 of {STEPS}" in x for x in seen), seen  # it streamed from the first step
+            heat = _wait(d, "the heatmap", lambda: _rendered_img(d, "heatmap"))
+            assert d.execute_script("return document.querySelector('#input-image img').src").find("shapes_01") >= 0
+            traj = _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))
+            assert heat.startswith("data:image/") or heat.startswith("http")
+            assert traj
+            # the final step's tokens as confidence-coloured chips, each titled with its position and confidence
+            titles = d.execute_script("return [...document.querySelectorAll('#caption-chips span[title]')]"
+                                      ".map(e => e.title)")
+            assert titles and all(t.startswith("position ") and "confidence" in t for t in titles), titles
+            assert "No baseline loaded" in d.find_element(By.ID, "baseline").text
+            assert "first step after" in d.find_element(By.ID, "timing").text
+            # scrub back one step with the step button
+            d.execute_script("arguments[0].click()",
+                             next(b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "◀ back"))
+            _wait(d, "the step before the last", lambda: f"Step {STEPS - 1} of {STEPS}" in d.find_element(By.ID, "step-status").text)
+            height = d.execute_script("return document.body.scrollHeight")
+            d.set_window_size(1400, min(height + 80, 4000))
+            time.sleep(0.5)
+            path = os.path.join(shots, "app-caption.png")
+            d.save_screenshot(path)
+            assert os.path.getsize(path) > 50_000
+        finally:
+            d.quit()
