@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -83,20 +84,47 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def check_writable(path: str) -> None:
-    """Fail before training starts if the output folder cannot be written or the disk is full."""
-    os.makedirs(path, exist_ok=True)
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def check_writable(path: str, probe_bytes: int = 1 << 20) -> None:
+    """Fail before training starts, with a clear message, if the folder ``path`` cannot be created or
+    written, or its disk cannot take ``probe_bytes`` more (a full disk)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cannot create the output directory {path}: {_reason(e)}") from None
     probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
         with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 20))
+            f.write(b"\0" * probe_bytes)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise SystemExit(f"cannot write to the output directory {path}: {e.strerror or e}") from None
+        raise SystemExit(f"cannot write to the output directory {path}: {_reason(e)}") from None
     finally:
         if os.path.exists(probe):
             os.remove(probe)
+
+
+@contextmanager
+def fail_clearly(what: str):
+    """Turn an OSError (full disk, permission denied ...) inside the block into a one-line exit message."""
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"could not {what}: {_reason(e)}") from None
+
+
+def check_free_space(path: str, need_bytes: int, what: str) -> None:
+    """Fail with a clear message if the disk holding ``path`` has less than ``need_bytes`` free."""
+    import shutil
+
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise SystemExit(f"not enough disk space in {path} for {what}: {need_bytes / 2**20:.1f} MiB needed, "
+                         f"{free / 2**20:.1f} MiB free (No space left on device)")
 
 
 # ------------------------------------------------------------------------------------------------ LR
@@ -171,34 +199,83 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def save_train_state(run_dir: str, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                     generator: torch.Generator, info: dict) -> None:
-    """Weights, optimizer, RNG states and progress in ``run_dir/train_state``, replaced atomically."""
-    with ckpt.atomic_directory(os.path.join(run_dir, STATE_DIR)) as tmp:
-        ckpt.save_tensors(model.state_dict(), os.path.join(tmp, "model.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(opt)
-        ckpt.save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-        rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-        ckpt.save_tensors(rng, os.path.join(tmp, "rng.safetensors"))
-        ckpt.write_json(os.path.join(tmp, "state.json"),
-                        {"step": step, "optimizer": opt_meta, "info": info, "saved_at": time.time()})
+                     generator: torch.Generator, info: dict,
+                     extra_modules: dict[str, torch.nn.Module] | None = None) -> None:
+    """Weights, optimizer, RNG states, progress (and ``extra_modules``, e.g. an EMA copy, each as
+    ``NAME.safetensors``) in ``run_dir/train_state``, replaced atomically as one directory.
+
+    A kill at any moment leaves the previous state or the new one, complete (see
+    ``checkpoint.atomic_directory``). A full disk or an unwritable folder ends the run with a message
+    saying so, and the previous state stays as it was.
+    """
+    state = os.path.join(run_dir, STATE_DIR)
+    files = {"model.safetensors": model.state_dict()}
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    files["optimizer.safetensors"] = opt_tensors
+    files["rng.safetensors"] = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    for name, module in (extra_modules or {}).items():
+        files[f"{name}.safetensors"] = module.state_dict()
+    kept = "; the previous training state is intact" if has_train_state(run_dir) else ""
+    need = sum(_tensor_bytes(t) for t in files.values()) + (1 << 20)  # + headers and state.json
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        check_free_space(run_dir, need, f"the training state at step {step}{kept}")
+        with ckpt.atomic_directory(state) as tmp:
+            for name, tensors in files.items():
+                ckpt.save_tensors(tensors, os.path.join(tmp, name))
+            ckpt.write_json(os.path.join(tmp, "state.json"),
+                            {"step": step, "optimizer": opt_meta, "info": info, "saved_at": time.time(),
+                             "files": sorted(files)})
+    except OSError as e:
+        raise SystemExit(f"could not save the training state at step {step} to {state}: {_reason(e)}{kept}") from None
 
 
 def has_train_state(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a training state (after finishing what a kill mid-save left, if anything)."""
+    ckpt.recover_directory(os.path.join(run_dir, STATE_DIR), remove_temporaries=True)
     return os.path.isfile(os.path.join(run_dir, STATE_DIR, "state.json"))
 
 
 def load_train_state(run_dir: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     generator: torch.Generator) -> dict:
-    """Restore what ``save_train_state`` wrote; returns the state.json contents (step, info)."""
+                     generator: torch.Generator, extra_modules: dict[str, torch.nn.Module] | None = None) -> dict:
+    """Restore what ``save_train_state`` wrote; returns the state.json contents (step, info).
+
+    A state that is damaged or does not fit this run's model ends the run with a message naming the file.
+    """
     d = os.path.join(run_dir, STATE_DIR)
-    meta = ckpt.read_json(os.path.join(d, "state.json"))
-    ckpt.load_into(model, os.path.join(d, "model.safetensors"))
-    opt.load_state_dict(_unflatten_optimizer(ckpt.load_tensors(os.path.join(d, "optimizer.safetensors")),
-                                             meta["optimizer"]))
-    rng = ckpt.load_tensors(os.path.join(d, "rng.safetensors"))
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
+    try:
+        meta = ckpt.read_json(os.path.join(d, "state.json"))
+        step = meta.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ckpt.CheckpointError(f"{os.path.join(d, 'state.json')}: 'step' is {step!r}, not a step number")
+        ckpt.load_into(model, os.path.join(d, "model.safetensors"))
+        for name, module in (extra_modules or {}).items():
+            ckpt.load_into(module, os.path.join(d, f"{name}.safetensors"))
+        opt_file = os.path.join(d, "optimizer.safetensors")
+        try:
+            opt.load_state_dict(_unflatten_optimizer(ckpt.load_tensors(opt_file), meta["optimizer"]))
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    for k, v in opt.state.get(p, {}).items():
+                        if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                            raise ValueError(f"{k} has shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"{opt_file}: does not fit this run's optimizer "
+                                       f"({type(e).__name__}: {e})") from None
+        rng_file = os.path.join(d, "rng.safetensors")
+        rng = ckpt.load_tensors(rng_file)
+        try:
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{rng_file}: not a saved RNG state ({type(e).__name__}: {e})") from None
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"cannot resume from {run_dir}: {e}") from None
     return meta
 
 

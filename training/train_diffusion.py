@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from diffusion_caption import checkpoint as ckpt
 from diffusion_caption.captioner import Captioner
 from diffusion_caption.config import PRESETS, CaptionerConfig, preset
 from diffusion_caption.data import caption_pairs, load_datasets
@@ -110,6 +109,7 @@ def main(argv=None) -> None:
     is_main = rank == 0
     if is_main:
         common.check_writable(tcfg.run_dir)
+        common.check_writable(os.path.dirname(os.path.abspath(tcfg.out)))  # before hours of training, not after
     common.seed_everything(tcfg.seed)
 
     if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
@@ -148,8 +148,7 @@ def main(argv=None) -> None:
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + rank)
     step = 0
     if tcfg.resume and common.has_train_state(tcfg.run_dir):
-        step = common.load_train_state(tcfg.run_dir, denoiser, opt, gen)["step"]
-        ckpt.load_into(ema, os.path.join(tcfg.run_dir, common.STATE_DIR, "ema.safetensors"))
+        step = common.load_train_state(tcfg.run_dir, denoiser, opt, gen, extra_modules={"ema": ema})["step"]
         if is_main:
             print(f"resumed from {tcfg.run_dir} at step {step}")
     if is_main:
@@ -184,8 +183,8 @@ def main(argv=None) -> None:
         return {f"val_{k}": v / n for k, v in tot.items()}
 
     def save_state():
-        common.save_train_state(tcfg.run_dir, denoiser, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict()})
-        ckpt.save_tensors(ema.state_dict(), os.path.join(tcfg.run_dir, common.STATE_DIR, "ema.safetensors"))
+        common.save_train_state(tcfg.run_dir, denoiser, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict()},
+                                extra_modules={"ema": ema})
 
     t0 = time.time()
     denoiser.train()
@@ -227,7 +226,9 @@ def main(argv=None) -> None:
             return
     bar.close()
     if is_main:
-        Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
+        with common.fail_clearly(f"save the trained captioner to {tcfg.out} (the training state in {tcfg.run_dir} "
+                                 "is complete: fix this and rerun with --resume to write it)"):
+            Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
         torch.distributed.destroy_process_group()
