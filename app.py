@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "cache"), help="where computed vocabulary maps are kept")
     p.add_argument("--examples", default=EXAMPLES_DIR, help="directory of example images")
     p.add_argument("--concurrency", type=int, default=2, help="requests computed at once (the rest queue)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per request (1: the small models gain nothing from more, and concurrent "
+                        "requests would oversubscribe the cores)")
     return p.parse_args(argv)
 
 
@@ -399,11 +402,11 @@ class Handlers:
         n = len(vs) - 1
         kind = ("exact re-renders of a known shapes scene (✓/✗ checks against the ground truth)" if scene is not None
                 else "pixel-level edits (no ground truth for this image)")
-        summary = (f"{n} variants, {kind}. Words that changed from the original's caption are "
-                   f"<mark style='background:#ffe08a'>highlighted</mark>, removed ones struck through. "
-                   + " · ".join(f"{m}: caption changed in {changed[m]} of {n}" for m in models))
+        summary = (f"{n} variants, {kind}. Words new in a variant's caption are "
+                   f"<mark style='background:#ffe08a'>highlighted</mark>, the original's words it lost are listed "
+                   "below it. " + " · ".join(f"<b>{m}</b>: caption changed in {changed[m]} of {n}" for m in models))
         if self.m.baseline is None:
-            summary += f" · {html.escape(self.m.baseline_note)}"
+            summary += f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
         return f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)
 
     def compose(self, background, *obj_fields):
@@ -650,7 +653,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
     m = load_models(args)
     m.concurrency = max(1, args.concurrency)

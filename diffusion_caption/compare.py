@@ -2,7 +2,7 @@
 
 ``word_diff(reference, text)`` aligns the two word sequences (difflib) and labels every word of ``text``
 as kept or changed, with the reference words that disappeared; ``diff_html`` renders that as HTML
-(changed words marked, removed ones struck through). ``scene_errors`` names the attributes a caption gets
+(new words marked, the lost ones listed struck through below). ``scene_errors`` names the attributes a caption gets
 wrong about a shapes-world scene, through the project's caption parser (``attributes.py``);
 ``scene_check`` also says what it states at all, so a caption that says nothing checkable is not
 mistaken for a correct one.
@@ -45,14 +45,21 @@ def changed_words(reference: str, text: str) -> int:
 
 
 def diff_html(reference: str, text: str) -> str:
-    """``text`` as HTML with changed words in ``<mark>`` and removed reference words in ``<del>``."""
+    """``text`` as HTML with its new words in ``<mark>``, then the reference words it lost in ``<del>``.
+
+    The caption stays readable as a sentence; the lost words follow on a line of their own.
+    """
     if not text.split():
         return "<i>(empty caption)</i>"
-    parts = []
-    for d in word_diff(reference, text):
-        w = html.escape(d.word)
-        parts.append(w if d.op == "equal" else f"<mark>{w}</mark>" if d.op == "changed" else f"<del>{w}</del>")
-    return " ".join(parts)
+    diff = word_diff(reference, text)
+    words = [html.escape(d.word) if d.op == "equal" else f"<mark>{html.escape(d.word)}</mark>"
+             for d in diff if d.op != "removed"]
+    out = " ".join(words)
+    lost = [html.escape(d.word) for d in diff if d.op == "removed"]
+    if lost:
+        out += ("<div style='font-size:0.8em;color:#777;margin-top:2px'>no longer says: "
+                + " ".join(f"<del>{w}</del>" for w in lost) + "</div>")
+    return out
 
 
 @dataclass

@@ -26,7 +26,7 @@ def _chip(word: str, conf: float | None, title: str, special: bool = False, dim:
     if special or conf is None:
         style = _CHIP + "background:#f1f1f1;border:1px dashed #aaa;color:#777;"
     else:
-        style = _CHIP + f"background:{confidence_color(conf)};border:1px solid rgba(0,0,0,0.08);"
+        style = _CHIP + f"background:{confidence_color(conf, lighten=0.5)};border:1px solid rgba(0,0,0,0.12);"
     if dim:
         style += "opacity:0.45;"
     c = "" if conf is None else f"<span style='{_CONF}'>{conf:.2f}</span>"
@@ -59,7 +59,7 @@ def token_chips(tokens: Sequence[str], confidence: Sequence[float], end_token: s
 
 
 def confidence_legend(label: str = "rounding confidence") -> str:
-    stops = ", ".join(confidence_color(v, lighten=0.35) for v in (0.0, 0.25, 0.5, 0.75, 1.0))
+    stops = ", ".join(confidence_color(v, lighten=0.5) for v in (0.0, 0.25, 0.5, 0.75, 1.0))
     return (f"<div style='display:flex;align-items:center;gap:6px;font-size:0.8em;color:#555;margin-top:4px'>"
             f"<span>{html.escape(label)}: 0</span><span style='display:inline-block;width:140px;height:10px;"
             f"border-radius:3px;background:linear-gradient(90deg, {stops})'></span><span>1</span></div>")

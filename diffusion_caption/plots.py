@@ -134,7 +134,10 @@ def trajectory_map(vocab_coords: np.ndarray, vocab_tokens: Sequence[str], points
     ax = fig.add_subplot()
     ax.scatter(coords[:, 0], coords[:, 1], s=7, color="#c9c9c9", zorder=1, linewidths=0)
     trace_tokens = {steps[s].tokens[p] for s in range(S) for p in positions}
+    current_tokens = {steps[current].tokens[p] for p in positions}  # these get a bold label at the marker
     for i in _label_tokens(vocab_tokens, trace_tokens, label_all_below):
+        if vocab_tokens[i] in current_tokens:
+            continue
         in_trace = vocab_tokens[i] in trace_tokens
         ax.annotate(vocab_tokens[i], coords[i], fontsize=7.5 if in_trace else 6.5, xytext=(2, 2),
                     textcoords="offset points", color="#444" if in_trace else "#9a9a9a", zorder=2)

