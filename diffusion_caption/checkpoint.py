@@ -267,6 +267,7 @@ def atomic_directory(path: str):
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_directory(path)  # a failed second rename: the previous copy goes straight back
         raise
 
 

@@ -363,6 +363,16 @@ def test_a_real_full_disk_and_a_read_only_one(small_disk, world_dir, clip_dir, c
                                          r"[\d.]+ MiB needed, [\d.]+ MiB free"):
         common.save_train_state(str(run), model, opt, 1, torch.Generator(), {})
     assert os.listdir(run) == []
+    fd = os.open(small_disk / "filler-2", os.O_WRONLY | os.O_CREAT)  # now fill it to the last byte
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as full:
+        assert full.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    with pytest.raises(SystemExit, match=f"could not append to the training log {run}/log.jsonl: No space left"):
+        common.write_log(str(run), {"step": 1, "loss": 0.5})
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(SystemExit, match=f"cannot write to the output directory {run}: Read-only file system"):
         common.check_writable(str(run))

@@ -280,5 +280,7 @@ def load_train_state(run_dir: str, model: torch.nn.Module, opt: torch.optim.Opti
 
 
 def write_log(run_dir: str, record: dict) -> None:
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = os.path.join(run_dir, "log.jsonl")
+    with fail_clearly(f"append to the training log {path}"):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
