@@ -61,10 +61,11 @@ class BaselineTrainConfig:
 
 PRESET_TRAINING = {
     "shapes": {},
-    # ClipCap's recipe: AdamW, lr 2e-5, 5000 warm-up steps, batch 40, 10 epochs
+    # ClipCap's optimiser (AdamW, lr 2e-5 with linear warm-up and decay to 0, batch 40) for 10 epochs of
+    # Flickr8k's 30k training captions (ClipCap warmed up for 5000 steps on COCO's 10x larger epochs)
     "base": dict(data="flickr8k", clip=f"open_clip:{BASE_MODEL}:{BASE_PRETRAINED}", out="runs/base-baseline/final",
-                 run_dir="runs/base-baseline", steps=20000, batch_size=40, lr=2e-5, lr_end=0.0, warmup=5000,
-                 weight_decay=0.0, val_every=2000, ckpt_every=2000),
+                 run_dir="runs/base-baseline", steps=7500, batch_size=40, lr=2e-5, lr_end=0.0, warmup=1000,
+                 weight_decay=0.0, val_every=750, ckpt_every=750),
     "tiny": dict(steps=50, batch_size=16, val_every=25, ckpt_every=25, warmup=5),
 }
 
@@ -96,6 +97,7 @@ def main(argv=None) -> None:
     is_main = rank == 0
     if is_main:
         common.check_writable(tcfg.run_dir)
+        common.check_writable(os.path.dirname(os.path.abspath(tcfg.out)))  # before the training, not after
     common.seed_everything(tcfg.seed)
 
     if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
@@ -215,7 +217,9 @@ def main(argv=None) -> None:
             return
     bar.close()
     if is_main:
-        BaselineCaptioner(mcfg, net.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
+        with common.fail_clearly(f"save the trained baseline to {tcfg.out} (the training state in {tcfg.run_dir} "
+                                 "is complete: fix this and rerun with --resume to write it)"):
+            BaselineCaptioner(mcfg, net.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
         torch.distributed.destroy_process_group()
