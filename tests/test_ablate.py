@@ -120,7 +120,8 @@ def test_a_training_killed_part_way_continues_from_its_checkpoint(world_dir, cli
     assert "at step 1" in capsys.readouterr().out  # "resumed from RUN_DIR at step 1"
     trainings = _records(tmp_path, "training")
     assert [r["label"] for r in trainings] == ["concat"]
-    assert [r["step"] for r in trainings[0]["log"]] == [1, 2]
+    assert [r["step"] for r in trainings[0]["log"]] == [1, 2] and trainings[0]["resumed_from_step"] == 1
+    assert "Resumed after an interruption" in (tmp_path / "ABLATIONS.md").read_text()
 
 
 def test_train_keys_depend_on_the_change_budget_and_seed():

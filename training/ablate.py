@@ -266,13 +266,16 @@ def run_grid(grid: Grid, budget: Budget, results_path: str, stop_after: int = 0)
                     "--resume", "true"]
             tqdm.write(f"[{grid.name}] training {run.label!r} seed {seed}: python -m training.train_diffusion "
                        + shlex.join(argv))
-            t0 = time.time()
+            state = os.path.join(run_dir, "train_state", "state.json")
+            resumed_from = ckpt.read_json(state)["step"] if os.path.isfile(state) else 0
+            t0, c0 = time.time(), time.process_time()
             train_diffusion.main(argv)
             if not os.path.isfile(os.path.join(out, "config.json")):
                 raise RuntimeError(f"training {run_dir} ended without a checkpoint at {out}")
             rec = {"type": "training", "key": tkey, "grid": grid.name, "label": run.label, "seed": seed,
                    "flags": budget.train_flags(run, seed), "change": list(run.flags), "world": dict(run.world),
                    "run_dir": run_dir, "checkpoint": out, "seconds": round(time.time() - t0, 1),
+                   "cpu_seconds": round(time.process_time() - c0, 1), "resumed_from_step": resumed_from,
                    "log": read_log(run_dir), "host": _host(), "finished_at": time.time()}
             append_result(results_path, rec)
             done[tkey] = rec
@@ -347,7 +350,8 @@ def grid_rows(grid: Grid, budget: Budget, records: list[dict]) -> list[dict]:
                     row["BLEU-4 seeds"] = "/".join(f"{v:.3f}" for v in vals)
             logs = [t["log"][-1] for t in trs if t and t.get("log")]
             row["val tok acc"] = sum(lg["val_token_acc"] for lg in logs) / len(logs) if logs else None
-            row["train min"] = sum(t["seconds"] for t in trs if t) / 60 / len(trs)
+            cpu = [t["cpu_seconds"] for t in trs if t and "cpu_seconds" in t]
+            row["train CPU min"] = sum(cpu) / 60 / len(cpu) if cpu else None
             row["seeds"] = len(evs)
             rows.append(row)
     return rows
@@ -456,6 +460,11 @@ def grid_section(grid: Grid, budget: Budget, records: list[dict], plot_path: str
     if len(rows) < n_runs:
         lines += [f"Partial: {len(rows)} of {n_runs} rows measured so far.", ""]
     lines += [markdown(rows), ""]
+    resumed = sorted({f"{r['label']} (seed {r['seed']}, from step {r['resumed_from_step']})" for r in records
+                      if r["type"] == "training" and r.get("resumed_from_step")
+                      and r["key"] in {budget.train_key(run, s) for run in grid.runs for s in budget.seeds}})
+    if resumed:
+        lines += ["Resumed after an interruption (CPU time counts the last part only): " + ", ".join(resumed) + ".", ""]
     v = verdicts(grid, rows, seed_spread(budget, records))
     if v:
         lines += v + [""]
