@@ -41,12 +41,23 @@ class Captioner:
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule(config.schedule, config.T)
         self.diffusion = GaussianDiffusion(self.schedule, config.predict)
+        self._net = self.denoiser  # what sampling calls: the denoiser, or its compiled graph
         self.to(device)
 
     def to(self, device) -> "Captioner":
         self.device = torch.device(device)
         self.denoiser.to(self.device)
         self.image_encoder.to(self.device)
+        return self
+
+    def compile(self, **options) -> "Captioner":
+        """Sample through ``torch.compile(denoiser, **options)``: the same results, less per-step overhead.
+
+        The first call at each new input shape pays the compilation (seconds to minutes); sampling
+        shapes are fixed apart from the batch, so a few graphs serve every call. Weights stay shared
+        with ``self.denoiser``.
+        """
+        self._net = torch.compile(self.denoiser, **options)
         return self
 
     # ---------------------------------------------------------------------------------------- files
@@ -154,7 +165,7 @@ class Captioner:
         gen = torch.Generator(device=self.device).manual_seed(s["seed"])
         E = self.denoiser.embeddings.detach()
         final: list[DenoisingStep | None] = [None] * B
-        for out in self.diffusion.sample_progressive(self.denoiser, features, smp, self.config.seq_len,
+        for out in self.diffusion.sample_progressive(self._net, features, smp, self.config.seq_len,
                                                      guidance=s["guidance"], clamp=s["clamp"], generator=gen,
                                                      early_stop=s["early_stop"]):
             rows = range(B) if out.rows is None else out.rows.tolist()

@@ -129,12 +129,14 @@ class GaussianDiffusion:
         n = len(sampler.timesteps)
         rows = torch.arange(B, device=cond.device) if early_stop else None
         prev_ids = stable = None
+        if early_stop:  # nearest token = argmax of 2 x.E_v - ||E_v||^2, the table's norms computed once
+            E_t, E_sq = E.T.contiguous(), E.pow(2).sum(-1)
         for i, t in enumerate(sampler.timesteps):
             x0 = self.predict_x0(model, x, t, cond, guidance)
             if not early_stop:
                 yield StepOutput(i, t, x, x0)
             else:
-                ids = token_logits(x0, E).argmax(-1)  # the rounding of round_to_tokens, without softmax
+                ids = (2 * x0 @ E_t - E_sq).argmax(-1)  # round_to_tokens' rounding, without its softmax
                 if prev_ids is None:
                     stable = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
                 else:

@@ -27,20 +27,23 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
         "--data-dir", world_dir, "--split", "test", "--quality-limit", "6", "--quality-batch", "4",
         "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
         "--warmup", "1", "--repeats", "2", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
-        "--matmul-n", "64", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+        "--matmul-n", "64", "--compile", "tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "kept by hand" in text and "STALE-TEXT" not in text
     for needle in ("| diffusion | DDIM 1 | 1 |", "| diffusion | DDIM 3 | 4 |", "| diffusion | DDIM 3, early stop 1 | 4 |",
                    "| diffusion | DDIM 3, full trace | 1 |", "| baseline | greedy | 4 |", "| baseline | beam 2 | 1 |",
-                   "| image encoder |", "## Targets", "## Early stopping", "benchmark.png"):
+                   "| image encoder |", "## Targets", "## Early stopping", "benchmark.png", "## torch.compile",
+                   "| diffusion | DDIM 3, compiled | 4 |"):
         assert needle in text, needle
     assert os.path.isfile(tmp_path / "docs" / "benchmark.png")
     saved = json.loads((tmp_path / "docs" / "benchmark.json").read_text())
     rows = saved["rows"]
     assert {r["suite"] for r in rows} == {"shapes", "tiny"}
     timed = [r for r in rows if r["model"] in ("diffusion", "baseline")]
-    # per suite: DDIM 1 and 3 at two batch sizes, DDIM 3 early stop at two, two full traces, two beams at two
-    assert len(timed) == 2 * (4 + 2 + 2 + 4)
+    # per suite: DDIM 1 and 3 at two batch sizes, two full traces, two beams at two; DDIM 3 with early
+    # stopping at two batch sizes (trained models only); the tiny suite's fast path compiled
+    assert len(timed) == 2 * (4 + 2 + 4) + 2 + 4
+    assert all(r["first_call_s"] > 0 for r in timed if r.get("compiled"))
     for r in timed:
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and len(r["runs_ms"]) == (2 if r["suite"] == "shapes" else 2)
         assert r["flops"] > 0 and r["peak_tensor_bytes"] > 0 and r["matmul_fraction"] > 0

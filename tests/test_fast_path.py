@@ -93,3 +93,13 @@ def test_bad_options_fail_loudly(make_captioner, feats):
     for bad in (-1, 1.5, True, cap.config.T + 1):
         with pytest.raises(ValueError, match="early_stop"):
             cap.caption_batch(features=feats, early_stop=bad)
+
+
+def test_compiled_denoiser_gives_the_same_captions(make_captioner, feats):
+    cap = make_captioner()
+    eager = cap.caption_batch(features=feats, steps=3, seed=5)
+    cap.compile()
+    compiled = cap.caption_batch(features=feats, steps=3, seed=5)
+    for a, b in zip(eager, compiled):
+        assert a.text == b.text and torch.allclose(a.x0_preds(), b.x0_preds(), atol=1e-4)
+    assert cap.denoiser is not cap._net and cap._net.embeddings is cap.denoiser.embeddings

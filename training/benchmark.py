@@ -28,7 +28,9 @@ in an existing ``--out`` is kept.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import functools
 import glob
 import json
 import os
@@ -146,8 +148,9 @@ def random_suite(name: str, length: int, n_features: int) -> Suite:
     feats = torch.nn.functional.normalize(torch.randn(n_features, encoder.feature_dim, generator=g), dim=-1)
     examples = sorted(glob.glob(os.path.join("assets", "examples", "photo_*.jpg")))
     return Suite(name, label, diffusion, baseline, {"diffusion": feats, "baseline": feats}, examples,
-                 notes=["random weights: no caption quality; a random GPT-2 rarely ends a caption, so the "
-                        f"baseline decodes all {length - 1} tokens"])
+                 notes=["random weights: no caption quality, and no early stopping (it needs a model whose "
+                        "tokens settle); a random GPT-2 rarely ends a caption, so the baseline decodes all "
+                        f"{length - 1} tokens"])
 
 
 def trained_suite(args, n_features: int) -> Suite:
@@ -284,18 +287,21 @@ def param_bytes(*modules) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ plan
-def diffusion_plan(args, batch_sizes: list[int]) -> list[dict]:
+def diffusion_plan(args, batch_sizes: list[int], compiled: bool = False, early_stop: bool = True) -> list[dict]:
     plan = []
     for steps in args.steps:
         for B in batch_sizes:
             plan.append(dict(setting=f"DDIM {steps}", steps=steps, early_stop=0, record="final", batch=B))
-        for k in args.early_stop:
+        for k in (args.early_stop if early_stop else []):
             if steps > k:
                 for B in batch_sizes:
                     plan.append(dict(setting=f"DDIM {steps}, early stop {k}", steps=steps, early_stop=k,
                                      record="final", batch=B))
         for B in args.trace_batch:
             plan.append(dict(setting=f"DDIM {steps}, full trace", steps=steps, early_stop=0, record="all", batch=B))
+    if compiled:  # the fast path again, through torch.compile
+        plan += [dict(setting=f"DDIM {steps}, compiled", steps=steps, early_stop=0, record="final", batch=B,
+                      compiled=True) for steps in args.steps for B in batch_sizes]
     return plan
 
 
@@ -317,8 +323,12 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
     for m in models:
         m.to(device)
     jobs = []
+    compiled = None
     if suite.diffusion is not None:
-        jobs += [("diffusion", p) for p in diffusion_plan(args, batch_sizes)]
+        jobs += [("diffusion", p) for p in diffusion_plan(args, batch_sizes, suite.name in args.compile,
+                                                          early_stop=suite.records is not None)]
+        if suite.name in args.compile:
+            compiled = copy.copy(suite.diffusion).compile(dynamic=False)  # same weights, own compiled graph
     if suite.baseline is not None:
         jobs += [("baseline", p) for p in baseline_plan(args, batch_sizes)]
     for kind, p in tqdm(jobs, desc=f"{suite.name} on {device.type}", leave=False):
@@ -334,7 +344,14 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
             with autocast(device, dtype):
                 return model.caption_batch(features=feats, **kw)
 
-        counts, outs = count_call(call, device)
+        counts, outs = count_call(call, device)  # FLOPs and memory of the eager model, also for compiled rows
+        first = None
+        if p.get("compiled"):
+            call = functools.partial(call, model=compiled)
+            t0 = time.perf_counter()
+            call()  # compiles, at this batch size
+            sync(device)
+            first = time.perf_counter() - t0
         t = time_call(call, device, args.warmup, repeats)
         B = p["batch"]
         row = {"suite": suite.name, "device": device.type, "dtype": dtype, "model": kind, **p, **t, **counts,
@@ -342,6 +359,8 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
                "flops_per_caption": counts["flops"] / B,
                "gflops_per_s": counts["flops"] / (t["median_ms"] / 1000) / 1e9}
         row["matmul_fraction"] = row["gflops_per_s"] / peak["gflops"]
+        if first is not None:
+            row["first_call_s"] = first
         if kind == "diffusion":
             used = [o.final.index + 1 for o in outs]
             row["steps_used"] = sum(used) / len(used)
@@ -477,10 +496,16 @@ def machine_info(threads: int) -> dict:
 def join_quality(rows: list[dict], qual: dict) -> None:
     for r in rows:
         if r["model"] in ("diffusion", "baseline"):
-            name = r["setting"].replace(", full trace", "")
+            name = r["setting"].replace(", full trace", "").replace(", compiled", "")  # the same captions
             q = qual.get(f"{r['model']}|{name}")
             if q:
                 r["quality"] = {k: q[k] for k in QUALITY_KEYS if k in q}
+
+
+def variant_of(row: dict) -> str:
+    if row.get("compiled"):
+        return "compiled"
+    return "early stop" if row.get("early_stop") else "eager"
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -504,19 +529,22 @@ def plot(rows: list[dict], path: str, metric: str, title: str) -> bool:
     for ax, B in zip(axes[0], batches):
         pts = [r for r in rows if r["batch"] == B]
         allp = []
-        for kind, es, style in (("diffusion", False, dict(marker="o", color="tab:blue")),
-                                ("diffusion", True, dict(marker="x", color="tab:cyan", ls="")),
-                                ("baseline", False, dict(marker="s", color="tab:red", ls=""))):
-            sel = [r for r in pts if r["model"] == kind and bool(r.get("early_stop")) == es]
+        for kind, variant, style in (("diffusion", "eager", dict(marker="o", color="tab:blue")),
+                                     ("diffusion", "compiled", dict(marker="^", color="tab:green")),
+                                     ("diffusion", "early stop", dict(marker="x", color="tab:cyan", ls="")),
+                                     ("baseline", "eager", dict(marker="s", color="tab:red", ls=""))):
+            sel = [r for r in pts if r["model"] == kind and variant_of(r) == variant]
             sel.sort(key=lambda r: r["ms_per_image"])
             if not sel:
                 continue
             xs, ys = [r["ms_per_image"] for r in sel], [r["quality"][metric] for r in sel]
-            label = {("diffusion", False): "diffusion (DDIM steps)", ("diffusion", True): "diffusion, early stop",
-                     ("baseline", False): "baseline (ClipCap + GPT-2)"}[(kind, es)]
+            label = {("diffusion", "eager"): "diffusion (DDIM steps)",
+                     ("diffusion", "compiled"): "diffusion, torch.compile",
+                     ("diffusion", "early stop"): "diffusion, early stop (steps/patience)",
+                     ("baseline", "eager"): "baseline (ClipCap + GPT-2)"}[(kind, variant)]
             ax.plot(xs, ys, label=label, ms=6, **style)
             for r, x, y in zip(sel, xs, ys):
-                name = r["setting"].replace("DDIM ", "").replace(", early stop ", "/es")
+                name = r["setting"].replace("DDIM ", "").replace(", early stop ", "/").replace(", compiled", "")
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
                 allp.append((x, y, r["setting"]))
         front = pareto(allp)
@@ -625,6 +653,23 @@ def speedup_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" if n else ""
 
 
+def compile_table(rows: list[dict]) -> str:
+    eager = {(r["suite"], r["device"], r["steps"], r["batch"]): r for r in rows
+             if r["model"] == "diffusion" and variant_of(r) == "eager" and r.get("record") == "final"}
+    lines = ["| suite | device | steps | batch | first call (compiles) s | eager ms | compiled ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    n = 0
+    for r in rows:
+        if r.get("compiled"):
+            e = eager.get((r["suite"], r["device"], r["steps"], r["batch"]))
+            if e is None:
+                continue
+            lines.append(f"| {r['suite']} | {r['device']} | {r['steps']} | {r['batch']} | {r['first_call_s']:.1f} | "
+                         f"{e['median_ms']:.1f} | {r['median_ms']:.1f} | {e['median_ms'] / r['median_ms']:.2f}x |")
+            n += 1
+    return "\n".join(lines) + "\n" if n else ""
+
+
 def write_markdown(path: str, report: dict, plot_path: str | None) -> None:
     notes = ""
     if os.path.isfile(path):
@@ -670,6 +715,10 @@ def write_markdown(path: str, report: dict, plot_path: str | None) -> None:
     sp = speedup_table(report["rows"])
     if sp:
         lines += ["## Fast path and early stopping against the full trace", "", sp]
+    ct = compile_table(report["rows"])
+    if ct:
+        lines += ["## torch.compile", "", "The first call at a batch size compiles (inductor, C++ on CPU); later "
+                  "calls reuse the graph. Same captions (tests check it).", "", ct]
     es = early_stop_table(report["quality"])
     if es:
         lines += ["## Early stopping on the quality split", "",
@@ -695,11 +744,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=ints, default=ints("1,3"), help="baseline beam sizes (1 = greedy)")
     p.add_argument("--batch-sizes", type=ints, default=ints("1,32"))
     p.add_argument("--cuda-batch-sizes", type=ints, default=ints("1,32,256"))
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (the counting "
+                   "call comes first as well)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--base-repeats", type=int, default=3, help="timed calls per setting for the base size")
     p.add_argument("--base-length", type=int, default=20, help="caption length of the base-size models")
     p.add_argument("--tiny-length", type=int, default=12)
+    p.add_argument("--compile", type=strs, default=strs("shapes"),
+                   help="suites whose diffusion fast path is also timed through torch.compile ('' for none)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
     p.add_argument("--cpu-dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--cuda-dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
