@@ -260,13 +260,13 @@ class Handlers:
                 yield (self._chips(step), self._status(done, len(done) - 1, total),
                        gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False), None, None,
                        "", [], self._baseline_html(None) if self.m.baseline is None else "", "", skip,
-                       gr.Timer(active=False))
+                       gr.Timer(active=False), False)
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
                     time.sleep(wait)
                 yield (self._chips(step), self._status(done, len(done) - 1, total), skip, skip, skip, skip, skip,
-                       skip, skip, skip, skip)
+                       skip, skip, skip, skip, skip)
             shown = time.perf_counter()
         seconds = busy
         if view is None:
@@ -280,14 +280,14 @@ class Handlers:
         out = self.show(view, len(view.steps), kind)
         slider, chips, status, heat, traj, note, _ = out
         yield (chips, status, slider, heat, traj, note, self._table(view.steps), self._baseline_html(view),
-               self._timing(view, s), view, gr.Timer(active=False))
+               self._timing(view, s), view, gr.Timer(active=False), False)
 
     def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         import gradio as gr
 
         if image is None or image == "":
-            yield tuple(gr.skip() for _ in range(11))
+            yield tuple(gr.skip() for _ in range(12))
             return
         yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind)
 
@@ -315,10 +315,13 @@ class Handlers:
                            label=f"Step (1 = pure noise … {S} = final caption)")
         return slider, self._chips(view.steps[i]), self._status(view.steps, i), heat, traj, note, view
 
+    # Playback: the timer ticks while the session's ``playing`` flag (server-side state) is set. A tick
+    # already queued when "pause" (or a scrub, or a new caption) cleared the flag does nothing, so a pause
+    # is never undone by a late tick.
     def goto(self, view, k, kind):
         import gradio as gr
 
-        return self.show(view, k, kind) + (gr.Timer(active=False),)
+        return self.show(view, k, kind) + (gr.Timer(active=False), False)
 
     def step_by(self, delta):
         def fn(view, k, kind):
@@ -333,19 +336,24 @@ class Handlers:
     def play(self, view, k, kind):
         import gradio as gr
 
-        if view is None:
-            return self.show(view, k, kind) + (gr.Timer(active=False),)
+        if view is None or len(view.steps) < 2:
+            return self.goto(view, k, kind)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
-        return self.show(view, start, kind) + (gr.Timer(active=len(view.steps) > 1),)
+        return self.show(view, start, kind) + (gr.Timer(active=True), True)
 
-    def tick(self, view, k, kind):
+    def pause(self):
         import gradio as gr
 
-        if view is None:
-            return self.show(view, k, kind) + (gr.Timer(active=False),)
+        return gr.Timer(active=False), False
+
+    def tick(self, view, k, kind, playing):
+        import gradio as gr
+
+        if view is None or not playing:
+            return (gr.skip(),) * 7 + (gr.Timer(active=False), False)
         S = len(view.steps)
         nxt = min(int(k or 1) + 1, S)
-        return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S),)
+        return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S), nxt < S)
 
     # ------------------------------------------------------------------ the API endpoint
     def api_caption(self, image, steps, sampler, guidance, clamp, seed):
@@ -506,6 +514,7 @@ def build(m: Models):
                     "and removes the noise step by step; each position is rounded to its nearest token, with a "
                     "confidence. Pick an image, then scrub through the steps.")
         view = gr.State(None)
+        playing = gr.State(False)
         scene_state = gr.State(None)
         timer = gr.Timer(PLAY_INTERVAL_S, active=False)
         with gr.Tabs():
@@ -604,8 +613,8 @@ def build(m: Models):
 
         # ------------------------------------------------------------------ events
         settings = [steps, sampler, guidance, clamp, seed]
-        stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer]
-        step_out = [slider, chips, status, heat, traj, map_note, view, timer]
+        stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer, playing]
+        step_out = [slider, chips, status, heat, traj, map_note, view, timer, playing]
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
         run.click(h.caption_stream, [image] + settings + [kind], stream_out, api_visibility="undocumented",
                   api_name="caption_ui", **model_events)
@@ -616,8 +625,10 @@ def build(m: Models):
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
             b.click(h.step_by(delta), [view, slider, kind], step_out, api_visibility="undocumented")
         play_b.click(h.play, [view, slider, kind], step_out, api_visibility="undocumented")
-        pause_b.click(lambda: gr.Timer(active=False), None, timer, api_visibility="undocumented")
-        timer.tick(h.tick, [view, slider, kind], step_out, api_visibility="undocumented", trigger_mode="always_last")
+        # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
+        pause_b.click(h.pause, None, [timer, playing], api_visibility="undocumented", queue=False)
+        timer.tick(h.tick, [view, slider, kind, playing], step_out, api_visibility="undocumented",
+                   trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
         # preprocessing) reads it and a broken file gets the loader's message

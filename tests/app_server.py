@@ -29,6 +29,19 @@ def save_tiny_checkpoint(tokenizer, clip_encoder, path: str, seed: int = 0) -> s
     return path
 
 
+def save_tiny_baseline(tokenizer, clip_encoder, path: str, seed: int = 0) -> str:
+    """A randomly initialised tiny autoregressive baseline saved as a real checkpoint directory."""
+    import torch
+
+    from diffusion_caption.baseline import BaselineCaptioner, PrefixCaptioner, baseline_preset
+
+    torch.manual_seed(seed)
+    cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
+                          bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
+    BaselineCaptioner(cfg, PrefixCaptioner(cfg), clip_encoder, tokenizer).save_pretrained(path)
+    return path
+
+
 def write_examples(path: str) -> list[str]:
     """Two shapes scenes (PNG + scene JSON) and one plain picture."""
     from PIL import Image

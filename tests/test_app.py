@@ -5,7 +5,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from app_server import running_app, save_tiny_checkpoint, write_examples
+from app_server import running_app, save_tiny_baseline, save_tiny_checkpoint, write_examples
 
 STEPS = 5
 
@@ -76,7 +76,8 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
     assert len(out) == STEPS + 1  # one update per step, then the final one with plots
     first_chips, first_status = out[0][0], out[0][1]
     assert "Step 1 of 5" in first_status and "confidence" in first_chips
-    chips, status, slider, heat, traj, note, table, base, timing, view, timer = out[-1]
+    chips, status, slider, heat, traj, note, table, base, timing, view, timer, playing = out[-1]
+    assert playing is False and timer.active is False
     assert isinstance(view, View) and len(view.steps) == STEPS
     assert "Step 5 of 5" in status
     assert isinstance(heat, Figure) and isinstance(traj, Figure) and note == ""
@@ -93,18 +94,27 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
 def test_step_viewer_scrubs_and_plays(handlers, app_files):
     out = list(handlers.caption_stream(app_files["examples"][1], STEPS, "ddpm", 2.0, True, 1, "predicted x0"))
     view = out[-1][9]
-    slider, chips, status, heat, traj, note, v, timer = handlers.goto(view, 2, "noisy x_t")
-    assert slider.value == 2 and "Step 2 of 5" in status and v is view
+    slider, chips, status, heat, traj, note, v, timer, playing = handlers.goto(view, 2, "noisy x_t")
+    assert slider.value == 2 and "Step 2 of 5" in status and v is view and playing is False
     assert "step 2 of 5" in traj.axes[0].get_title() and traj.axes[0].get_title().startswith("noisy x_t")
     assert handlers.step_by("first")(view, 4, "predicted x0")[0].value == 1
     assert handlers.step_by("last")(view, 2, "predicted x0")[0].value == STEPS
     assert handlers.step_by(-1)(view, 1, "predicted x0")[0].value == 1  # clamped at the first step
     assert handlers.step_by(1)(view, 3, "predicted x0")[0].value == 4
-    # play from the end restarts at step 1; ticks advance and stop at the last step
+    # play from the end restarts at step 1; ticks advance while playing and stop at the last step
     played = handlers.play(view, STEPS, "predicted x0")
-    assert played[0].value == 1 and played[-1].active is True
-    tick = handlers.tick(view, STEPS - 1, "predicted x0")
-    assert tick[0].value == STEPS and tick[-1].active is False
+    assert played[0].value == 1 and played[-2].active is True and played[-1] is True
+    tick = handlers.tick(view, 2, "predicted x0", True)
+    assert tick[0].value == 3 and tick[-1] is True
+    tick = handlers.tick(view, STEPS - 1, "predicted x0", True)
+    assert tick[0].value == STEPS and tick[-2].active is False and tick[-1] is False
+    # after a pause, a tick that was already queued changes nothing and keeps the timer off
+    timer, playing = handlers.pause()
+    assert timer.active is False and playing is False
+    late = handlers.tick(view, 2, "predicted x0", False)
+    import gradio as gr
+
+    assert all(isinstance(x, type(gr.skip())) for x in late[:7]) and late[-2].active is False
     # nothing captioned yet in this session: nothing to show, no error
     assert handlers.goto(None, 3, "predicted x0")[6] is None
 
@@ -165,3 +175,29 @@ def test_about_names_checkpoints_and_missing_baseline(handlers):
 
     md = app.about_markdown(handlers.m)
     assert handlers.m.checkpoint in md and "No baseline loaded" in md and "/caption" in md
+
+
+def test_baseline_beside_the_diffusion_caption(app_files, tokenizer, clip_encoder, tmp_path):
+    import app
+
+    base = save_tiny_baseline(tokenizer, clip_encoder, str(tmp_path / "baseline"))
+    args = app.parse_args(["--checkpoint", app_files["checkpoint"], "--baseline", base, "--vocab-map", "pca",
+                           "--cache-dir", app_files["cache"], "--examples", app_files["examples_dir"]])
+    m = app.load_models(args)
+    assert m.baseline is not None and m.baseline_note.startswith("Baseline:")
+    h = app.Handlers(m)
+    image = app_files["examples"][0]
+    last = list(h.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0"))[-1]
+    view, base_html, timing = last[9], last[7], last[8]
+    expected = m.baseline.caption(image)
+    assert view.baseline.text == expected.text and view.baseline.token_ids == expected.token_ids
+    assert "token probability" in base_html and base_html.count("title='position") == len(expected.tokens)
+    assert "baseline" in timing and "greedy" in timing
+    table = h.variants(image, None, 3, "ddim", 1.0, False, 0)
+    assert ">baseline</th>" in table and "baseline</b>: caption changed in" in table
+    assert base in app.about_markdown(m)
+    # a baseline directory that is not one: the app starts anyway and says why there is no baseline
+    args = app.parse_args(["--checkpoint", app_files["checkpoint"], "--baseline", app_files["checkpoint"],
+                           "--vocab-map", "pca", "--cache-dir", app_files["cache"]])
+    m2 = app.load_models(args)
+    assert m2.baseline is None and m2.baseline_note.startswith("No baseline loaded:") and "Captioner" in m2.baseline_note
