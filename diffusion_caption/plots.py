@@ -143,17 +143,18 @@ def trajectory_map(vocab_coords: np.ndarray, vocab_tokens: Sequence[str], points
                     textcoords="offset points", color="#444" if in_trace else "#9a9a9a", zorder=2)
 
     cmap, norm = colormaps[STEP_CMAP], Normalize(0, max(S - 1, 1))
+    many = S > 40  # long traces (DDPM with hundreds of steps) get thinner, lighter paths
+    line_w, line_a, dot_s = (0.8, 0.45, 4) if many else (1.6, 0.9, 14)
     for p in positions:
         path = pts[:, p]
         seg = np.stack([path[:-1], path[1:]], axis=1)  # [S-1, 2, 2]
         if len(seg):
             colors = cmap(norm(np.arange(1, S)))
-            colors[:, 3] = np.where(np.arange(1, S) <= current, 0.9, 0.12)
-            ax.add_collection(LineCollection(seg, colors=colors, linewidths=1.6, zorder=3))
-        alpha = np.where(np.arange(S) <= current, 0.95, 0.12)
+            colors[:, 3] = np.where(np.arange(1, S) <= current, line_a, 0.08)
+            ax.add_collection(LineCollection(seg, colors=colors, linewidths=line_w, zorder=3))
         face = cmap(norm(np.arange(S)))
-        face[:, 3] = alpha
-        ax.scatter(path[:, 0], path[:, 1], s=14, c=face, zorder=4, linewidths=0)
+        face[:, 3] = np.where(np.arange(S) <= current, 0.95, 0.1)
+        ax.scatter(path[:, 0], path[:, 1], s=dot_s, c=face, zorder=4, linewidths=0)
         ax.scatter(path[0, 0], path[0, 1], s=40, marker="x", color=cmap(norm(0)), zorder=5, linewidths=1.4)
         ax.scatter(path[current, 0], path[current, 1], s=95, color=cmap(norm(current)), edgecolors="black",
                    linewidths=1.6, zorder=6)

@@ -126,3 +126,17 @@ def test_background_job_and_command_line(tmp_path, capsys):
     # the command line reports a missing checkpoint as a message
     assert main([str(tmp_path / "missing")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_command_line_ships_a_map_inside_a_checkpoint(tmp_path, tokenizer, clip_encoder, capsys):
+    from app_server import save_tiny_checkpoint
+
+    from diffusion_caption import Captioner
+
+    ck = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "ckpt"))
+    assert main([ck, "--method", "pca"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    cap = Captioner.from_pretrained(ck)
+    m = find_vocab_map(cap.denoiser.embeddings, checkpoint_dir=ck, cache_dir=None)
+    assert m is not None and m.method == "pca" and len(m.tokens) == tokenizer.vocab_size
+    assert m.tokens[:3] == tokenizer.token_strings([0, 1, 2])
