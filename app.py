@@ -59,6 +59,7 @@ class Models:
 
     cap: object
     checkpoint: str
+    checkpoint_dir: str  # the checkpoint's local directory (a hub id's snapshot)
     baseline: object | None
     baseline_path: str
     baseline_note: str  # why there is no baseline, or what is loaded
@@ -101,14 +102,17 @@ def load_models(args) -> Models:
             note = f"No baseline loaded: {e}.{hint}"
     E = cap.denoiser.embeddings
     tokens = cap.tokenizer.token_strings(list(range(cap.tokenizer.vocab_size)))
-    checkpoint_dir = args.checkpoint if os.path.isdir(args.checkpoint) else None
+    from diffusion_caption.checkpoint import resolve
+
+    checkpoint_dir = resolve(args.checkpoint)  # a hub id's local snapshot (already fetched by from_pretrained)
     job = VocabMapJob(E, tokens, cache_dir=args.cache_dir, checkpoint_dir=checkpoint_dir, method=args.vocab_map)
     atexit.register(job.close)
     examples = []
     if os.path.isdir(args.examples):
         examples = [os.path.join(args.examples, f) for f in sorted(os.listdir(args.examples))
                     if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
-    return Models(cap=cap, checkpoint=args.checkpoint, baseline=baseline, baseline_path=args.baseline,
+    return Models(cap=cap, checkpoint=args.checkpoint, checkpoint_dir=checkpoint_dir, baseline=baseline,
+                  baseline_path=args.baseline,
                   baseline_note=note, vocab_job=job, scenes=known_scenes(args.examples), examples=examples,
                   load_seconds=time.perf_counter() - t0)
 
@@ -453,7 +457,7 @@ def about_markdown(m: Models) -> str:
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
-    lines += _evaluations(m.checkpoint)
+    lines += _evaluations(m.checkpoint_dir)
     lines += ["", "### Autoregressive baseline"]
     if m.baseline is None:
         lines.append(f"- {m.baseline_note}")

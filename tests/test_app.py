@@ -175,6 +175,17 @@ def test_about_names_checkpoints_and_missing_baseline(handlers):
 
     md = app.about_markdown(handlers.m)
     assert handlers.m.checkpoint in md and "No baseline loaded" in md and "/caption" in md
+    assert "evaluation: none stored" in md
+    # an evaluation table stored next to the checkpoint (as training.evaluate --markdown writes it) is shown
+    table = "| split | BLEU-4 |\n| --- | --- |\n| test | 0.123 |"
+    path = os.path.join(handlers.m.checkpoint_dir, "evaluation.md")
+    with open(path, "w") as f:
+        f.write(table)
+    try:
+        md = app.about_markdown(handlers.m)
+    finally:
+        os.remove(path)
+    assert table in md and "**evaluation.md**" in md
 
 
 def test_baseline_beside_the_diffusion_caption(app_files, tokenizer, clip_encoder, tmp_path):
