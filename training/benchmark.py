@@ -59,6 +59,8 @@ from diffusion_caption.metrics import bleu  # noqa: E402
 
 SUITES = ("shapes", "base", "tiny")
 QUALITY_KEYS = ("BLEU-4", "CIDEr", "1-obj colour", "1-obj shape", "color", "shape")
+TABLE_QUALITY = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "1-obj colour", "1-obj shape", "color", "shape",
+                 "size", "count", "hallucination")
 TARGET_KEYS = ("BLEU-4", "1-obj colour", "1-obj shape")  # "at equal or better colour/shape accuracy and BLEU-4"
 NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new",
@@ -425,6 +427,7 @@ def quality(suite: Suite, args) -> dict:
                      for k in args.early_stop if steps > k]
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
+    eager: dict = {}  # steps -> the captions without early stopping
     for kind, name, kw in tqdm(jobs, desc="quality", leave=False):
         model = suite.diffusion if kind == "diffusion" else suite.baseline
         if kind == "diffusion" and kw["early_stop"] == 0 and kw["steps"] in sweep:
@@ -444,28 +447,32 @@ def quality(suite: Suite, args) -> dict:
         q = {k: v for k, v in summary_row(res).items()}
         q["source"] = source
         q["n_images"] = res["n_images"]
+        if kind == "diffusion" and not kw["early_stop"] and "captions" in res:
+            eager[kw["steps"]] = [c["caption"] for c in res["captions"]]
         if kind == "diffusion" and kw["early_stop"]:
-            q.update(early_stop_stats(model, suite, kw["steps"], kw["early_stop"], args))
+            q.update(early_stop_stats(model, suite, kw["steps"], kw["early_stop"], args, eager.get(kw["steps"])))
         out[f"{kind}|{name}"] = q
         tqdm.write(f"quality {kind} {name}: " + ", ".join(f"{k}={q[k]:.3f}" for k in QUALITY_KEYS
                                                           if isinstance(q.get(k), float)))
     return out
 
 
-def early_stop_stats(model, suite: Suite, steps: int, patience: int, args) -> dict:
-    """How often early stopping fires on the quality split, how many steps it runs, and whether the
-    captions equal those without it."""
+def early_stop_stats(model, suite: Suite, steps: int, patience: int, args, without: list[str] | None) -> dict:
+    """How often early stopping fires on the quality split, how many steps it runs, and how often the
+    caption equals the one without it (``without``, or computed here), batches seeded as in evaluation."""
     feats = image_features(model.image_encoder, [r.image_path for r in suite.records], args.cache_dir)
-    used, same = [], 0
+    used, texts, ref = [], [], []
     for i in range(0, feats.shape[0], args.quality_batch):
         f = feats[i:i + args.quality_batch]
         seed = args.seed + i  # as evaluation.generate seeds each batch
-        a = model.caption_batch(features=f, steps=steps, seed=seed, early_stop=patience, record="final")
-        b = model.caption_batch(features=f, steps=steps, seed=seed, record="final")
-        used += [t.final.index + 1 for t in a]
-        same += sum(x.text == y.text for x, y in zip(a, b))
+        out = model.caption_batch(features=f, steps=steps, seed=seed, early_stop=patience, record="final")
+        used += [t.final.index + 1 for t in out]
+        texts += [t.text for t in out]
+        if without is None:
+            ref += [t.text for t in model.caption_batch(features=f, steps=steps, seed=seed, record="final")]
+    ref = ref if without is None else without
     return {"stopped_early": sum(u < steps for u in used) / len(used), "mean_steps": sum(used) / len(used),
-            "same_caption": same / len(used)}
+            "same_caption": sum(a == b for a, b in zip(texts, ref)) / len(used)}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -518,43 +525,56 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return front
 
 
-def plot(rows: list[dict], path: str, metric: str, title: str) -> bool:
-    """Quality against latency (batch 1) and against time per image (largest CPU batch), Pareto fronts."""
-    rows = [r for r in rows if r.get("quality", {}).get(metric) is not None and r["model"] != "image encoder"
-            and r.get("record", "final") == "final"]
-    if not rows:
+def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
+    """Quality against latency (batch 1) and against time per image (largest batch), one row per metric;
+    each model's Pareto front dashed in its colour, the front of both together ringed in black."""
+    from matplotlib.ticker import ScalarFormatter
+
+    rows = [r for r in rows if r["model"] in ("diffusion", "baseline") and r.get("record", "final") == "final"
+            and r.get("quality")]
+    metrics = [m for m in metrics if any(r["quality"].get(m) is not None for r in rows)]
+    if not rows or not metrics:
         return False
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.3), squeeze=False)
-    for ax, B in zip(axes[0], batches):
-        pts = [r for r in rows if r["batch"] == B]
-        allp = []
-        for kind, variant, style in (("diffusion", "eager", dict(marker="o", color="tab:blue")),
-                                     ("diffusion", "compiled", dict(marker="^", color="tab:green")),
-                                     ("diffusion", "early stop", dict(marker="x", color="tab:cyan", ls="")),
-                                     ("baseline", "eager", dict(marker="s", color="tab:red", ls=""))):
-            sel = [r for r in pts if r["model"] == kind and variant_of(r) == variant]
-            sel.sort(key=lambda r: r["ms_per_image"])
-            if not sel:
-                continue
-            xs, ys = [r["ms_per_image"] for r in sel], [r["quality"][metric] for r in sel]
-            label = {("diffusion", "eager"): "diffusion (DDIM steps)",
-                     ("diffusion", "compiled"): "diffusion, torch.compile",
-                     ("diffusion", "early stop"): "diffusion, early stop (steps/patience)",
-                     ("baseline", "eager"): "baseline (ClipCap + GPT-2)"}[(kind, variant)]
-            ax.plot(xs, ys, label=label, ms=6, **style)
-            for r, x, y in zip(sel, xs, ys):
-                name = r["setting"].replace("DDIM ", "").replace(", early stop ", "/").replace(", compiled", "")
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-                allp.append((x, y, r["setting"]))
-        front = pareto(allp)
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", ls="--", lw=1,
-                label="Pareto front (both models)")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"ms per image at batch {B}" + (" (latency)" if B == 1 else " (1 / throughput)"))
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    fig, axes = plt.subplots(len(metrics), len(batches), figsize=(5.8 * len(batches), 4.2 * len(metrics)),
+                             squeeze=False)
+    series = (("diffusion", "eager", "diffusion (DDIM steps)", dict(marker="o", color="tab:blue")),
+              ("diffusion", "compiled", "diffusion, torch.compile", dict(marker="^", color="tab:green")),
+              ("diffusion", "early stop", "diffusion, early stop (steps/patience)",
+               dict(marker="x", color="tab:cyan", ls="")),
+              ("baseline", "eager", "baseline ClipCap + GPT-2 (greedy, beam)", dict(marker="s", color="tab:red")))
+    for i, metric in enumerate(metrics):
+        for ax, B in zip(axes[i], batches):
+            pts = [r for r in rows if r["batch"] == B and r["quality"].get(metric) is not None]
+            every = []
+            for kind, variant, label, style in series:
+                sel = sorted((r for r in pts if r["model"] == kind and variant_of(r) == variant),
+                             key=lambda r: (r.get("steps", 0), r.get("beam", 0), r.get("early_stop", 0)))
+                if not sel:
+                    continue
+                xs, ys = [r["ms_per_image"] for r in sel], [r["quality"][metric] for r in sel]
+                ax.plot(xs, ys, label=label, ms=6, lw=1.2, **style)
+                for r, x, y in zip(sel, xs, ys):
+                    name = r["setting"].replace("DDIM ", "").replace(", early stop ", "/").replace(", compiled", "")
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                every += [(x, y, kind) for x, y in zip(xs, ys)]
+            for kind, color in (("diffusion", "tab:blue"), ("baseline", "tab:red")):
+                front = pareto([p for p in every if p[2] == kind])
+                if len(front) > 1:
+                    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color, ls="--",
+                            lw=0.8, alpha=0.7)
+            front = pareto(every)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "o", mfc="none", mec="black", ms=11, mew=1.2,
+                    label="Pareto front of both models")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+            ax.set_xlabel(f"ms per image at batch {B}" + (" (latency)" if B == 1 else " (1 / throughput)"))
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3, which="both")
+            if i == 0 and B == batches[0]:
+                ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -768,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"])
     g.add_argument("--bleu-only", action="store_true", help="BLEU in pure Python instead of the full COCO metrics")
     g.add_argument("--no-quality", action="store_true")
-    g.add_argument("--pareto-metric", default="BLEU-4")
+    g.add_argument("--plot-metrics", type=strs, default=strs("BLEU-4,1-obj shape"),
+                   help="quality metrics of the plot's rows")
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--out", default="docs/BENCHMARKS.md")
     p.add_argument("--json", default="", help="default: docs/benchmark.json beside --out")
@@ -831,7 +852,7 @@ def main(argv=None) -> dict:
         report["suites"].append({"name": name, "label": suite.label, "notes": suite.notes, "param_mib": pm})
         if qual:
             qrows = [{"model": k.split("|")[0], "setting": k.split("|")[1],
-                      **{kk: v for kk, v in q.items() if isinstance(v, float)}} for k, q in qual.items()]
+                      **{kk: q[kk] for kk in TABLE_QUALITY if isinstance(q.get(kk), float)}} for k, q in qual.items()]
             report["quality_rows"] = report.get("quality_rows", "") + markdown_table(qrows)
         del suite
     report.setdefault("quality_rows", "")
@@ -839,7 +860,7 @@ def main(argv=None) -> dict:
     title = "caption quality against time per image (shapes checkpoints, CPU, " + \
         f"{machine['torch_threads']} threads)"
     has_plot = plot([r for r in report["rows"] if r["suite"] == "shapes" and r["device"] == "cpu"], plot_path,
-                    args.pareto_metric, title)
+                    args.plot_metrics, title)
     write_markdown(args.out, report, plot_path if has_plot else None)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
