@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import weakref
@@ -476,6 +475,41 @@ def early_stop_stats(model, suite: Suite, steps: int, patience: int, args, witho
 
 
 # ------------------------------------------------------------------------------------------------ report
+def busy_processes(seconds: float = 2.0, threshold: float = 0.1) -> list[str]:
+    """Other processes that used more than ``threshold`` of a core over ``seconds`` (Linux /proc)."""
+    def ticks() -> dict:
+        out = {}
+        for d in glob.glob("/proc/[0-9]*"):
+            try:
+                with open(os.path.join(d, "stat")) as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                out[int(os.path.basename(d))] = int(parts[11]) + int(parts[12])  # utime + stime
+            except (OSError, ValueError, IndexError):
+                pass
+        return out
+
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return []
+    a = ticks()
+    time.sleep(seconds)
+    b = ticks()
+    busy = []
+    for pid, t in b.items():
+        if pid == os.getpid() or pid not in a:
+            continue
+        share = (t - a[pid]) / hz / seconds
+        if share > threshold:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100]
+            except OSError:
+                cmd = "?"
+            busy.append(f"{share:.0%} of a core: {cmd or pid}")
+    return busy
+
+
 def machine_info(threads: int) -> dict:
     cpu = platform.processor()
     try:
@@ -488,16 +522,17 @@ def machine_info(threads: int) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    try:
-        busy = subprocess.run(["pgrep", "-af", "training.train_"], capture_output=True, text=True).stdout
-        info["other_training_processes"] = [ln for ln in busy.splitlines() if "pgrep" not in ln]
-    except OSError:
-        pass
     return info
+
+
+def contention() -> dict:
+    """The load and the other busy processes, sampled when the timing starts and again when it ends."""
+    out = {"busy": busy_processes()}
+    try:
+        out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return out
 
 
 def join_quality(rows: list[dict], qual: dict) -> None:
@@ -702,11 +737,14 @@ def write_markdown(path: str, report: dict, plot_path: str | None) -> None:
              f"Written by `{report['command']}` on {m['date']}. Every figure below comes from that one run.", "",
              f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads"
              + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU (CUDA figures not measured)") + "."]
-    if m.get("load_average") is not None:
-        lines.append(f"Load average when the run started: {m['load_average']}.")
-    if m.get("other_training_processes"):
-        lines.append(f"**Contention:** {len(m['other_training_processes'])} training processes were running beside "
-                     "the benchmark; its times are slower and noisier than an idle machine's.")
+    for when, c in report["contention"].items():
+        busy = c.get("busy", [])
+        lines.append(f"At the {when} of the timing: load average {c.get('load_average')}; "
+                     + (f"**other busy processes** ({len(busy)}): " + "; ".join(f"`{b}`" for b in busy)
+                        if busy else "no other busy process") + ".")
+    if any(c.get("busy") for c in report["contention"].values()):
+        lines.append("**Contention:** other processes shared the CPU during the timing; the times are slower and "
+                     "noisier than an idle machine's.")
     for dev, p in report["matmul"].items():
         lines.append(f"Matrix-multiply rate on {dev} ({p['dtype']}, {p['n']} x {p['n']}): {p['gflops']:.1f} GFLOP/s "
                      f"(best of the repeats; median {p['median_gflops']:.1f}).")
@@ -818,13 +856,8 @@ def main(argv=None) -> dict:
     machine = machine_info(torch.get_num_threads())
     report: dict = {"command": "python -m training.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "machine": machine, "settings": vars(args), "matmul": {}, "suites": [], "rows": [],
-                    "quality": {}}
+                    "quality": {}, "contention": {}}
     report["command"] = report["command"].strip()
-    for d in devices:
-        dev = torch.device(d)
-        dtype = args.cpu_dtype if d == "cpu" else args.cuda_dtype
-        report["matmul"][d] = matmul_rate(dev, dtype, args.matmul_n if d == "cpu" else 8192)
-        tqdm.write(f"matmul rate on {d}: {report['matmul'][d]['gflops']:.1f} GFLOP/s ({dtype})")
     for name in args.suites:
         sizes = {d: (args.batch_sizes if d == "cpu" else args.cuda_batch_sizes) for d in devices}
         n_feat = max(max(v) for v in sizes.values())
@@ -837,6 +870,10 @@ def main(argv=None) -> dict:
         rows = []
         for d in devices:
             dtype = args.cpu_dtype if d == "cpu" else args.cuda_dtype
+            if d not in report["matmul"]:  # measured here, after the quality runs: timing starts now
+                report["contention"]["start"] = report["contention"].get("start") or contention()
+                report["matmul"][d] = matmul_rate(torch.device(d), dtype, args.matmul_n if d == "cpu" else 8192)
+                tqdm.write(f"matmul rate on {d}: {report['matmul'][d]['gflops']:.1f} GFLOP/s ({dtype})")
             repeats = args.base_repeats if name == "base" else args.repeats
             rows += measure_suite(suite, torch.device(d), dtype, args, sizes[d], report["matmul"][d], repeats)
         join_quality(rows, qual)
@@ -855,6 +892,7 @@ def main(argv=None) -> dict:
                       **{kk: q[kk] for kk in TABLE_QUALITY if isinstance(q.get(kk), float)}} for k, q in qual.items()]
             report["quality_rows"] = report.get("quality_rows", "") + markdown_table(qrows)
         del suite
+    report["contention"]["end"] = contention()
     report.setdefault("quality_rows", "")
     report["targets"] = targets(report["rows"])
     title = "caption quality against time per image (shapes checkpoints, CPU, " + \
