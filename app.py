@@ -453,7 +453,8 @@ def about_markdown(m: Models) -> str:
              f"parameters; {cfg.emb_dim}-d token embeddings, vocabulary of {cfg.vocab_size} tokens, "
              f"{cfg.seq_len} caption positions",
              f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
-             f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps",
+             f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps, "
+             f"guidance {cfg.sample_guidance:g}",
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
@@ -538,7 +539,7 @@ def build(m: Models):
                                               step=1, label="Denoising steps")
                             sampler = gr.Radio(["ddim", "ddpm"], value=cfg.sampler, label="Sampler",
                                                info="DDIM: deterministic; DDPM: adds fresh noise every step")
-                            guidance = gr.Slider(0, 10, value=1.0, step=0.5, label="Guidance scale",
+                            guidance = gr.Slider(0, 10, value=cfg.sample_guidance, step=0.5, label="Guidance scale",
                                                  info="classifier-free guidance; 1 = none")
                             with gr.Row():
                                 clamp = gr.Checkbox(False, label="Clamp to tokens",
@@ -641,7 +642,7 @@ def build(m: Models):
         api_image = gr.File(visible=False, type="filepath", label="image")
         api_settings = [gr.Number(cfg.sample_steps, precision=0, visible=False, label="steps"),
                         gr.Textbox(cfg.sampler, visible=False, label="sampler"),
-                        gr.Number(1.0, visible=False, label="guidance"),
+                        gr.Number(cfg.sample_guidance, visible=False, label="guidance"),
                         gr.Checkbox(False, visible=False, label="clamp"),
                         gr.Number(0, precision=0, visible=False, label="seed")]
         api_out = gr.JSON(visible=False)

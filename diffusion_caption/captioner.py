@@ -117,7 +117,7 @@ class Captioner:
         sampler = str(sampler or self.config.sampler).lower()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        guidance = 1.0 if guidance is None else guidance
+        guidance = self.config.sample_guidance if guidance is None else guidance
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
                 or not 0.0 <= guidance <= MAX_GUIDANCE:
             raise ValueError(f"guidance must be a number from 0 to {MAX_GUIDANCE} (1 = no guidance), got {guidance!r}")

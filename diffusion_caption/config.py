@@ -38,6 +38,7 @@ class CaptionerConfig:
     # sampling defaults
     sample_steps: int = 20
     sampler: str = "ddim"
+    sample_guidance: float = 1.0  # classifier-free guidance scale used when a call gives none (1 = none)
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):

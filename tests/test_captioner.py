@@ -185,3 +185,10 @@ def test_broken_checkpoints_have_clear_errors(make_captioner, tmp_path):
             Captioner.from_pretrained(d)
     with pytest.raises(CheckpointError, match="not found"):
         Captioner.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_config_sampling_defaults_apply_when_a_call_gives_none(make_captioner, scene_image):
+    cap = make_captioner(sample_guidance=3.0, sample_steps=4)
+    tr = cap.caption(scene_image)
+    assert tr.settings["guidance"] == 3.0 and len(tr.steps) == 4
+    assert cap.caption(scene_image, guidance=1.0).settings["guidance"] == 1.0
