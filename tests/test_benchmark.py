@@ -25,24 +25,25 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     report = benchmark.main([
         "--suites", "shapes,tiny", "--devices", "cpu", "--diffusion", diff_dir, "--baseline", base_dir,
         "--data-dir", world_dir, "--split", "test", "--quality-limit", "6", "--quality-batch", "4",
-        "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
+        "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--guidance", "1,2", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
         "--warmup", "1", "--repeats", "2", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
         "--matmul-n", "64", "--compile", "tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "kept by hand" in text and "STALE-TEXT" not in text
     for needle in ("| diffusion | DDIM 1 | 1 |", "| diffusion | DDIM 3 | 4 |", "| diffusion | DDIM 3, early stop 1 | 4 |",
                    "| diffusion | DDIM 3, full trace | 1 |", "| baseline | greedy | 4 |", "| baseline | beam 2 | 1 |",
-                   "| image encoder |", "## Targets", "## Early stopping", "benchmark.png", "## torch.compile",
-                   "| diffusion | DDIM 3, compiled | 4 |"):
+                   "| image encoder |", "## Targets", "## Early stopping", "benchmark.png", "## Full trace, fast path",
+                   "| diffusion | DDIM 3, compiled | 4 |", "| diffusion | DDIM 3, guidance 2, early stop 1 | 4 |"):
         assert needle in text, needle
     assert os.path.isfile(tmp_path / "docs" / "benchmark.png")
     saved = json.loads((tmp_path / "docs" / "benchmark.json").read_text())
     rows = saved["rows"]
     assert {r["suite"] for r in rows} == {"shapes", "tiny"}
     timed = [r for r in rows if r["model"] in ("diffusion", "baseline")]
-    # per suite: DDIM 1 and 3 at two batch sizes, two full traces, two beams at two; DDIM 3 with early
-    # stopping at two batch sizes (trained models only); the tiny suite's fast path compiled
-    assert len(timed) == 2 * (4 + 2 + 4) + 2 + 4
+    # per suite: DDIM 1 and 3 at two batch sizes, two full traces, two beams at two; the trained diffusion
+    # model also with DDIM 3 early stopping at two batch sizes, and all of it again at guidance 2; the tiny
+    # suite's fast path compiled
+    assert len(timed) == (2 * (4 + 2 + 2) + 4) + (4 + 2 + 4 + 4)
     assert all(r["first_call_s"] > 0 for r in timed if r.get("compiled"))
     for r in timed:
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and len(r["runs_ms"]) == (2 if r["suite"] == "shapes" else 2)
@@ -54,8 +55,14 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     f3 = next(r["flops"] for r in timed if r["suite"] == "tiny" and r["setting"] == "DDIM 3" and r["batch"] == 1)
     assert 2.5 * f1 < f3 < 3.5 * f1
     assert set(saved["quality"]) == {"shapes|diffusion|DDIM 1", "shapes|diffusion|DDIM 3",
-                                     "shapes|diffusion|DDIM 3, early stop 1", "shapes|baseline|greedy",
+                                     "shapes|diffusion|DDIM 3, early stop 1", "shapes|diffusion|DDIM 1, guidance 2",
+                                     "shapes|diffusion|DDIM 3, guidance 2",
+                                     "shapes|diffusion|DDIM 3, guidance 2, early stop 1", "shapes|baseline|greedy",
                                      "shapes|baseline|beam 2"}
+    # guided sampling runs both passes in one batch: twice the FLOPs of unguided
+    fl = {(r["guidance"], r["batch"]): r["flops"] for r in timed if r["suite"] == "shapes"
+          and r["model"] == "diffusion" and r["steps"] == 3 and r["record"] == "final" and not r["early_stop"]}
+    assert 1.9 * fl[(1.0, 4)] < fl[(2.0, 4)] < 2.1 * fl[(1.0, 4)]
     assert len(report["targets"]) == 2 and "batch-4 throughput" in report["targets"][1]
 
 
