@@ -34,9 +34,15 @@ def ints(s: str) -> list[int]:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    has_steps = any(r["sweep"] == "steps" for r in rows)
+    has_guidance = any(r["sweep"] == "guidance" for r in rows)
+    panels = int(has_steps) + int(has_guidance)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4.2), squeeze=False)
+    axes = list(axes[0])
     metric_keys = [("BLEU-4", "-"), ("METEOR", "--"), ("ROUGE-L", ":"), ("1-obj colour", "-"), ("1-obj shape", "-")]
-    ax = axes[0]
+    if not has_steps:
+        axes.insert(0, None)
+    ax = axes[0] if has_steps else fig.add_subplot(1, 1, 1, frameon=False)
     for sampler, marker in (("ddim", "o"), ("ddpm", "s")):
         pts = sorted((r for r in rows if r["sweep"] == "steps" and r["sampler"] == sampler), key=lambda r: r["steps"])
         if not pts:
@@ -45,13 +51,22 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             if k in pts[0]:
                 ax.plot([r["steps"] for r in pts], [r[k] for r in pts], ls, marker=marker, ms=4,
                         label=f"{k} ({sampler.upper()})")
-    ax.set_xscale("log")
-    ax.set_xlabel("sampling steps (log scale)")
-    ax.set_ylabel("score")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("quality against steps")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if has_steps:
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps (log scale)")
+        ax.set_ylabel("score")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("quality against steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    else:
+        ax.remove()
+    if not has_guidance:
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     ax = axes[1]
     pts = sorted((r for r in rows if r["sweep"] == "guidance"), key=lambda r: r["guidance"])
     for k, ls in metric_keys:
