@@ -528,7 +528,9 @@ def build(m: Models):
                     with gr.Column(scale=4, min_width=300):
                         first = next((p for p in m.examples if os.path.basename(p).startswith("shapes")),
                                      m.examples[0] if m.examples else None)
-                        image = gr.Image(first, type="filepath", sources=["upload", "clipboard"], label="Image",
+                        # image_mode=None: gradio hands the uploaded file over untouched, and the library's
+                        # loader does the conversion (transparency on white, 16-bit scaling, EXIF rotation)
+                        image = gr.Image(first, type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
                                          height=260, format="png", elem_id="input-image")
                         if m.examples:
                             gr.Examples(examples=[[p] for p in m.examples], inputs=[image], examples_per_page=12,
@@ -585,7 +587,7 @@ def build(m: Models):
                             "bias (captions that follow the background instead of the objects) shows up directly.")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3, min_width=260):
-                        a_image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image", height=220,
+                        a_image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", height=220,
                                            format="png", elem_id="analysis-image")
                         copy_b = gr.Button("Use the Caption tab's image", size="sm")
                         variants_b = gr.Button("Caption the variants", variant="primary", elem_id="variants-button")

@@ -212,7 +212,7 @@ def main(argv=None) -> None:
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}", mse=f"{losses['mse'].item():.3f}",
                             ce=f"{losses['round'].item():.3f}", acc=f"{losses['token_acc'].item():.2f}")
         if is_main and (step % tcfg.val_every == 0 or step == tcfg.steps):
-            rec = {"step": step, **{k: float(v) for k, v in losses.items()}, **validate(),
+            rec = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, **validate(),
                    "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
             common.write_log(tcfg.run_dir, rec)
