@@ -26,7 +26,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
         "--suites", "shapes,tiny", "--devices", "cpu", "--diffusion", diff_dir, "--baseline", base_dir,
         "--data-dir", world_dir, "--split", "test", "--quality-limit", "6", "--quality-batch", "4",
         "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--guidance", "1,2", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
-        "--warmup", "1", "--repeats", "2", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
+        "--warmup", "1", "--repeats", "2", "--latency-images", "3", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
         "--matmul-n", "64", "--compile", "tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "kept by hand" in text and "STALE-TEXT" not in text
@@ -64,6 +64,13 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
           and r["model"] == "diffusion" and r["steps"] == 3 and r["record"] == "final" and not r["early_stop"]}
     assert 1.9 * fl[(1.0, 4)] < fl[(2.0, 4)] < 2.1 * fl[(1.0, 4)]
     assert len(report["targets"]) == 2 and "batch-4 throughput" in report["targets"][1]
+    # the markdown and plot again from the saved JSON, nothing measured
+    again = tmp_path / "again" / "B.md"
+    again.parent.mkdir()
+    again.write_text("<!-- notes -->\nkept by hand\n<!-- /notes -->\n")
+    benchmark.main(["--render", str(tmp_path / "docs" / "benchmark.json"), "--out", str(again)])
+    assert again.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+    assert os.path.isfile(tmp_path / "again" / "benchmark.png")
 
 
 def test_peak_tensor_memory_counts_new_tensors_only():
