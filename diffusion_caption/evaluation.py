@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import counterfactuals as cf
 from .attributes import attribute_scores, parse_caption, single_object_accuracy
 from .data import ImageRecord
 from .features import image_features
+from .images import load_image
 from .metrics import caption_metrics
 from .world import SHAPE_BACKGROUND, Scene
 
@@ -115,6 +117,96 @@ def bias_report(captions: list[str], scenes: list[Scene]) -> dict:
         t, c = out["typical"].get(a), out["counterfactual"].get(a)
         out["bias"][a] = None if t is None or c is None else t - c
     return out
+
+
+def caption_images(model, images: list, settings: dict, batch_size: int = 128, desc: str = "captioning") -> list[str]:
+    """Captions of in-memory images (encoded without a cache), seeded exactly as ``generate``."""
+    feats = model.image_encoder.encode(images, batch_size=batch_size).cpu()
+    return generate(model, feats, settings, batch_size, desc=desc)
+
+
+def _headline(rep: dict) -> dict:
+    so = rep["single_object"]
+    row = {"n": rep["n"], "1-obj colour": so["color_acc"], "1-obj shape": so["shape_acc"]}
+    row.update({a: rep[a]["acc"] for a in ATTRIBUTES})
+    row["hallucination"] = rep["hallucination"]
+    return row
+
+
+def counterfactual_report(model, records: list[ImageRecord], settings: dict | None = None, batch_size: int = 128,
+                          sets: tuple[str, ...] = cf.SETS, seed: int = 0) -> dict:
+    """Caption the counterfactual sets of ``records`` (see ``counterfactuals``) and score them.
+
+    Returns ``{"background": {...}, "hue": {...}, "grayscale": {...}}`` (the sets asked for), each with
+    the scores of its parts and a ``bias`` dict (accuracy on the unedited/typical images minus on the
+    edited/counterfactual ones). Every set is captioned with the same settings and seeds, so image i of
+    one set starts from the same noise as image i of another.
+    """
+    unknown = sorted(set(sets) - set(cf.SETS))
+    if unknown:
+        raise ValueError(f"unknown counterfactual sets {unknown}; expected some of {cf.SETS}")
+    if not records or not all(r.scene for r in records):
+        raise ValueError("counterfactual sets need shapes-world records (with their scenes)")
+    settings = dict(settings or {})
+    scenes = [Scene.from_json(r.scene) for r in records]
+    originals = [load_image(r.image_path) for r in records]
+    size = originals[0].size[0]
+    out: dict = {}
+    if "background" in sets:
+        pairs = cf.background_pairs(scenes, seed)
+        typ_scenes, cf_scenes = [p[1] for p in pairs], [p[2] for p in pairs]
+        typ = caption_images(model, cf.render_all(typ_scenes, size), settings, batch_size, "typical backgrounds")
+        cou = caption_images(model, cf.render_all(cf_scenes, size), settings, batch_size, "counterfactual backgrounds")
+        t, c = _headline(attribute_report(typ, typ_scenes)), _headline(attribute_report(cou, cf_scenes))
+        keys = ("1-obj colour", "1-obj shape", "color", "shape", "background", "hallucination")
+        out["background"] = {"n_pairs": len(pairs), "typical": t, "counterfactual": c,
+                             "bias": cf.difference(t, c, keys),
+                             "examples": [{"typical": a, "counterfactual": b, "truth": s.to_json()}
+                                          for a, b, s in list(zip(typ, cou, typ_scenes))[:20]]}
+    if "hue" in sets or "grayscale" in sets:
+        base = cf.blind_report(caption_images(model, originals, settings, batch_size, "original images"), scenes)
+        keys = ("1-obj shape",) + cf.BLIND_ATTRIBUTES
+        if "hue" in sets:
+            parts = {}
+            for d in cf.HUE_ROTATIONS:
+                texts = caption_images(model, cf.hue_images(originals, d), settings, batch_size, f"hue +{d}")
+                parts[f"hue +{d}"] = cf.blind_report(texts, scenes)
+            mean = {k: _mean([p[k] for p in parts.values() if p[k] is not None]) for k in keys}
+            out["hue"] = {"original": base, **parts, "mean": mean, "bias": cf.difference(base, mean, keys)}
+        if "grayscale" in sets:
+            texts = caption_images(model, cf.gray_images(originals), settings, batch_size, "grayscale")
+            g = cf.blind_report(texts, scenes)
+            out["grayscale"] = {"original": base, "grayscale": g, "bias": cf.difference(base, g, keys),
+                                "examples": [{"caption": t, "truth": s.to_json()} for t, s in
+                                             list(zip(texts, scenes))[:20]]}
+    return out
+
+
+def counterfactual_tables(report: dict, model: str = "") -> str:
+    """Markdown tables of a ``counterfactual_report``: the background pairs, then hue and grayscale."""
+    parts = []
+    bg = report.get("background")
+    if bg:
+        rows = [{"model": model, "set": f"{p} backgrounds", **bg[p]} for p in ("typical", "counterfactual")]
+        rows.append({"model": model, "set": "bias (typical - counterfactual)", **bg["bias"]})
+        parts.append(f"Same scenes ({bg['n_pairs']}) rendered on their typical and on a counterfactual background:\n\n"
+                     + markdown_table(rows))
+    rows = []
+    for name in ("hue", "grayscale"):
+        rep = report.get(name)
+        if not rep:
+            continue
+        if not rows:
+            rows.append({"model": model, "set": "original images", **rep["original"]})
+        for part, vals in rep.items():
+            if part not in ("original", "bias", "examples", "mean"):
+                rows.append({"model": model, "set": part, **vals})
+        if "mean" in rep:
+            rows.append({"model": model, "set": "hue: mean of the rotations", **rep["mean"]})
+        rows.append({"model": model, "set": f"{name}: bias (original - edited)", **rep["bias"]})
+    if rows:
+        parts.append("Edited pixels, scored colour-blind (colour words ignored):\n\n" + markdown_table(rows))
+    return "\n".join(parts)
 
 
 def evaluate(model, records: list[ImageRecord], settings: dict | None = None, batch_size: int = 128,

@@ -2,12 +2,14 @@
 
     python -m training.evaluate --checkpoint assets/checkpoints/shapes-diffusion --data shapes --split test
     python -m training.evaluate --checkpoint assets/checkpoints/shapes-baseline --split test --beam 3
+    python -m training.evaluate --checkpoint assets/checkpoints/shapes-diffusion --split test --counterfactuals all
     python -m training.evaluate --checkpoint runs/base-diffusion/final --data coco --data-dir DIR --split test
 
 Captions every image of the split, then reports corpus-level BLEU-1..4, METEOR, ROUGE-L and CIDEr
 against all references of each image after PTB tokenisation (pycocoevalcap; needs Java), and on the
 shapes world the exact per-attribute accuracy, hallucination rate and colour-bias score from the
-ground truth. Evaluating a Flickr-trained checkpoint on COCO (zero-shot) is the same command with
+ground truth (``--counterfactuals``: the same on counterfactual sets built from the split -- typical vs
+atypical backgrounds, hue-rotated, grayscale -- with a bias score for each). Evaluating a Flickr-trained checkpoint on COCO (zero-shot) is the same command with
 another ``--data``. Writes the full result as JSON (``--out``, every caption included) and the headline
 numbers as a markdown table (``--markdown``, default: next to ``--out``), with the sampler settings.
 """
@@ -22,7 +24,9 @@ import torch
 
 from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.data import load_datasets
-from diffusion_caption.evaluation import evaluate, load_model, markdown_table, model_kind, summary_row
+from diffusion_caption.counterfactuals import SETS
+from diffusion_caption.evaluation import (counterfactual_report, counterfactual_tables, evaluate, load_model,
+                                          markdown_table, model_kind, summary_row)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,9 +65,24 @@ def load_records(args):
     return records[: args.limit] if args.limit else records
 
 
+def parse_sets(text: str) -> tuple[str, ...]:
+    if not text:
+        return ()
+    if text == "all":
+        return SETS
+    sets = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in sets if x not in SETS]
+    if bad:
+        raise SystemExit(f"--counterfactuals: unknown set(s) {bad}; choose from {', '.join(SETS)} or 'all'")
+    return sets
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.add_argument("--counterfactuals", default="", metavar="SETS",
+                   help="shapes world: also caption counterfactual sets built from the split and score the colour "
+                        "bias on them; comma-separated, from: background,hue,grayscale (or 'all')")
     p.add_argument("--out", default="", help="write the full result (every caption) as JSON here")
     p.add_argument("--markdown", default="", help="write the headline table here (default: --out with .md)")
     args = p.parse_args(argv)
@@ -74,12 +93,18 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     records = load_records(args)
+    sets = parse_sets(args.counterfactuals)
+    if sets and not all(r.scene for r in records):
+        raise SystemExit("--counterfactuals needs the shapes world (its scenes are the ground truth)")
     settings = settings_from_args(model, args)
     res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
     res.update(checkpoint=args.checkpoint, data=args.data, split=args.split)
-    table = markdown_table([{"model": f"{res['kind']} ({os.path.basename(os.path.normpath(args.checkpoint))})",
-                             "split": args.split, **summary_row(res)}])
-    print(json.dumps({k: v for k, v in res.items() if k != "captions"}, indent=2))
+    name = f"{res['kind']} ({os.path.basename(os.path.normpath(args.checkpoint))})"
+    table = markdown_table([{"model": name, "split": args.split, **summary_row(res)}])
+    if sets:
+        res["counterfactuals"] = counterfactual_report(model, records, settings, args.batch_size, sets, args.seed)
+        table += "\n" + counterfactual_tables(res["counterfactuals"], name)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("captions", "counterfactuals")}, indent=2))
     print(table)
     for ex in res["captions"][:4]:
         print(f"  {os.path.basename(ex['image'])}: {ex['caption']!r}  (ref: {ex['references'][0]!r})")
