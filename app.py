@@ -147,6 +147,32 @@ def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
 
 
+_UPLOAD_IMAGE = None
+
+
+def upload_image(*args, **kw):
+    """A ``gr.Image`` (same front end) whose uploads reach the handlers as the file's path without gradio
+    opening it first: a file PIL cannot open (corrupt bytes, text named .png, a decompression bomb)
+    then gets the library loader's specific message instead of gradio's generic "Error"."""
+    global _UPLOAD_IMAGE
+    if _UPLOAD_IMAGE is None:
+        import gradio as gr
+
+        class UploadImage(gr.Image):
+            def get_block_name(self) -> str:
+                return "image"  # the front end's Image component
+
+            def preprocess(self, payload):
+                path = getattr(payload, "path", None)
+                url = getattr(payload, "url", None) or ""
+                if self.type == "filepath" and path and not url.startswith("data:"):
+                    return str(path)
+                return super().preprocess(payload)
+
+        _UPLOAD_IMAGE = UploadImage
+    return _UPLOAD_IMAGE(*args, **kw)
+
+
 class Handlers:
     def __init__(self, m: Models):
         self.m = m
@@ -528,9 +554,9 @@ def build(m: Models):
                     with gr.Column(scale=4, min_width=300):
                         first = next((p for p in m.examples if os.path.basename(p).startswith("shapes")),
                                      m.examples[0] if m.examples else None)
-                        # image_mode=None: gradio hands the uploaded file over untouched, and the library's
-                        # loader does the conversion (transparency on white, 16-bit scaling, EXIF rotation)
-                        image = gr.Image(first, type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
+                        # upload_image: gradio hands the uploaded file over unopened, and the library's loader
+                        # converts it (transparency on white, 16-bit scaling, EXIF rotation) or says what is wrong
+                        image = upload_image(first, type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
                                          height=260, format="png", elem_id="input-image")
                         if m.examples:
                             gr.Examples(examples=[[p] for p in m.examples], inputs=[image], examples_per_page=12,
@@ -587,7 +613,7 @@ def build(m: Models):
                             "bias (captions that follow the background instead of the objects) shows up directly.")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3, min_width=260):
-                        a_image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", height=220,
+                        a_image = upload_image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", height=220,
                                            format="png", elem_id="analysis-image")
                         copy_b = gr.Button("Use the Caption tab's image", size="sm")
                         variants_b = gr.Button("Caption the variants", variant="primary", elem_id="variants-button")

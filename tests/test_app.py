@@ -134,6 +134,31 @@ def test_user_errors_are_messages(handlers, app_files):
     assert all(isinstance(x, type(gr.skip())) for x in next(handlers.auto_caption(None, 3, "ddim", 1, False, 0, "x")))
 
 
+def test_uploads_gradio_cannot_open_get_the_loaders_message(handlers, app_files, tmp_path):
+    """The image box hands even an unreadable upload to the library's loader, whose message names the problem
+    (gradio's own Image would try PIL first and show a generic error)."""
+    import gradio as gr
+    from gradio.data_classes import FileData
+    from PIL import Image
+
+    import app
+
+    box = app.upload_image(type="filepath", image_mode=None)
+    assert isinstance(box, gr.Image) and box.get_block_name() == "image"
+    text = tmp_path / "notes.png"
+    text.write_text("hello, not pixels")
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:120])
+    for path, why in ((text, "not an image file"), (truncated, "could not be decoded")):
+        handed = box.preprocess(FileData(path=str(path), orig_name=path.name))
+        assert handed == str(path)
+        with pytest.raises(gr.Error, match=why):
+            list(handlers.caption_stream(handed, STEPS, "ddim", 1.0, False, 0, "predicted x0"))
+    good = box.preprocess(FileData(path=app_files["examples"][0], orig_name="scene.png"))
+    assert next(iter(handlers.caption_stream(good, STEPS, "ddim", 1.0, False, 0, "predicted x0")))
+
+
 def test_error_analysis_variants_and_composer(handlers, app_files):
     from diffusion_caption.variants import known_scenes, scene_key, variants_for
     from diffusion_caption.images import load_image
