@@ -3,7 +3,8 @@
     python -m training.sweep --checkpoint assets/checkpoints/shapes-diffusion --split test --out docs/sweep
 
 Runs the evaluation of ``training.evaluate`` (same protocol, same seeds) once per setting: every
-``--steps`` value with every ``--samplers`` entry at guidance 1, then every ``--guidance`` value with
+``--steps`` value with every ``--samplers`` entry (at ``--steps-guidance``, by default the checkpoint's
+own guidance scale), then every ``--guidance`` value with
 DDIM at ``--guidance-steps`` steps. Writes ``OUT.json`` (all results), ``OUT.md`` (the table) and
 ``OUT.png`` (the plot).
 """
@@ -56,7 +57,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set_xlabel("sampling steps (log scale)")
         ax.set_ylabel("score")
         ax.set_ylim(0, 1.02)
-        ax.set_title("quality against steps")
+        g = pts[0]["guidance"] if (pts := [r for r in rows if r["sweep"] == "steps"]) else 1.0
+        ax.set_title("quality against steps" + (f" (guidance {g:g})" if g != 1.0 else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     else:
@@ -99,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50,100"))
     p.add_argument("--samplers", default="ddim,ddpm")
+    p.add_argument("--steps-guidance", type=float, default=None,
+                   help="guidance scale of the steps sweep (default: the checkpoint's own, sample_guidance)")
     p.add_argument("--guidance", type=floats, default=floats("0,1,1.5,2,3,5"))
     p.add_argument("--guidance-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -113,7 +117,8 @@ def main(argv=None) -> None:
         raise SystemExit("the sweep varies diffusion sampling settings; give a diffusion checkpoint")
     records = load_records(args)
     image_features(model.image_encoder, [r.image_path for r in records], args.cache_dir)  # encode once, cached
-    plan = [("steps", dict(steps=s, sampler=smp, guidance=1.0)) for smp in args.samplers.split(",") for s in args.steps]
+    g_steps = model.config.sample_guidance if args.steps_guidance is None else args.steps_guidance
+    plan = [("steps", dict(steps=s, sampler=smp, guidance=g_steps)) for smp in args.samplers.split(",") for s in args.steps]
     plan += [("guidance", dict(steps=args.guidance_steps, sampler="ddim", guidance=g)) for g in args.guidance]
     rows, results = [], []
     for sweep, kw in tqdm(plan, desc="sweep"):

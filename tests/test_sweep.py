@@ -1,0 +1,36 @@
+"""The quality-against-steps/guidance sweep command, end to end on a tiny checkpoint and split."""
+import json
+import os
+
+
+def test_sweep_writes_table_plot_and_json(make_captioner, world_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from training import sweep
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    make_captioner(sample_guidance=2.0).save_pretrained(ckpt_dir)
+    out = str(tmp_path / "sweep" / "s")
+    sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "4",
+                "--steps", "1,3", "--samplers", "ddim,ddpm", "--guidance", "1,3", "--guidance-steps", "2",
+                "--tokenizer", "simple", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", out])
+    res = json.load(open(out + ".json"))["results"]
+    steps = [(r["settings"]["sampler"], r["settings"]["steps"], r["settings"]["guidance"])
+             for r in res if r["sweep"] == "steps"]
+    # the steps sweep runs at the checkpoint's own guidance unless told otherwise
+    assert steps == [("ddim", 1, 2.0), ("ddim", 3, 2.0), ("ddpm", 1, 2.0), ("ddpm", 3, 2.0)]
+    guid = [(r["settings"]["steps"], r["settings"]["guidance"]) for r in res if r["sweep"] == "guidance"]
+    assert guid == [(2, 1.0), (2, 3.0)]
+    assert all(r["n_images"] == 4 and "BLEU-4" in r["metrics"] for r in res)
+    md = open(out + ".md").read()
+    assert md.startswith("| sweep |") and md.count("\n") == 2 + 6
+    with Image.open(out + ".png") as im:
+        assert im.size[0] > 800
+    assert "wrote" in capsys.readouterr().out
+
+    sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "2",
+                "--steps", "2", "--samplers", "ddim", "--steps-guidance", "1", "--guidance", "",
+                "--tokenizer", "simple", "--cache-dir", str(tmp_path / "cache"), "--out", out + "2"])
+    res = json.load(open(out + "2.json"))["results"]
+    assert [(r["sweep"], r["settings"]["guidance"]) for r in res] == [("steps", 1.0)]
+    assert os.path.getsize(out + "2.png") > 1000
