@@ -570,7 +570,7 @@ def build(m: Models):
                             guidance = gr.Slider(0, 10, value=cfg.sample_guidance, step=0.5, label="Guidance scale",
                                                  info="classifier-free guidance; 1 = none")
                             with gr.Row():
-                                clamp = gr.Checkbox(False, label="Clamp to tokens",
+                                clamp = gr.Checkbox(cfg.sample_clamp, label="Clamp to tokens",
                                                     info="snap each predicted x0 to its nearest token embeddings")
                                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
@@ -671,7 +671,7 @@ def build(m: Models):
         api_settings = [gr.Number(cfg.sample_steps, precision=0, visible=False, label="steps"),
                         gr.Textbox(cfg.sampler, visible=False, label="sampler"),
                         gr.Number(cfg.sample_guidance, visible=False, label="guidance"),
-                        gr.Checkbox(False, visible=False, label="clamp"),
+                        gr.Checkbox(cfg.sample_clamp, visible=False, label="clamp"),
                         gr.Number(0, precision=0, visible=False, label="seed")]
         api_out = gr.JSON(visible=False)
         api_btn = gr.Button(visible=False)

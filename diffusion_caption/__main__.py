@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clamp", action="store_true", help="clamp each predicted x0 to its nearest tokens")
+    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp each predicted x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")

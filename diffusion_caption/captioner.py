@@ -126,6 +126,9 @@ class Captioner:
         early_stop = 0 if early_stop is None else early_stop
         if isinstance(early_stop, bool) or not isinstance(early_stop, int) or not 0 <= early_stop <= T:
             raise ValueError(f"early_stop must be an integer from 0 (off) to {T}, got {early_stop!r}")
+        clamp = self.config.sample_clamp if clamp is None else clamp
+        if not isinstance(clamp, (bool, int)) or clamp not in (0, 1):
+            raise ValueError(f"clamp must be true or false, got {clamp!r}")
         return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
                 "clamp": bool(clamp), "early_stop": early_stop}
 
@@ -142,7 +145,7 @@ class Captioner:
 
     def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                            steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                           seed: int = 0, clamp: bool = False, early_stop: int = 0,
+                           seed: int = 0, clamp: bool | None = None, early_stop: int = 0,
                            record: str = "all") -> Iterator[list[DenoisingStep | None]]:
         """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features.
 
@@ -196,7 +199,7 @@ class Captioner:
 
     def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                      seed: int = 0, clamp: bool = False, early_stop: int = 0, record: str = "all") -> list[Trace]:
+                      seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all") -> list[Trace]:
         """One ``Trace`` per image, all images denoised together as one batch.
 
         ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
@@ -216,7 +219,7 @@ class Captioner:
         return [Trace(steps, dict(settings), seconds) for steps in per_image]
 
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                seed: int = 0, clamp: bool = False, early_stop: int = 0, record: str = "all") -> Trace:
+                seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all") -> Trace:
         """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
         return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                                   clamp=clamp, early_stop=early_stop, record=record)[0]

@@ -62,6 +62,17 @@ def write_examples(path: str) -> list[str]:
     return out + [photo]
 
 
+def memory_mib(pid: int) -> dict:
+    """A process's resident memory now (``rss``) and its peak so far (``peak``, VmHWM), in MiB (Linux)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) / 1024
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,14 +80,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(checkpoint: str, examples: str, cache_dir: str, startup_timeout: float = 120.0):
-    """Serve ``app.py`` on a free port (PCA vocabulary map, no baseline) and yield its URL."""
+def running_app(checkpoint: str, examples: str, cache_dir: str, startup_timeout: float = 120.0,
+                processes: list | None = None):
+    """Serve ``app.py`` on a free port (PCA vocabulary map, no baseline) and yield its URL.
+
+    ``processes``, when given, receives the server's ``subprocess.Popen`` (to read its memory, say)."""
     port = free_port()
     cmd = [sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint", checkpoint, "--baseline", "",
            "--port", str(port), "--vocab-map", "pca", "--cache-dir", cache_dir, "--examples", examples]
     log = open(os.path.join(cache_dir, f"app-{port}.log"), "w+")
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if processes is not None:
+        processes.append(proc)
     url = f"http://127.0.0.1:{port}/"
     try:
         t0 = time.time()

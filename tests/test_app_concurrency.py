@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app_server import running_app, save_tiny_checkpoint, write_examples
+from app_server import memory_mib, running_app, save_tiny_checkpoint, write_examples
 
 STEPS = 4
 USERS = 20
@@ -30,14 +30,27 @@ def test_twenty_concurrent_users_each_get_their_own_trace(files):
 
     ck, examples_dir, examples, cache = files
     requests = [(examples[i % len(examples)], 100 + i) for i in range(USERS)]
-    with running_app(ck, examples_dir, cache) as url:
+    procs = []
+    with running_app(ck, examples_dir, cache, processes=procs) as url:
         def one(req):
             image, seed = req
             client = Client(url, verbose=False)  # one client per user, as separate browsers would be
             return client.predict(handle_file(image), STEPS, "ddim", 1.0, False, seed, api_name="/caption")
 
+        pid = procs[0].pid
+        before = memory_mib(pid)
         with ThreadPoolExecutor(max_workers=USERS) as pool:
             results = list(pool.map(one, requests))
+        first_wave = memory_mib(pid)
+        with ThreadPoolExecutor(max_workers=USERS) as pool:  # a second wave of 20 users, other seeds
+            again = list(pool.map(one, [(image, seed + USERS) for image, seed in requests]))
+        second_wave = memory_mib(pid)
+
+    # memory stays bounded: 20 users at once cost the server little beyond its idle footprint, and a second
+    # wave of 20 more leaves it about where the first did (nothing kept per user)
+    assert first_wave["peak"] - before["rss"] < 300, (before, first_wave)
+    assert second_wave["rss"] - first_wave["rss"] < 60, (first_wave, second_wave)
+    assert all(r["done"] for r in again)
 
     cap = Captioner.from_pretrained(ck)
     for (image, seed), res in zip(requests, results):

@@ -14,7 +14,7 @@ from training import benchmark
 
 def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir, tmp_path):
     diff_dir, base_dir = str(tmp_path / "diffusion"), str(tmp_path / "baseline")
-    make_captioner().save_pretrained(diff_dir)
+    make_captioner(sampler="ddpm", sample_steps=2, sample_clamp=True).save_pretrained(diff_dir)
     torch.manual_seed(0)
     cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
                           bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
@@ -33,7 +33,8 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     for needle in ("| diffusion | DDIM 1 | 1 |", "| diffusion | DDIM 3 | 4 |", "| diffusion | DDIM 3, early stop 1 | 4 |",
                    "| diffusion | DDIM 3, full trace | 1 |", "| baseline | greedy | 4 |", "| baseline | beam 2 | 1 |",
                    "| image encoder |", "## Targets", "## Early stopping", "benchmark.png", "## Full trace, fast path",
-                   "| diffusion | DDIM 3, compiled | 4 |", "| diffusion | DDIM 3, guidance 2, early stop 1 | 4 |"):
+                   "| diffusion | DDIM 3, compiled | 4 |", "| diffusion | DDIM 3, guidance 2, early stop 1 | 4 |",
+                   "| diffusion | default: DDPM 2, clamp | 1 |"):
         assert needle in text, needle
     assert os.path.isfile(tmp_path / "docs" / "benchmark.png")
     saved = json.loads((tmp_path / "docs" / "benchmark.json").read_text())
@@ -42,8 +43,10 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     timed = [r for r in rows if r["model"] in ("diffusion", "baseline")]
     # per suite: DDIM 1 and 3 at two batch sizes, two full traces, two beams at two; the trained diffusion
     # model also with DDIM 3 early stopping at two batch sizes, and all of it again at guidance 2; the tiny
-    # suite's fast path compiled
-    assert len(timed) == (2 * (4 + 2 + 2) + 4) + (4 + 2 + 4 + 4)
+    # suite's fast path compiled; the trained model's own defaults (DDPM 2 with clamping) at two batch sizes
+    assert len(timed) == (2 * (4 + 2 + 2) + 4 + 2) + (4 + 2 + 4 + 4)
+    default = [r for r in timed if r["setting"] == "default: DDPM 2, clamp"]
+    assert len(default) == 2 and all(r["sampler"] == "ddpm" and r["clamp"] and r["steps"] == 2 for r in default)
     assert all(r["first_call_s"] > 0 for r in timed if r.get("compiled"))
     for r in timed:
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and len(r["runs_ms"]) == (2 if r["suite"] == "shapes" else 2)
@@ -58,7 +61,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
                                      "shapes|diffusion|DDIM 3, early stop 1", "shapes|diffusion|DDIM 1, guidance 2",
                                      "shapes|diffusion|DDIM 3, guidance 2",
                                      "shapes|diffusion|DDIM 3, guidance 2, early stop 1", "shapes|baseline|greedy",
-                                     "shapes|baseline|beam 2"}
+                                     "shapes|baseline|beam 2", "shapes|diffusion|default: DDPM 2, clamp"}
     # guided sampling runs both passes in one batch: twice the FLOPs of unguided
     fl = {(r["guidance"], r["batch"]): r["flops"] for r in timed if r["suite"] == "shapes"
           and r["model"] == "diffusion" and r["steps"] == 3 and r["record"] == "final" and not r["early_stop"]}

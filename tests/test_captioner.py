@@ -192,3 +192,12 @@ def test_config_sampling_defaults_apply_when_a_call_gives_none(make_captioner, s
     tr = cap.caption(scene_image)
     assert tr.settings["guidance"] == 3.0 and len(tr.steps) == 4
     assert cap.caption(scene_image, guidance=1.0).settings["guidance"] == 1.0
+    # the clamp default comes from the config too, and changes the captioning: x0 snapped to token embeddings
+    cc = make_captioner(sample_clamp=True, sample_steps=4, sampler="ddpm")
+    tr = cc.caption(scene_image)
+    assert tr.settings["clamp"] is True and tr.settings["sampler"] == "ddpm"
+    off = cc.caption(scene_image, clamp=False)
+    assert off.settings["clamp"] is False
+    assert tr.steps[1].x_t is not None and not torch.equal(tr.steps[1].x_t, off.steps[1].x_t)
+    with pytest.raises(ValueError, match="clamp must be true or false"):
+        cc.caption(scene_image, clamp="yes")

@@ -305,9 +305,21 @@ def guidances(model, wanted: list[str]) -> list[float]:
     return out
 
 
+def checkpoint_default(model) -> dict | None:
+    """The checkpoint's own sampling defaults as one more setting, when they are not a plain DDIM one."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or (cfg.sampler == "ddim" and not getattr(cfg, "sample_clamp", False)):
+        return None
+    name = (f"default: {cfg.sampler.upper()} {cfg.sample_steps}"
+            + (f", guidance {cfg.sample_guidance:g}" if cfg.sample_guidance != 1.0 else "")
+            + (", clamp" if getattr(cfg, "sample_clamp", False) else ""))
+    return dict(setting=name, steps=cfg.sample_steps, sampler=cfg.sampler, guidance=float(cfg.sample_guidance),
+                clamp=bool(getattr(cfg, "sample_clamp", False)), early_stop=0, record="final")
+
+
 def diffusion_plan(args, batch_sizes: list[int], scales: list[float], compiled: bool = False,
-                   early_stop: bool = True) -> list[dict]:
-    plan = []
+                   early_stop: bool = True, default: dict | None = None) -> list[dict]:
+    plan = [dict(default, batch=B) for B in batch_sizes] if default else []
     for g in scales:
         for steps in args.steps:
             base = dict(steps=steps, guidance=g, early_stop=0, record="final")
@@ -347,7 +359,9 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
     if suite.diffusion is not None:
         scales = guidances(suite.diffusion, args.guidance) if suite.records is not None else [1.0]
         jobs += [("diffusion", p) for p in diffusion_plan(args, batch_sizes, scales, suite.name in args.compile,
-                                                          early_stop=suite.records is not None)]
+                                                          early_stop=suite.records is not None,
+                                                          default=(checkpoint_default(suite.diffusion)
+                                                                   if suite.records is not None else None))]
         if suite.name in args.compile:
             compiled = copy.copy(suite.diffusion).compile(dynamic=False)  # same weights, own compiled graph
     if suite.baseline is not None:
@@ -361,8 +375,8 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         feats = take(suite.features[kind], B * n_calls).to(device)
         chunks = [feats[i * B:(i + 1) * B] for i in range(n_calls)]
         if kind == "diffusion":
-            kw = dict(steps=p["steps"], sampler="ddim", guidance=p["guidance"], seed=args.seed,
-                      early_stop=p["early_stop"], record=p["record"])
+            kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
+                      clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"])
         else:
             kw = dict(beam=p["beam"])
 
@@ -450,6 +464,10 @@ def quality(suite: Suite, args) -> dict:
                 jobs.append(("diffusion", setting_name(steps, g), dict(steps=steps, guidance=g, early_stop=0)))
                 jobs += [("diffusion", setting_name(steps, g, k), dict(steps=steps, guidance=g, early_stop=k))
                          for k in args.early_stop if steps > k]
+        d = checkpoint_default(suite.diffusion)
+        if d is not None:
+            jobs.append(("diffusion", d["setting"], {k: d[k] for k in ("steps", "sampler", "guidance", "clamp",
+                                                                      "early_stop")}))
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
@@ -461,7 +479,8 @@ def quality(suite: Suite, args) -> dict:
         else:
             settings = dict(kw)
             if kind == "diffusion":
-                settings = model.check_settings(kw["steps"], "ddim", kw["guidance"], args.seed, False, kw["early_stop"])
+                settings = model.check_settings(kw["steps"], kw.get("sampler", "ddim"), kw["guidance"], args.seed,
+                                                kw.get("clamp", False), kw["early_stop"])
                 settings["record"] = "final"  # the same captions as the full trace, without it
             res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
             hyps = {c["image_id"]: c["caption"] for c in res["captions"]}
@@ -495,13 +514,13 @@ def early_stop_stats(model, suite: Suite, steps: int, guidance: float, patience:
     for i in range(0, feats.shape[0], args.quality_batch):
         f = feats[i:i + args.quality_batch]
         seed = args.seed + i  # as evaluation.generate seeds each batch
-        out = model.caption_batch(features=f, steps=steps, guidance=guidance, seed=seed, early_stop=patience,
-                                  record="final")
+        out = model.caption_batch(features=f, steps=steps, sampler="ddim", guidance=guidance, seed=seed,
+                                  clamp=False, early_stop=patience, record="final")
         used += [t.final.index + 1 for t in out]
         texts += [t.text for t in out]
         if without is None:
-            ref += [t.text for t in model.caption_batch(features=f, steps=steps, guidance=guidance, seed=seed,
-                                                        record="final")]
+            ref += [t.text for t in model.caption_batch(features=f, steps=steps, sampler="ddim", guidance=guidance,
+                                                        seed=seed, clamp=False, record="final")]
     ref = ref if without is None else without
     return {"stopped_early": sum(u < steps for u in used) / len(used), "mean_steps": sum(used) / len(used),
             "same_caption": sum(a == b for a, b in zip(texts, ref)) / len(used)}
@@ -578,6 +597,8 @@ def join_quality(rows: list[dict], qual: dict) -> None:
 
 
 def variant_of(row: dict) -> str:
+    if row.get("sampler", "ddim") != "ddim" or row.get("clamp"):
+        return "checkpoint default"
     v = "compiled" if row.get("compiled") else "early stop" if row.get("early_stop") else "eager"
     g = row.get("guidance", 1.0)
     return v if g == 1.0 else f"{v}, guidance {g:g}"
@@ -611,6 +632,9 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                "compiled": (["tab:green", "tab:olive", "darkgreen"], dict(marker="^")),
                "early stop": (["tab:cyan", "tab:pink", "teal"], dict(marker="x", ls=""))}
     scales = sorted({r.get("guidance", 1.0) for r in rows if r["model"] == "diffusion"})
+    series.append(("diffusion", "checkpoint default", next(
+        (f"diffusion, checkpoint {r['setting']}" for r in rows if variant_of(r) == "checkpoint default"), ""),
+        dict(marker="*", color="black", ls="")))
     for kind, (colors, style) in palette.items():
         for i, g in enumerate(scales):
             label = "diffusion" + ("" if kind == "eager" else ", torch.compile" if kind == "compiled" else
@@ -631,6 +655,8 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                 for r, x, y in zip(sel, xs, ys):
                     name = str(r.get("steps", "")) + (f"/{r['early_stop']}" if r.get("early_stop") else "") \
                         if r["model"] == "diffusion" else r["setting"]
+                    if variant == "checkpoint default":
+                        name = "default"
                     ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
                 every += [(x, y, kind) for x, y in zip(xs, ys)]
             for kind, color in (("diffusion", "tab:blue"), ("baseline", "tab:red")):

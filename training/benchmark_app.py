@@ -14,7 +14,9 @@ replayed from the app's memo):
   on the ``/caption`` endpoint (queue and network included);
 * full trace with all plots: to the handler's last update (the trace, the heatmap, the trajectory map,
   the step table and the baseline caption), without the display pacing of the stream, and with it;
-* scrubbing: rendering one step's view (chips, heatmap, trajectory map).
+* scrubbing: rendering one step's view (chips, heatmap, trajectory map);
+* many users: ``--users`` concurrent gradio_client users, in two waves, with the server's resident and
+  peak memory before and after each wave (bounded memory: the second wave should not add to the first).
 
 The issue's targets on 2 CPU cores with the shapes checkpoints: first step within 0.3 s, full trace with
 all plots within 2 s. This script prints the numbers; it asserts nothing.
@@ -53,14 +55,18 @@ def run_handler(h, image: str, steps: int, seed: int, sampler: str) -> dict:
 
 def through_server(args, images: list[str]) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from app_server import running_app
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app_server import memory_mib, running_app
     from gradio_client import Client, handle_file
 
     firsts, totals = [], []
     cache = os.path.abspath(args.cache_dir)
     os.makedirs(cache, exist_ok=True)
     t0 = time.perf_counter()
-    with running_app(args.checkpoint, args.examples, cache, startup_timeout=180) as url:
+    procs: list = []
+    users: dict = {}
+    with running_app(args.checkpoint, args.examples, cache, startup_timeout=180, processes=procs) as url:
         serve_s = time.perf_counter() - t0
         client = Client(url, verbose=False)
         client.predict(handle_file(images[0]), args.steps, args.sampler, 1.0, False, 999, api_name="/caption")  # warm
@@ -76,7 +82,22 @@ def through_server(args, images: list[str]) -> dict:
             job.result()
             totals.append(time.perf_counter() - t)
             firsts.append(first if first is not None else totals[-1])
-    return {"serve": serve_s, "first": firsts, "total": totals}
+        if args.users:
+            def one(k: int) -> float:
+                c = Client(url, verbose=False)  # one client per user, as separate browsers would be
+                t = time.perf_counter()
+                c.predict(handle_file(images[k % len(images)]), args.steps, args.sampler, 1.0, False, 5000 + k,
+                          api_name="/caption")
+                return time.perf_counter() - t
+
+            pid = procs[0].pid
+            users["before"] = memory_mib(pid)
+            for wave in (1, 2):
+                t = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=args.users) as pool:
+                    per_user = list(pool.map(one, range(wave * 1000, wave * 1000 + args.users)))
+                users[f"wave{wave}"] = {"wall": time.perf_counter() - t, "per_user": per_user, **memory_mib(pid)}
+    return {"serve": serve_s, "first": firsts, "total": totals, "users": users}
 
 
 def main(argv=None) -> int:
@@ -93,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"])
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "cache"))
     p.add_argument("--no-server", action="store_true", help="skip the end-to-end timing through a running app")
+    p.add_argument("--users", type=int, default=20,
+                   help="then this many concurrent gradio_client users, twice, with the server's memory (0: skip)")
     args = p.parse_args(argv)
 
     import torch
@@ -161,6 +184,15 @@ def main(argv=None) -> int:
         print(f"{'app.py serving after (subprocess)':46s}{s['serve'] * 1000:7.0f} ms")
         print(f"{'time to first step (/caption via gradio_client)':46s}{_median_ms(s['first'])}")
         print(f"{'full trace (/caption via gradio_client)':46s}{_median_ms(s['total'])}")
+        u = s["users"]
+        if u:
+            print(f"server memory idle after the timing above: {u['before']['rss']:.0f} MiB resident "
+                  f"(peak so far {u['before']['peak']:.0f} MiB)")
+            for wave in (1, 2):
+                w = u[f"wave{wave}"]
+                print(f"{args.users} concurrent users, wave {wave}: all served in {w['wall']:.1f} s (per user: median "
+                      f"{statistics.median(w['per_user']):.1f} s, max {max(w['per_user']):.1f} s); server memory "
+                      f"{w['rss']:.0f} MiB resident after, peak {w['peak']:.0f} MiB")
     return 0
 
 

@@ -40,7 +40,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", default=None, choices=["ddim", "ddpm"])
     g.add_argument("--guidance", type=float, default=None)
-    g.add_argument("--clamp", action="store_true")
+    g.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp each x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")

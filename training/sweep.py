@@ -105,6 +105,8 @@ def main(argv=None) -> None:
                    help="guidance scale of the steps sweep (default: the checkpoint's own, sample_guidance)")
     p.add_argument("--guidance", type=floats, default=floats("0,1,1.5,2,3,5"))
     p.add_argument("--guidance-steps", type=int, default=20)
+    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="clamp each x0 to its nearest tokens in every setting (default: the checkpoint's sample_clamp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--cache-dir", default="cache")
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
     rows, results = [], []
     for sweep, kw in tqdm(plan, desc="sweep"):
         torch.manual_seed(args.seed)
-        settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, False)
+        settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp)
         res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
         res.pop("captions")
         results.append({"sweep": sweep, **res})
