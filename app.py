@@ -147,30 +147,29 @@ def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
 
 
-_UPLOAD_IMAGE = None
-
-
 def upload_image(*args, **kw):
-    """A ``gr.Image`` (same front end) whose uploads reach the handlers as the file's path without gradio
-    opening it first: a file PIL cannot open (corrupt bytes, text named .png, a decompression bomb)
-    then gets the library loader's specific message instead of gradio's generic "Error"."""
-    global _UPLOAD_IMAGE
-    if _UPLOAD_IMAGE is None:
-        import gradio as gr
+    """A ``gr.Image`` whose uploads reach the handlers as the file's path without gradio opening it first:
+    a file PIL cannot open (corrupt bytes, text named .png, a decompression bomb) then gets the library
+    loader's specific message instead of gradio's generic "Error".
 
-        class UploadImage(gr.Image):
-            def get_block_name(self) -> str:
-                return "image"  # the front end's Image component
+    The instance's ``preprocess`` is replaced rather than subclassing ``gr.Image``: a subclass would make
+    gradio write a type-stub file next to this one at import time."""
+    import types
 
-            def preprocess(self, payload):
-                path = getattr(payload, "path", None)
-                url = getattr(payload, "url", None) or ""
-                if self.type == "filepath" and path and not url.startswith("data:"):
-                    return str(path)
-                return super().preprocess(payload)
+    import gradio as gr
 
-        _UPLOAD_IMAGE = UploadImage
-    return _UPLOAD_IMAGE(*args, **kw)
+    box = gr.Image(*args, **kw)
+    default = box.preprocess
+
+    def preprocess(self, payload):
+        path = getattr(payload, "path", None)
+        url = getattr(payload, "url", None) or ""
+        if self.type == "filepath" and path and not url.startswith("data:"):
+            return str(path)
+        return default(payload)
+
+    box.preprocess = types.MethodType(preprocess, box)
+    return box
 
 
 class Handlers:

@@ -110,3 +110,27 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
             assert os.path.getsize(path) > 50_000
         finally:
             d.quit()
+
+
+def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokenizer, clip_encoder):
+    """A text file named .png, uploaded through the page's image box: the person sees what is wrong with
+    the file (the library's message), and the page keeps working."""
+    from selenium.webdriver.common.by import By
+
+    ck = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "ckpt"))
+    write_examples(str(tmp_path / "examples"))
+    bad = tmp_path / "holiday.png"
+    bad.write_text("these are not pixels")
+    with running_app(ck, str(tmp_path / "examples"), str(tmp_path)) as url:
+        d = _driver()
+        try:
+            d.get(url)
+            _wait(d, "the first caption's heatmap", lambda: _rendered_img(d, "heatmap"))
+            # the box keeps its (hidden) file input while it shows an image: upload through it
+            inp = _wait(d, "the upload input", lambda: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+            inp[0].send_keys(str(bad))
+            _wait(d, "the loader's message", lambda: "not an image file" in d.find_element(By.TAG_NAME, "body").text,
+                  timeout=60)
+            assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
+        finally:
+            d.quit()
