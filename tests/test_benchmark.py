@@ -74,6 +74,20 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     benchmark.main(["--render", str(tmp_path / "docs" / "benchmark.json"), "--out", str(again)])
     assert again.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
     assert os.path.isfile(tmp_path / "again" / "benchmark.png")
+    # a later run of one suite keeps the other from the earlier JSON, labelled as carried over
+    later = tmp_path / "later" / "B.md"
+    later.parent.mkdir()
+    benchmark.main(["--suites", "tiny", "--devices", "cpu", "--steps", "1", "--guidance", "1", "--early-stop", "",
+                    "--beams", "1", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--base-repeats", "1",
+                    "--tiny-length", "8", "--threads", "1", "--matmul-n", "64", "--compile", "", "--no-quality",
+                    "--keep-from", str(tmp_path / "docs" / "benchmark.json"), "--out", str(later)])
+    merged = json.loads((tmp_path / "later" / "benchmark.json").read_text())
+    assert [s["name"] for s in merged["suites"]] == ["tiny", "shapes"]
+    kept = [r for r in merged["rows"] if r["suite"] == "shapes"]
+    assert len(kept) == len([r for r in rows if r["suite"] == "shapes"]) and all(r["carried_over"] for r in kept)
+    assert not any(r.get("carried_over") for r in merged["rows"] if r["suite"] == "tiny")
+    text2 = later.read_text()
+    assert "carried over from an earlier run" in text2 and "except the suites marked as carried over" in text2
 
 
 def test_peak_tensor_memory_counts_new_tensors_only():

@@ -801,7 +801,9 @@ def write_markdown(path: str, report: dict, plot_path: str | None) -> None:
             notes = old[old.index(NOTES_START) + len(NOTES_START):old.index(NOTES_END)].strip("\n")
     m = report["machine"]
     lines = ["# Benchmarks: diffusion against autoregressive captioning", "",
-             f"Written by `{report['command']}` on {m['date']}. Every figure below comes from that one run.", "",
+             f"Written by `{report['command']}` on {m['date']}. Every figure below comes from that one run"
+             + (", except the suites marked as carried over from an earlier one." if any(
+                 r.get("carried_over") for r in report["rows"]) else "."), "",
              f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads"
              + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU (CUDA figures not measured)") + "."]
     for when, c in report["contention"].items():
@@ -908,6 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="", help="default: docs/benchmark.json beside --out")
     p.add_argument("--plot", default="", help="default: docs/benchmark.png beside --out")
     p.add_argument("--render", default="", help="only rewrite --out and the plot from this saved JSON (no timing)")
+    p.add_argument("--keep-from", default="", metavar="JSON",
+                   help="carry over, from this earlier benchmark JSON, the suites this run does not measure (they "
+                        "are labelled with that run's date, machine and command)")
     return p
 
 
@@ -972,10 +977,32 @@ def main(argv=None) -> dict:
         del suite
     report["contention"]["end"] = contention()
     report.setdefault("quality_rows", "")
+    if args.keep_from:
+        carry_over(report, args.keep_from)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1, default=str)
     return write_report(report, args.out, json_path, plot_path, args.plot_metrics)
+
+
+def carry_over(report: dict, path: str) -> None:
+    """Append the suites of an earlier report (``path``) that this one did not measure, with their rows,
+    each suite noting when, where and by what command it was measured."""
+    with open(path) as f:
+        old = json.load(f)
+    have = {s["name"] for s in report["suites"]}
+    m = old["machine"]
+    for suite in old["suites"]:
+        if suite["name"] in have:
+            continue
+        suite = dict(suite)
+        suite["notes"] = [f"**carried over from an earlier run**: measured on {m['date']} by `{old['command']}` "
+                          f"({m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} threads; "
+                          f"matmul rate then {old['matmul'].get('cpu', {}).get('gflops', float('nan')):.1f} GFLOP/s, "
+                          f"load average {old['contention'].get('start', {}).get('load_average')})"] + suite["notes"]
+        report["suites"].append(suite)
+        report["rows"] += [dict(r, carried_over=m["date"]) for r in old["rows"] if r["suite"] == suite["name"]]
+        report["quality"].update({k: v for k, v in old["quality"].items() if k.startswith(suite["name"] + "|")})
 
 
 def write_report(report: dict, out: str, json_path: str, plot_path: str, metrics: list[str]) -> dict:
