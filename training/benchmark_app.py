@@ -38,11 +38,11 @@ def _median_ms(xs: list[float]) -> str:
     return f"{1000 * statistics.median(xs):7.0f} ms" if xs else "      n/a"
 
 
-def run_handler(h, image: str, steps: int, seed: int, sampler: str) -> dict:
+def run_handler(h, image: str, steps: int, seed: int, sampler: str, guidance: float = 1.0, clamp: bool = False) -> dict:
     t0 = time.perf_counter()
     first = None
     last = None
-    for out in h.caption_stream(image, steps, sampler, 1.0, False, seed, "predicted x0"):
+    for out in h.caption_stream(image, steps, sampler, guidance, clamp, seed, "predicted x0"):
         now = time.perf_counter() - t0
         if first is None:
             first = now
@@ -69,11 +69,11 @@ def through_server(args, images: list[str]) -> dict:
     with running_app(args.checkpoint, args.examples, cache, startup_timeout=180, processes=procs) as url:
         serve_s = time.perf_counter() - t0
         client = Client(url, verbose=False)
-        client.predict(handle_file(images[0]), args.steps, args.sampler, 1.0, False, 999, api_name="/caption")  # warm
+        client.predict(handle_file(images[0]), args.steps, args.sampler, args.guidance, args.clamp, 999, api_name="/caption")  # warm
         for r in range(args.repeats):
             img = images[r % len(images)]
             t = time.perf_counter()
-            job = client.submit(handle_file(img), args.steps, args.sampler, 1.0, False, 1000 + r, api_name="/caption")
+            job = client.submit(handle_file(img), args.steps, args.sampler, args.guidance, args.clamp, 1000 + r, api_name="/caption")
             first = None
             while not job.done():
                 if first is None and job.outputs():
@@ -86,7 +86,7 @@ def through_server(args, images: list[str]) -> dict:
             def one(k: int) -> float:
                 c = Client(url, verbose=False)  # one client per user, as separate browsers would be
                 t = time.perf_counter()
-                c.predict(handle_file(images[k % len(images)]), args.steps, args.sampler, 1.0, False, 5000 + k,
+                c.predict(handle_file(images[k % len(images)]), args.steps, args.sampler, args.guidance, args.clamp, 5000 + k,
                           api_name="/caption")
                 return time.perf_counter() - t
 
@@ -109,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default=app.DEFAULT_BASELINE)
     p.add_argument("--examples", default=app.EXAMPLES_DIR)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm"], help="default: the checkpoint's")
+    p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's sample_guidance")
+    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: the checkpoint's sample_clamp")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"])
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "cache"))
@@ -140,25 +143,30 @@ def main(argv=None) -> int:
     if vmap is None:
         print(f"error: {m.vocab_job.error or 'the vocabulary map was not ready in 600 s'}", file=sys.stderr)
         return 1
-    args.steps = args.steps or m.cap.config.sample_steps
+    cfg = m.cap.config
+    args.steps = args.steps or cfg.sample_steps
+    args.sampler = args.sampler or cfg.sampler
+    args.guidance = cfg.sample_guidance if args.guidance is None else args.guidance
+    args.clamp = cfg.sample_clamp if args.clamp is None else args.clamp
     images = [e for e in m.examples if os.path.basename(e).startswith("shapes")] or m.examples
     if not images:
         print(f"error: no example images in {args.examples}", file=sys.stderr)
         return 2
     h = app.Handlers(m)
-    run_handler(h, images[0], args.steps, 10_000, args.sampler)  # warm-up: first-call costs are not per-click costs
+    run_handler(h, images[0], args.steps, 10_000, args.sampler, args.guidance, args.clamp)  # warm-up: first-call costs are not per-click costs
 
     unpaced, paced = [], []
     budget = app.STREAM_BUDGET_S
     try:
         app.STREAM_BUDGET_S = 0.0
         for r in range(args.repeats):
-            unpaced.append(run_handler(h, images[r % len(images)], args.steps, r, args.sampler))
+            unpaced.append(run_handler(h, images[r % len(images)], args.steps, r, args.sampler, args.guidance, args.clamp))
     finally:
         app.STREAM_BUDGET_S = budget
     for r in range(args.repeats):
-        paced.append(run_handler(h, images[r % len(images)], args.steps, 100 + r, args.sampler))
-    view = h.caption_stream(images[0], args.steps, args.sampler, 1.0, False, 0, "predicted x0")
+        paced.append(run_handler(h, images[r % len(images)], args.steps, 100 + r, args.sampler, args.guidance,
+                                 args.clamp))
+    view = h.caption_stream(images[0], args.steps, args.sampler, args.guidance, args.clamp, 0, "predicted x0")
     v = list(view)[-1][9]
     scrub = []
     for k in range(1, min(len(v.steps), 6) + 1):
@@ -166,7 +174,8 @@ def main(argv=None) -> int:
         h.goto(v, k, "predicted x0")
         scrub.append(time.perf_counter() - t)
 
-    print(f"checkpoint {args.checkpoint} ({args.steps} {args.sampler.upper()} steps), "
+    print(f"checkpoint {args.checkpoint} ({args.steps} {args.sampler.upper()} steps, guidance {args.guidance:g}"
+          f"{', clamp' if args.clamp else ''}), "
           f"{m.baseline_note}; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
     print(f"start-up: models loaded in {load_s:.1f} s, page built in {build_s:.1f} s; vocabulary map "
           + (f"found stored ({vmap.method})" if stored else f"fitted now ({vmap.method}) in {map_s:.1f} s"))
