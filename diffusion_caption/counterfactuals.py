@@ -25,7 +25,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from .attributes import ParsedCaption, attribute_scores, parse_caption
+from .attributes import ParsedCaption, attribute_scores, parse_caption, single_object_accuracy
 from .variants import HUE_ROTATIONS, grayscale, hue_rotate
 from .world import BACKGROUNDS, SHAPE_BACKGROUND, Scene, render_scene
 
@@ -95,12 +95,8 @@ def blind_report(captions: list[str], scenes: list[Scene]) -> dict:
     for a in BLIND_ATTRIBUTES:
         vals = [p[a] for p in per if p[a] is not None]
         out[a] = sum(vals) / len(vals) if vals else None
-    one = [(c, s) for c, s in zip(captions, scenes) if len(s.objects) == 1]
-    hits = []
-    for c, s in one:
-        objs = parse_caption(c).objects
-        hits.append(bool(objs) and objs[0].shape == s.objects[0].shape)
-    out["1-obj shape"] = sum(hits) / len(hits) if hits else None
+    so = single_object_accuracy(captions, scenes)  # its shape check reads no colour words
+    out["1-obj shape"] = so["shape_acc"] if so["n"] else None
     out["names chromatic colour"] = (sum(names_chromatic_colour(c) for c in captions) / len(captions)
                                      if captions else None)
     return out

@@ -6,6 +6,7 @@ then saves a screenshot (to $DC_SCREENSHOT_DIR when set, else the test's tempora
 import os
 import shutil
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -58,79 +59,89 @@ def _rendered_img(driver, elem_id):
         "return i && i.complete && i.naturalWidth > 100 ? i.src : null;", f"#{elem_id}")
 
 
-def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_encoder):
-    from selenium.webdriver.common.by import By
-
+@contextmanager
+def _opened_page(tmp_path, tokenizer, clip_encoder):
+    """The app on a tiny checkpoint, opened in headless Chromium, once the page's first caption (the first
+    example, denoised at load) has drawn its heatmap: what the page does next is the test's own doing."""
     ck = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "ckpt"))
     write_examples(str(tmp_path / "examples"))
-    shots = os.environ.get("DC_SCREENSHOT_DIR") or str(tmp_path)
-    os.makedirs(shots, exist_ok=True)
     with running_app(ck, str(tmp_path / "examples"), str(tmp_path)) as url:
         d = _driver()
         try:
             d.get(url)
-            # the page opens with the first example denoised: wait for that, so the next caption is ours
             _wait(d, "the first caption's heatmap", lambda: _rendered_img(d, "heatmap"))
-            # pick another scene than the one shown at start (shapes_01; the page opened with shapes_00)
-            thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
-            assert len(thumbs) == 3
-            other = next(t for t in thumbs if "shapes_01" in t.get_attribute("src"))
-            # record every status line shown from now on: the final one proves this click's caption arrived
-            d.execute_script("""window.__statuses = [];
-                const el = document.getElementById('step-status');
-                new MutationObserver(() => window.__statuses.push(el.innerText)).observe(
-                    el, {subtree: true, childList: true, characterData: true});""")
-            d.execute_script("arguments[0].click()", other)
-            seen = _wait(d, "the final caption", lambda: (lambda st: st if any(f"Step {STEPS} of {STEPS}" in x for x in st)
-                                                          else None)(d.execute_script("return window.__statuses")),
-                         timeout=120)
-            # (the intermediate steps are streamed too, but a page on a loaded machine may draw only the last
-            # of several updates that arrive together; test_app checks the per-step stream itself)
-            assert any("caption:" in x for x in seen)
-            heat = _wait(d, "the heatmap", lambda: _rendered_img(d, "heatmap"))
-            assert d.execute_script("return document.querySelector('#input-image img').src").find("shapes_01") >= 0
-            traj = _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))
-            assert heat.startswith("data:image/") or heat.startswith("http")
-            assert traj
-            # the final step's tokens as confidence-coloured chips, each titled with its position and confidence
-            titles = d.execute_script("return [...document.querySelectorAll('#caption-chips span[title]')]"
-                                      ".map(e => e.title)")
-            assert titles and all(t.startswith("position ") and "confidence" in t for t in titles), titles
-            assert "No baseline loaded" in d.find_element(By.ID, "baseline").text
-            assert "first step after" in d.find_element(By.ID, "timing").text
-            # scrub back one step with the step button
-            d.execute_script("arguments[0].click()",
-                             next(b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "◀ back"))
-            _wait(d, "the step before the last", lambda: f"Step {STEPS - 1} of {STEPS}" in d.find_element(By.ID, "step-status").text)
-            height = d.execute_script("return document.body.scrollHeight")
-            d.set_window_size(1400, min(height + 80, 4000))
-            time.sleep(0.5)
-            path = os.path.join(shots, "app-caption.png")
-            d.save_screenshot(path)
-            assert os.path.getsize(path) > 50_000
+            yield d
         finally:
             d.quit()
+
+
+def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_encoder):
+    from selenium.webdriver.common.by import By
+
+    shots = os.environ.get("DC_SCREENSHOT_DIR") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        # pick another scene than the one shown at start (shapes_01; the page opened with shapes_00)
+        thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
+        assert len(thumbs) == 3
+        other = next(t for t in thumbs if "shapes_01" in t.get_attribute("src"))
+        # record every status line shown from now on: the final one proves this click's caption arrived
+        d.execute_script("""window.__statuses = [];
+            const el = document.getElementById('step-status');
+            new MutationObserver(() => window.__statuses.push(el.innerText)).observe(
+                el, {subtree: true, childList: true, characterData: true});""")
+        d.execute_script("arguments[0].click()", other)
+        seen = _wait(d, "the final caption", lambda: (lambda st: st if any(f"Step {STEPS} of {STEPS}" in x for x in st)
+                                                      else None)(d.execute_script("return window.__statuses")),
+                     timeout=120)
+        # (the intermediate steps are streamed too, but a page on a loaded machine may draw only the last
+        # of several updates that arrive together; test_app checks the per-step stream itself)
+        assert any("caption:" in x for x in seen)
+        heat = _wait(d, "the heatmap", lambda: _rendered_img(d, "heatmap"))
+        assert d.execute_script("return document.querySelector('#input-image img').src").find("shapes_01") >= 0
+        traj = _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))
+        assert heat.startswith("data:image/") or heat.startswith("http")
+        assert traj
+        # the final step's tokens as confidence-coloured chips, each titled with its position and confidence
+        titles = d.execute_script("return [...document.querySelectorAll('#caption-chips span[title]')]"
+                                  ".map(e => e.title)")
+        assert titles and all(t.startswith("position ") and "confidence" in t for t in titles), titles
+        assert "No baseline loaded" in d.find_element(By.ID, "baseline").text
+        assert "first step after" in d.find_element(By.ID, "timing").text
+        # scrub back one step with the step button
+        d.execute_script("arguments[0].click()",
+                         next(b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "◀ back"))
+        _wait(d, "the step before the last", lambda: f"Step {STEPS - 1} of {STEPS}" in d.find_element(By.ID, "step-status").text)
+        height = d.execute_script("return document.body.scrollHeight")
+        d.set_window_size(1400, min(height + 80, 4000))
+        time.sleep(0.5)
+        path = os.path.join(shots, "app-caption.png")
+        d.save_screenshot(path)
+        assert os.path.getsize(path) > 50_000
 
 
 def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokenizer, clip_encoder):
     """A text file named .png, uploaded through the page's image box: the person sees what is wrong with
-    the file (the library's message), and the page keeps working."""
+    the file (the library's message), and the page keeps working: an example picked next is captioned."""
     from selenium.webdriver.common.by import By
 
-    ck = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "ckpt"))
-    write_examples(str(tmp_path / "examples"))
     bad = tmp_path / "holiday.png"
     bad.write_text("these are not pixels")
-    with running_app(ck, str(tmp_path / "examples"), str(tmp_path)) as url:
-        d = _driver()
-        try:
-            d.get(url)
-            _wait(d, "the first caption's heatmap", lambda: _rendered_img(d, "heatmap"))
-            # the box keeps its (hidden) file input while it shows an image: upload through it
-            inp = _wait(d, "the upload input", lambda: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
-            inp[0].send_keys(str(bad))
-            _wait(d, "the loader's message", lambda: "not an image file" in d.find_element(By.TAG_NAME, "body").text,
-                  timeout=60)
-            assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
-        finally:
-            d.quit()
+    with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        # the box keeps its (hidden) file input while it shows an image: upload through it
+        inp = _wait(d, "the upload input", lambda: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+        inp[0].send_keys(str(bad))
+        _wait(d, "the loader's message", lambda: "not an image file" in d.find_element(By.TAG_NAME, "body").text,
+              timeout=60)
+        assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
+        thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
+        # status lines shown from now on: a final one proves a new caption arrived after the error
+        d.execute_script("""window.__statuses = [];
+            const el = document.getElementById('step-status');
+            new MutationObserver(() => window.__statuses.push(el.innerText)).observe(
+                el, {subtree: true, childList: true, characterData: true});""")
+        d.execute_script("arguments[0].click()", next(t for t in thumbs if "shapes_01" in t.get_attribute("src")))
+        _wait(d, "a caption of the example picked after the error",
+              lambda: any(f"Step {STEPS} of {STEPS}" in x for x in d.execute_script("return window.__statuses")),
+              timeout=120)
+        assert "shapes_01" in d.execute_script("return document.querySelector('#input-image img').src")

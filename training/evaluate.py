@@ -9,8 +9,8 @@ Captions every image of the split, then reports corpus-level BLEU-1..4, METEOR, 
 against all references of each image after PTB tokenisation (pycocoevalcap; needs Java), and on the
 shapes world the exact per-attribute accuracy, hallucination rate and colour-bias score from the
 ground truth (``--counterfactuals``: the same on counterfactual sets built from the split -- typical vs
-atypical backgrounds, hue-rotated, grayscale -- with a bias score for each). Evaluating a Flickr-trained checkpoint on COCO (zero-shot) is the same command with
-another ``--data``. Writes the full result as JSON (``--out``, every caption included) and the headline
+atypical backgrounds, hue-rotated, grayscale -- with a bias score for each). Evaluating a Flickr-trained
+checkpoint on COCO (zero-shot) is the same command with another ``--data``. Writes the full result as JSON (``--out``, every caption included) and the headline
 numbers as a markdown table (``--markdown``, default: next to ``--out``), with the sampler settings.
 """
 from __future__ import annotations
