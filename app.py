@@ -24,6 +24,11 @@ DEFAULT_CHECKPOINT = os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusi
 DEFAULT_BASELINE = os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline")
 EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
 MAX_UI_STEPS = 250  # the steps slider's top (every step is a network call; the API accepts up to T)
+SPACING_CHOICES = ("linspace", "trailing", "trailing^2", "trailing^3")  # the dropdown's; any trailing^k is accepted
+
+
+def spacing_choices(default: str) -> list[str]:
+    return list(SPACING_CHOICES) + ([default] if default not in SPACING_CHOICES else [])
 TRACE_CACHE_SIZE = 64
 PLAY_INTERVAL_S = 0.7
 # The stream is paced so that a person sees the caption form: at least this long between two shown steps,
@@ -187,11 +192,12 @@ class Handlers:
         except ImageLoadError as e:
             raise _user_error(str(e)) from None
 
-    def _settings(self, steps, sampler, guidance, clamp, seed) -> dict:
+    def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None) -> dict:
         try:
             seed = int(seed) if seed is not None and float(seed) == int(float(seed)) else seed
             steps = int(steps) if steps is not None and float(steps) == int(float(steps)) else steps
-            return self.m.cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp))
+            return self.m.cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp),
+                                             spacing=spacing or None)
         except (TypeError, ValueError) as e:
             raise _user_error(f"Settings: {e}") from None
 
@@ -239,8 +245,8 @@ class Handlers:
                 + confidence_legend("token probability"))
 
     def _timing(self, view: View, settings: dict) -> str:
-        parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps "
-                 f"(first step after {view.first_step_seconds * 1000:.0f} ms)"]
+        parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps, "
+                 f"{settings['spacing']} spacing (first step after {view.first_step_seconds * 1000:.0f} ms)"]
         if view.baseline_seconds is not None:
             parts.append(f"baseline **{view.baseline_seconds:.2f} s** (greedy)")
         note = " · replayed from the memo of finished traces" if view.cached else ""
@@ -253,14 +259,14 @@ class Handlers:
             self.m.traces.popitem(last=False)
 
     # ------------------------------------------------------------------ the caption stream
-    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind):
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None):
         """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
         import gradio as gr
 
         from diffusion_caption.variants import scene_key
 
         img = self._load(image)
-        s = self._settings(steps, sampler, guidance, clamp, seed)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing)
         key = (scene_key(img), tuple(sorted(s.items())))
         skip = gr.skip()
         memo = self.m.traces.get(key)
@@ -311,14 +317,14 @@ class Handlers:
         yield (chips, status, slider, heat, traj, note, self._table(view.steps), self._baseline_html(view),
                self._timing(view, s), view, gr.Timer(active=False), False)
 
-    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind):
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         import gradio as gr
 
         if image is None or image == "":
             yield tuple(gr.skip() for _ in range(12))
             return
-        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind)
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing)
 
     # ------------------------------------------------------------------ the step viewer
     def show(self, view: View | None, k, kind):
@@ -385,12 +391,12 @@ class Handlers:
         return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S), nxt < S)
 
     # ------------------------------------------------------------------ the API endpoint
-    def api_caption(self, image, steps, sampler, guidance, clamp, seed):
+    def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None):
         """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...})."""
         from diffusion_caption import Trace
 
         img = self._load(image)
-        s = self._settings(steps, sampler, guidance, clamp, seed)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing)
         t0 = time.perf_counter()
         done = []
         try:
@@ -403,14 +409,14 @@ class Handlers:
         yield {"done": True, **trace.to_json()}
 
     # ------------------------------------------------------------------ error analysis
-    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed):
+    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None):
         from diffusion_caption.compare import changed_words, diff_html, scene_check
         from diffusion_caption.html_views import VariantRow, variants_table
         from diffusion_caption.variants import scene_key, variants_for
         from diffusion_caption.world import Scene
 
         img = self._load(image)
-        s = self._settings(steps, sampler, guidance, clamp, seed)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing)
         key = scene_key(img)
         scene = None
         if scene_state and scene_state.get("key") == key:
@@ -479,7 +485,8 @@ def about_markdown(m: Models) -> str:
              f"{cfg.seq_len} caption positions",
              f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
              f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps, "
-             f"guidance {cfg.sample_guidance:g}",
+             f"{cfg.sample_spacing} spacing, guidance {cfg.sample_guidance:g}"
+             + (", clamped to tokens" if cfg.sample_clamp else ""),
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
@@ -572,6 +579,10 @@ def build(m: Models):
                                 clamp = gr.Checkbox(cfg.sample_clamp, label="Clamp to tokens",
                                                     info="snap each predicted x0 to its nearest token embeddings")
                                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                            spacing = gr.Dropdown(spacing_choices(cfg.sample_spacing), value=cfg.sample_spacing,
+                                                  allow_custom_value=True, label="Timestep spacing",
+                                                  info="which timesteps the steps visit: linspace ends at t = 0; "
+                                                       "trailing^k packs them towards the noisy end")
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Column(scale=8, min_width=420):
                         gr.Markdown("#### Diffusion caption (each token coloured by its rounding confidence)")
@@ -648,9 +659,9 @@ def build(m: Models):
         stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer, playing]
         step_out = [slider, chips, status, heat, traj, map_note, view, timer, playing]
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
-        run.click(h.caption_stream, [image] + settings + [kind], stream_out, api_visibility="undocumented",
+        run.click(h.caption_stream, [image] + settings + [kind, spacing], stream_out, api_visibility="undocumented",
                   api_name="caption_ui", **model_events)
-        image.change(h.auto_caption, [image] + settings + [kind], stream_out, api_visibility="undocumented",
+        image.change(h.auto_caption, [image] + settings + [kind, spacing], stream_out, api_visibility="undocumented",
                      trigger_mode="always_last", **model_events)
         slider.input(h.goto, [view, slider, kind], step_out, trigger_mode="always_last", api_visibility="undocumented")
         kind.change(h.goto, [view, slider, kind], step_out, api_visibility="undocumented")
@@ -671,7 +682,8 @@ def build(m: Models):
                         gr.Textbox(cfg.sampler, visible=False, label="sampler"),
                         gr.Number(cfg.sample_guidance, visible=False, label="guidance"),
                         gr.Checkbox(cfg.sample_clamp, visible=False, label="clamp"),
-                        gr.Number(0, precision=0, visible=False, label="seed")]
+                        gr.Number(0, precision=0, visible=False, label="seed"),
+                        gr.Textbox(cfg.sample_spacing, visible=False, label="spacing")]
         api_out = gr.JSON(visible=False)
         api_btn = gr.Button(visible=False)
         api_btn.click(h.api_caption, [api_image] + api_settings, api_out, api_name="caption",
@@ -680,14 +692,14 @@ def build(m: Models):
                                       "trace ({done: true, text, settings, seconds, steps}).", **model_events)
 
         copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
-        variants_b.click(h.variants, [a_image, scene_state] + settings, variants_html, api_visibility="undocumented",
+        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing], variants_html, api_visibility="undocumented",
                          **model_events)
         compose_b.click(h.compose, [background] + obj_inputs, [a_image, scene_state, compose_note],
                         api_visibility="undocumented").then(
-            h.variants, [a_image, scene_state] + settings, variants_html, api_visibility="undocumented", **model_events)
+            h.variants, [a_image, scene_state] + settings + [spacing], variants_html, api_visibility="undocumented", **model_events)
         demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
-        demo.load(h.auto_caption, [image] + settings + [kind], stream_out, api_visibility="undocumented",
+        demo.load(h.auto_caption, [image] + settings + [kind, spacing], stream_out, api_visibility="undocumented",
                   **model_events)
     return demo
 

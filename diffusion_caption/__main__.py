@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp each predicted x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
+    p.add_argument("--spacing", default=None,
+                   help="linspace | trailing | trailing^k: which timesteps the sampler keeps (default: the checkpoint's)")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # bad settings are one mistake, said once, before any image is read
-        cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp)
+        cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp, spacing=args.spacing)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     for path in args.images:
         try:
             trace = cap.caption(path, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                                seed=args.seed, clamp=args.clamp)
+                                seed=args.seed, clamp=args.clamp, spacing=args.spacing)
         except (ImageLoadError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             status = 1

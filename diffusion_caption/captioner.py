@@ -20,7 +20,7 @@ from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
 from .rounding import round_to_tokens
-from .samplers import SAMPLERS, make_sampler
+from .samplers import SAMPLERS, make_sampler, spacing_power
 from .schedule import NoiseSchedule
 from .tokenizer import CaptionTokenizer
 from .trace import DenoisingStep, Trace
@@ -108,7 +108,7 @@ class Captioner:
             self.tokenizer.save_pretrained(tmp)
 
     # ---------------------------------------------------------------------------------------- sampling
-    def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0) -> dict:
+    def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0, *, spacing=None) -> dict:
         """Validated sampling settings, or a ValueError naming the parameter and its range."""
         T = self.config.T
         steps = self.config.sample_steps if steps is None else steps
@@ -129,8 +129,12 @@ class Captioner:
         clamp = self.config.sample_clamp if clamp is None else clamp
         if not isinstance(clamp, (bool, int)) or clamp not in (0, 1):
             raise ValueError(f"clamp must be true or false, got {clamp!r}")
+        spacing = self.config.sample_spacing if spacing is None else spacing
+        if not isinstance(spacing, str):
+            raise ValueError(f"spacing must be 'linspace', 'trailing' or 'trailing^k', got {spacing!r}")
+        spacing_power(spacing)  # raises with the accepted forms
         return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
-                "clamp": bool(clamp), "early_stop": early_stop}
+                "clamp": bool(clamp), "early_stop": early_stop, "spacing": spacing.strip().lower()}
 
     def encode_images(self, images: list) -> torch.Tensor:
         return self.image_encoder.encode(images).to(self.device)
@@ -146,7 +150,7 @@ class Captioner:
     def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                            steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                            seed: int = 0, clamp: bool | None = None, early_stop: int = 0,
-                           record: str = "all") -> Iterator[list[DenoisingStep | None]]:
+                           record: str = "all", spacing: str | None = None) -> Iterator[list[DenoisingStep | None]]:
         """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features.
 
         ``early_stop = k > 0``: an image stops once every position's rounded token has stayed the same
@@ -156,14 +160,14 @@ class Captioner:
         """
         if record not in RECORDS:
             raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
-        s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop)
+        s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing)
         if features is None:
             if not images:
                 raise ValueError("give at least one image (or precomputed features)")
             features = self.encode_images(list(images))
         features = features.to(self.device).float()
         B = features.shape[0]
-        smp = make_sampler(s["sampler"], self.schedule, s["steps"])
+        smp = make_sampler(s["sampler"], self.schedule, s["steps"], s["spacing"])
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(s["seed"])
         E = self.denoiser.embeddings.detach()
@@ -199,14 +203,15 @@ class Captioner:
 
     def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                      seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all") -> list[Trace]:
+                      seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
+                      spacing: str | None = None) -> list[Trace]:
         """One ``Trace`` per image, all images denoised together as one batch.
 
         ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
         ``early_stop`` as in ``iter_caption_batch``.
         """
         t0 = time.perf_counter()
-        settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop)
+        settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing)
         n = len(images) if features is None else features.shape[0]
         per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
         for batch in self.iter_caption_batch(images, features=features, record=record, **settings):
@@ -219,7 +224,8 @@ class Captioner:
         return [Trace(steps, dict(settings), seconds) for steps in per_image]
 
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
-                seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all") -> Trace:
+                seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
+                spacing: str | None = None) -> Trace:
         """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
         return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                                  clamp=clamp, early_stop=early_stop, record=record)[0]
+                                  clamp=clamp, early_stop=early_stop, record=record, spacing=spacing)[0]

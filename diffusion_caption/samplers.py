@@ -5,6 +5,18 @@ prediction of the clean sample at timestep ``t`` to the next, less noisy sample.
 steps than the schedule's T respaces the process (Nichol & Dhariwal 2021, section 4): between two kept
 timesteps t > s the effective beta is ``1 - alpha_bar_t / alpha_bar_s``. After the last kept timestep
 comes "s = -1", where alpha_bar is 1 and the sample is the clean prediction itself.
+
+Which timesteps are kept is the *spacing* (diffusers' ``timestep_spacing``):
+
+- ``"linspace"``: evenly from T-1 down to 0, both ends included (improved-diffusion's respacing);
+- ``"trailing"``: ``t_i = round(T (1 - i/n)) - 1``, i = 0..n-1, so it starts at T-1 and stops a stride
+  short of 0 (Lin et al., "Common diffusion noise schedules and sample steps are flawed", WACV 2024);
+- ``"trailing^k"``: ``t_i = round(T (1 - (i/n)^k)) - 1``, the same with the steps packed towards the noisy
+  end for k > 1 (k = 1 is ``"trailing"``).
+
+With few steps the spacing matters: the ``sqrt`` schedule of Diffusion-LM destroys most of the signal in
+its first few percent of timesteps, so linspace spends most of a small budget where the caption is already
+decided; ``training/README.md`` has the measurements.
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import torch
 from .schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm")
+SPACINGS = ("linspace", "trailing", "trailing^k")
 
 
 @dataclass
@@ -24,14 +37,45 @@ class SamplerOutput:
     pred_original_sample: torch.Tensor  # x_0 as predicted at this step
 
 
-def spaced_timesteps(T: int, n: int) -> list[int]:
-    """``n`` timesteps from T-1 down to 0, evenly spaced (n = 1 gives [T-1]: one jump from pure noise)."""
+def spacing_power(spacing: str) -> float | None:
+    """None for ``"linspace"``, else the exponent k of ``"trailing^k"`` (1 for ``"trailing"``); a ValueError
+    naming the accepted forms for anything else."""
+    name = str(spacing).strip().lower()
+    if name == "linspace":
+        return None
+    if name == "trailing":
+        return 1.0
+    if name.startswith("trailing^"):
+        try:
+            k = float(name[len("trailing^"):])
+        except ValueError:
+            k = float("nan")
+        if math.isfinite(k) and 0 < k <= 10:
+            return k
+    raise ValueError(f"spacing must be 'linspace', 'trailing' or 'trailing^k' with 0 < k <= 10, got {spacing!r}")
+
+
+def spaced_timesteps(T: int, n: int, spacing: str = "linspace") -> list[int]:
+    """The kept timesteps, largest first (see the module docstring for the spacings).
+
+    Every spacing starts at T-1, so n = 1 is one jump from pure noise, and gives exactly n distinct
+    timesteps: where rounding would merge neighbours of ``trailing^k`` (many steps, k > 1), each takes the
+    next free timestep below (so ``trailing^3`` with n = T is every timestep, like the others).
+    """
     if not 1 <= n <= T:
         raise ValueError(f"steps must be between 1 and the schedule's T={T}, got {n}")
+    k = spacing_power(spacing)
     if n == 1:
         return [T - 1]
-    ts = [round(i * (T - 1) / (n - 1)) for i in range(n)]
-    return sorted(set(ts), reverse=True)
+    if k is None:
+        return sorted({round(i * (T - 1) / (n - 1)) for i in range(n)}, reverse=True)
+    ts: list[int] = []
+    for i in range(n):
+        t = round(T * (1 - (i / n) ** k)) - 1
+        if ts:  # strictly below the previous one, and high enough to leave room for the n - 1 - i still to come
+            t = max(min(t, ts[-1] - 1), n - 1 - i)
+        ts.append(t)
+    return ts
 
 
 class Sampler:
@@ -39,12 +83,15 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None):
+    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace"):
         self.schedule = schedule
-        self.set_timesteps(num_steps or schedule.T)
+        self.set_timesteps(num_steps or schedule.T, spacing)
 
-    def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps = spaced_timesteps(self.schedule.T, int(num_steps))
+    def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
+        if spacing is not None:
+            spacing_power(spacing)
+            self.spacing = str(spacing).strip().lower()
+        self.timesteps = spaced_timesteps(self.schedule.T, int(num_steps), self.spacing)
         self._prev = {t: s for t, s in zip(self.timesteps, self.timesteps[1:] + [-1])}
 
     def prev_timestep(self, t: int) -> int:
@@ -69,8 +116,9 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, eta: float = 0.0):
-        super().__init__(schedule, num_steps)
+    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
+                 eta: float = 0.0):
+        super().__init__(schedule, num_steps, spacing)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = eta
@@ -110,10 +158,11 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = None, **kw) -> Sampler:
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
+                 **kw) -> Sampler:
     name = str(name).lower()
     if name == "ddim":
-        return DDIMSampler(schedule, num_steps, **kw)
+        return DDIMSampler(schedule, num_steps, spacing, **kw)
     if name == "ddpm":
-        return DDPMSampler(schedule, num_steps)
+        return DDPMSampler(schedule, num_steps, spacing)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

@@ -50,6 +50,10 @@ def test_caption_api_through_gradio_client(app_files):
             client.predict(handle_file(bad), STEPS, "ddim", 1.0, False, 0, api_name="/caption")
         with pytest.raises(Exception, match="steps must be an integer from 1 to 100"):
             client.predict(handle_file(image), 0, "ddim", 1.0, False, 0, api_name="/caption")
+        # the timestep spacing is an optional last input; left out, it is the checkpoint's own (above)
+        trailing = client.predict(handle_file(image), STEPS, "ddim", 1.0, False, 3, "trailing^2", api_name="/caption")
+        with pytest.raises(Exception, match="spacing must be"):
+            client.predict(handle_file(image), STEPS, "ddim", 1.0, False, 3, "leading", api_name="/caption")
 
     assert final["done"] is True
     assert len(final["steps"]) == STEPS
@@ -67,6 +71,12 @@ def test_caption_api_through_gradio_client(app_files):
     assert final["text"] == trace.text
     assert final["steps"][-1]["token_ids"] == trace.final.token_ids
     assert final["steps"][-1]["confidence"] == pytest.approx(trace.final.confidence, abs=1e-5)
+    assert final["settings"]["spacing"] == "linspace"
+    assert trailing["settings"]["spacing"] == "trailing^2"
+    lib = Captioner.from_pretrained(app_files["checkpoint"]).caption(image, steps=STEPS, sampler="ddim", seed=3,
+                                                                      spacing="trailing^2")
+    assert [s["t"] for s in trailing["steps"]] == [s.t for s in lib.steps] != [s["t"] for s in final["steps"]]
+    assert trailing["text"] == lib.text
 
 
 def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
@@ -89,6 +99,13 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
     assert "replayed" in again[-1][8]
     assert [s.text for s in again[-1][9].steps] == [s.text for s in view.steps]
     assert torch.equal(again[-1][9].steps[-1].x0_pred, view.steps[-1].x0_pred)
+    # the spacing dropdown: other timesteps, a trace of its own (not the memo's), named in the timing line
+    from diffusion_caption.samplers import spaced_timesteps
+
+    tr = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0",
+                                      "trailing"))[-1]
+    assert [s.t for s in tr[9].steps] == spaced_timesteps(handlers.m.cap.config.T, STEPS, "trailing")
+    assert "replayed" not in tr[8] and "trailing spacing" in tr[8] and "linspace spacing" in timing
 
 
 def test_step_viewer_scrubs_and_plays(handlers, app_files):
@@ -130,6 +147,8 @@ def test_user_errors_are_messages(handlers, app_files):
         list(handlers.caption_stream(app_files["examples"][0], 3, "ddim", 99.0, False, 0, "predicted x0"))
     with pytest.raises(gr.Error, match="image file not found"):
         list(handlers.api_caption("/nonexistent.png", 3, "ddim", 1.0, False, 0))
+    with pytest.raises(gr.Error, match="spacing must be"):
+        list(handlers.caption_stream(app_files["examples"][0], 3, "ddim", 1.0, False, 0, "predicted x0", "trailing^0"))
     # a cleared image does nothing at all
     assert all(isinstance(x, type(gr.skip())) for x in next(handlers.auto_caption(None, 3, "ddim", 1, False, 0, "x")))
 

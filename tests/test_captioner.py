@@ -201,3 +201,32 @@ def test_config_sampling_defaults_apply_when_a_call_gives_none(make_captioner, s
     assert tr.steps[1].x_t is not None and not torch.equal(tr.steps[1].x_t, off.steps[1].x_t)
     with pytest.raises(ValueError, match="clamp must be true or false"):
         cc.caption(scene_image, clamp="yes")
+
+
+def test_spacing_picks_the_timesteps_and_defaults_to_the_checkpoints(make_captioner, scene_image, tmp_path):
+    from diffusion_caption.samplers import spaced_timesteps
+
+    cap = make_captioner(sample_steps=5)
+    T = cap.config.T
+    lin = cap.caption(scene_image, seed=1)
+    assert lin.settings["spacing"] == "linspace"
+    assert [s.t for s in lin.steps] == spaced_timesteps(T, 5, "linspace")
+    tr = cap.caption(scene_image, seed=1, spacing="trailing^2")
+    assert tr.settings["spacing"] == "trailing^2"
+    assert [s.t for s in tr.steps] == spaced_timesteps(T, 5, "trailing^2")
+    assert tr.steps[0].t == T - 1 and tr.steps[-1].t > 0  # trailing stops short of t = 0
+    # the first step sees the same noise at the same t, so it agrees; later steps do not
+    assert torch.equal(lin.steps[0].x0_pred, tr.steps[0].x0_pred)
+    assert not torch.equal(lin.steps[1].x_t, tr.steps[1].x_t)
+    # the fast path and streaming use the same timesteps
+    fast = cap.caption(scene_image, seed=1, spacing="trailing^2", record="final")
+    assert fast.steps[-1].text == tr.steps[-1].text and fast.steps[-1].t == tr.steps[-1].t
+    # a checkpoint's sample_spacing is its default and survives a save and load
+    cap.config.sample_spacing = "trailing"
+    cap.save_pretrained(str(tmp_path / "ck"))
+    back = type(cap).from_pretrained(str(tmp_path / "ck"))
+    assert back.config.sample_spacing == "trailing"
+    assert [s.t for s in back.caption(scene_image).steps] == spaced_timesteps(T, 5, "trailing")
+    for bad in ("leading", 2, "trailing^0"):
+        with pytest.raises(ValueError, match="spacing must be"):
+            cap.caption(scene_image, spacing=bad)

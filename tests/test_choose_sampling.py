@@ -14,9 +14,15 @@ def test_choose_prefers_the_best_score_then_the_fewest_calls():
 
 def test_parse_setting():
     assert choose_sampling.parse_setting("ddpm:50:5:clamp") == {"sampler": "ddpm", "steps": 50, "guidance": 5.0,
-                                                                "clamp": True}
+                                                                "clamp": True, "spacing": "linspace"}
     assert choose_sampling.parse_setting("DDIM:20:1")["clamp"] is False
-    for bad in ("ddim:20", "ddim:x:1", "ddim:20:1:yes"):
+    s = choose_sampling.parse_setting("ddpm:10:5:clamp:trailing^2")
+    assert s["clamp"] is True and s["spacing"] == "trailing^2"
+    assert choose_sampling.parse_setting("ddim:5:1:trailing") == {"sampler": "ddim", "steps": 5, "guidance": 1.0,
+                                                                  "clamp": False, "spacing": "trailing"}
+    assert choose_sampling.name(s) == "DDPM 10, guidance 5, clamp, trailing^2"
+    for bad in ("ddim:20", "ddim:x:1", "ddim:20:1:yes", "ddim:20:1:clamp:clamp", "ddim:5:1:trailing:linspace",
+                "ddim:5:1:trailing^0"):
         with pytest.raises(SystemExit, match="--settings"):
             choose_sampling.parse_setting(bad)
 
@@ -27,18 +33,18 @@ def test_command_scores_each_setting_and_writes_the_choice(make_captioner, world
     d = str(tmp_path / "ckpt")
     make_captioner().save_pretrained(d)
     out = choose_sampling.main(["--checkpoint", d, "--data-dir", world_dir, "--split", "val", "--settings",
-                                "ddim:2:1,ddpm:3:2:clamp", "--seeds", "0,1", "--cache-dir", str(tmp_path / "c"),
+                                "ddim:2:1,ddpm:3:2:clamp:trailing^2", "--seeds", "0,1", "--cache-dir", str(tmp_path / "c"),
                                 "--write", "--out", str(tmp_path / "choice.md")])
     rows, best = out["rows"], out["chosen"]
-    assert [r["setting"] for r in rows] == ["DDIM 2, guidance 1", "DDPM 3, guidance 2, clamp"]
+    assert [r["setting"] for r in rows] == ["DDIM 2, guidance 1", "DDPM 3, guidance 2, clamp, trailing^2"]
     assert [r["calls"] for r in rows] == [2, 6]
     for r in rows:
         assert 0.0 <= r["colour"] <= 1.0 and 0.0 <= r["shape"] <= 1.0 and len(r["colour per seed"].split()) == 2
     assert best["score"] == max(r["score"] for r in rows)
     cap = Captioner.from_pretrained(d)
     c = cap.config
-    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_clamp) == (
-        best["sampler"], best["steps"], best["guidance"], best["clamp"])
+    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_clamp, c.sample_spacing) == (
+        best["sampler"], best["steps"], best["guidance"], best["clamp"], best["spacing"])
     assert c.extra["sampling_choice"]["chosen"] == best["setting"]
     assert "chosen: " + best["setting"] in open(tmp_path / "choice.md").read()
     with pytest.raises(SystemExit, match="steps must be an integer"):

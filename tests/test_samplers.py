@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from diffusion_caption.samplers import DDIMSampler, DDPMSampler, make_sampler, spaced_timesteps
+import numpy as np
+
+from diffusion_caption.samplers import DDIMSampler, DDPMSampler, make_sampler, spaced_timesteps, spacing_power
 from diffusion_caption.schedule import NoiseSchedule
 
 
@@ -16,6 +18,33 @@ def test_spaced_timesteps():
     for bad in (0, 1001):
         with pytest.raises(ValueError, match="steps must be between 1"):
             spaced_timesteps(1000, bad)
+
+
+def test_trailing_spacing_is_diffusers_trailing():
+    """diffusers' ``timestep_spacing="trailing"``: round(arange(T, 0, -T/n)) - 1."""
+    for T, n in ((1000, 1), (1000, 3), (1000, 5), (1000, 10), (1000, 50), (100, 7), (10, 10)):
+        expected = (np.round(np.arange(T, 0, -T / n)).astype(int) - 1).tolist()
+        assert spaced_timesteps(T, n, "trailing") == expected
+    assert spaced_timesteps(1000, 5, "trailing") == [999, 799, 599, 399, 199]
+
+
+def test_trailing_power_spacing():
+    # t_i = round(T (1 - (i/n)^k)) - 1: k = 2 packs the steps towards the noisy end
+    assert spaced_timesteps(1000, 5, "trailing^2") == [999, 959, 839, 639, 359]
+    assert spaced_timesteps(1000, 3, "trailing^3") == [999, 962, 703]
+    assert spaced_timesteps(1000, 5, "trailing^1") == spaced_timesteps(1000, 5, "trailing")
+    assert spaced_timesteps(1000, 1, "trailing^2") == [999]
+    # where rounding would merge neighbours (many steps, k > 1) each takes the next free timestep below:
+    # always exactly n distinct timesteps from T-1 down
+    for T, n, k in ((1000, 1000, 3), (1000, 50, 3), (1000, 200, 5), (20, 19, 2.5), (7, 7, 10)):
+        ts = spaced_timesteps(T, n, f"trailing^{k}")
+        assert len(ts) == n and ts == sorted(set(ts), reverse=True) and ts[0] == T - 1 and ts[-1] >= 0
+    assert spaced_timesteps(1000, 1000, "trailing^3") == list(range(999, -1, -1))
+    assert spaced_timesteps(1000, 50, "trailing^3")[:3] == [999, 998, 997]
+    assert spacing_power("linspace") is None and spacing_power("Trailing^2.5") == 2.5
+    for bad in ("leading", "trailing^0", "trailing^-1", "trailing^x", "trailing^11", ""):
+        with pytest.raises(ValueError, match="spacing must be"):
+            spaced_timesteps(1000, 5, bad)
 
 
 def test_ddim_step_closed_form():
@@ -35,11 +64,12 @@ def test_ddim_with_an_oracle_recovers_x0_exactly():
     s = NoiseSchedule("sqrt", 1000)
     x0 = torch.randn(3, 7, 5)
     for n in (1, 2, 5, 50):
-        smp = DDIMSampler(s, n)
-        x = torch.randn(3, 7, 5)
-        for t in smp.timesteps:
-            x = smp.step(x0, t, x).prev_sample
-        assert torch.allclose(x, x0, atol=1e-5)
+        for spacing in ("linspace", "trailing", "trailing^2"):
+            smp = DDIMSampler(s, n, spacing)
+            x = torch.randn(3, 7, 5)
+            for t in smp.timesteps:
+                x = smp.step(x0, t, x).prev_sample
+            assert torch.allclose(x, x0, atol=1e-5)
 
 
 def test_ddpm_full_steps_uses_the_schedule_posterior():
@@ -57,7 +87,8 @@ def test_ddpm_full_steps_uses_the_schedule_posterior():
 
 def test_ddpm_noise_is_seeded():
     s = NoiseSchedule("cosine", 1000)
-    smp = make_sampler("ddpm", s, 20)
+    smp = make_sampler("ddpm", s, 20, "trailing^2")
+    assert smp.timesteps == spaced_timesteps(1000, 20, "trailing^2")
     x0, xt = torch.zeros(4, 8), torch.randn(4, 8)
     a = smp.step(x0, smp.timesteps[0], xt, torch.Generator().manual_seed(1)).prev_sample
     b = smp.step(x0, smp.timesteps[0], xt, torch.Generator().manual_seed(1)).prev_sample

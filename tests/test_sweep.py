@@ -34,3 +34,19 @@ def test_sweep_writes_table_plot_and_json(make_captioner, world_dir, tmp_path, c
     res = json.load(open(out + "2.json"))["results"]
     assert [(r["sweep"], r["settings"]["guidance"]) for r in res] == [("steps", 1.0)]
     assert os.path.getsize(out + "2.png") > 1000
+
+    # several timestep spacings: one steps sweep per sampler and spacing, and a plot comparing them
+    sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "2",
+                "--steps", "1,2", "--samplers", "ddim", "--spacings", "linspace,trailing^2", "--guidance", "",
+                "--tokenizer", "simple", "--cache-dir", str(tmp_path / "cache"), "--out", out + "3"])
+    res = json.load(open(out + "3.json"))["results"]
+    assert [(r["settings"]["spacing"], r["settings"]["steps"]) for r in res] == [
+        ("linspace", 1), ("linspace", 2), ("trailing^2", 1), ("trailing^2", 2)]
+    with Image.open(out + "3_spacing.png") as im:
+        assert im.size[0] > 1200  # three metric panels
+    assert "| trailing^2 |" in open(out + "3.md").read()
+    import pytest
+
+    with pytest.raises(SystemExit, match="spacing must be"):
+        sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "2",
+                    "--spacings", "leading", "--guidance", "", "--cache-dir", str(tmp_path / "cache"), "--out", out + "4"])

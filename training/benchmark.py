@@ -173,6 +173,10 @@ def trained_suite(args, n_features: int) -> Suite:
     feats = {k: image_features(m.image_encoder, paths[:n_features], args.cache_dir, desc=f"{k} features")
              for k, m in models.items() if m is not None}
     label = f"trained checkpoints: {args.diffusion} and {args.baseline}"
+    if models["diffusion"] is not None:
+        cfg = models["diffusion"].config
+        notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
+                     "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
     return Suite("shapes", label, models["diffusion"], models["baseline"], feats, paths[:8], records, notes)
 
 
@@ -312,7 +316,8 @@ def checkpoint_default(model) -> dict | None:
         return None
     name = (f"default: {cfg.sampler.upper()} {cfg.sample_steps}"
             + (f", guidance {cfg.sample_guidance:g}" if cfg.sample_guidance != 1.0 else "")
-            + (", clamp" if getattr(cfg, "sample_clamp", False) else ""))
+            + (", clamp" if getattr(cfg, "sample_clamp", False) else "")
+            + (f", {cfg.sample_spacing}" if getattr(cfg, "sample_spacing", "linspace") != "linspace" else ""))
     return dict(setting=name, steps=cfg.sample_steps, sampler=cfg.sampler, guidance=float(cfg.sample_guidance),
                 clamp=bool(getattr(cfg, "sample_clamp", False)), early_stop=0, record="final")
 
@@ -455,7 +460,9 @@ def quality(suite: Suite, args) -> dict:
         with open(args.sweep) as f:
             for r in json.load(f)["results"]:
                 st = r["settings"]
-                if st.get("sampler") == "ddim" and not st.get("clamp") and not st.get("early_stop"):
+                spacing = suite.diffusion.config.sample_spacing if suite.diffusion is not None else "linspace"
+                if st.get("sampler") == "ddim" and not st.get("clamp") and not st.get("early_stop") \
+                        and st.get("spacing", "linspace") == spacing:
                     sweep[(int(st["steps"]), float(st.get("guidance", 1.0)))] = r
     jobs = []
     if suite.diffusion is not None:

@@ -1,15 +1,16 @@
 """Choose a diffusion checkpoint's sampling defaults on a validation split, and optionally store them.
 
     python -m training.choose_sampling --checkpoint runs/shapes-diffusion-aug/final --split val \\
-        --settings ddim:20:5,ddim:20:5:clamp,ddpm:50:5,ddpm:50:5:clamp,ddpm:100:5:clamp --seeds 0,1,2 --write
+        --settings ddim:20:5,ddim:20:5:clamp,ddpm:50:5,ddpm:50:5:clamp,ddpm:10:5:clamp:trailing^2 --seeds 0,1,2 --write
 
-Each setting is ``SAMPLER:STEPS:GUIDANCE[:clamp]``. Every setting captions the split's single-object
+Each setting is ``SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING]``, SPACING one of ``linspace`` (when left out),
+``trailing`` or ``trailing^k`` (``diffusion_caption.samplers.spaced_timesteps``). Every setting captions the split's single-object
 images once per seed (the whole set as one batch per 250 images, seeded as ``evaluation.generate``
 does), and is scored by the exact single-object colour and shape accuracy against the scenes. The
 chosen setting has the best mean of the two, averaged over the seeds; among settings within
 ``--tie`` of the best, the one with the fewest network calls (steps, doubled with guidance) wins.
 ``--write`` stores it in the checkpoint's ``config.json`` (``sampler``, ``sample_steps``,
-``sample_guidance``, ``sample_clamp``) with the table it was chosen from; the weights are untouched.
+``sample_guidance``, ``sample_clamp``, ``sample_spacing``) with the table it was chosen from; the weights are untouched.
 
 Only a split other than the test split should be used to choose: the test numbers are reported after.
 """
@@ -29,22 +30,31 @@ from diffusion_caption.attributes import single_object_accuracy
 from diffusion_caption.data import load_datasets
 from diffusion_caption.evaluation import generate, load_model, markdown_table, model_kind
 from diffusion_caption.features import image_features
+from diffusion_caption.samplers import spacing_power
 from diffusion_caption.world import Scene
 
 
 def parse_setting(text: str) -> dict:
     parts = text.strip().split(":")
-    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "clamp"):
-        raise SystemExit(f"--settings: {text!r} is not SAMPLER:STEPS:GUIDANCE[:clamp] (e.g. ddpm:50:5:clamp)")
+    flags = [p.strip().lower() for p in parts[3:]]
+    spacings = [f for f in flags if f != "clamp"]
+    if len(parts) < 3 or len(flags) > 2 or flags.count("clamp") > 1 or len(spacings) > 1:
+        raise SystemExit(f"--settings: {text!r} is not SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING] "
+                         "(e.g. ddpm:50:5:clamp or ddpm:10:5:clamp:trailing^2)")
+    try:
+        spacing_power(spacings[0] if spacings else "linspace")
+    except ValueError as e:
+        raise SystemExit(f"--settings: {text!r}: {e}") from None
     try:
         return {"sampler": parts[0].lower(), "steps": int(parts[1]), "guidance": float(parts[2]),
-                "clamp": len(parts) == 4}
+                "clamp": "clamp" in flags, "spacing": spacings[0] if spacings else "linspace"}
     except ValueError:
         raise SystemExit(f"--settings: {text!r}: steps must be an integer and guidance a number") from None
 
 
 def name(s: dict) -> str:
-    return (f"{s['sampler'].upper()} {s['steps']}, guidance {s['guidance']:g}" + (", clamp" if s["clamp"] else ""))
+    return (f"{s['sampler'].upper()} {s['steps']}, guidance {s['guidance']:g}" + (", clamp" if s["clamp"] else "")
+            + (f", {s['spacing']}" if s.get("spacing", "linspace") != "linspace" else ""))
 
 
 def calls(s: dict) -> int:
@@ -81,7 +91,7 @@ def main(argv=None) -> dict:
         raise SystemExit("choose_sampling chooses diffusion sampling settings; give a diffusion checkpoint")
     for s in settings:  # every setting validated before any captioning
         try:
-            model.check_settings(s["steps"], s["sampler"], s["guidance"], 0, s["clamp"])
+            model.check_settings(s["steps"], s["sampler"], s["guidance"], 0, s["clamp"], spacing=s["spacing"])
         except ValueError as e:
             raise SystemExit(f"--settings {name(s)}: {e}") from None
     records = [r for r in load_datasets("shapes", args.data_dir, splits=[args.split])
@@ -95,7 +105,7 @@ def main(argv=None) -> dict:
         colour, shape = [], []
         for seed in seeds:
             torch.manual_seed(seed)
-            st = model.check_settings(s["steps"], s["sampler"], s["guidance"], seed, s["clamp"])
+            st = model.check_settings(s["steps"], s["sampler"], s["guidance"], seed, s["clamp"], spacing=s["spacing"])
             acc = single_object_accuracy(generate(model, feats, st, args.batch_size), scenes)
             colour.append(acc["color_acc"])
             shape.append(acc["shape_acc"])
@@ -106,7 +116,7 @@ def main(argv=None) -> dict:
         rows.append(row)
         tqdm.write(f"{row['setting']}: colour {row['colour']:.3f}, shape {row['shape']:.3f}")
     best = choose(rows, args.tie)
-    table = markdown_table([{k: v for k, v in r.items() if k not in ("sampler", "steps", "guidance", "clamp")}
+    table = markdown_table([{k: v for k, v in r.items() if k not in ("sampler", "steps", "guidance", "clamp", "spacing")}
                             for r in rows], first="setting")
     head = (f"{len(records)} single-object images of {args.data_dir} ({args.split}), seeds {args.seeds}; "
             f"score = mean of colour and shape accuracy; chosen: {best['setting']}\n\n")
@@ -120,7 +130,7 @@ def main(argv=None) -> dict:
         meta = ckpt.read_json(path)
         c = meta["captioner"]
         c.update(sampler=best["sampler"], sample_steps=best["steps"], sample_guidance=best["guidance"],
-                 sample_clamp=best["clamp"])
+                 sample_clamp=best["clamp"], sample_spacing=best["spacing"])
         c.setdefault("extra", {})["sampling_choice"] = {
             "command": "python -m training.choose_sampling " + " ".join(argv if argv is not None else sys.argv[1:]),
             "split": args.split, "n_images": len(records), "seeds": seeds, "chosen": best["setting"],

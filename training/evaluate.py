@@ -42,6 +42,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp each x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
+    g.add_argument("--spacing", default=None,
+                   help="linspace | trailing | trailing^k: which timesteps are kept (default: the checkpoint's)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -54,8 +56,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(model, args) -> dict:
     if model_kind(model) == "diffusion":
-        s = model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp)
-        return s
+        try:
+            return model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp,
+                                        spacing=args.spacing)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     return {"beam": args.beam}
 
 

@@ -3,10 +3,14 @@
     python -m training.sweep --checkpoint assets/checkpoints/shapes-diffusion --split test --out docs/sweep
 
 Runs the evaluation of ``training.evaluate`` (same protocol, same seeds) once per setting: every
-``--steps`` value with every ``--samplers`` entry (at ``--steps-guidance``, by default the checkpoint's
-own guidance scale), then every ``--guidance`` value with
+``--steps`` value with every ``--samplers`` entry and every ``--spacings`` entry (at ``--steps-guidance``,
+by default the checkpoint's own guidance scale and spacing), then every ``--guidance`` value with
 DDIM at ``--guidance-steps`` steps. Writes ``OUT.json`` (all results), ``OUT.md`` (the table) and
-``OUT.png`` (the plot).
+``OUT.png`` (the plot); with more than one spacing also ``OUT_spacing.png``, one line per sampler and
+spacing for each of BLEU-4 and the single-object colour and shape accuracies.
+
+    python -m training.sweep --split val --steps 1,2,3,5,10,20 --spacings linspace,trailing,trailing^2,trailing^3 \
+        --guidance "" --out docs/results/spacing_val
 """
 from __future__ import annotations
 
@@ -91,6 +95,36 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+SPACING_METRICS = ("BLEU-4", "1-obj colour", "1-obj shape")
+
+
+def plot_spacing(rows: list[dict], path: str, title: str) -> None:
+    """One panel per metric of ``SPACING_METRICS`` against steps, one line per (sampler, spacing)."""
+    steps_rows = [r for r in rows if r["sweep"] == "steps"]
+    series = sorted({(r["sampler"], r["spacing"]) for r in steps_rows})
+    spacings = sorted({sp for _, sp in series})
+    colours = {sp: plt.get_cmap("tab10")(i) for i, sp in enumerate(spacings)}
+    fig, axes = plt.subplots(1, len(SPACING_METRICS), figsize=(5 * len(SPACING_METRICS), 4.2), squeeze=False)
+    for ax, k in zip(axes[0], SPACING_METRICS):
+        for sampler, sp in series:
+            pts = sorted((r for r in steps_rows if r["sampler"] == sampler and r["spacing"] == sp),
+                         key=lambda r: r["steps"])
+            ax.plot([r["steps"] for r in pts], [r.get(k, float("nan")) for r in pts],
+                    "-" if sampler == "ddpm" else "--", marker="s" if sampler == "ddpm" else "o", ms=4,
+                    color=colours[sp], label=f"{sampler.upper()}, {sp}")
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps (log scale)")
+        ax.set_title(k)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    g = steps_rows[0]["guidance"] if steps_rows else 1.0
+    fig.suptitle(f"{title}; guidance {g:g}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="assets/checkpoints/shapes-diffusion")
@@ -101,9 +135,13 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50,100"))
     p.add_argument("--samplers", default="ddim,ddpm")
+    p.add_argument("--spacings", default=None,
+                   help="comma-separated timestep spacings of the steps sweep: linspace, trailing, trailing^k "
+                        "(default: the checkpoint's own, sample_spacing)")
     p.add_argument("--steps-guidance", type=float, default=None,
                    help="guidance scale of the steps sweep (default: the checkpoint's own, sample_guidance)")
-    p.add_argument("--guidance", type=floats, default=floats("0,1,1.5,2,3,5"))
+    p.add_argument("--guidance", type=floats, default=floats("0,1,1.5,2,3,5"),
+                   help='guidance scales of the guidance sweep ("" for none)')
     p.add_argument("--guidance-steps", type=int, default=20)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp each x0 to its nearest tokens in every setting (default: the checkpoint's sample_clamp)")
@@ -120,17 +158,26 @@ def main(argv=None) -> None:
     records = load_records(args)
     image_features(model.image_encoder, [r.image_path for r in records], args.cache_dir)  # encode once, cached
     g_steps = model.config.sample_guidance if args.steps_guidance is None else args.steps_guidance
-    plan = [("steps", dict(steps=s, sampler=smp, guidance=g_steps)) for smp in args.samplers.split(",") for s in args.steps]
-    plan += [("guidance", dict(steps=args.guidance_steps, sampler="ddim", guidance=g)) for g in args.guidance]
+    spacings = [x.strip() for x in (args.spacings or model.config.sample_spacing).split(",") if x.strip()]
+    plan = [("steps", dict(steps=s, sampler=smp, guidance=g_steps, spacing=sp))
+            for smp in args.samplers.split(",") for sp in spacings for s in args.steps]
+    plan += [("guidance", dict(steps=args.guidance_steps, sampler="ddim", guidance=g, spacing=spacings[0]))
+             for g in args.guidance]
+    try:  # every setting checked before the first evaluation
+        for _, kw in plan:
+            model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp, spacing=kw["spacing"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     rows, results = [], []
     for sweep, kw in tqdm(plan, desc="sweep"):
         torch.manual_seed(args.seed)
-        settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp)
+        settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp,
+                                        spacing=kw["spacing"])
         res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
         res.pop("captions")
         results.append({"sweep": sweep, **res})
-        row = {"sweep": sweep, "sampler": kw["sampler"], "steps": kw["steps"], "guidance": kw["guidance"],
-               **summary_row(res), "ms/image": res["seconds"]["per_image_ms"]}
+        row = {"sweep": sweep, "sampler": kw["sampler"], "spacing": kw["spacing"], "steps": kw["steps"],
+               "guidance": kw["guidance"], **summary_row(res), "ms/image": res["seconds"]["per_image_ms"]}
         rows.append(row)
         tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -139,9 +186,15 @@ def main(argv=None) -> None:
                   indent=2)
     with open(args.out + ".md", "w") as f:
         f.write(markdown_table(rows, first="sweep"))
-    plot(rows, args.out + ".png", f"{args.checkpoint} on {args.data}/{args.split} ({len(records)} images)")
+    title = f"{args.checkpoint} on {args.data}/{args.split} ({len(records)} images)"
+    plot([r for r in rows if r["spacing"] == spacings[0]], args.out + ".png",
+         title + (f", spacing {spacings[0]}" if len(spacings) > 1 else ""))
+    written = [args.out + ".json", args.out + ".md", args.out + ".png"]
+    if len(spacings) > 1:
+        plot_spacing(rows, args.out + "_spacing.png", title)
+        written.append(args.out + "_spacing.png")
     print(markdown_table(rows, first="sweep"))
-    print(f"wrote {args.out}.json, {args.out}.md, {args.out}.png")
+    print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":
