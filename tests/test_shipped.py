@@ -44,6 +44,8 @@ def test_shipped_diffusion_defaults_are_the_documented_ones():
 
     cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion"))
     c = cap.config
-    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_clamp) == ("ddpm", 50, 5.0, True)
+    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_clamp, c.sample_spacing) == (
+        "ddpm", 20, 5.0, True, "trailing^2")
     tr = cap.caption(EXAMPLES[0], seed=0)
-    assert len(tr.steps) == 50 and tr.settings["clamp"] is True and tr.text
+    assert len(tr.steps) == 20 and tr.settings["clamp"] is True and tr.settings["spacing"] == "trailing^2" and tr.text
+    assert tr.steps[0].t == c.T - 1 and tr.steps[-1].t > 0

@@ -117,7 +117,7 @@ def plot_spacing(rows: list[dict], path: str, title: str) -> None:
         ax.set_title(k)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=7, loc="upper left")
     g = steps_rows[0]["guidance"] if steps_rows else 1.0
     fig.suptitle(f"{title}; guidance {g:g}", fontsize=10)
     fig.tight_layout()
