@@ -196,8 +196,9 @@ class Handlers:
         try:
             seed = int(seed) if seed is not None and float(seed) == int(float(seed)) else seed
             steps = int(steps) if steps is not None and float(steps) == int(float(steps)) else steps
+            # one sample per image: the page shows a single caption forming (MBR picks among finished ones)
             return self.m.cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp),
-                                             spacing=spacing or None)
+                                             spacing=spacing or None, candidates=1)
         except (TypeError, ValueError) as e:
             raise _user_error(f"Settings: {e}") from None
 

@@ -31,6 +31,8 @@ def main(argv=None) -> int:
                    help="clamp each predicted x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
     p.add_argument("--spacing", default=None,
                    help="linspace | trailing | trailing^k: which timesteps the sampler keeps (default: the checkpoint's)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="K > 1: denoise each image K times at once and print the consensus caption (MBR)")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # bad settings are one mistake, said once, before any image is read
-        cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp, spacing=args.spacing)
+        cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp, spacing=args.spacing,
+                           candidates=args.candidates)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     for path in args.images:
         try:
             trace = cap.caption(path, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                                seed=args.seed, clamp=args.clamp, spacing=args.spacing)
+                                seed=args.seed, clamp=args.clamp, spacing=args.spacing, candidates=args.candidates)
         except (ImageLoadError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             status = 1
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
             print(json.dumps({"image": path, **trace.to_json()}))
             continue
         print(f"{path}: {trace.text}")
+        if trace.candidates is not None and args.trace:
+            for k, c in enumerate(trace.candidates):
+                print(f"  candidate {k + 1}{' (chosen by MBR)' if k == trace.chosen else ''}: {c}")
         if args.trace:
             for s in trace.steps:
                 conf = sum(s.confidence) / len(s.confidence)

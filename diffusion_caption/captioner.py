@@ -20,6 +20,7 @@ from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
 from .rounding import round_to_tokens
+from .mbr import mbr_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
 from .schedule import NoiseSchedule
 from .tokenizer import CaptionTokenizer
@@ -27,6 +28,7 @@ from .trace import DenoisingStep, Trace
 
 FORMAT = "diffusion-caption/1"
 MAX_GUIDANCE = 20.0
+MAX_CANDIDATES = 64  # MBR samples per image (each is one more row in every network call)
 RECORDS = ("all", "final")  # what a caption keeps: every step (the trace) or the last one only
 
 
@@ -108,7 +110,8 @@ class Captioner:
             self.tokenizer.save_pretrained(tmp)
 
     # ---------------------------------------------------------------------------------------- sampling
-    def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0, *, spacing=None) -> dict:
+    def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0, *, spacing=None,
+                       candidates=None) -> dict:
         """Validated sampling settings, or a ValueError naming the parameter and its range."""
         T = self.config.T
         steps = self.config.sample_steps if steps is None else steps
@@ -133,8 +136,12 @@ class Captioner:
         if not isinstance(spacing, str):
             raise ValueError(f"spacing must be 'linspace', 'trailing' or 'trailing^k', got {spacing!r}")
         spacing_power(spacing)  # raises with the accepted forms
+        candidates = self.config.sample_candidates if candidates is None else candidates
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be an integer from 1 (no MBR) to {MAX_CANDIDATES}, got {candidates!r}")
         return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
-                "clamp": bool(clamp), "early_stop": early_stop, "spacing": spacing.strip().lower()}
+                "clamp": bool(clamp), "early_stop": early_stop, "spacing": spacing.strip().lower(),
+                "candidates": candidates}
 
     def encode_images(self, images: list) -> torch.Tensor:
         return self.image_encoder.encode(images).to(self.device)
@@ -150,7 +157,8 @@ class Captioner:
     def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                            steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                            seed: int = 0, clamp: bool | None = None, early_stop: int = 0,
-                           record: str = "all", spacing: str | None = None) -> Iterator[list[DenoisingStep | None]]:
+                           record: str = "all", spacing: str | None = None,
+                           candidates: int | None = None) -> Iterator[list[DenoisingStep | None]]:
         """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features.
 
         ``early_stop = k > 0``: an image stops once every position's rounded token has stayed the same
@@ -160,7 +168,11 @@ class Captioner:
         """
         if record not in RECORDS:
             raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
-        s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing)
+        s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
+                                candidates=candidates)
+        if s["candidates"] > 1:
+            raise ValueError("MBR over several candidates picks among finished captions, so it cannot stream; "
+                             "use caption_batch or caption (or candidates=1)")
         if features is None:
             if not images:
                 raise ValueError("give at least one image (or precomputed features)")
@@ -204,14 +216,19 @@ class Captioner:
     def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                       seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
-                      spacing: str | None = None) -> list[Trace]:
+                      spacing: str | None = None, candidates: int | None = None) -> list[Trace]:
         """One ``Trace`` per image, all images denoised together as one batch.
 
         ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
-        ``early_stop`` as in ``iter_caption_batch``.
+        ``early_stop`` as in ``iter_caption_batch``. ``candidates = K > 1``: every image is denoised K
+        times in the same batch (K different noise draws) and its trace is the one whose caption agrees
+        most with the other K-1 (MBR, ``diffusion_caption.mbr``); ``Trace.candidates`` holds all K captions.
         """
         t0 = time.perf_counter()
-        settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing)
+        settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
+                                       candidates=candidates)
+        if settings["candidates"] > 1:
+            return self._caption_mbr(images, features, settings, record, t0)
         n = len(images) if features is None else features.shape[0]
         per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
         for batch in self.iter_caption_batch(images, features=features, record=record, **settings):
@@ -223,9 +240,28 @@ class Captioner:
             settings["record"] = record
         return [Trace(steps, dict(settings), seconds) for steps in per_image]
 
+    def _caption_mbr(self, images, features, settings: dict, record: str, t0: float) -> list[Trace]:
+        K = settings["candidates"]
+        if features is None:
+            if not images:
+                raise ValueError("give at least one image (or precomputed features)")
+            features = self.encode_images(list(images))
+        samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record,
+                                     **dict(settings, candidates=1))
+        seconds = time.perf_counter() - t0
+        out = []
+        for b in range(features.shape[0]):
+            group = samples[b * K:(b + 1) * K]
+            texts = [tr.text for tr in group]
+            j = mbr_select(texts)
+            s = dict(settings, **({"record": record} if record != "all" else {}))
+            out.append(Trace(group[j].steps, s, seconds, candidates=texts, chosen=j))
+        return out
+
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                 seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
-                spacing: str | None = None) -> Trace:
+                spacing: str | None = None, candidates: int | None = None) -> Trace:
         """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
         return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                                  clamp=clamp, early_stop=early_stop, record=record, spacing=spacing)[0]
+                                  clamp=clamp, early_stop=early_stop, record=record, spacing=spacing,
+                                  candidates=candidates)[0]

@@ -41,6 +41,7 @@ class CaptionerConfig:
     sample_guidance: float = 1.0  # classifier-free guidance scale used when a call gives none (1 = none)
     sample_clamp: bool = False  # clamp each predicted x0 to its nearest token embeddings, when a call does not say
     sample_spacing: str = "linspace"  # which timesteps a few-step sampler keeps (samplers.spaced_timesteps)
+    sample_candidates: int = 1  # samples per image for MBR selection (diffusion_caption.mbr); 1 = none
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):

@@ -28,6 +28,8 @@ class Trace:
     steps: list[DenoisingStep]
     settings: dict = field(default_factory=dict)  # sampler, steps, guidance, clamp, seed, ...
     seconds: float | None = None  # wall time of the whole denoising, image encoding included
+    candidates: list[str] | None = None  # with MBR (settings["candidates"] = K > 1): the K sampled captions...
+    chosen: int | None = None  # ...and which of them this trace is (diffusion_caption.mbr)
 
     @property
     def final(self) -> DenoisingStep:
@@ -49,8 +51,11 @@ class Trace:
         return len(self.steps)
 
     def to_json(self) -> dict:
-        return {"text": self.text, "settings": self.settings, "seconds": self.seconds,
-                "steps": [s.to_json() for s in self.steps]}
+        out = {"text": self.text, "settings": self.settings, "seconds": self.seconds,
+               "steps": [s.to_json() for s in self.steps]}
+        if self.candidates is not None:
+            out.update(candidates=self.candidates, chosen=self.chosen)
+        return out
 
     def x_t(self) -> torch.Tensor:
         """[steps, L, d] noisy inputs of every step, for trajectory plots."""

@@ -23,3 +23,11 @@ def test_cli_prints_captions_and_trace(make_captioner, scene_image, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "diffusion_caption", "--checkpoint", str(tmp_path / "nope"),
                               scene_image], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not found" in missing.stderr
+    # MBR and spacing from the command line; a bad value is one message before any image is read
+    mbr = subprocess.run(base + [scene_image, "--candidates", "3", "--spacing", "trailing^2", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    trace = json.loads(mbr.stdout)
+    assert len(trace["candidates"]) == 3 and trace["text"] == trace["candidates"][trace["chosen"]]
+    assert trace["settings"]["spacing"] == "trailing^2" and trace["settings"]["candidates"] == 3
+    bad_k = subprocess.run(base + [scene_image, "--candidates", "0"], capture_output=True, text=True, timeout=120)
+    assert bad_k.returncode == 2 and "candidates must be" in bad_k.stderr and "Traceback" not in bad_k.stderr

@@ -292,7 +292,8 @@ def run_grid(grid: Grid, budget: Budget, results_path: str, stop_after: int = 0)
             records = records[:budget.eval_limit] if budget.eval_limit else records
             for settings, _ in missing:
                 s = model.check_settings(settings["steps"], settings["sampler"], settings["guidance"],
-                                         settings["seed"], settings["clamp"])
+                                         settings["seed"], settings["clamp"],
+                                         spacing=settings.get("spacing", "linspace"))  # as every record so far
                 torch.manual_seed(s["seed"])
                 t0 = time.time()
                 res = evaluate(model, records, s, budget.eval_batch_size, budget.cache_dir, tokenizer=budget.tokenizer)

@@ -44,6 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="clamp each x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
     g.add_argument("--spacing", default=None,
                    help="linspace | trailing | trailing^k: which timesteps are kept (default: the checkpoint's)")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="K > 1: caption each image K times and keep the consensus caption (MBR; default: the checkpoint's)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -58,7 +60,7 @@ def settings_from_args(model, args) -> dict:
     if model_kind(model) == "diffusion":
         try:
             return model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp,
-                                        spacing=args.spacing)
+                                        spacing=args.spacing, candidates=args.candidates)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}
