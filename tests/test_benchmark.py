@@ -26,7 +26,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
         "--suites", "shapes,tiny", "--devices", "cpu", "--diffusion", diff_dir, "--baseline", base_dir,
         "--data-dir", world_dir, "--split", "test", "--quality-limit", "6", "--quality-batch", "4",
         "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--guidance", "1,2", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
-        "--warmup", "1", "--repeats", "2", "--latency-images", "3", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
+        "--mbr", "2", "--warmup", "1", "--repeats", "2", "--latency-images", "3", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
         "--matmul-n", "64", "--compile", "tiny", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "kept by hand" in text and "STALE-TEXT" not in text
@@ -34,7 +34,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
                    "| diffusion | DDIM 3, full trace | 1 |", "| baseline | greedy | 4 |", "| baseline | beam 2 | 1 |",
                    "| image encoder |", "## Targets", "## Early stopping", "benchmark.png", "## Full trace, fast path",
                    "| diffusion | DDIM 3, compiled | 4 |", "| diffusion | DDIM 3, guidance 2, early stop 1 | 4 |",
-                   "| diffusion | default: DDPM 2, clamp | 1 |"):
+                   "| diffusion | default: DDPM 2, clamp | 1 |", "| diffusion | default: DDPM 2, clamp, MBR 2 | 4 |"):
         assert needle in text, needle
     assert os.path.isfile(tmp_path / "docs" / "benchmark.png")
     saved = json.loads((tmp_path / "docs" / "benchmark.json").read_text())
@@ -43,10 +43,15 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     timed = [r for r in rows if r["model"] in ("diffusion", "baseline")]
     # per suite: DDIM 1 and 3 at two batch sizes, two full traces, two beams at two; the trained diffusion
     # model also with DDIM 3 early stopping at two batch sizes, and all of it again at guidance 2; the tiny
-    # suite's fast path compiled; the trained model's own defaults (DDPM 2 with clamping) at two batch sizes
-    assert len(timed) == (2 * (4 + 2 + 2) + 4 + 2) + (4 + 2 + 4 + 4)
+    # suite's fast path compiled; the trained model's own defaults (DDPM 2 with clamping) at two batch sizes,
+    # alone and with MBR over 2 samples
+    assert len(timed) == (2 * (4 + 2 + 2) + 4 + 2 + 2) + (4 + 2 + 4 + 4)
     default = [r for r in timed if r["setting"] == "default: DDPM 2, clamp"]
     assert len(default) == 2 and all(r["sampler"] == "ddpm" and r["clamp"] and r["steps"] == 2 for r in default)
+    mbr = {r["batch"]: r for r in timed if r["setting"] == "default: DDPM 2, clamp, MBR 2"}
+    assert sorted(mbr) == [1, 4] and all(r["candidates"] == 2 for r in mbr.values())
+    d4 = next(r for r in default if r["batch"] == 4)
+    assert 1.9 * d4["flops"] < mbr[4]["flops"] < 2.1 * d4["flops"]  # two samples per image
     assert all(r["first_call_s"] > 0 for r in timed if r.get("compiled"))
     for r in timed:
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and len(r["runs_ms"]) == (2 if r["suite"] == "shapes" else 2)
@@ -61,7 +66,8 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
                                      "shapes|diffusion|DDIM 3, early stop 1", "shapes|diffusion|DDIM 1, guidance 2",
                                      "shapes|diffusion|DDIM 3, guidance 2",
                                      "shapes|diffusion|DDIM 3, guidance 2, early stop 1", "shapes|baseline|greedy",
-                                     "shapes|baseline|beam 2", "shapes|diffusion|default: DDPM 2, clamp"}
+                                     "shapes|baseline|beam 2", "shapes|diffusion|default: DDPM 2, clamp",
+                                     "shapes|diffusion|default: DDPM 2, clamp, MBR 2"}
     # guided sampling runs both passes in one batch: twice the FLOPs of unguided
     fl = {(r["guidance"], r["batch"]): r["flops"] for r in timed if r["suite"] == "shapes"
           and r["model"] == "diffusion" and r["steps"] == 3 and r["record"] == "final" and not r["early_stop"]}

@@ -322,9 +322,16 @@ def checkpoint_default(model) -> dict | None:
                 clamp=bool(getattr(cfg, "sample_clamp", False)), early_stop=0, record="final")
 
 
+def mbr_name(setting: str, k: int) -> str:
+    return f"{setting}, MBR {k}"
+
+
 def diffusion_plan(args, batch_sizes: list[int], scales: list[float], compiled: bool = False,
                    early_stop: bool = True, default: dict | None = None) -> list[dict]:
     plan = [dict(default, batch=B) for B in batch_sizes] if default else []
+    if default:  # the default again with MBR over K samples per image (K rows per image in every call)
+        plan += [dict(default, setting=mbr_name(default["setting"], k), candidates=k, batch=B)
+                 for k in args.mbr for B in batch_sizes]
     for g in scales:
         for steps in args.steps:
             base = dict(steps=steps, guidance=g, early_stop=0, record="final")
@@ -381,7 +388,8 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         chunks = [feats[i * B:(i + 1) * B] for i in range(n_calls)]
         if kind == "diffusion":
             kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
-                      clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"])
+                      clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"],
+                      candidates=p.get("candidates", 1))
         else:
             kw = dict(beam=p["beam"])
 
@@ -473,21 +481,24 @@ def quality(suite: Suite, args) -> dict:
                          for k in args.early_stop if steps > k]
         d = checkpoint_default(suite.diffusion)
         if d is not None:
-            jobs.append(("diffusion", d["setting"], {k: d[k] for k in ("steps", "sampler", "guidance", "clamp",
-                                                                      "early_stop")}))
+            dkw = {k: d[k] for k in ("steps", "sampler", "guidance", "clamp", "early_stop")}
+            jobs.append(("diffusion", d["setting"], dkw))
+            jobs += [("diffusion", mbr_name(d["setting"], k), dict(dkw, candidates=k)) for k in args.mbr]
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
     for kind, name, kw in tqdm(jobs, desc="quality", leave=False):
         model = suite.diffusion if kind == "diffusion" else suite.baseline
-        if kind == "diffusion" and kw["early_stop"] == 0 and (kw["steps"], kw["guidance"]) in sweep:
+        if kind == "diffusion" and kw["early_stop"] == 0 and (kw["steps"], kw["guidance"]) in sweep \
+                and kw.get("sampler", "ddim") == "ddim" and not kw.get("clamp") and kw.get("candidates", 1) == 1:
             res = sweep[(kw["steps"], kw["guidance"])]
             source = f"sweep {args.sweep}"
         else:
             settings = dict(kw)
             if kind == "diffusion":
                 settings = model.check_settings(kw["steps"], kw.get("sampler", "ddim"), kw["guidance"], args.seed,
-                                                kw.get("clamp", False), kw["early_stop"])
+                                                kw.get("clamp", False), kw["early_stop"],
+                                                candidates=kw.get("candidates", 1))
                 settings["record"] = "final"  # the same captions as the full trace, without it
             res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
             hyps = {c["image_id"]: c["caption"] for c in res["captions"]}
@@ -501,7 +512,8 @@ def quality(suite: Suite, args) -> dict:
         q = {k: v for k, v in summary_row(res).items()}
         q["source"] = source
         q["n_images"] = res["n_images"]
-        if kind == "diffusion" and not kw["early_stop"] and "captions" in res:
+        if kind == "diffusion" and not kw["early_stop"] and "captions" in res and kw.get("sampler", "ddim") == "ddim" \
+                and not kw.get("clamp") and kw.get("candidates", 1) == 1:
             eager[(kw["steps"], kw["guidance"])] = [c["caption"] for c in res["captions"]]
         if kind == "diffusion" and kw["early_stop"]:
             q.update(early_stop_stats(model, suite, kw["steps"], kw["guidance"], kw["early_stop"], args,
@@ -604,6 +616,8 @@ def join_quality(rows: list[dict], qual: dict) -> None:
 
 
 def variant_of(row: dict) -> str:
+    if row.get("candidates", 1) > 1:
+        return "checkpoint default, MBR"
     if row.get("sampler", "ddim") != "ddim" or row.get("clamp"):
         return "checkpoint default"
     v = "compiled" if row.get("compiled") else "early stop" if row.get("early_stop") else "eager"
@@ -642,6 +656,8 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
     series.append(("diffusion", "checkpoint default", next(
         (f"diffusion, checkpoint {r['setting']}" for r in rows if variant_of(r) == "checkpoint default"), ""),
         dict(marker="*", color="black", ls="")))
+    series.append(("diffusion", "checkpoint default, MBR", "diffusion, checkpoint default + MBR over K samples",
+                   dict(marker="P", color="darkorange", ls=":")))
     for kind, (colors, style) in palette.items():
         for i, g in enumerate(scales):
             label = "diffusion" + ("" if kind == "eager" else ", torch.compile" if kind == "compiled" else
@@ -654,7 +670,8 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
             every = []
             for kind, variant, label, style in series:
                 sel = sorted((r for r in pts if r["model"] == kind and variant_of(r) == variant),
-                             key=lambda r: (r.get("steps", 0), r.get("beam", 0), r.get("early_stop", 0)))
+                             key=lambda r: (r.get("steps", 0), r.get("beam", 0), r.get("early_stop", 0),
+                                            r.get("candidates", 1)))
                 if not sel:
                     continue
                 xs, ys = [r["ms_per_image"] for r in sel], [r["quality"][metric] for r in sel]
@@ -664,6 +681,8 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                         if r["model"] == "diffusion" else r["setting"]
                     if variant == "checkpoint default":
                         name = "default"
+                    elif variant == "checkpoint default, MBR":
+                        name = f"MBR {r['candidates']}"
                     ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
                 every += [(x, y, kind) for x, y in zip(xs, ys)]
             for kind, color in (("diffusion", "tab:blue"), ("baseline", "tab:red")):
@@ -879,6 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=strs, default=strs("1,default"),
                    help="guidance scales of the trained diffusion model ('default': its config's sample_guidance)")
     p.add_argument("--early-stop", type=ints, default=ints("1,2"), help="early-stopping patience values (none: '')")
+    p.add_argument("--mbr", type=ints, default=ints("4,8"),
+                   help="MBR sample counts K timed and scored with the checkpoint's default setting (none: '')")
     p.add_argument("--trace-batch", type=ints, default=ints("1"), help="batch sizes to time the full trace at")
     p.add_argument("--beams", type=ints, default=ints("1,3"), help="baseline beam sizes (1 = greedy)")
     p.add_argument("--batch-sizes", type=ints, default=ints("1,32"))
