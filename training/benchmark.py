@@ -638,7 +638,7 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
     """Quality against latency (batch 1) and against time per image (largest batch), one row per metric;
     each model's Pareto front dashed in its colour, the front of both together ringed in black."""
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     rows = [r for r in rows if r["model"] in ("diffusion", "baseline") and r.get("record", "final") == "final"
             and r.get("quality")]
@@ -694,16 +694,24 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
             ax.plot([p[0] for p in front], [p[1] for p in front], "o", mfc="none", mec="black", ms=11, mew=1.2,
                     label="Pareto front of both models")
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(ScalarFormatter())
-            ax.tick_params(axis="x", which="minor", labelsize=7)
+            # labels at 1, 2, 5 x 10^k only: every minor tick labelled overlaps on a wide range
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(f"ms per image at batch {B}" + (" (latency)" if B == 1 else " (1 / throughput)"))
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3, which="both")
-            if i == 0 and B == batches[0]:
-                ax.legend(fontsize=7, loc="best")
+    # one legend for all panels, below them, so that no panel's points are hidden behind it
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    ncol = 3
+    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * -(-len(labels) // ncol) * 2 / len(metrics), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
