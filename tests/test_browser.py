@@ -97,6 +97,10 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
         # (the intermediate steps are streamed too, but a page on a loaded machine may draw only the last
         # of several updates that arrive together; test_app checks the per-step stream itself)
         assert any("caption:" in x for x in seen)
+        # the last step's status comes one update before the final one (plots, table, timing line): wait
+        # for that update's timing line before reading what it carries
+        _wait(d, "the timing line", lambda: "first step after" in d.find_element(By.ID, "timing").text or None,
+              timeout=60)
         heat = _wait(d, "the heatmap", lambda: _rendered_img(d, "heatmap"))
         assert d.execute_script("return document.querySelector('#input-image img').src").find("shapes_01") >= 0
         traj = _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))
