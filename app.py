@@ -25,10 +25,6 @@ DEFAULT_BASELINE = os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline"
 EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
 MAX_UI_STEPS = 250  # the steps slider's top (every step is a network call; the API accepts up to T)
 SPACING_CHOICES = ("linspace", "trailing", "trailing^2", "trailing^3")  # the dropdown's; any trailing^k is accepted
-
-
-def spacing_choices(default: str) -> list[str]:
-    return list(SPACING_CHOICES) + ([default] if default not in SPACING_CHOICES else [])
 TRACE_CACHE_SIZE = 64
 PLAY_INTERVAL_S = 0.7
 # The stream is paced so that a person sees the caption form: at least this long between two shown steps,
@@ -36,6 +32,11 @@ PLAY_INTERVAL_S = 0.7
 # end). The wall times reported are the model's own, without this pacing.
 STREAM_MIN_INTERVAL_S = 0.04
 STREAM_BUDGET_S = 0.8
+
+
+def spacing_choices(default: str) -> list[str]:
+    """The dropdown's spacings, with the checkpoint's own default added when it is another trailing^k."""
+    return list(SPACING_CHOICES) + ([default] if default not in SPACING_CHOICES else [])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,7 +28,6 @@ import torch
 from .schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "ddpm")
-SPACINGS = ("linspace", "trailing", "trailing^k")
 
 
 @dataclass
