@@ -84,9 +84,9 @@ def resolve_image_path(entry: dict, name: str, data_dir: str, image_dir: str | N
     """
     filename = entry["filename"]
     if image_dir:
-        return os.path.join(image_dir, filename)
-    if entry.get("filepath"):
-        return os.path.join(data_dir, entry["filepath"], filename)
+        return os.path.normpath(os.path.join(image_dir, filename))
+    if entry.get("filepath"):  # normalised: "kd/../shapes/images/x.png" is the same image (and feature cache entry)
+        return os.path.normpath(os.path.join(data_dir, entry["filepath"], filename))
     key = os.path.abspath(data_dir)
     folder = _image_folder_cache.get(key)
     if folder is None:
@@ -98,7 +98,7 @@ def resolve_image_path(entry: dict, name: str, data_dir: str, image_dir: str | N
             raise FileNotFoundError(
                 f"no image folder for {name} under {data_dir}: tried {', '.join(IMAGE_FOLDERS)}; "
                 f"put the images in one of them or pass image_dir")
-    return os.path.join(data_dir, folder, filename)
+    return os.path.normpath(os.path.join(data_dir, folder, filename))
 
 
 def _read_json(path: str) -> dict:

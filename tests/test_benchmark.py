@@ -15,6 +15,9 @@ from training import benchmark
 def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir, tmp_path):
     diff_dir, base_dir = str(tmp_path / "diffusion"), str(tmp_path / "baseline")
     make_captioner(sampler="ddpm", sample_steps=2, sample_clamp=True).save_pretrained(diff_dir)
+    kd_dir = str(tmp_path / "distilled")
+    make_captioner(init_seed=1, sample_steps=1, sample_clamp=True, sample_guidance=1.5,
+                   extra={"distilled": {"teacher": "a-teacher", "decoding": {"beam": 3}}}).save_pretrained(kd_dir)
     torch.manual_seed(0)
     cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
                           bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
@@ -24,6 +27,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     out.write_text("STALE-TEXT\n<!-- notes -->\nkept by hand\n<!-- /notes -->\nSTALE-TEXT\n")
     report = benchmark.main([
         "--suites", "shapes,tiny", "--devices", "cpu", "--diffusion", diff_dir, "--baseline", base_dir,
+        "--distilled", kd_dir, "--distilled-steps", "1,2",
         "--data-dir", world_dir, "--split", "test", "--quality-limit", "6", "--quality-batch", "4",
         "--tokenizer", "simple", "--bleu-only", "--steps", "1,3", "--guidance", "1,2", "--early-stop", "1", "--beams", "1,2", "--batch-sizes", "1,4",
         "--mbr", "2", "--warmup", "1", "--repeats", "2", "--latency-images", "3", "--base-repeats", "1", "--tiny-length", "8", "--threads", "1",
@@ -34,7 +38,8 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
                    "| diffusion | DDIM 3, full trace | 1 |", "| baseline | greedy | 4 |", "| baseline | beam 2 | 1 |",
                    "| image encoder |", "## Targets", "## Early stopping", "benchmark.png", "## Full trace, fast path",
                    "| diffusion | DDIM 3, compiled | 4 |", "| diffusion | DDIM 3, guidance 2, early stop 1 | 4 |",
-                   "| diffusion | default: DDPM 2, clamp | 1 |", "| diffusion | default: DDPM 2, clamp, MBR 2 | 4 |"):
+                   "| diffusion | default: DDPM 2, clamp | 1 |", "| diffusion | default: DDPM 2, clamp, MBR 2 | 4 |",
+                   "| diffusion | distilled: DDIM 2 | 4 |", "trained on the captions of a-teacher (beam 3)"):
         assert needle in text, needle
     assert os.path.isfile(tmp_path / "docs" / "benchmark.png")
     saved = json.loads((tmp_path / "docs" / "benchmark.json").read_text())
@@ -44,8 +49,11 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     # per suite: DDIM 1 and 3 at two batch sizes, two full traces, two beams at two; the trained diffusion
     # model also with DDIM 3 early stopping at two batch sizes, and all of it again at guidance 2; the tiny
     # suite's fast path compiled; the trained model's own defaults (DDPM 2 with clamping) at two batch sizes,
-    # alone and with MBR over 2 samples
-    assert len(timed) == (2 * (4 + 2 + 2) + 4 + 2 + 2) + (4 + 2 + 4 + 4)
+    # alone and with MBR over 2 samples; the distilled checkpoint at DDIM 1 and 2 at two batch sizes
+    assert len(timed) == (2 * (4 + 2 + 2) + 4 + 2 + 2) + (4 + 2 + 4 + 4) + 4
+    kd = [r for r in timed if r.get("distilled")]
+    assert len(kd) == 4 and all(r["model"] == "diffusion" and r["guidance"] == 1.5 and r["clamp"] for r in kd)
+    assert "distilled denoiser" in text  # its weights listed beside the others
     default = [r for r in timed if r["setting"] == "default: DDPM 2, clamp"]
     assert len(default) == 2 and all(r["sampler"] == "ddpm" and r["clamp"] and r["steps"] == 2 for r in default)
     mbr = {r["batch"]: r for r in timed if r["setting"] == "default: DDPM 2, clamp, MBR 2"}
@@ -67,7 +75,8 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
                                      "shapes|diffusion|DDIM 3, guidance 2",
                                      "shapes|diffusion|DDIM 3, guidance 2, early stop 1", "shapes|baseline|greedy",
                                      "shapes|baseline|beam 2", "shapes|diffusion|default: DDPM 2, clamp",
-                                     "shapes|diffusion|default: DDPM 2, clamp, MBR 2"}
+                                     "shapes|diffusion|default: DDPM 2, clamp, MBR 2",
+                                     "shapes|diffusion|distilled: DDIM 1", "shapes|diffusion|distilled: DDIM 2"}
     # guided sampling runs both passes in one batch: twice the FLOPs of unguided
     fl = {(r["guidance"], r["batch"]): r["flops"] for r in timed if r["suite"] == "shapes"
           and r["model"] == "diffusion" and r["steps"] == 3 and r["record"] == "final" and not r["early_stop"]}

@@ -1,4 +1,5 @@
 """The training commands end to end on the tiny world: they run, save loadable checkpoints, resume."""
+import json
 import os
 
 import pytest
@@ -77,3 +78,58 @@ def test_torchrun_ddp_on_cpu(world_dir, clip_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     assert len(Captioner.from_pretrained(str(out)).caption_batch(features=torch.randn(2, 128), steps=2)) == 2
+
+
+def test_distilled_captions_replace_the_training_references_and_train(world_dir, clip_dir, clip_encoder, tokenizer,
+                                                                     tmp_path):
+    from diffusion_caption import BaselineCaptioner
+    from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
+    from diffusion_caption.data import load_karpathy
+    from training import distill_captions
+
+    torch.manual_seed(0)
+    cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
+                          bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
+    model = PrefixCaptioner(cfg)
+    # a briefly trained teacher, so that its captions are words (an untrained one writes nothing)
+    world = load_karpathy("shapes", world_dir, "train")
+    feats = clip_encoder.encode([r.image_path for r in world])
+    ids = tokenizer.encode([r.captions[0] for r in world], cfg.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(feats, ids)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    teacher = BaselineCaptioner(cfg, model, clip_encoder, tokenizer)
+    teacher_dir = str(tmp_path / "teacher")
+    teacher.save_pretrained(teacher_dir)
+    kd_dir = str(tmp_path / "kd")
+    common = ["--teacher", teacher_dir, "--data-dir", world_dir, "--beam", "2", "--cache-dir", str(tmp_path / "cache")]
+    distill_captions.main(common + ["--out", kd_dir])
+
+    src = {s: load_karpathy("shapes", world_dir, s) for s in ("train", "val", "test")}
+    kd = {s: load_karpathy("shapes", kd_dir, s) for s in ("train", "val", "test")}
+    train = src["train"]
+    expected = [c.text for c in teacher.caption_batch([r.image_path for r in train], beam=2)]
+    assert [r.image_path for r in kd["train"]] == [r.image_path for r in train]  # the same image files
+    assert [r.captions for r in kd["train"]] == [[c] for c in expected]
+    assert any(e not in r.captions for e, r in zip(expected, train))  # not the references
+    for s in ("val", "test"):  # evaluation splits keep their human references
+        assert [(r.image_path, r.captions, r.scene) for r in kd[s]] == [(r.image_path, r.captions, r.scene)
+                                                                          for r in src[s]]
+    with open(os.path.join(kd_dir, "dataset_shapes.json")) as f:
+        meta = json.load(f)["distilled"]
+    assert meta["teacher"] == teacher_dir and meta["decoding"]["beam"] == 2 and meta["images"] == len(train)
+
+    both = str(tmp_path / "kd-refs")
+    distill_captions.main(common + ["--out", both, "--keep-references"])
+    assert [r.captions for r in load_karpathy("shapes", both, "train")] == [r.captions + [e]
+                                                                           for r, e in zip(train, expected)]
+    with pytest.raises(SystemExit, match="new folder"):
+        distill_captions.main(common + ["--out", world_dir])
+
+    # a captioner trained on the distilled file records its teacher
+    out, _ = _train(kd_dir, clip_dir, tmp_path / "student")
+    assert Captioner.from_pretrained(str(out)).config.extra["distilled"]["teacher"] == teacher_dir

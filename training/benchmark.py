@@ -4,13 +4,16 @@
     python -m training.benchmark --suites shapes --repeats 3      # the shipped checkpoints only
     python -m training.benchmark --suites base --devices cuda     # base size on a GPU, bf16
 
-Suites: ``shapes`` is the shipped pair of checkpoints (``--diffusion``, ``--baseline``); ``base`` is the
+Suites: ``shapes`` is the shipped checkpoints (``--diffusion``, ``--baseline``, and the few-step
+``--distilled`` diffusion checkpoint, trained on the baseline's captions); ``base`` is the
 seed paper's size with random weights (CLIP ViT-B/32, a DistilBERT-base denoiser over its 30522-token
 table, ClipCap's MLP prefix and GPT-2 small; ``--base-length`` caption positions); ``tiny`` is a
 seconds-long smoke size. For each suite and device, with precomputed image features, it times
 
 * the diffusion captioner at every ``--steps`` count (DDIM, the fast path ``record="final"``), with early
   stopping (``--early-stop`` patience values), and with the full per-step trace at ``--trace-batch``,
+* the distilled diffusion checkpoint at each ``--distilled-steps`` count (DDIM with its own guidance,
+  clamping and spacing), eager and compiled,
 * the baseline with greedy and beam-3 decoding (``--beams``),
 * the image encoder alone (and image preprocessing, per image),
 
@@ -89,6 +92,7 @@ class Suite:
     image_paths: list[str] = field(default_factory=list)  # for the preprocessing time
     records: list | None = None  # quality split (trained checkpoints only)
     notes: list[str] = field(default_factory=list)
+    distilled: object | None = None  # a second diffusion checkpoint, distilled for few steps (shapes suite)
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -159,7 +163,11 @@ def trained_suite(args, n_features: int) -> Suite:
     from training.evaluate import load_records
 
     notes, models = [], {}
-    for kind, path in (("diffusion", args.diffusion), ("baseline", args.baseline)):
+    for kind, path in (("diffusion", args.diffusion), ("baseline", args.baseline),
+                       ("distilled", getattr(args, "distilled", ""))):
+        if kind == "distilled" and not path:
+            models[kind] = None
+            continue
         if path and os.path.isfile(os.path.join(path, "config.json")):
             models[kind] = load_model(path)
         else:
@@ -172,12 +180,26 @@ def trained_suite(args, n_features: int) -> Suite:
         paths = paths + paths
     feats = {k: image_features(m.image_encoder, paths[:n_features], args.cache_dir, desc=f"{k} features")
              for k, m in models.items() if m is not None}
-    label = f"trained checkpoints: {args.diffusion} and {args.baseline}"
+    label = f"trained checkpoints: {args.diffusion} and {args.baseline}" + (
+        f", distilled: {args.distilled}" if models.get("distilled") is not None else "")
     if models["diffusion"] is not None:
         cfg = models["diffusion"].config
         notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
                      "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
-    return Suite("shapes", label, models["diffusion"], models["baseline"], feats, paths[:8], records, notes)
+    if models.get("distilled") is not None:
+        notes.append(f"distilled rows: {distilled_description(models['distilled'])}")
+    return Suite("shapes", label, models["diffusion"], models["baseline"], feats, paths[:8], records, notes,
+                 distilled=models.get("distilled"))
+
+
+def distilled_description(model) -> str:
+    cfg = model.config
+    kd = cfg.extra.get("distilled", {})
+    teacher = (f"trained on the captions of {kd['teacher']} (beam {kd.get('decoding', {}).get('beam', '?')}) for "
+               f"its training images (sequence-level distillation, `training.distill_captions`)" if kd else
+               "a second diffusion checkpoint")
+    return (f"{teacher}; sampled by DDIM with the checkpoint's guidance {cfg.sample_guidance:g}"
+            + (", clamping" if cfg.sample_clamp else "") + f" and `{cfg.sample_spacing}` spacing")
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -349,6 +371,22 @@ def diffusion_plan(args, batch_sizes: list[int], scales: list[float], compiled: 
     return plan
 
 
+def distilled_name(steps: int, extra: str = "") -> str:
+    return f"distilled: DDIM {steps}" + (f", {extra}" if extra else "")
+
+
+def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False) -> list[dict]:
+    """The distilled checkpoint at each ``--distilled-steps`` count, with its own guidance and clamping."""
+    cfg = model.config
+    base = dict(sampler="ddim", guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp), early_stop=0,
+                record="final", distilled=True)
+    plan = [dict(base, setting=distilled_name(k), steps=k, batch=B) for k in args.distilled_steps for B in batch_sizes]
+    if compiled:
+        plan += [dict(base, setting=distilled_name(k, "compiled"), steps=k, batch=B, compiled=True)
+                 for k in args.distilled_steps for B in batch_sizes]
+    return plan
+
+
 def baseline_plan(args, batch_sizes: list[int]) -> list[dict]:
     return [dict(setting="greedy" if beam == 1 else f"beam {beam}", beam=beam, batch=B)
             for beam in args.beams for B in batch_sizes]
@@ -363,7 +401,7 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
                   peak: dict, repeats: int) -> list[dict]:
     """Every timing row of one suite on one device."""
     rows: list[dict] = []
-    models = [m for m in (suite.diffusion, suite.baseline) if m is not None]
+    models = [m for m in (suite.diffusion, suite.baseline, suite.distilled) if m is not None]
     for m in models:
         m.to(device)
     jobs = []
@@ -376,17 +414,23 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
                                                                    if suite.records is not None else None))]
         if suite.name in args.compile:
             compiled = copy.copy(suite.diffusion).compile(dynamic=False)  # same weights, own compiled graph
+    compiled_kd = None
+    if suite.distilled is not None:
+        jobs += [("distilled", p) for p in distilled_plan(args, batch_sizes, suite.distilled,
+                                                          suite.name in args.compile)]
+        if suite.name in args.compile:
+            compiled_kd = copy.copy(suite.distilled).compile(dynamic=False)
     if suite.baseline is not None:
         jobs += [("baseline", p) for p in baseline_plan(args, batch_sizes)]
     for kind, p in tqdm(jobs, desc=f"{suite.name} on {device.type}", leave=False):
-        model = suite.diffusion if kind == "diffusion" else suite.baseline
+        model = {"diffusion": suite.diffusion, "distilled": suite.distilled}.get(kind, suite.baseline)
         B = p["batch"]
         # batch 1 is the latency of one image, averaged over several (a caption's length varies with its
         # image, and so does the baseline's time): each timed call captions them one after another
         n_calls = args.latency_images if B == 1 and suite.records is not None else 1
         feats = take(suite.features[kind], B * n_calls).to(device)
         chunks = [feats[i * B:(i + 1) * B] for i in range(n_calls)]
-        if kind == "diffusion":
+        if kind in ("diffusion", "distilled"):
             kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
                       clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"],
                       candidates=p.get("candidates", 1))
@@ -400,21 +444,22 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         counts, outs = count_call(call, device)  # FLOPs and memory of the eager model, also for compiled rows
         first = None
         if p.get("compiled"):
-            call = functools.partial(call, model=compiled)
+            call = functools.partial(call, model=compiled_kd if kind == "distilled" else compiled)
             t0 = time.perf_counter()
             call()  # compiles, at this batch size
             sync(device)
             first = time.perf_counter() - t0
         t = time_call(call, device, args.warmup, repeats)
         t = {k: ([x / n_calls for x in v] if isinstance(v, list) else v / n_calls) for k, v in t.items()}
-        row = {"suite": suite.name, "device": device.type, "dtype": dtype, "model": kind, **p, **t, **counts,
+        row = {"suite": suite.name, "device": device.type, "dtype": dtype,
+               "model": "diffusion" if kind == "distilled" else kind, **p, **t, **counts,
                "images_averaged": B * n_calls, "ms_per_image": t["median_ms"] / B,
                "images_per_s": 1000 * B / t["median_ms"], "flops_per_caption": counts["flops"] / (B * n_calls),
                "gflops_per_s": counts["flops"] / n_calls / (t["median_ms"] / 1000) / 1e9}
         row["matmul_fraction"] = row["gflops_per_s"] / peak["gflops"]
         if first is not None:
             row["first_call_s"] = first
-        if kind == "diffusion":
+        if kind in ("diffusion", "distilled"):
             used = [o.final.index + 1 for o in outs]
             row["steps_used"] = sum(used) / len(used)
             row["stopped_early"] = sum(u < p["steps"] for u in used) / len(used)
@@ -423,7 +468,7 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         rows.append(row)
     # the image encoder alone, on preprocessed pixels; preprocessing per image on its own
     encoders = []
-    for kind, m in (("diffusion", suite.diffusion), ("baseline", suite.baseline)):
+    for kind, m in (("diffusion", suite.diffusion), ("baseline", suite.baseline), ("distilled", suite.distilled)):
         if m is not None and all(m.image_encoder is not e and encoder_fingerprint(m.image_encoder) != encoder_fingerprint(e)
                                  for _, e in encoders):
             encoders.append((kind, m.image_encoder))
@@ -484,12 +529,19 @@ def quality(suite: Suite, args) -> dict:
             dkw = {k: d[k] for k in ("steps", "sampler", "guidance", "clamp", "early_stop")}
             jobs.append(("diffusion", d["setting"], dkw))
             jobs += [("diffusion", mbr_name(d["setting"], k), dict(dkw, candidates=k)) for k in args.mbr]
+    if suite.distilled is not None:
+        for p in distilled_plan(args, [1], suite.distilled):
+            jobs.append(("distilled", p["setting"], {k: p[k] for k in ("steps", "sampler", "guidance", "clamp",
+                                                                       "early_stop")}))
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
     for kind, name, kw in tqdm(jobs, desc="quality", leave=False):
-        model = suite.diffusion if kind == "diffusion" else suite.baseline
-        if kind == "diffusion" and kw["early_stop"] == 0 and (kw["steps"], kw["guidance"]) in sweep \
+        model = {"diffusion": suite.diffusion, "distilled": suite.distilled}.get(kind, suite.baseline)
+        if kind == "distilled":  # scored as a diffusion setting; the name says which checkpoint
+            kind = "diffusion"
+            kw = dict(kw, distilled=True)
+        if kind == "diffusion" and kw["early_stop"] == 0 and not kw.get("distilled") and (kw["steps"], kw["guidance"]) in sweep \
                 and kw.get("sampler", "ddim") == "ddim" and not kw.get("clamp") and kw.get("candidates", 1) == 1:
             res = sweep[(kw["steps"], kw["guidance"])]
             source = f"sweep {args.sweep}"
@@ -513,7 +565,7 @@ def quality(suite: Suite, args) -> dict:
         q["source"] = source
         q["n_images"] = res["n_images"]
         if kind == "diffusion" and not kw["early_stop"] and "captions" in res and kw.get("sampler", "ddim") == "ddim" \
-                and not kw.get("clamp") and kw.get("candidates", 1) == 1:
+                and not kw.get("clamp") and kw.get("candidates", 1) == 1 and not kw.get("distilled"):
             eager[(kw["steps"], kw["guidance"])] = [c["caption"] for c in res["captions"]]
         if kind == "diffusion" and kw["early_stop"]:
             q.update(early_stop_stats(model, suite, kw["steps"], kw["guidance"], kw["early_stop"], args,
@@ -616,6 +668,8 @@ def join_quality(rows: list[dict], qual: dict) -> None:
 
 
 def variant_of(row: dict) -> str:
+    if row.get("distilled"):
+        return "distilled, compiled" if row.get("compiled") else "distilled"
     if row.get("candidates", 1) > 1:
         return "checkpoint default, MBR"
     if row.get("sampler", "ddim") != "ddim" or row.get("clamp"):
@@ -658,6 +712,10 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
         dict(marker="*", color="black", ls="")))
     series.append(("diffusion", "checkpoint default, MBR", "diffusion, checkpoint default + MBR over K samples",
                    dict(marker="P", color="darkorange", ls=":")))
+    series.append(("diffusion", "distilled", "distilled diffusion (trained on the baseline's captions), DDIM steps",
+                   dict(marker="D", color="tab:brown")))
+    series.append(("diffusion", "distilled, compiled", "distilled diffusion, torch.compile",
+                   dict(marker="d", color="peru", ls="-.")))
     for kind, (colors, style) in palette.items():
         for i, g in enumerate(scales):
             label = "diffusion" + ("" if kind == "eager" else ", torch.compile" if kind == "compiled" else
@@ -679,7 +737,9 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                 for r, x, y in zip(sel, xs, ys):
                     name = str(r.get("steps", "")) + (f"/{r['early_stop']}" if r.get("early_stop") else "") \
                         if r["model"] == "diffusion" else r["setting"]
-                    if variant == "checkpoint default":
+                    if variant.startswith("distilled"):
+                        name = f"KD {r['steps']}"
+                    elif variant == "checkpoint default":
                         name = "default"
                     elif variant == "checkpoint default, MBR":
                         name = f"MBR {r['candidates']}"
@@ -810,7 +870,7 @@ def _key(r: dict) -> tuple:
 
 def speedup_table(rows: list[dict]) -> str:
     """The fast path, early stopping and torch.compile against the full trace, per setting and batch."""
-    diff = [r for r in rows if r["model"] == "diffusion"]
+    diff = [r for r in rows if r["model"] == "diffusion" and not r.get("distilled")]
     eager = {_key(r): r for r in diff if variant_of(r).startswith("eager") and r["record"] == "final"}
     lines = ["| suite | device | steps | guidance | batch | full trace ms | fast path ms | fast path, early stop ms "
              "(patience: steps run) | compiled fast path ms (first call s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -902,6 +962,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=strs, default=None, help="cpu and/or cuda (default: cpu, and cuda when present)")
     p.add_argument("--diffusion", default="assets/checkpoints/shapes-diffusion")
     p.add_argument("--baseline", default="assets/checkpoints/shapes-baseline")
+    p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-kd",
+                   help="a few-step diffusion checkpoint to time beside the others ('' or a missing path: none)")
+    p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="DDIM step counts of --distilled")
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50"), help="DDIM step counts")
     p.add_argument("--guidance", type=strs, default=strs("1,default"),
                    help="guidance scales of the trained diffusion model ('default': its config's sample_guidance)")
@@ -1000,6 +1063,8 @@ def main(argv=None) -> dict:
         pm = {}
         if suite.diffusion is not None:
             pm["diffusion denoiser"] = param_bytes(suite.diffusion.denoiser) / 2**20
+        if suite.distilled is not None:
+            pm["distilled denoiser"] = param_bytes(suite.distilled.denoiser) / 2**20
         if suite.baseline is not None:
             pm["baseline mapper + GPT-2"] = param_bytes(suite.baseline.model) / 2**20
         enc = (suite.diffusion or suite.baseline)

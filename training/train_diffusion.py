@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -79,6 +80,18 @@ def load_clip(spec: str, device) -> ImageEncoder:
     return ImageEncoder.from_pretrained(spec, device=device)
 
 
+def distillation_of(data: str, data_dir: str) -> dict | None:
+    """The ``"distilled"`` record of a dataset file written by ``training.distill_captions`` (else None)."""
+    if "+" in data:
+        return None
+    path = os.path.join(data_dir, f"dataset_{data}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        kd = json.load(f).get("distilled")
+    return {k: kd[k] for k in ("teacher", "decoding", "splits", "command") if k in kd} if kd else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_dataclass_args(p, DiffusionTrainConfig)
@@ -118,8 +131,11 @@ def main(argv=None) -> None:
     encoder = load_clip(tcfg.clip, device)
     tok_src = tcfg.tokenizer or (tcfg.clip if not tcfg.clip.startswith("open_clip:") else "distilbert-base-uncased")
     tokenizer = CaptionTokenizer.from_pretrained(tok_src)
-    mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size, cond_dim=encoder.feature_dim,
-                               extra={"data": tcfg.data, "clip": tcfg.clip, "train_config": asdict(tcfg)})
+    extra = {"data": tcfg.data, "clip": tcfg.clip, "train_config": asdict(tcfg)}
+    kd = distillation_of(tcfg.data, tcfg.data_dir)
+    if kd:  # trained on a teacher's captions (training.distill_captions): the checkpoint says so
+        extra["distilled"] = kd
+    mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size, cond_dim=encoder.feature_dim, extra=extra)
 
     image_dir = tcfg.image_dir or None
     train = load_datasets(tcfg.data, tcfg.data_dir, splits=["train"], image_dir=image_dir)

@@ -1,0 +1,122 @@
+"""Sequence-level knowledge distillation: a copy of a dataset whose training captions are a teacher's.
+
+    python -m training.distill_captions --teacher assets/checkpoints/shapes-baseline --beam 3 \\
+        --data-dir data/shapes-aug --out data/shapes-aug-kd
+
+A non-autoregressive captioner predicts every position at once, so when one image has several
+differently worded references ("a red circle above a blue square", "a blue square and a red circle")
+its one-shot prediction averages them and the rounded caption mixes both. Training on one
+deterministic caption per image, decoded by an autoregressive teacher, removes that ambiguity: this is
+sequence-level knowledge distillation (Kim & Rush 2016), the standard recipe for non-autoregressive
+translation (Gu et al. 2018) and captioning. It is what makes few-step diffusion sampling work here
+(``docs/BENCHMARKS.md``).
+
+The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
+teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every
+other split keeps its human references, so evaluation is unchanged. Images are not copied: each entry's
+``filepath`` points back to the source folder. The teacher, its decoding settings and the time taken
+are recorded under the file's ``"distilled"`` key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from diffusion_caption.baseline import BaselineCaptioner
+from diffusion_caption.checkpoint import CheckpointError
+from diffusion_caption.data import find_dataset_json, load_karpathy, resolve_image_path
+from diffusion_caption.features import image_features
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="assets/checkpoints/shapes-baseline", help="a baseline checkpoint directory")
+    p.add_argument("--data", default="shapes", help="one dataset: shapes | flickr8k | flickr30k | coco")
+    p.add_argument("--data-dir", default="data/shapes-aug")
+    p.add_argument("--image-dir", default=None)
+    p.add_argument("--out", required=True, help="folder for the distilled dataset file (must differ from --data-dir)")
+    p.add_argument("--splits", default="train", help="comma-separated splits whose captions the teacher writes")
+    p.add_argument("--beam", type=int, default=3, help="the teacher's beam size (1 = greedy)")
+    p.add_argument("--keep-references", action="store_true",
+                   help="add the teacher's caption to the human references instead of replacing them")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def distill(args) -> dict:
+    if "+" in args.data:
+        raise SystemExit("--data takes one dataset here; distil each dataset into its own folder")
+    src_json = find_dataset_json(args.data, args.data_dir)
+    if os.path.abspath(args.out) == os.path.abspath(args.data_dir):
+        raise SystemExit("--out must be a new folder: the source dataset file is not overwritten")
+    try:
+        teacher = BaselineCaptioner.from_pretrained(args.teacher, device=args.device)
+    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+        raise SystemExit(f"could not load the teacher {args.teacher}: {e}") from None
+    settings = teacher.check_settings(beam=args.beam)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    records = load_karpathy(args.data, args.data_dir, splits, image_dir=args.image_dir, restval_as_train=False)
+    if not records:
+        raise SystemExit(f"{src_json}: no images in split(s) {splits}")
+
+    t0 = time.perf_counter()
+    feats = image_features(teacher.image_encoder, [r.image_path for r in records], args.cache_dir,
+                           desc="encoding images")
+    captions: list[str] = []
+    for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}"):
+        out = teacher.caption_batch(features=feats[i:i + args.batch_size], **settings)
+        captions += [c.text for c in out]
+    seconds = time.perf_counter() - t0
+    empty = sum(1 for c in captions if not c.strip())
+    if empty:
+        raise SystemExit(f"the teacher wrote {empty} empty caption(s); is {args.teacher} trained?")
+
+    with open(src_json, encoding="utf-8") as f:
+        meta = json.load(f)
+    by_path = {r.image_path: c for r, c in zip(records, captions)}
+    out_dir = os.path.abspath(args.out)
+    n_changed = 0
+    for i, e in enumerate(meta["images"]):
+        path = resolve_image_path(e, args.data, args.data_dir, args.image_dir)
+        # images stay where they are: the entry points at their folder from the new file's folder
+        e["filepath"] = os.path.relpath(os.path.dirname(os.path.abspath(path)), out_dir)
+        if path in by_path:
+            teacher_sentence = {"raw": by_path[path], "tokens": by_path[path].split(), "teacher": True}
+            e["sentences"] = (e["sentences"] if args.keep_references else []) + [teacher_sentence]
+            n_changed += 1
+    meta["distilled"] = {
+        "teacher": args.teacher, "decoding": settings, "splits": splits, "source": os.path.abspath(src_json),
+        "keep_references": bool(args.keep_references), "images": n_changed, "seconds": round(seconds, 1),
+        "distinct_captions": len(set(captions)),
+        "command": "python -m training.distill_captions " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in (("teacher", args.teacher), ("data", args.data),
+                                                          ("data_dir", args.data_dir), ("out", args.out),
+                                                          ("splits", args.splits), ("beam", args.beam)))
+                   + (" --keep-references" if args.keep_references else ""),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    dst = os.path.join(args.out, os.path.basename(src_json))
+    tmp = dst + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(tmp, dst)
+    print(f"wrote {dst}: {n_changed} images of {','.join(splits)} captioned by {args.teacher} "
+          f"(beam {settings['beam']}) in {seconds:.0f} s; {len(set(captions))} distinct captions")
+    return meta["distilled"]
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    with torch.no_grad():
+        distill(args)
+
+
+if __name__ == "__main__":
+    main()
