@@ -35,6 +35,11 @@ class CaptionerConfig:
     lambda_round: float = 0.3
     lambda_feature: float = 0.1
     freeze_embeddings: bool = False
+    # few-step training: a fraction p_focus of each batch is drawn from the focus_steps timesteps that a
+    # focus_steps-step sampler with focus_spacing visits (the rest uniformly); 0 = uniform t only
+    focus_steps: int = 0
+    focus_spacing: str = "trailing^2"
+    p_focus: float = 0.5
     # sampling defaults
     sample_steps: int = 20
     sampler: str = "ddim"
@@ -53,6 +58,8 @@ class CaptionerConfig:
             raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.focus_steps < 0 or not 0.0 <= self.p_focus <= 1.0:
+            raise ValueError(f"focus_steps must be >= 0 and p_focus in [0, 1], got {self.focus_steps}, {self.p_focus}")
         if self.lambda_round < 0 or self.lambda_feature < 0:
             raise ValueError("loss weights lambda_round and lambda_feature must be >= 0")
 

@@ -38,11 +38,13 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------------------------------ training
     def training_losses(self, model, tokens: torch.Tensor, cond: torch.Tensor, lambda_round: float = 0.3,
                         lambda_feature: float = 0.0, p_uncond: float = 0.0,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None, t_focus: list[int] | None = None,
+                        p_focus: float = 0.0) -> dict[str, torch.Tensor]:
         """Losses for a batch of token ids [B, L] and image features [B, D].
 
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
-        x_t ~ q(x_t | x_0) at uniform t. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        x_t ~ q(x_t | x_0) at uniform t (with ``t_focus``, a fraction ``p_focus`` of the batch at one of
+        those timesteps instead: the ones a few-step sampler visits). ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
@@ -56,6 +58,10 @@ class GaussianDiffusion:
         noise0 = torch.randn(x_start_mean.shape, generator=generator, device=dev)
         x_start = x_start_mean + std0 * noise0
         t = torch.randint(0, sched.T, (B,), generator=generator, device=dev)
+        if t_focus and p_focus > 0:
+            focus = torch.as_tensor(t_focus, device=dev)
+            pick = focus[torch.randint(0, len(focus), (B,), generator=generator, device=dev)]
+            t = torch.where(torch.rand(B, generator=generator, device=dev) < p_focus, pick, t)
         noise = torch.randn(x_start.shape, generator=generator, device=dev)
         x_t = sched.q_sample(x_start, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < p_uncond) if p_uncond > 0 else None

@@ -62,6 +62,37 @@ def test_variants_train(make_captioner, tokenizer, overrides, loss_kw):
         assert "feature" in hist[0]
 
 
+def test_focus_training_draws_the_few_step_samplers_timesteps(make_captioner, tokenizer):
+    """``t_focus`` puts a fraction ``p_focus`` of the batch at the given timesteps, the rest uniform."""
+    cap = make_captioner()
+    seen = []
+
+    class Spy(torch.nn.Module):  # the denoiser, recording the timesteps it is given
+        embeddings = cap.denoiser.embeddings
+
+        def forward(self, x_t, t, cond, drop=None):
+            seen.append(t.clone())
+            return cap.denoiser(x_t, t, cond, drop)
+
+    spy = Spy()
+
+    ids = tokenizer.encode(["a red circle"] * 400, cap.config.seq_len)
+    cond = torch.zeros(400, cap.config.cond_dim)
+    diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, cap.config.T), cap.config.predict)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        diff.training_losses(spy, ids, cond, generator=g, t_focus=[99, 60], p_focus=1.0)
+        diff.training_losses(spy, ids, cond, generator=g, t_focus=[99, 60], p_focus=0.5)
+        diff.training_losses(spy, ids, cond, generator=g)
+    all_focus, half, uniform = seen
+    assert set(all_focus.tolist()) == {99, 60}
+    in_focus = ((half == 99) | (half == 60)).float().mean().item()
+    assert 0.4 < in_focus < 0.65 and len(set(half.tolist())) > 30
+    assert ((uniform == 99) | (uniform == 60)).float().mean().item() < 0.1
+    with pytest.raises(ValueError, match="p_focus"):
+        make_captioner(p_focus=1.5)
+
+
 def test_trace_structure_and_determinism(make_captioner, scene_image):
     cap = make_captioner()
     for steps in (1, 2, 7):

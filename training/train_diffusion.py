@@ -28,6 +28,7 @@ from diffusion_caption.denoiser import Denoiser
 from diffusion_caption.diffusion import GaussianDiffusion
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import BASE_MODEL, BASE_PRETRAINED, ImageEncoder
+from diffusion_caption.samplers import spaced_timesteps
 from diffusion_caption.schedule import NoiseSchedule
 from diffusion_caption.tokenizer import CaptionTokenizer
 from training import common
@@ -159,6 +160,8 @@ def main(argv=None) -> None:
         model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
                                                           find_unused_parameters=mcfg.p_uncond == 0)
     diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict)
+    # few-step training: part of each batch at the timesteps the few-step sampler visits
+    t_focus = spaced_timesteps(mcfg.T, mcfg.focus_steps, mcfg.focus_spacing) if mcfg.focus_steps else None
     params = [p for p in denoiser.parameters() if p.requires_grad]
     opt = common.make_optimizer(tcfg.optimizer, params, tcfg.lr, tcfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + rank)
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
             g_["lr"] = common.scheduled_lr(tcfg.lr_schedule, step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
         with common.autocast(device):
             losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
-                                               mcfg.p_uncond, gen)
+                                               mcfg.p_uncond, gen, t_focus, mcfg.p_focus)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tcfg.grad_clip > 0:
