@@ -12,7 +12,7 @@ seconds-long smoke size. For each suite and device, with precomputed image featu
 
 * the diffusion captioner at every ``--steps`` count (DDIM, the fast path ``record="final"``), with early
   stopping (``--early-stop`` patience values), and with the full per-step trace at ``--trace-batch``,
-* the distilled diffusion checkpoint at each ``--distilled-steps`` count (DDIM with its own guidance,
+* the distilled diffusion checkpoint at each ``--distilled-steps`` count (with its own sampler, guidance,
   clamping and spacing), eager and compiled,
 * the baseline with greedy and beam-3 decoding (``--beams``),
 * the image encoder alone (and image preprocessing, per image),
@@ -198,7 +198,7 @@ def distilled_description(model) -> str:
     teacher = (f"trained on the captions of {kd['teacher']} (beam {kd.get('decoding', {}).get('beam', '?')}) for "
                f"its training images (sequence-level distillation, `training.distill_captions`)" if kd else
                "a second diffusion checkpoint")
-    return (f"{teacher}; sampled by DDIM with the checkpoint's guidance {cfg.sample_guidance:g}"
+    return (f"{teacher}; sampled by {cfg.sampler.upper()} with the checkpoint's guidance {cfg.sample_guidance:g}"
             + (", clamping" if cfg.sample_clamp else "") + f" and `{cfg.sample_spacing}` spacing")
 
 
@@ -371,18 +371,20 @@ def diffusion_plan(args, batch_sizes: list[int], scales: list[float], compiled: 
     return plan
 
 
-def distilled_name(steps: int, extra: str = "") -> str:
-    return f"distilled: DDIM {steps}" + (f", {extra}" if extra else "")
+def distilled_name(sampler: str, steps: int, extra: str = "") -> str:
+    return f"distilled: {sampler.upper()} {steps}" + (f", {extra}" if extra else "")
 
 
 def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False) -> list[dict]:
-    """The distilled checkpoint at each ``--distilled-steps`` count, with its own guidance and clamping."""
+    """The distilled checkpoint at each ``--distilled-steps`` count, with its own sampler, guidance,
+    clamping and spacing."""
     cfg = model.config
-    base = dict(sampler="ddim", guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp), early_stop=0,
+    base = dict(sampler=cfg.sampler, guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp), early_stop=0,
                 record="final", distilled=True)
-    plan = [dict(base, setting=distilled_name(k), steps=k, batch=B) for k in args.distilled_steps for B in batch_sizes]
+    plan = [dict(base, setting=distilled_name(cfg.sampler, k), steps=k, batch=B)
+            for k in args.distilled_steps for B in batch_sizes]
     if compiled:
-        plan += [dict(base, setting=distilled_name(k, "compiled"), steps=k, batch=B, compiled=True)
+        plan += [dict(base, setting=distilled_name(cfg.sampler, k, "compiled"), steps=k, batch=B, compiled=True)
                  for k in args.distilled_steps for B in batch_sizes]
     return plan
 
@@ -964,7 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="assets/checkpoints/shapes-baseline")
     p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-kd",
                    help="a few-step diffusion checkpoint to time beside the others ('' or a missing path: none)")
-    p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="DDIM step counts of --distilled")
+    p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50"), help="DDIM step counts")
     p.add_argument("--guidance", type=strs, default=strs("1,default"),
                    help="guidance scales of the trained diffusion model ('default': its config's sample_guidance)")
