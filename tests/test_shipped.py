@@ -49,3 +49,26 @@ def test_shipped_diffusion_defaults_are_the_documented_ones():
     tr = cap.caption(EXAMPLES[0], seed=0)
     assert len(tr.steps) == 20 and tr.settings["clamp"] is True and tr.settings["spacing"] == "trailing^2" and tr.text
     assert tr.steps[0].t == c.T - 1 and tr.steps[-1].t > 0
+
+
+def test_shipped_distilled_checkpoint_is_few_step_and_names_its_teacher():
+    """The benchmark's few-step checkpoint: trained on the baseline's beam-3 captions, sampled in a few steps."""
+    from diffusion_caption import Captioner
+
+    cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-kd"))
+    c = cap.config
+    kd = c.extra["distilled"]
+    assert kd["teacher"] == "assets/checkpoints/shapes-baseline" and kd["decoding"]["beam"] == 3
+    assert c.focus_steps > 0 and c.sample_steps <= c.focus_steps
+    tr = cap.caption(EXAMPLES[0], seed=0)
+    assert len(tr.steps) == c.sample_steps and tr.text
+    # two steps from noise are a noisy guess on 8 scenes (colour 0.46 with seed 0, 0.83 with seed 1 when
+    # this was written; docs/RESULTS.md): scored over three seeds' captions together
+    shape, color = [], []
+    for seed in (0, 1, 2):
+        for t, p in zip(cap.caption_batch(EXAMPLES, seed=seed), EXAMPLES):
+            sc = attribute_scores(parse_caption(t.text), _scene(p))
+            shape += [sc["shape"]] if sc["shape"] is not None else []
+            color += [sc["color"]] if sc["color"] is not None else []
+    assert len(shape) >= 2 * len(EXAMPLES) and len(color) >= 2 * len(EXAMPLES)
+    assert sum(shape) / len(shape) >= 0.6 and sum(color) / len(color) >= 0.6
