@@ -714,7 +714,7 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
         dict(marker="*", color="black", ls="")))
     series.append(("diffusion", "checkpoint default, MBR", "diffusion, checkpoint default + MBR over K samples",
                    dict(marker="P", color="darkorange", ls=":")))
-    series.append(("diffusion", "distilled", "distilled diffusion (trained on the baseline's captions), DDIM steps",
+    series.append(("diffusion", "distilled", "distilled diffusion (trained on the baseline's captions), by steps",
                    dict(marker="D", color="tab:brown")))
     series.append(("diffusion", "distilled, compiled", "distilled diffusion, torch.compile",
                    dict(marker="d", color="peru", ls="-.")))
