@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def distill(args) -> dict:
     if "+" in args.data:
         raise SystemExit("--data takes one dataset here; distil each dataset into its own folder")
-    src_json = find_dataset_json(args.data, args.data_dir)
+    try:
+        src_json = find_dataset_json(args.data, args.data_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     if os.path.abspath(args.out) == os.path.abspath(args.data_dir):
         raise SystemExit("--out must be a new folder: the source dataset file is not overwritten")
     try:
