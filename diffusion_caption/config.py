@@ -58,8 +58,12 @@ class CaptionerConfig:
             raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        if self.focus_steps < 0 or not 0.0 <= self.p_focus <= 1.0:
-            raise ValueError(f"focus_steps must be >= 0 and p_focus in [0, 1], got {self.focus_steps}, {self.p_focus}")
+        if not 0 <= self.focus_steps <= self.T or not 0.0 <= self.p_focus <= 1.0:
+            raise ValueError(f"focus_steps must be in [0, T={self.T}] and p_focus in [0, 1], "
+                             f"got {self.focus_steps}, {self.p_focus}")
+        if self.focus_steps:  # checked here, not after the features are encoded
+            from .samplers import spacing_power
+            spacing_power(self.focus_spacing)
         if self.lambda_round < 0 or self.lambda_feature < 0:
             raise ValueError("loss weights lambda_round and lambda_feature must be >= 0")
 

@@ -91,6 +91,10 @@ def test_focus_training_draws_the_few_step_samplers_timesteps(make_captioner, to
     assert ((uniform == 99) | (uniform == 60)).float().mean().item() < 0.1
     with pytest.raises(ValueError, match="p_focus"):
         make_captioner(p_focus=1.5)
+    with pytest.raises(ValueError, match="focus_steps"):
+        make_captioner(focus_steps=cap.config.T + 1)
+    with pytest.raises(ValueError, match="spacing must be"):
+        make_captioner(focus_steps=3, focus_spacing="leading")
 
 
 def test_trace_structure_and_determinism(make_captioner, scene_image):
