@@ -133,3 +133,30 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
     # a captioner trained on the distilled file records its teacher
     out, _ = _train(kd_dir, clip_dir, tmp_path / "student")
     assert Captioner.from_pretrained(str(out)).config.extra["distilled"]["teacher"] == teacher_dir
+
+
+def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip_dir, tmp_path):
+    # a start checkpoint whose architecture differs from the tiny preset's, so inheritance is visible
+    start, _ = _train(world_dir, clip_dir, tmp_path / "start", "--n-layers", "1", "--seq-len", "12")
+    start_cfg = Captioner.from_pretrained(str(start)).config
+    assert (start_cfg.n_layers, start_cfg.seq_len) == (1, 12)
+
+    # no steps: the saved weights are exactly the start's, and the config is the start's plus the flags given
+    same, _ = _train(world_dir, clip_dir, tmp_path / "same", "--init", str(start), "--steps", "0",
+                     "--focus-steps", "1", "--p-focus", "0.8")
+    a, b = load_file(str(start / "model.safetensors")), load_file(str(same / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = Captioner.from_pretrained(str(same)).config
+    assert (cfg.n_layers, cfg.seq_len, cfg.focus_steps, cfg.p_focus) == (1, 12, 1, 0.8)
+    assert cfg.extra["init"] == {"checkpoint": str(start), "steps": 6}
+
+    # a few steps move the weights away from the start
+    moved, _ = _train(world_dir, clip_dir, tmp_path / "moved", "--init", str(start), "--steps", "2")
+    c = load_file(str(moved / "model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+    # a flag that would change a tensor's shape is refused before any training, naming the flag
+    with pytest.raises(SystemExit, match="--seq-len"):
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(start), "--seq-len", "16")
+    with pytest.raises(SystemExit, match="not a readable"):
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))

@@ -62,6 +62,12 @@ class DiffusionTrainConfig:
     device: str = "auto"
     resume: bool = False
     stop_at: int = 0  # stop after this step as if killed (checkpoints first); for testing --resume
+    init: str = ""  # start from this captioner checkpoint's weights (fine-tuning); its config is the base
+
+
+# the fields that fix the denoiser's tensors: a fine-tune (--init) may not change them
+ARCHITECTURE_FIELDS = ("seq_len", "vocab_size", "emb_dim", "encoder", "dim", "n_layers", "n_heads", "hidden_dim",
+                       "cond_dim", "fusion", "n_prefix", "predict_feature")
 
 
 PRESET_TRAINING = {
@@ -93,6 +99,16 @@ def distillation_of(data: str, data_dir: str) -> dict | None:
     return {k: kd[k] for k in ("teacher", "decoding", "splits", "command") if k in kd} if kd else None
 
 
+def init_config(path: str) -> CaptionerConfig:
+    """The captioner config of the checkpoint a fine-tune starts from (``--init``), with a clear error."""
+    from diffusion_caption import checkpoint as ckpt
+    try:
+        meta = ckpt.read_json(os.path.join(ckpt.resolve(path), ckpt.CONFIG_NAME))
+        return CaptionerConfig.from_dict(meta["captioner"], source=path)
+    except (ckpt.CheckpointError, OSError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"--init {path}: not a readable diffusion-caption checkpoint ({type(e).__name__}: {e})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_dataclass_args(p, DiffusionTrainConfig)
@@ -107,7 +123,15 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
         raise SystemExit(f"unknown --preset {name!r}; expected one of {sorted(PRESETS)}")
     base_train = DiffusionTrainConfig(**{**PRESET_TRAINING.get(name, {}), "preset": name})
     tcfg = common.dataclass_from_args(DiffusionTrainConfig, args, base_train)
-    mcfg = common.dataclass_from_args(CaptionerConfig, args, preset(name))
+    base_model = preset(name)
+    if tcfg.init:  # a fine-tune: the starting checkpoint's config, changed only by the flags given
+        base_model = dataclasses.replace(init_config(tcfg.init), extra={})
+        changed = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE_FIELDS
+                   if getattr(args, k, None) is not None and getattr(args, k) != getattr(base_model, k)]
+        if changed:
+            raise SystemExit(f"--init {tcfg.init}: {', '.join(changed)} would change the shape of its denoiser; "
+                             "a fine-tune keeps the architecture (drop those flags, or train from scratch)")
+    mcfg = common.dataclass_from_args(CaptionerConfig, args, base_model)
     if tcfg.optimizer not in common.OPTIMIZERS:
         raise SystemExit(f"unknown --optimizer {tcfg.optimizer!r}; expected one of {common.OPTIMIZERS}")
     if tcfg.lr_schedule not in common.LR_SCHEDULES:
@@ -136,6 +160,18 @@ def main(argv=None) -> None:
     kd = distillation_of(tcfg.data, tcfg.data_dir)
     if kd:  # trained on a teacher's captions (training.distill_captions): the checkpoint says so
         extra["distilled"] = kd
+    start = None
+    if tcfg.init:
+        start = Captioner.from_pretrained(tcfg.init)
+        if start.tokenizer.hf.get_vocab() != tokenizer.hf.get_vocab():
+            raise SystemExit(f"--init {tcfg.init}: its tokenizer differs from {tok_src}'s; a fine-tune needs the same tokens")
+        init_extra = start.config.extra
+        if init_extra.get("clip") and init_extra["clip"] != tcfg.clip:
+            raise SystemExit(f"--init {tcfg.init} was trained on image features of {init_extra['clip']}, not --clip "
+                             f"{tcfg.clip}; a fine-tune needs the same image encoder")
+        extra["init"] = {"checkpoint": tcfg.init,
+                         "steps": init_extra.get("train_config", {}).get("steps"),
+                         **({"distilled": init_extra["distilled"]} if "distilled" in init_extra else {})}
     mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size, cond_dim=encoder.feature_dim, extra=extra)
 
     image_dir = tcfg.image_dir or None
@@ -153,6 +189,9 @@ def main(argv=None) -> None:
     val_ids = tokenizer.encode([c for _, c in val_pairs], mcfg.seq_len)
 
     denoiser = Denoiser(mcfg).to(device)
+    if start is not None:  # the architecture fields are the checkpoint's, so the tensors match exactly
+        denoiser.load_state_dict(start.denoiser.state_dict(), strict=True)
+        del start
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     model = denoiser
     if world > 1:
