@@ -98,6 +98,16 @@ def beam_search(model, prefix: torch.Tensor, bos_id: int, eos_id: int, max_new: 
     An image stops as soon as ``beam`` hypotheses have ended (early stopping); beams still open at
     ``max_new`` tokens compete as they are. With ``beam=1`` this is greedy decoding.
     """
+    return [ranked[0][1] for ranked in beam_search_n_best(model, prefix, bos_id, eos_id, max_new, beam,
+                                                          length_penalty, use_cache)]
+
+
+@torch.no_grad()
+def beam_search_n_best(model, prefix: torch.Tensor, bos_id: int, eos_id: int, max_new: int, beam: int,
+                       length_penalty: float = 1.0, use_cache: bool = True) -> list[list[tuple[float, Hypothesis]]]:
+    """``beam_search``, keeping every finished hypothesis: per image, ``(ranking score, hypothesis)`` pairs,
+    best first (the ranking score is log probability / length ** ``length_penalty``; ties keep the order
+    in which the hypotheses ended). The first of each list is what ``beam_search`` returns."""
     _check(max_new, prefix)
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
@@ -169,4 +179,5 @@ def beam_search(model, prefix: torch.Tensor, bos_id: int, eos_id: int, max_new: 
                 r = b * K + k
                 if scores[r] > float("-inf"):
                     add(b, seqs[r].tolist(), probs[r].tolist(), float(scores[r]))
-    return [max(f, key=lambda x: x[0])[1] for f in finished]
+    # sorted() is stable, so among equal scores the first to end stays first, as max() would pick it
+    return [sorted(f, key=lambda x: -x[0]) for f in finished]

@@ -14,7 +14,7 @@ from diffusion_caption import BaselineCaptioner, CheckpointError
 from diffusion_caption.baseline import (BaselineConfig, GPT2CaptionTokenizer, PrefixCaptioner, baseline_preset,
                                         pretrained_architecture)
 from diffusion_caption.data import caption_pairs, load_karpathy
-from diffusion_caption.decoding import beam_search, greedy
+from diffusion_caption.decoding import beam_search, beam_search_n_best, greedy
 from training import train_baseline
 
 
@@ -114,6 +114,22 @@ def test_greedy_equals_beam_size_one_and_the_kv_cache_changes_nothing(which, tra
     # the search finds sequences at least as probable per token as greedy, for the same image
     for g, b in zip(runs["greedy"], runs["beam3"]):
         assert b.log_prob / len(b.token_ids) >= g.log_prob / len(g.token_ids) - 1e-5
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_n_best_lists_every_finished_hypothesis_best_first(trained, test_feats, length_penalty):
+    model = trained.model
+    args = (model, model.prefix(test_feats), model.cfg.bos_id, model.cfg.eos_id, model.cfg.max_len - 1)
+    best = beam_search(*args, beam=3, length_penalty=length_penalty)
+    ranked = beam_search_n_best(*args, beam=3, length_penalty=length_penalty)
+    assert len(ranked) == len(best) == len(test_feats)
+    for top, r in zip(best, ranked):
+        assert r[0][1].token_ids == top.token_ids  # the first is beam_search's answer
+        assert len(r) >= 3 and len({tuple(h.token_ids) for _, h in r}) == len(r)  # distinct hypotheses
+        scores = [s for s, _ in r]
+        assert scores == sorted(scores, reverse=True)
+        for s, h in r:  # each ranked by its own length-normalised log probability
+            assert s == pytest.approx(h.log_prob / len(h.token_ids) ** length_penalty, abs=1e-5)
 
 
 def test_caption_api(trained, scene_image, clip_encoder):

@@ -1,5 +1,6 @@
 """The training commands end to end on the tiny world: they run, save loadable checkpoints, resume."""
 import json
+import math
 import os
 
 import pytest
@@ -130,6 +131,22 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
     with pytest.raises(SystemExit, match="new folder"):
         distill_captions.main(common + ["--out", world_dir])
 
+    # --select typical: each training caption is one of the teacher's hypotheses within the margin
+    typical = str(tmp_path / "kd-typical")
+    distill_captions.main(common + ["--out", typical, "--select", "typical", "--margin", "0.5"])
+    hyps = distill_captions.teacher_hypotheses(teacher, clip_encoder.encode([r.image_path for r in train]),
+                                               teacher.check_settings(beam=2))
+    chosen = [r.captions for r in load_karpathy("shapes", typical, "train")]
+    for (c,), r in zip(chosen, hyps):
+        assert c in {tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5}
+    assert [tokenizer.decode(r[0][1]) for r in hyps] == expected  # best first: what --select best writes
+    with open(os.path.join(typical, "dataset_shapes.json")) as f:
+        sel = json.load(f)["distilled"]["selection"]
+    assert sel["select"] == "typical" and sel["margin"] == 0.5 and 0 <= sel["not_the_best"] <= len(train)
+    with pytest.raises(SystemExit, match="--beam >= 2"):
+        distill_captions.main(common[:-4] + ["--beam", "1", "--cache-dir", str(tmp_path / "cache"),
+                                             "--out", str(tmp_path / "x"), "--select", "typical"])
+
     # a captioner trained on the distilled file records its teacher
     out, _ = _train(kd_dir, clip_dir, tmp_path / "student")
     assert Captioner.from_pretrained(str(out)).config.extra["distilled"]["teacher"] == teacher_dir
@@ -160,3 +177,17 @@ def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(start), "--seq-len", "16")
     with pytest.raises(SystemExit, match="not a readable"):
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))
+
+
+def test_typical_selection_breaks_near_ties_toward_the_common_phrasing():
+    from training.distill_captions import BigramModel, select_typical
+
+    common_, rare = [1, 2, 3, 9], [4, 5, 1, 9]  # two phrasings; the corpus uses the first 9 times in 10
+    lm = BigramModel([common_] * 9 + [rare], vocab_size=10)
+    assert lm.mean_log_prob(common_) > lm.mean_log_prob(rare)
+    assert abs(sum(math.exp(lm.log_prob(1, t)) for t in range(10)) - 1) < 1e-9  # a distribution per context
+    near_tie = [(-0.20, rare), (-0.21, common_)]
+    assert select_typical(near_tie, lm, margin=0.1, weight=1.0) is common_
+    assert select_typical(near_tie, lm, margin=0.1, weight=0.0) is rare  # no typicality: the teacher's best
+    assert select_typical(near_tie, lm, margin=0.005, weight=1.0) is rare  # outside the margin: never chosen
+    assert select_typical([(-0.2, rare), (-0.9, common_)], lm, margin=0.1, weight=100.0) is rare

@@ -11,6 +11,15 @@ sequence-level knowledge distillation (Kim & Rush 2016), the standard recipe for
 translation (Gu et al. 2018) and captioning. It is what makes few-step diffusion sampling work here
 (``docs/BENCHMARKS.md``).
 
+``--select typical`` addresses the same ambiguity inside the teacher. Its beam often ends with two
+phrasings of one content a hair apart ("a pink background with an orange circle" at -0.207 per token,
+"an orange circle on a pink background" at -0.212), so which one becomes the training caption is close
+to arbitrary, and the student cannot learn the choice. Among the teacher's finished hypotheses within
+``--margin`` of its best (length-normalised log probability), this keeps the one with the best teacher
+score plus ``--typicality-weight`` times its mean per-token log probability under a bigram model of
+all the teacher's best captions: the phrasing the teacher uses most often elsewhere wins such near-ties.
+A smaller-data version of selecting distillation targets by their complexity (Zhou et al. 2020).
+
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
 teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every
 other split keeps its human references, so evaluation is unchanged. Images are not copied: each entry's
@@ -20,7 +29,9 @@ are recorded under the file's ``"distilled"`` key.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import time
 
@@ -29,6 +40,7 @@ from tqdm import tqdm
 
 from diffusion_caption.baseline import BaselineCaptioner
 from diffusion_caption.checkpoint import CheckpointError
+from diffusion_caption.decoding import beam_search_n_best
 from diffusion_caption.data import find_dataset_json, load_karpathy, resolve_image_path
 from diffusion_caption.features import image_features
 
@@ -42,12 +54,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the distilled dataset file (must differ from --data-dir)")
     p.add_argument("--splits", default="train", help="comma-separated splits whose captions the teacher writes")
     p.add_argument("--beam", type=int, default=3, help="the teacher's beam size (1 = greedy)")
+    p.add_argument("--select", choices=("best", "typical"), default="best",
+                   help="best: the teacher's top hypothesis; typical: among hypotheses within --margin of it, "
+                        "the most typical phrasing (needs --beam >= 2)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="--select typical: how far below the best length-normalised log probability a hypothesis may be")
+    p.add_argument("--typicality-weight", type=float, default=1.0,
+                   help="--select typical: weight of the bigram typicality against the teacher's score")
     p.add_argument("--keep-references", action="store_true",
                    help="add the teacher's caption to the human references instead of replacing them")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--device", default="cpu")
     return p
+
+
+class BigramModel:
+    """Add-alpha smoothed bigram model of token-id sequences (each starting after a virtual BOS)."""
+
+    BOS = -1
+
+    def __init__(self, sequences: list[list[int]], vocab_size: int, alpha: float = 0.1):
+        self.pairs = collections.Counter()
+        self.firsts = collections.Counter()
+        for ids in sequences:
+            prev = self.BOS
+            for tok in ids:
+                self.pairs[prev, tok] += 1
+                self.firsts[prev] += 1
+                prev = tok
+        self.vocab_size, self.alpha = vocab_size, alpha
+
+    def log_prob(self, prev: int, tok: int) -> float:
+        return math.log((self.pairs[prev, tok] + self.alpha) / (self.firsts[prev] + self.alpha * self.vocab_size))
+
+    def mean_log_prob(self, ids: list[int]) -> float:
+        if not ids:
+            return -math.inf
+        prev, total = self.BOS, 0.0
+        for tok in ids:
+            total += self.log_prob(prev, tok)
+            prev = tok
+        return total / len(ids)
+
+
+def select_typical(ranked: list[tuple[float, list[int]]], lm: BigramModel, margin: float, weight: float) -> list[int]:
+    """From one image's ``(score, token ids)`` hypotheses, best first: among those within ``margin`` of
+    the best score, the one maximising score + weight * mean bigram log probability (the first on ties)."""
+    best = ranked[0][0]
+    near = [(s, ids) for s, ids in ranked if s >= best - margin and ids]
+    if not near:
+        return ranked[0][1]
+    return max(near, key=lambda c: c[0] + weight * lm.mean_log_prob(c[1]))[1]
+
+
+def teacher_hypotheses(teacher: BaselineCaptioner, feats: torch.Tensor, settings: dict) -> list[list[tuple[float, list[int]]]]:
+    """Every finished beam hypothesis per image, ``(length-normalised log probability, token ids)``, best first."""
+    cfg = teacher.config
+    prefix = teacher.model.prefix(feats.to(teacher.device).float())
+    ranked = beam_search_n_best(teacher.model, prefix, cfg.bos_id, cfg.eos_id, settings["max_len"] - 1,
+                                settings["beam"], settings["length_penalty"])
+    return [[(score, h.token_ids) for score, h in r] for r in ranked]
 
 
 def distill(args) -> dict:
@@ -64,6 +131,9 @@ def distill(args) -> dict:
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         raise SystemExit(f"could not load the teacher {args.teacher}: {e}") from None
     settings = teacher.check_settings(beam=args.beam)
+    if args.select == "typical" and (settings["beam"] < 2 or not args.margin >= 0 or not args.typicality_weight >= 0):
+        raise SystemExit("--select typical chooses among beam hypotheses: it needs --beam >= 2, --margin >= 0 "
+                         "and --typicality-weight >= 0")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     records = load_karpathy(args.data, args.data_dir, splits, image_dir=args.image_dir, restval_as_train=False)
     if not records:
@@ -73,9 +143,20 @@ def distill(args) -> dict:
     feats = image_features(teacher.image_encoder, [r.image_path for r in records], args.cache_dir,
                            desc="encoding images")
     captions: list[str] = []
-    for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}"):
-        out = teacher.caption_batch(features=feats[i:i + args.batch_size], **settings)
-        captions += [c.text for c in out]
+    selection = None
+    if args.select == "best":
+        for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}"):
+            out = teacher.caption_batch(features=feats[i:i + args.batch_size], **settings)
+            captions += [c.text for c in out]
+    else:
+        hyps: list[list[tuple[float, list[int]]]] = []
+        for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}, n-best"):
+            hyps += teacher_hypotheses(teacher, feats[i:i + args.batch_size], settings)
+        lm = BigramModel([r[0][1] for r in hyps], teacher.tokenizer.vocab_size)
+        chosen = [select_typical(r, lm, args.margin, args.typicality_weight) for r in hyps]
+        captions = [teacher.tokenizer.decode(ids) for ids in chosen]
+        selection = {"select": "typical", "margin": args.margin, "typicality_weight": args.typicality_weight,
+                     "not_the_best": sum(c is not r[0][1] for c, r in zip(chosen, hyps))}
     seconds = time.perf_counter() - t0
     empty = sum(1 for c in captions if not c.strip())
     if empty:
@@ -98,10 +179,13 @@ def distill(args) -> dict:
         "teacher": args.teacher, "decoding": settings, "splits": splits, "source": os.path.abspath(src_json),
         "keep_references": bool(args.keep_references), "images": n_changed, "seconds": round(seconds, 1),
         "distinct_captions": len(set(captions)),
+        **({"selection": selection} if selection else {}),
         "command": "python -m training.distill_captions " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in (("teacher", args.teacher), ("data", args.data),
                                                           ("data_dir", args.data_dir), ("out", args.out),
                                                           ("splits", args.splits), ("beam", args.beam)))
+                   + (f" --select typical --margin {args.margin} --typicality-weight {args.typicality_weight}"
+                      if selection else "")
                    + (" --keep-references" if args.keep_references else ""),
     }
     os.makedirs(args.out, exist_ok=True)
@@ -111,7 +195,8 @@ def distill(args) -> dict:
         json.dump(meta, f)
     os.replace(tmp, dst)
     print(f"wrote {dst}: {n_changed} images of {','.join(splits)} captioned by {args.teacher} "
-          f"(beam {settings['beam']}) in {seconds:.0f} s; {len(set(captions))} distinct captions")
+          f"(beam {settings['beam']}) in {seconds:.0f} s; {len(set(captions))} distinct captions"
+          + (f"; {selection['not_the_best']} not the teacher's best (--select typical)" if selection else ""))
     return meta["distilled"]
 
 
