@@ -198,6 +198,10 @@ def distilled_description(model) -> str:
     teacher = (f"trained on the captions of {kd['teacher']} (beam {kd.get('decoding', {}).get('beam', '?')}) for "
                f"its training images (sequence-level distillation, `training.distill_captions`)" if kd else
                "a second diffusion checkpoint")
+    if kd and "--select typical" in kd.get("command", ""):
+        teacher += ", each caption the most typical phrasing among the teacher's near-best beam hypotheses"
+    if cfg.extra.get("init"):
+        teacher += f"; fine-tuned from {cfg.extra['init']['checkpoint']}"
     return (f"{teacher}; sampled by {cfg.sampler.upper()} with the checkpoint's guidance {cfg.sample_guidance:g}"
             + (", clamping" if cfg.sample_clamp else "") + f" and `{cfg.sample_spacing}` spacing")
 
@@ -538,6 +542,7 @@ def quality(suite: Suite, args) -> dict:
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
+    cpu_dtype = getattr(args, "cpu_dtype", "fp32")  # quality is measured on the CPU, in the CPU timing's precision
     for kind, name, kw in tqdm(jobs, desc="quality", leave=False):
         model = {"diffusion": suite.diffusion, "distilled": suite.distilled}.get(kind, suite.baseline)
         if kind == "distilled":  # scored as a diffusion setting; the name says which checkpoint
@@ -554,7 +559,8 @@ def quality(suite: Suite, args) -> dict:
                                                 kw.get("clamp", False), kw["early_stop"],
                                                 candidates=kw.get("candidates", 1))
                 settings["record"] = "final"  # the same captions as the full trace, without it
-            res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
+            with autocast(torch.device("cpu"), cpu_dtype):  # the captions of the precision that is timed
+                res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
             hyps = {c["image_id"]: c["caption"] for c in res["captions"]}
             refs = {c["image_id"]: c["references"] for c in res["captions"]}
             if args.bleu_only:  # BLEU alone, in Python: no Java
@@ -562,7 +568,8 @@ def quality(suite: Suite, args) -> dict:
             else:  # the COCO protocol; METEOR (a Java run per setting) only when asked
                 res["metrics"] = caption_metrics(hyps, refs, tokenizer=args.tokenizer, meteor=args.meteor)
             source = "evaluate" + (" (BLEU only, simple tokenizer)" if args.bleu_only else
-                                   f" ({args.tokenizer} tokenizer{', METEOR' if args.meteor else ', no METEOR'})")
+                                   f" ({args.tokenizer} tokenizer{', METEOR' if args.meteor else ', no METEOR'})") \
+                + (f", {cpu_dtype} autocast" if cpu_dtype != "fp32" else "")
         q = {k: v for k, v in summary_row(res).items()}
         q["source"] = source
         q["n_images"] = res["n_images"]
@@ -570,8 +577,9 @@ def quality(suite: Suite, args) -> dict:
                 and not kw.get("clamp") and kw.get("candidates", 1) == 1 and not kw.get("distilled"):
             eager[(kw["steps"], kw["guidance"])] = [c["caption"] for c in res["captions"]]
         if kind == "diffusion" and kw["early_stop"]:
-            q.update(early_stop_stats(model, suite, kw["steps"], kw["guidance"], kw["early_stop"], args,
-                                      eager.get((kw["steps"], kw["guidance"]))))
+            with autocast(torch.device("cpu"), cpu_dtype):
+                q.update(early_stop_stats(model, suite, kw["steps"], kw["guidance"], kw["early_stop"], args,
+                                          eager.get((kw["steps"], kw["guidance"]))))
         out[f"{kind}|{name}"] = q
         tqdm.write(f"quality {kind} {name}: " + ", ".join(f"{k}={q[k]:.3f}" for k in QUALITY_KEYS
                                                           if isinstance(q.get(k), float)))
@@ -964,7 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=strs, default=None, help="cpu and/or cuda (default: cpu, and cuda when present)")
     p.add_argument("--diffusion", default="assets/checkpoints/shapes-diffusion")
     p.add_argument("--baseline", default="assets/checkpoints/shapes-baseline")
-    p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-kd",
+    p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-fast",
                    help="a few-step diffusion checkpoint to time beside the others ('' or a missing path: none)")
     p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50"), help="DDIM step counts")
