@@ -72,3 +72,27 @@ def test_shipped_distilled_checkpoint_is_few_step_and_names_its_teacher():
             color += [sc["color"]] if sc["color"] is not None else []
     assert len(shape) >= 2 * len(EXAMPLES) and len(color) >= 2 * len(EXAMPLES)
     assert sum(shape) / len(shape) >= 0.6 and sum(color) / len(color) >= 0.6
+
+
+def test_shipped_one_step_checkpoint_records_its_lineage_and_captions_in_one_call():
+    """The benchmark's one-step checkpoint: shapes-diffusion-kd fine-tuned (--init) on typical-phrasing captions."""
+    from diffusion_caption import Captioner
+
+    cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-fast"))
+    c = cap.config
+    assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0)
+    kd = c.extra["distilled"]
+    assert kd["teacher"] == "assets/checkpoints/shapes-baseline" and "--select typical" in kd["command"]
+    init = c.extra["init"]  # fine-tuned from the one-step fine-tune of shapes-diffusion-kd
+    assert init["checkpoint"] == "runs/shapes-diffusion-kd1/final" and init["steps"] == 8000
+    assert init["distilled"]["decoding"]["beam"] == 3
+    traces = [cap.caption_batch(EXAMPLES, seed=seed) for seed in (0, 1)]
+    assert all(len(t.steps) == 1 and t.steps[0].t == c.T - 1 and t.text for tr in traces for t in tr)
+    shape, color = [], []
+    for tr in traces:
+        for t, p in zip(tr, EXAMPLES):
+            sc = attribute_scores(parse_caption(t.text), _scene(p))
+            shape += [sc["shape"]] if sc["shape"] is not None else []
+            color += [sc["color"]] if sc["color"] is not None else []
+    assert len(shape) >= 2 * len(EXAMPLES) - 2 and len(color) >= 2 * len(EXAMPLES) - 2
+    assert sum(shape) / len(shape) >= 0.6 and sum(color) / len(color) >= 0.6, [t.text for tr in traces for t in tr]
