@@ -122,3 +122,21 @@ def test_peak_tensor_memory_counts_new_tensors_only():
 def test_pareto_front():
     pts = [(1.0, 0.2, "a"), (2.0, 0.5, "b"), (3.0, 0.4, "c"), (4.0, 0.9, "d"), (0.5, 0.1, "e")]
     assert [p[2] for p in benchmark.pareto(pts)] == ["e", "a", "b", "d"]
+
+
+def test_distilled_settings_override_the_checkpoints_own(make_captioner):
+    model = make_captioner(sample_steps=1, sample_guidance=1.5, sample_clamp=True)
+    args = benchmark.build_parser().parse_args(["--distilled-settings", "ddim:1:1,ddpm:2:1:clamp:trailing^2"])
+    plan = benchmark.distilled_plan(args, [1, 32], model, compiled=True)
+    assert sorted({p["setting"] for p in plan}) == ["distilled: DDIM 1", "distilled: DDIM 1, compiled",
+                                                      "distilled: DDPM 2, clamp, trailing^2",
+                                                      "distilled: DDPM 2, clamp, trailing^2, compiled"]
+    ddpm = [p for p in plan if p["sampler"] == "ddpm"]
+    assert len(ddpm) == 4 and sum(bool(p.get("compiled")) for p in ddpm) == 2
+    assert all(p["steps"] == 2 and p["guidance"] == 1 and p["clamp"] and p["spacing"] == "trailing^2" for p in ddpm)
+    ddim = [p for p in plan if p["sampler"] == "ddim"]
+    assert all(p["guidance"] == 1 and not p["clamp"] and p["spacing"] == "linspace" for p in ddim)
+    # without it: the checkpoint's own sampler, guidance, clamping and spacing at each --distilled-steps count
+    own = benchmark.distilled_plan(benchmark.build_parser().parse_args([]), [1], model)
+    assert [p["setting"] for p in own] == ["distilled: DDIM 1", "distilled: DDIM 2", "distilled: DDIM 3"]
+    assert all(p["guidance"] == 1.5 and p["clamp"] and p["spacing"] == model.config.sample_spacing for p in own)

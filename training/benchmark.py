@@ -187,12 +187,12 @@ def trained_suite(args, n_features: int) -> Suite:
         notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
                      "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
     if models.get("distilled") is not None:
-        notes.append(f"distilled rows: {distilled_description(models['distilled'])}")
+        notes.append(f"distilled rows: {distilled_description(models['distilled'], bool(getattr(args, 'distilled_settings', '')))}")
     return Suite("shapes", label, models["diffusion"], models["baseline"], feats, paths[:8], records, notes,
                  distilled=models.get("distilled"))
 
 
-def distilled_description(model) -> str:
+def distilled_description(model, custom: bool = False) -> str:
     cfg = model.config
     kd = cfg.extra.get("distilled", {})
     teacher = (f"trained on the captions of {kd['teacher']} (beam {kd.get('decoding', {}).get('beam', '?')}) for "
@@ -202,6 +202,8 @@ def distilled_description(model) -> str:
         teacher += ", each caption the most typical phrasing among the teacher's near-best beam hypotheses"
     if cfg.extra.get("init"):
         teacher += f"; fine-tuned from {cfg.extra['init']['checkpoint']}"
+    if custom:
+        return f"{teacher}; sampled with the settings each row names (`--distilled-settings`)"
     return (f"{teacher}; sampled by {cfg.sampler.upper()} with the checkpoint's guidance {cfg.sample_guidance:g}"
             + (", clamping" if cfg.sample_clamp else "") + f" and `{cfg.sample_spacing}` spacing")
 
@@ -379,17 +381,34 @@ def distilled_name(sampler: str, steps: int, extra: str = "") -> str:
     return f"distilled: {sampler.upper()} {steps}" + (f", {extra}" if extra else "")
 
 
-def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False) -> list[dict]:
-    """The distilled checkpoint at each ``--distilled-steps`` count, with its own sampler, guidance,
-    clamping and spacing."""
+def distilled_specs(args, model) -> list[dict]:
+    """The distilled checkpoint's settings: ``--distilled-settings`` when given, else its own sampler,
+    guidance, clamping and spacing at each ``--distilled-steps`` count."""
     cfg = model.config
-    base = dict(sampler=cfg.sampler, guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp), early_stop=0,
-                record="final", distilled=True)
-    plan = [dict(base, setting=distilled_name(cfg.sampler, k), steps=k, batch=B)
-            for k in args.distilled_steps for B in batch_sizes]
-    if compiled:
-        plan += [dict(base, setting=distilled_name(cfg.sampler, k, "compiled"), steps=k, batch=B, compiled=True)
-                 for k in args.distilled_steps for B in batch_sizes]
+    if getattr(args, "distilled_settings", ""):
+        from training.choose_sampling import parse_setting
+        return [parse_setting(x) for x in args.distilled_settings.split(",") if x.strip()]
+    return [dict(sampler=cfg.sampler, steps=k, guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp),
+                 spacing=cfg.sample_spacing, own=True) for k in args.distilled_steps]
+
+
+def distilled_setting_name(spec: dict, compiled: bool = False) -> str:
+    extras = [] if spec.get("own") else (
+        ([f"guidance {spec['guidance']:g}"] if spec["guidance"] != 1 else []) + (["clamp"] if spec["clamp"] else [])
+        + ([spec["spacing"]] if spec["spacing"] != "linspace" else []))
+    return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])))
+
+
+def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False) -> list[dict]:
+    """The distilled checkpoint at each of its settings (``distilled_specs``), eager and, with
+    ``compiled``, through torch.compile."""
+    plan = []
+    for variant in ([False, True] if compiled else [False]):
+        for spec in distilled_specs(args, model):
+            row = dict(sampler=spec["sampler"], steps=spec["steps"], guidance=spec["guidance"], clamp=spec["clamp"],
+                       spacing=spec["spacing"], early_stop=0, record="final", distilled=True,
+                       setting=distilled_setting_name(spec, variant))
+            plan += [dict(row, batch=B, **({"compiled": True} if variant else {})) for B in batch_sizes]
     return plan
 
 
@@ -439,7 +458,7 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         if kind in ("diffusion", "distilled"):
             kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
                       clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"],
-                      candidates=p.get("candidates", 1))
+                      candidates=p.get("candidates", 1), spacing=p.get("spacing"))
         else:
             kw = dict(beam=p["beam"])
 
@@ -538,7 +557,7 @@ def quality(suite: Suite, args) -> dict:
     if suite.distilled is not None:
         for p in distilled_plan(args, [1], suite.distilled):
             jobs.append(("distilled", p["setting"], {k: p[k] for k in ("steps", "sampler", "guidance", "clamp",
-                                                                       "early_stop")}))
+                                                                       "early_stop", "spacing")}))
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
@@ -557,7 +576,7 @@ def quality(suite: Suite, args) -> dict:
             if kind == "diffusion":
                 settings = model.check_settings(kw["steps"], kw.get("sampler", "ddim"), kw["guidance"], args.seed,
                                                 kw.get("clamp", False), kw["early_stop"],
-                                                candidates=kw.get("candidates", 1))
+                                                candidates=kw.get("candidates", 1), spacing=kw.get("spacing"))
                 settings["record"] = "final"  # the same captions as the full trace, without it
             with autocast(torch.device("cpu"), cpu_dtype):  # the captions of the precision that is timed
                 res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
@@ -975,6 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-fast",
                    help="a few-step diffusion checkpoint to time beside the others ('' or a missing path: none)")
     p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
+    p.add_argument("--distilled-settings", default="",
+                   help="instead of --distilled-steps: comma-separated SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING] "
+                        "settings of --distilled (e.g. ddim:1:1,ddpm:2:1:clamp:trailing^2)")
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50"), help="DDIM step counts")
     p.add_argument("--guidance", type=strs, default=strs("1,default"),
                    help="guidance scales of the trained diffusion model ('default': its config's sample_guidance)")
