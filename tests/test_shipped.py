@@ -75,17 +75,20 @@ def test_shipped_distilled_checkpoint_is_few_step_and_names_its_teacher():
 
 
 def test_shipped_one_step_checkpoint_records_its_lineage_and_captions_in_one_call():
-    """The benchmark's one-step checkpoint: shapes-diffusion-kd fine-tuned (--init) on typical-phrasing captions."""
+    """The benchmark's one-step checkpoint: shapes-diffusion-kd fine-tuned (--init) three times, the last
+    two on typical-phrasing captions (training/README.md, section 6)."""
     from diffusion_caption import Captioner
 
     cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-fast"))
     c = cap.config
-    assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0)
+    assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0) and c.focus_steps == 1
     kd = c.extra["distilled"]
     assert kd["teacher"] == "assets/checkpoints/shapes-baseline" and "--select typical" in kd["command"]
-    init = c.extra["init"]  # fine-tuned from the one-step fine-tune of shapes-diffusion-kd
-    assert init["checkpoint"] == "runs/shapes-diffusion-kd1/final" and init["steps"] == 8000
-    assert init["distilled"]["decoding"]["beam"] == 3
+    # started from the previous shapes-diffusion-fast (stage c), itself trained on the typical captions
+    init = c.extra["init"]
+    assert init["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and init["steps"] == 8000
+    assert "--select typical" in init["distilled"]["command"]
+    assert c.extra["sampling_choice"]["chosen"] == "DDIM 1, guidance 1"
     traces = [cap.caption_batch(EXAMPLES, seed=seed) for seed in (0, 1)]
     assert all(len(t.steps) == 1 and t.steps[0].t == c.T - 1 and t.text for tr in traces for t in tr)
     shape, color = [], []
