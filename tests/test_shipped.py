@@ -91,11 +91,14 @@ def test_shipped_one_step_checkpoint_records_its_lineage_and_captions_in_one_cal
     assert c.extra["sampling_choice"]["chosen"] == "DDIM 1, guidance 1"
     traces = [cap.caption_batch(EXAMPLES, seed=seed) for seed in (0, 1)]
     assert all(len(t.steps) == 1 and t.steps[0].t == c.T - 1 and t.text for tr in traces for t in tr)
-    shape, color = [], []
+    # its strength is one object per image (docs/RESULTS.md: test colour 0.998, shape 0.995); lists of two
+    # or three objects come out garbled more often (0.82 and 0.80 of all objects' colours and shapes),
+    # and 5 of the 8 examples are such lists: every caption must name objects, the single ones exactly
+    single = [i for i, p in enumerate(EXAMPLES) if len(_scene(p).objects) == 1]
+    assert len(single) >= 2
     for tr in traces:
-        for t, p in zip(tr, EXAMPLES):
+        for i, (t, p) in enumerate(zip(tr, EXAMPLES)):
             sc = attribute_scores(parse_caption(t.text), _scene(p))
-            shape += [sc["shape"]] if sc["shape"] is not None else []
-            color += [sc["color"]] if sc["color"] is not None else []
-    assert len(shape) >= 2 * len(EXAMPLES) - 2 and len(color) >= 2 * len(EXAMPLES) - 2
-    assert sum(shape) / len(shape) >= 0.6 and sum(color) / len(color) >= 0.6, [t.text for tr in traces for t in tr]
+            assert sc["shape"] is not None and sc["color"] is not None, t.text
+            if i in single:
+                assert sc["shape"] == 1.0 and sc["color"] == 1.0, (t.text, p)
