@@ -150,6 +150,8 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
     # a captioner trained on the distilled file records its teacher
     out, _ = _train(kd_dir, clip_dir, tmp_path / "student")
     assert Captioner.from_pretrained(str(out)).config.extra["distilled"]["teacher"] == teacher_dir
+    out, _ = _train(typical, clip_dir, tmp_path / "student-typical")  # and how its captions were chosen
+    assert Captioner.from_pretrained(str(out)).config.extra["distilled"]["selection"] == sel
 
 
 def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip_dir, tmp_path):

@@ -1142,8 +1142,9 @@ def write_report(report: dict, out: str, json_path: str, plot_path: str, metrics
     """Targets, plot and markdown from the measured rows (also what ``--render`` redoes from the JSON)."""
     report["targets"] = targets(report["rows"])
     os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
+    dtypes = sorted({r.get("dtype", "fp32") for r in report["rows"] if r["suite"] == "shapes" and r["device"] == "cpu"})
     title = ("caption quality against time per image (shapes checkpoints, CPU, "
-             f"{report['machine']['torch_threads']} threads)")
+             f"{report['machine']['torch_threads']} threads" + "".join(f", {d}" for d in dtypes if d != "fp32") + ")")
     has_plot = plot([r for r in report["rows"] if r["suite"] == "shapes" and r["device"] == "cpu"], plot_path,
                     metrics, title)
     write_markdown(out, report, plot_path if has_plot else None)

@@ -96,7 +96,7 @@ def distillation_of(data: str, data_dir: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         kd = json.load(f).get("distilled")
-    return {k: kd[k] for k in ("teacher", "decoding", "splits", "command") if k in kd} if kd else None
+    return {k: kd[k] for k in ("teacher", "decoding", "selection", "splits", "command") if k in kd} if kd else None
 
 
 def init_config(path: str) -> CaptionerConfig:
