@@ -5,6 +5,7 @@ No timing assertions: the figures depend on the machine.
 import json
 import os
 
+import pytest
 import torch
 
 from diffusion_caption import BaselineCaptioner
@@ -140,3 +141,5 @@ def test_distilled_settings_override_the_checkpoints_own(make_captioner):
     own = benchmark.distilled_plan(benchmark.build_parser().parse_args([]), [1], model)
     assert [p["setting"] for p in own] == ["distilled: DDIM 1", "distilled: DDIM 2", "distilled: DDIM 3"]
     assert all(p["guidance"] == 1.5 and p["clamp"] and p["spacing"] == model.config.sample_spacing for p in own)
+    with pytest.raises(SystemExit, match="--distilled-settings: 'ddim:one:1'"):
+        benchmark.distilled_plan(benchmark.build_parser().parse_args(["--distilled-settings", "ddim:one:1"]), [1], model)

@@ -193,3 +193,21 @@ def test_typical_selection_breaks_near_ties_toward_the_common_phrasing():
     assert select_typical(near_tie, lm, margin=0.1, weight=0.0) is rare  # no typicality: the teacher's best
     assert select_typical(near_tie, lm, margin=0.005, weight=1.0) is rare  # outside the margin: never chosen
     assert select_typical([(-0.2, rare), (-0.9, common_)], lm, margin=0.1, weight=100.0) is rare
+
+
+def test_init_from_a_distilbert_checkpoint_needs_no_distilbert_weights(world_dir, clip_dir, tmp_path):
+    """A fine-tune rebuilds the encoder from the checkpoint's stored config: the DistilBERT folder the start
+    was trained from may be gone (offline, or a hub id that cannot be reached)."""
+    import shutil
+
+    from transformers import DistilBertConfig, DistilBertModel
+
+    bert = tmp_path / "bert"
+    DistilBertModel(DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=64)).save_pretrained(str(bert))
+    arch = ["--encoder", str(bert), "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--hidden-dim", "64"]
+    start, _ = _train(world_dir, clip_dir, tmp_path / "start", *arch)
+    shutil.rmtree(bert)
+    same, _ = _train(world_dir, clip_dir, tmp_path / "same", "--init", str(start), "--steps", "0")
+    a, b = load_file(str(start / "model.safetensors")), load_file(str(same / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

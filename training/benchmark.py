@@ -387,7 +387,10 @@ def distilled_specs(args, model) -> list[dict]:
     cfg = model.config
     if getattr(args, "distilled_settings", ""):
         from training.choose_sampling import parse_setting
-        return [parse_setting(x) for x in args.distilled_settings.split(",") if x.strip()]
+        try:
+            return [parse_setting(x) for x in args.distilled_settings.split(",") if x.strip()]
+        except SystemExit as e:  # parse_setting names its own command's flag
+            raise SystemExit(str(e).replace("--settings", "--distilled-settings", 1)) from None
     return [dict(sampler=cfg.sampler, steps=k, guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp),
                  spacing=cfg.sample_spacing, own=True) for k in args.distilled_steps]
 

@@ -18,7 +18,8 @@ to arbitrary, and the student cannot learn the choice. Among the teacher's finis
 ``--margin`` of its best (length-normalised log probability), this keeps the one with the best teacher
 score plus ``--typicality-weight`` times its mean per-token log probability under a bigram model of
 all the teacher's best captions: the phrasing the teacher uses most often elsewhere wins such near-ties.
-A smaller-data version of selecting distillation targets by their complexity (Zhou et al. 2020).
+It lowers the complexity of the distilled data, which Zhou et al. (2020) found governs how well a
+non-autoregressive student learns it.
 
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
 teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every

@@ -188,8 +188,11 @@ def main(argv=None) -> None:
     val_img = torch.tensor([i for i, _ in val_pairs])
     val_ids = tokenizer.encode([c for _, c in val_pairs], mcfg.seq_len)
 
-    denoiser = Denoiser(mcfg).to(device)
-    if start is not None:  # the architecture fields are the checkpoint's, so the tensors match exactly
+    # a fine-tune builds the encoder from the checkpoint's own encoder config (no DistilBERT download: the
+    # pretrained weights would be overwritten anyway); the architecture fields are the checkpoint's, so
+    # the tensors match exactly
+    denoiser = Denoiser(mcfg, encoder_config=start.denoiser.encoder_config if start is not None else None).to(device)
+    if start is not None:
         denoiser.load_state_dict(start.denoiser.state_dict(), strict=True)
         del start
     ema = copy.deepcopy(denoiser).requires_grad_(False)
