@@ -211,3 +211,28 @@ def test_init_from_a_distilbert_checkpoint_needs_no_distilbert_weights(world_dir
     same, _ = _train(world_dir, clip_dir, tmp_path / "same", "--init", str(start), "--steps", "0")
     a, b = load_file(str(start / "model.safetensors")), load_file(str(same / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_layers_starts_a_shallower_student_from_chosen_layers(world_dir, clip_dir, tmp_path, scene_image):
+    """``--init-layers 0,2`` keeps layers 0 and 2 of a 3-layer checkpoint as layers 0 and 1 of the new one
+    (DistilBERT's initialisation); every other tensor is carried over unchanged."""
+    start, _ = _train(world_dir, clip_dir, tmp_path / "start", "--n-layers", "3")
+    small, _ = _train(world_dir, clip_dir, tmp_path / "small", "--init", str(start), "--init-layers", "0,2",
+                      "--steps", "0")
+    a, b = load_file(str(start / "model.safetensors")), load_file(str(small / "model.safetensors"))
+    layer = "encoder.transformer.layer."
+    renumbered = {k.replace(f"{layer}2.", f"{layer}1."): v for k, v in a.items() if not k.startswith(f"{layer}1.")}
+    assert renumbered.keys() == b.keys() and all(torch.equal(renumbered[k], b[k]) for k in b)
+    model = Captioner.from_pretrained(str(small))  # loads as a 2-layer model and captions
+    assert model.config.n_layers == 2 and model.denoiser.encoder.config.n_layers == 2
+    assert model.config.extra["init"]["layers"] == [0, 2]
+    assert len(model.caption(scene_image, steps=2).steps) == 2
+
+    for spec, match in [("0,3", "layers 0-2"), ("2,0", "increasing order"), ("1,1", "increasing order"),
+                        ("a", "layer indices"), (",", "names no layer")]:
+        with pytest.raises(SystemExit, match=match):
+            _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(start), "--init-layers", spec)
+    with pytest.raises(SystemExit, match="give --init too"):
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init-layers", "0")
+    with pytest.raises(SystemExit, match="--n-layers"):
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(start), "--init-layers", "0,2", "--n-layers", "3")

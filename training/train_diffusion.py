@@ -63,6 +63,9 @@ class DiffusionTrainConfig:
     resume: bool = False
     stop_at: int = 0  # stop after this step as if killed (checkpoints first); for testing --resume
     init: str = ""  # start from this captioner checkpoint's weights (fine-tuning); its config is the base
+    # keep only these transformer layers of the --init checkpoint, in order (e.g. "0,3" of 4): a shallower
+    # student initialised from its teacher's layers, as DistilBERT was from every other layer of BERT
+    init_layers: str = ""
 
 
 # the fields that fix the denoiser's tensors: a fine-tune (--init) may not change them
@@ -109,6 +112,35 @@ def init_config(path: str) -> CaptionerConfig:
         raise SystemExit(f"--init {path}: not a readable diffusion-caption checkpoint ({type(e).__name__}: {e})") from None
 
 
+def parse_init_layers(spec: str, n_layers: int) -> list[int]:
+    """The layer indices of ``--init-layers`` ("0,3"), checked against the --init checkpoint's depth."""
+    try:
+        keep = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--init-layers {spec!r}: expected comma-separated layer indices such as 0,3") from None
+    if not keep:
+        raise SystemExit(f"--init-layers {spec!r}: names no layer")
+    if any(not 0 <= i < n_layers for i in keep):
+        raise SystemExit(f"--init-layers {spec!r}: the --init checkpoint has layers 0-{n_layers - 1}")
+    if keep != sorted(set(keep)):
+        raise SystemExit(f"--init-layers {spec!r}: give each layer once, in increasing order")
+    return keep
+
+
+def keep_layers(state: dict, keep: list[int], prefix: str = "encoder.transformer.layer.") -> dict:
+    """A denoiser state dict with only the transformer layers ``keep``, renumbered 0, 1, ..."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            old, rest = k[len(prefix):].split(".", 1)
+            if int(old) not in new_index:
+                continue
+            k = f"{prefix}{new_index[int(old)]}.{rest}"
+        out[k] = v
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_dataclass_args(p, DiffusionTrainConfig)
@@ -126,11 +158,16 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
     base_model = preset(name)
     if tcfg.init:  # a fine-tune: the starting checkpoint's config, changed only by the flags given
         base_model = dataclasses.replace(init_config(tcfg.init), extra={})
+        if tcfg.init_layers:
+            keep = parse_init_layers(tcfg.init_layers, base_model.n_layers)
+            base_model = dataclasses.replace(base_model, n_layers=len(keep))
         changed = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE_FIELDS
                    if getattr(args, k, None) is not None and getattr(args, k) != getattr(base_model, k)]
         if changed:
             raise SystemExit(f"--init {tcfg.init}: {', '.join(changed)} would change the shape of its denoiser; "
                              "a fine-tune keeps the architecture (drop those flags, or train from scratch)")
+    elif tcfg.init_layers:
+        raise SystemExit("--init-layers selects layers of the --init checkpoint; give --init too")
     mcfg = common.dataclass_from_args(CaptionerConfig, args, base_model)
     if tcfg.optimizer not in common.OPTIMIZERS:
         raise SystemExit(f"unknown --optimizer {tcfg.optimizer!r}; expected one of {common.OPTIMIZERS}")
@@ -171,6 +208,8 @@ def main(argv=None) -> None:
                              f"{tcfg.clip}; a fine-tune needs the same image encoder")
         extra["init"] = {"checkpoint": tcfg.init,
                          "steps": init_extra.get("train_config", {}).get("steps"),
+                         **({"layers": parse_init_layers(tcfg.init_layers, start.config.n_layers)}
+                            if tcfg.init_layers else {}),
                          **({"distilled": init_extra["distilled"]} if "distilled" in init_extra else {})}
     mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size, cond_dim=encoder.feature_dim, extra=extra)
 
@@ -191,10 +230,17 @@ def main(argv=None) -> None:
     # a fine-tune builds the encoder from the checkpoint's own encoder config (no DistilBERT download: the
     # pretrained weights would be overwritten anyway); the architecture fields are the checkpoint's, so
     # the tensors match exactly
-    denoiser = Denoiser(mcfg, encoder_config=start.denoiser.encoder_config if start is not None else None).to(device)
+    start_state, encoder_config = None, None
     if start is not None:
-        denoiser.load_state_dict(start.denoiser.state_dict(), strict=True)
+        start_state, encoder_config = start.denoiser.state_dict(), start.denoiser.encoder_config
+        if tcfg.init_layers:
+            keep = extra["init"]["layers"]
+            start_state = keep_layers(start_state, keep)
+            encoder_config = {**encoder_config, "n_layers": len(keep)}
         del start
+    denoiser = Denoiser(mcfg, encoder_config=encoder_config).to(device)
+    if start_state is not None:
+        denoiser.load_state_dict(start_state, strict=True)
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     model = denoiser
     if world > 1:
