@@ -227,6 +227,10 @@ def test_init_layers_starts_a_shallower_student_from_chosen_layers(world_dir, cl
     assert model.config.n_layers == 2 and model.denoiser.encoder.config.n_layers == 2
     assert model.config.extra["init"]["layers"] == [0, 2]
     assert len(model.caption(scene_image, steps=2).steps) == 2
+    # a fine-tune of that student records its whole lineage, the layer choice included
+    again, _ = _train(world_dir, clip_dir, tmp_path / "again", "--init", str(small), "--steps", "1")
+    init = Captioner.from_pretrained(str(again)).config.extra["init"]
+    assert init["checkpoint"] == str(small) and init["init"] == {"checkpoint": str(start), "steps": 6, "layers": [0, 2]}
 
     for spec, match in [("0,3", "layers 0-2"), ("2,0", "increasing order"), ("1,1", "increasing order"),
                         ("a", "layer indices"), (",", "names no layer")]:

@@ -210,7 +210,9 @@ def main(argv=None) -> None:
                          "steps": init_extra.get("train_config", {}).get("steps"),
                          **({"layers": parse_init_layers(tcfg.init_layers, start.config.n_layers)}
                             if tcfg.init_layers else {}),
-                         **({"distilled": init_extra["distilled"]} if "distilled" in init_extra else {})}
+                         **({"distilled": init_extra["distilled"]} if "distilled" in init_extra else {}),
+                         # the start's own start, and so on: the whole lineage stays readable
+                         **({"init": init_extra["init"]} if "init" in init_extra else {})}
     mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size, cond_dim=encoder.feature_dim, extra=extra)
 
     image_dir = tcfg.image_dir or None
