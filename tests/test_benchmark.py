@@ -143,3 +143,42 @@ def test_distilled_settings_override_the_checkpoints_own(make_captioner):
     assert all(p["guidance"] == 1.5 and p["clamp"] and p["spacing"] == model.config.sample_spacing for p in own)
     with pytest.raises(SystemExit, match="--distilled-settings: 'ddim:one:1'"):
         benchmark.distilled_plan(benchmark.build_parser().parse_args(["--distilled-settings", "ddim:one:1"]), [1], model)
+
+
+def test_several_distilled_checkpoints_are_timed_and_scored_side_by_side(make_captioner, tokenizer, clip_encoder,
+                                                                          world_dir, tmp_path):
+    """``--distilled A,B``: each checkpoint's rows are named by its folder, scored on its own, listed with
+    its own weights and drawn as its own series."""
+    dirs = {}
+    for name, layers in (("deep", 2), ("shallow", 1)):
+        dirs[name] = str(tmp_path / name)
+        make_captioner(init_seed=layers, n_layers=layers, sample_steps=1,
+                       extra={"distilled": {"teacher": "a-teacher", "decoding": {"beam": 3}}}).save_pretrained(dirs[name])
+    torch.manual_seed(0)
+    cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
+                          bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)
+    base_dir = str(tmp_path / "baseline")
+    BaselineCaptioner(cfg, PrefixCaptioner(cfg), clip_encoder, tokenizer).save_pretrained(base_dir)
+    out = tmp_path / "B.md"
+    report = benchmark.main([
+        "--suites", "shapes", "--devices", "cpu", "--diffusion", "", "--baseline", base_dir,
+        "--distilled", f"{dirs['deep']},{dirs['shallow']},{tmp_path / 'missing'}", "--distilled-steps", "1",
+        "--data-dir", world_dir, "--split", "test", "--quality-limit", "4", "--quality-batch", "4",
+        "--tokenizer", "simple", "--bleu-only", "--beams", "1", "--batch-sizes", "1,4", "--mbr", "",
+        "--warmup", "0", "--repeats", "1", "--latency-images", "2", "--threads", "1", "--matmul-n", "64",
+        "--compile", "", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    kd = [r for r in report["rows"] if r.get("distilled")]
+    assert sorted((r["setting"], r["batch"]) for r in kd) == [
+        ("distilled deep: DDIM 1", 1), ("distilled deep: DDIM 1", 4),
+        ("distilled shallow: DDIM 1", 1), ("distilled shallow: DDIM 1", 4)]
+    by = {(r["distilled_tag"], r["batch"]): r for r in kd}
+    # each row ran its own checkpoint: one layer of two does about half the denoiser's arithmetic
+    assert by[("shallow", 4)]["flops"] < 0.8 * by[("deep", 4)]["flops"]
+    assert all(r["quality"]["BLEU-4"] is not None for r in kd)
+    assert {"shapes|diffusion|distilled deep: DDIM 1", "shapes|diffusion|distilled shallow: DDIM 1"} <= set(report["quality"])
+    text = out.read_text()
+    for needle in ("distilled deep denoiser", "distilled shallow denoiser", "denoiser of 1 layer of width", "denoiser of 2 layers of width",
+                   f"distilled rows (shallow: {dirs['shallow']})", "not found: not measured"):
+        assert needle in text, needle
+    assert {benchmark.variant_of(r) for r in kd} == {"distilled deep", "distilled shallow"}
+    assert os.path.isfile(tmp_path / "benchmark.png")

@@ -12,8 +12,8 @@ seconds-long smoke size. For each suite and device, with precomputed image featu
 
 * the diffusion captioner at every ``--steps`` count (DDIM, the fast path ``record="final"``), with early
   stopping (``--early-stop`` patience values), and with the full per-step trace at ``--trace-batch``,
-* the distilled diffusion checkpoint at each ``--distilled-steps`` count (with its own sampler, guidance,
-  clamping and spacing), eager and compiled,
+* each distilled diffusion checkpoint (``--distilled``, comma-separated) at each ``--distilled-steps`` count
+  (with its own sampler, guidance, clamping and spacing) or ``--distilled-settings``, eager and compiled,
 * the baseline with greedy and beam-3 decoding (``--beams``),
 * the image encoder alone (and image preprocessing, per image),
 
@@ -92,7 +92,9 @@ class Suite:
     image_paths: list[str] = field(default_factory=list)  # for the preprocessing time
     records: list | None = None  # quality split (trained checkpoints only)
     notes: list[str] = field(default_factory=list)
-    distilled: object | None = None  # a second diffusion checkpoint, distilled for few steps (shapes suite)
+    # more diffusion checkpoints, distilled for few steps (shapes suite): (tag, model); the tag names the
+    # checkpoint in setting names when there are several, and is "" when there is one
+    distilled: list = field(default_factory=list)
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -163,16 +165,21 @@ def trained_suite(args, n_features: int) -> Suite:
     from training.evaluate import load_records
 
     notes, models = [], {}
-    for kind, path in (("diffusion", args.diffusion), ("baseline", args.baseline),
-                       ("distilled", getattr(args, "distilled", ""))):
-        if kind == "distilled" and not path:
-            models[kind] = None
-            continue
+    for kind, path in (("diffusion", args.diffusion), ("baseline", args.baseline)):
         if path and os.path.isfile(os.path.join(path, "config.json")):
             models[kind] = load_model(path)
         else:
             models[kind] = None
             notes.append(f"{kind} checkpoint {path!r} not found: not measured")
+    kd_paths = [x.strip() for x in getattr(args, "distilled", "").split(",") if x.strip()]
+    distilled = []
+    for path in kd_paths:
+        if os.path.isfile(os.path.join(path, "config.json")):
+            distilled.append((distilled_tag(path) if len(kd_paths) > 1 else "", path, load_model(path)))
+        else:
+            notes.append(f"distilled checkpoint {path!r} not found: not measured")
+    for j, (_, _, m) in enumerate(distilled):
+        models[f"distilled{j}"] = m
     records = load_records(argparse.Namespace(data=args.data, data_dir=args.data_dir, image_dir=args.image_dir,
                                               split=args.split, limit=args.quality_limit))
     paths = [r.image_path for r in records]
@@ -181,15 +188,21 @@ def trained_suite(args, n_features: int) -> Suite:
     feats = {k: image_features(m.image_encoder, paths[:n_features], args.cache_dir, desc=f"{k} features")
              for k, m in models.items() if m is not None}
     label = f"trained checkpoints: {args.diffusion} and {args.baseline}" + (
-        f", distilled: {args.distilled}" if models.get("distilled") is not None else "")
+        f", distilled: {', '.join(p for _, p, _ in distilled)}" if distilled else "")
     if models["diffusion"] is not None:
         cfg = models["diffusion"].config
         notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
                      "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
-    if models.get("distilled") is not None:
-        notes.append(f"distilled rows: {distilled_description(models['distilled'], bool(getattr(args, 'distilled_settings', '')))}")
+    custom = bool(getattr(args, "distilled_settings", ""))
+    for tag, path, m in distilled:
+        notes.append(f"distilled rows{f' ({tag}: {path})' if tag else ''}: {distilled_description(m, custom)}")
     return Suite("shapes", label, models["diffusion"], models["baseline"], feats, paths[:8], records, notes,
-                 distilled=models.get("distilled"))
+                 distilled=[(tag, m) for tag, _, m in distilled])
+
+
+def distilled_tag(path: str) -> str:
+    """A distilled checkpoint's short name in setting names: its folder's name."""
+    return os.path.basename(os.path.normpath(path))
 
 
 def distilled_description(model, custom: bool = False) -> str:
@@ -202,6 +215,7 @@ def distilled_description(model, custom: bool = False) -> str:
         teacher += ", each caption the most typical phrasing among the teacher's near-best beam hypotheses"
     if cfg.extra.get("init"):
         teacher += f"; fine-tuned from {cfg.extra['init']['checkpoint']}"
+    teacher += f"; denoiser of {cfg.n_layers} layer{'s' if cfg.n_layers != 1 else ''} of width {cfg.dim}"
     if custom:
         return f"{teacher}; sampled with the settings each row names (`--distilled-settings`)"
     return (f"{teacher}; sampled by {cfg.sampler.upper()} with the checkpoint's guidance {cfg.sample_guidance:g}"
@@ -377,8 +391,8 @@ def diffusion_plan(args, batch_sizes: list[int], scales: list[float], compiled: 
     return plan
 
 
-def distilled_name(sampler: str, steps: int, extra: str = "") -> str:
-    return f"distilled: {sampler.upper()} {steps}" + (f", {extra}" if extra else "")
+def distilled_name(sampler: str, steps: int, extra: str = "", tag: str = "") -> str:
+    return f"distilled{f' {tag}' if tag else ''}: {sampler.upper()} {steps}" + (f", {extra}" if extra else "")
 
 
 def distilled_specs(args, model) -> list[dict]:
@@ -395,22 +409,24 @@ def distilled_specs(args, model) -> list[dict]:
                  spacing=cfg.sample_spacing, own=True) for k in args.distilled_steps]
 
 
-def distilled_setting_name(spec: dict, compiled: bool = False) -> str:
+def distilled_setting_name(spec: dict, compiled: bool = False, tag: str = "") -> str:
     extras = [] if spec.get("own") else (
         ([f"guidance {spec['guidance']:g}"] if spec["guidance"] != 1 else []) + (["clamp"] if spec["clamp"] else [])
         + ([spec["spacing"]] if spec["spacing"] != "linspace" else []))
-    return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])))
+    return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])), tag)
 
 
-def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False) -> list[dict]:
-    """The distilled checkpoint at each of its settings (``distilled_specs``), eager and, with
-    ``compiled``, through torch.compile."""
+def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False, tag: str = "",
+                   index: int = 0) -> list[dict]:
+    """A distilled checkpoint (the ``index``-th of ``--distilled``, named ``tag``) at each of its settings
+    (``distilled_specs``), eager and, with ``compiled``, through torch.compile."""
     plan = []
     for variant in ([False, True] if compiled else [False]):
         for spec in distilled_specs(args, model):
             row = dict(sampler=spec["sampler"], steps=spec["steps"], guidance=spec["guidance"], clamp=spec["clamp"],
                        spacing=spec["spacing"], early_stop=0, record="final", distilled=True,
-                       setting=distilled_setting_name(spec, variant))
+                       setting=distilled_setting_name(spec, variant, tag), distilled_index=index,
+                       **({"distilled_tag": tag} if tag else {}))
             plan += [dict(row, batch=B, **({"compiled": True} if variant else {})) for B in batch_sizes]
     return plan
 
@@ -429,7 +445,7 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
                   peak: dict, repeats: int) -> list[dict]:
     """Every timing row of one suite on one device."""
     rows: list[dict] = []
-    models = [m for m in (suite.diffusion, suite.baseline, suite.distilled) if m is not None]
+    models = [m for m in (suite.diffusion, suite.baseline, *(m for _, m in suite.distilled)) if m is not None]
     for m in models:
         m.to(device)
     jobs = []
@@ -442,21 +458,22 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
                                                                    if suite.records is not None else None))]
         if suite.name in args.compile:
             compiled = copy.copy(suite.diffusion).compile(dynamic=False)  # same weights, own compiled graph
-    compiled_kd = None
-    if suite.distilled is not None:
-        jobs += [("distilled", p) for p in distilled_plan(args, batch_sizes, suite.distilled,
-                                                          suite.name in args.compile)]
+    compiled_kd = {}  # distilled index -> its compiled copy
+    for j, (tag, m) in enumerate(suite.distilled):
+        jobs += [("distilled", p) for p in distilled_plan(args, batch_sizes, m, suite.name in args.compile, tag, j)]
         if suite.name in args.compile:
-            compiled_kd = copy.copy(suite.distilled).compile(dynamic=False)
+            compiled_kd[j] = copy.copy(m).compile(dynamic=False)
     if suite.baseline is not None:
         jobs += [("baseline", p) for p in baseline_plan(args, batch_sizes)]
     for kind, p in tqdm(jobs, desc=f"{suite.name} on {device.type}", leave=False):
-        model = {"diffusion": suite.diffusion, "distilled": suite.distilled}.get(kind, suite.baseline)
+        model = suite.distilled[p["distilled_index"]][1] if kind == "distilled" else \
+            suite.diffusion if kind == "diffusion" else suite.baseline
         B = p["batch"]
         # batch 1 is the latency of one image, averaged over several (a caption's length varies with its
         # image, and so does the baseline's time): each timed call captions them one after another
         n_calls = args.latency_images if B == 1 and suite.records is not None else 1
-        feats = take(suite.features[kind], B * n_calls).to(device)
+        feats = take(suite.features[f"distilled{p['distilled_index']}" if kind == "distilled" else kind],
+                     B * n_calls).to(device)
         chunks = [feats[i * B:(i + 1) * B] for i in range(n_calls)]
         if kind in ("diffusion", "distilled"):
             kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
@@ -472,7 +489,7 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         counts, outs = count_call(call, device)  # FLOPs and memory of the eager model, also for compiled rows
         first = None
         if p.get("compiled"):
-            call = functools.partial(call, model=compiled_kd if kind == "distilled" else compiled)
+            call = functools.partial(call, model=compiled_kd[p["distilled_index"]] if kind == "distilled" else compiled)
             t0 = time.perf_counter()
             call()  # compiles, at this batch size
             sync(device)
@@ -496,7 +513,8 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         rows.append(row)
     # the image encoder alone, on preprocessed pixels; preprocessing per image on its own
     encoders = []
-    for kind, m in (("diffusion", suite.diffusion), ("baseline", suite.baseline), ("distilled", suite.distilled)):
+    for kind, m in (("diffusion", suite.diffusion), ("baseline", suite.baseline),
+                    *((f"distilled {tag}" if tag else "distilled", m) for tag, m in suite.distilled)):
         if m is not None and all(m.image_encoder is not e and encoder_fingerprint(m.image_encoder) != encoder_fingerprint(e)
                                  for _, e in encoders):
             encoders.append((kind, m.image_encoder))
@@ -557,19 +575,20 @@ def quality(suite: Suite, args) -> dict:
             dkw = {k: d[k] for k in ("steps", "sampler", "guidance", "clamp", "early_stop")}
             jobs.append(("diffusion", d["setting"], dkw))
             jobs += [("diffusion", mbr_name(d["setting"], k), dict(dkw, candidates=k)) for k in args.mbr]
-    if suite.distilled is not None:
-        for p in distilled_plan(args, [1], suite.distilled):
+    for j, (tag, m) in enumerate(suite.distilled):
+        for p in distilled_plan(args, [1], m, tag=tag, index=j):
             jobs.append(("distilled", p["setting"], {k: p[k] for k in ("steps", "sampler", "guidance", "clamp",
-                                                                       "early_stop", "spacing")}))
+                                                                       "early_stop", "spacing", "distilled_index")}))
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
     cpu_dtype = getattr(args, "cpu_dtype", "fp32")  # quality is measured on the CPU, in the CPU timing's precision
     for kind, name, kw in tqdm(jobs, desc="quality", leave=False):
-        model = {"diffusion": suite.diffusion, "distilled": suite.distilled}.get(kind, suite.baseline)
+        model = suite.diffusion if kind == "diffusion" else suite.baseline
         if kind == "distilled":  # scored as a diffusion setting; the name says which checkpoint
+            model = suite.distilled[kw["distilled_index"]][1]
             kind = "diffusion"
-            kw = dict(kw, distilled=True)
+            kw = {**{k: v for k, v in kw.items() if k != "distilled_index"}, "distilled": True}
         if kind == "diffusion" and kw["early_stop"] == 0 and not kw.get("distilled") and (kw["steps"], kw["guidance"]) in sweep \
                 and kw.get("sampler", "ddim") == "ddim" and not kw.get("clamp") and kw.get("candidates", 1) == 1:
             res = sweep[(kw["steps"], kw["guidance"])]
@@ -701,7 +720,8 @@ def join_quality(rows: list[dict], qual: dict) -> None:
 
 def variant_of(row: dict) -> str:
     if row.get("distilled"):
-        return "distilled, compiled" if row.get("compiled") else "distilled"
+        tag = f" {row['distilled_tag']}" if row.get("distilled_tag") else ""
+        return f"distilled{tag}, compiled" if row.get("compiled") else f"distilled{tag}"
     if row.get("candidates", 1) > 1:
         return "checkpoint default, MBR"
     if row.get("sampler", "ddim") != "ddim" or row.get("clamp"):
@@ -744,10 +764,16 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
         dict(marker="*", color="black", ls="")))
     series.append(("diffusion", "checkpoint default, MBR", "diffusion, checkpoint default + MBR over K samples",
                    dict(marker="P", color="darkorange", ls=":")))
-    series.append(("diffusion", "distilled", "distilled diffusion (trained on the baseline's captions), by steps",
-                   dict(marker="D", color="tab:brown")))
-    series.append(("diffusion", "distilled, compiled", "distilled diffusion, torch.compile",
-                   dict(marker="d", color="peru", ls="-.")))
+    tags = sorted({r.get("distilled_tag", "") for r in rows if r.get("distilled")})
+    for i, tag in enumerate(tags):  # one pair of series per distilled checkpoint
+        eager_c, compiled_c = [("tab:brown", "peru"), ("darkslategray", "mediumaquamarine"),
+                               ("maroon", "salmon")][i % 3]
+        name = f"distilled {tag}" if tag else "distilled"
+        series.append(("diffusion", name, (f"{name} diffusion" if tag else
+                                           "distilled diffusion (trained on the baseline's captions)") + ", by steps",
+                       dict(marker="D", color=eager_c)))
+        series.append(("diffusion", f"{name}, compiled", f"{name} diffusion, torch.compile",
+                       dict(marker="d", color=compiled_c, ls="-.")))
     for kind, (colors, style) in palette.items():
         for i, g in enumerate(scales):
             label = "diffusion" + ("" if kind == "eager" else ", torch.compile" if kind == "compiled" else
@@ -995,7 +1021,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion", default="assets/checkpoints/shapes-diffusion")
     p.add_argument("--baseline", default="assets/checkpoints/shapes-baseline")
     p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-fast",
-                   help="a few-step diffusion checkpoint to time beside the others ('' or a missing path: none)")
+                   help="few-step diffusion checkpoints to time beside the others, comma-separated ('' or a "
+                        "missing path: none)")
     p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
     p.add_argument("--distilled-settings", default="",
                    help="instead of --distilled-steps: comma-separated SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING] "
@@ -1098,8 +1125,8 @@ def main(argv=None) -> dict:
         pm = {}
         if suite.diffusion is not None:
             pm["diffusion denoiser"] = param_bytes(suite.diffusion.denoiser) / 2**20
-        if suite.distilled is not None:
-            pm["distilled denoiser"] = param_bytes(suite.distilled.denoiser) / 2**20
+        for tag, m in suite.distilled:
+            pm[f"distilled{f' {tag}' if tag else ''} denoiser"] = param_bytes(m.denoiser) / 2**20
         if suite.baseline is not None:
             pm["baseline mapper + GPT-2"] = param_bytes(suite.baseline.model) / 2**20
         enc = (suite.diffusion or suite.baseline)
