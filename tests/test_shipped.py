@@ -102,3 +102,36 @@ def test_shipped_one_step_checkpoint_records_its_lineage_and_captions_in_one_cal
             assert sc["shape"] is not None and sc["color"] is not None, t.text
             if i in single:
                 assert sc["shape"] == 1.0 and sc["color"] == 1.0, (t.text, p)
+
+
+def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
+    """shapes-diffusion-fast-small: layers 0 and 2 of shapes-diffusion-fast's four (--init-layers), then
+    fine-tuned twice (training/README.md, section 7); its lineage is in extra.init, nested."""
+    from safetensors.torch import load_file
+
+    from diffusion_caption import Captioner
+
+    cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-fast-small"))
+    c = cap.config
+    assert c.n_layers == 2 and cap.denoiser.encoder.config.n_layers == 2
+    assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0)
+    assert c.extra["sampling_choice"]["chosen"] == "DDIM 1, guidance 1" and c.extra["sampling_choice"]["split"] == "val"
+    first = c.extra["init"]["init"]  # the first stage: where the layers came from
+    assert first["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and first["layers"] == [0, 2]
+    assert "--select typical" in c.extra["distilled"]["command"]
+    # half the transformer: the denoiser has 2 of the 4 layers' tensors, the rest of it the same shapes
+    small = load_file(os.path.join(CKPT, "shapes-diffusion-fast-small", "model.safetensors"))
+    big = load_file(os.path.join(CKPT, "shapes-diffusion-fast", "model.safetensors"))
+    layer = "encoder.transformer.layer."
+    assert {k for k in big if not k.startswith(layer)} == {k for k in small if not k.startswith(layer)}
+    assert {k.split(".")[3] for k in small if k.startswith(layer)} == {"0", "1"}
+    assert {k for k in small if k.startswith(layer)} == {k for k in big if k.startswith(layer + "0.") or k.startswith(layer + "1.")}
+    # one call per caption; the single-object examples exactly right (test colour 0.995, shape 0.995)
+    traces = cap.caption_batch(EXAMPLES, seed=0)
+    assert all(len(t.steps) == 1 and t.text for t in traces)
+    for t, p in zip(traces, EXAMPLES):
+        scene = _scene(p)
+        sc = attribute_scores(parse_caption(t.text), scene)
+        assert sc["shape"] is not None and sc["color"] is not None, t.text
+        if len(scene.objects) == 1:
+            assert sc["shape"] == 1.0 and sc["color"] == 1.0, (t.text, p)
