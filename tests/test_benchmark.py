@@ -163,6 +163,7 @@ def test_several_distilled_checkpoints_are_timed_and_scored_side_by_side(make_ca
     report = benchmark.main([
         "--suites", "shapes", "--devices", "cpu", "--diffusion", "", "--baseline", base_dir,
         "--distilled", f"{dirs['deep']},{dirs['shallow']},{tmp_path / 'missing'}", "--distilled-steps", "1",
+        "--distilled-seeds", "0,1,2",
         "--data-dir", world_dir, "--split", "test", "--quality-limit", "4", "--quality-batch", "4",
         "--tokenizer", "simple", "--bleu-only", "--beams", "1", "--batch-sizes", "1,4", "--mbr", "",
         "--warmup", "0", "--repeats", "1", "--latency-images", "2", "--threads", "1", "--matmul-n", "64",
@@ -174,10 +175,21 @@ def test_several_distilled_checkpoints_are_timed_and_scored_side_by_side(make_ca
     by = {(r["distilled_tag"], r["batch"]): r for r in kd}
     # each row ran its own checkpoint: one layer of two does about half the denoiser's arithmetic
     assert by[("shallow", 4)]["flops"] < 0.8 * by[("deep", 4)]["flops"]
-    assert all(r["quality"]["BLEU-4"] is not None for r in kd)
+    # scored over three noise draws: the row's quality is their mean, each draw kept, the source says so
+    for r in kd:
+        per = r["quality"]["per_draw"]
+        assert set(per) == {"BLEU-4", "1-obj colour", "1-obj shape"} and all(len(v) == 3 for v in per.values())
+        for k, v in per.items():
+            assert abs(r["quality"][k] - sum(v) / 3) < 1e-12
+    q = report["quality"]["shapes|diffusion|distilled deep: DDIM 1"]
+    assert "mean of 3 draws (seeds 0, 1, 2)" in q["source"]
+    # the draws differ (a random one-step model's captions depend on the noise); the greedy baseline has one
+    assert any(len(set(r["quality"]["per_draw"]["BLEU-4"])) > 1 for r in kd)
+    assert "per_draw" not in report["quality"]["shapes|baseline|greedy"]
+    assert all("means of 3 noise draws; per draw: BLEU-4" in t for t in report["targets"])  # the verdicts say so
     assert {"shapes|diffusion|distilled deep: DDIM 1", "shapes|diffusion|distilled shallow: DDIM 1"} <= set(report["quality"])
     text = out.read_text()
-    for needle in ("distilled deep denoiser", "distilled shallow denoiser", "denoiser of 1 layer of width", "denoiser of 2 layers of width",
+    for needle in ("distilled deep denoiser", "distilled shallow denoiser", "1-obj colour per draw", "denoiser of 1 layer of width", "denoiser of 2 layers of width",
                    f"distilled rows (shallow: {dirs['shallow']})", "not found: not measured"):
         assert needle in text, needle
     assert {benchmark.variant_of(r) for r in kd} == {"distilled deep", "distilled shallow"}
