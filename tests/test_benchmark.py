@@ -104,6 +104,18 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     assert not any(r.get("carried_over") for r in merged["rows"] if r["suite"] == "tiny")
     text2 = later.read_text()
     assert "carried over from an earlier run" in text2 and "except the suites marked as carried over" in text2
+    # carried over again by a third run: still the first run's note and dates, not the second's
+    third = tmp_path / "third" / "B.md"
+    third.parent.mkdir()
+    benchmark.main(["--suites", "tiny", "--devices", "cpu", "--steps", "1", "--guidance", "1", "--early-stop", "",
+                    "--beams", "1", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--base-repeats", "1",
+                    "--tiny-length", "8", "--threads", "1", "--matmul-n", "64", "--compile", "", "--no-quality",
+                    "--keep-from", str(tmp_path / "later" / "benchmark.json"), "--out", str(third)])
+    again2 = json.loads((tmp_path / "third" / "benchmark.json").read_text())
+    shapes_suite = next(s for s in again2["suites"] if s["name"] == "shapes")
+    carried = [n for n in shapes_suite["notes"] if n.startswith(benchmark.CARRIED)]
+    assert len(carried) == 1 and saved["machine"]["date"] in carried[0]
+    assert {r["carried_over"] for r in again2["rows"] if r["suite"] == "shapes"} == {saved["machine"]["date"]}
 
 
 def test_peak_tensor_memory_counts_new_tensors_only():

@@ -1190,6 +1190,9 @@ def main(argv=None) -> dict:
     return write_report(report, args.out, json_path, plot_path, args.plot_metrics)
 
 
+CARRIED = "**carried over from an earlier run**"
+
+
 def carry_over(report: dict, path: str) -> None:
     """Append the suites of an earlier report (``path``) that this one did not measure, with their rows,
     each suite noting when, where and by what command it was measured."""
@@ -1201,12 +1204,15 @@ def carry_over(report: dict, path: str) -> None:
         if suite["name"] in have:
             continue
         suite = dict(suite)
-        suite["notes"] = [f"**carried over from an earlier run**: measured on {m['date']} by `{old['command']}` "
-                          f"({m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} threads; "
-                          f"matmul rate then {old['matmul'].get('cpu', {}).get('gflops', float('nan')):.1f} GFLOP/s, "
-                          f"load average {old['contention'].get('start', {}).get('load_average')})"] + suite["notes"]
+        # a suite the earlier report itself carried over keeps the note of the run that measured it
+        if not any(n.startswith(CARRIED) for n in suite["notes"]):
+            suite["notes"] = [f"{CARRIED}: measured on {m['date']} by `{old['command']}` "
+                              f"({m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} threads; "
+                              f"matmul rate then {old['matmul'].get('cpu', {}).get('gflops', float('nan')):.1f} GFLOP/s, "
+                              f"load average {old['contention'].get('start', {}).get('load_average')})"] + suite["notes"]
         report["suites"].append(suite)
-        report["rows"] += [dict(r, carried_over=m["date"]) for r in old["rows"] if r["suite"] == suite["name"]]
+        report["rows"] += [dict(r, carried_over=r.get("carried_over") or m["date"]) for r in old["rows"]
+                           if r["suite"] == suite["name"]]
         report["quality"].update({k: v for k, v in old["quality"].items() if k.startswith(suite["name"] + "|")})
 
 
