@@ -13,6 +13,15 @@ from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
 from training import benchmark
 
 
+def _tiny_run_keeping(keep_from, out) -> None:
+    """A seconds-long run of the tiny suite alone, carrying the other suites over from ``keep_from``."""
+    out.parent.mkdir()
+    benchmark.main(["--suites", "tiny", "--devices", "cpu", "--steps", "1", "--guidance", "1", "--early-stop", "",
+                    "--beams", "1", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--base-repeats", "1",
+                    "--tiny-length", "8", "--threads", "1", "--matmul-n", "64", "--compile", "", "--no-quality",
+                    "--keep-from", str(keep_from), "--out", str(out)])
+
+
 def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir, tmp_path):
     diff_dir, base_dir = str(tmp_path / "diffusion"), str(tmp_path / "baseline")
     make_captioner(sampler="ddpm", sample_steps=2, sample_clamp=True).save_pretrained(diff_dir)
@@ -92,11 +101,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     assert os.path.isfile(tmp_path / "again" / "benchmark.png")
     # a later run of one suite keeps the other from the earlier JSON, labelled as carried over
     later = tmp_path / "later" / "B.md"
-    later.parent.mkdir()
-    benchmark.main(["--suites", "tiny", "--devices", "cpu", "--steps", "1", "--guidance", "1", "--early-stop", "",
-                    "--beams", "1", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--base-repeats", "1",
-                    "--tiny-length", "8", "--threads", "1", "--matmul-n", "64", "--compile", "", "--no-quality",
-                    "--keep-from", str(tmp_path / "docs" / "benchmark.json"), "--out", str(later)])
+    _tiny_run_keeping(tmp_path / "docs" / "benchmark.json", later)
     merged = json.loads((tmp_path / "later" / "benchmark.json").read_text())
     assert [s["name"] for s in merged["suites"]] == ["tiny", "shapes"]
     kept = [r for r in merged["rows"] if r["suite"] == "shapes"]
@@ -106,11 +111,7 @@ def test_benchmark_end_to_end(make_captioner, tokenizer, clip_encoder, world_dir
     assert "carried over from an earlier run" in text2 and "except the suites marked as carried over" in text2
     # carried over again by a third run: still the first run's note and dates, not the second's
     third = tmp_path / "third" / "B.md"
-    third.parent.mkdir()
-    benchmark.main(["--suites", "tiny", "--devices", "cpu", "--steps", "1", "--guidance", "1", "--early-stop", "",
-                    "--beams", "1", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--base-repeats", "1",
-                    "--tiny-length", "8", "--threads", "1", "--matmul-n", "64", "--compile", "", "--no-quality",
-                    "--keep-from", str(tmp_path / "later" / "benchmark.json"), "--out", str(third)])
+    _tiny_run_keeping(tmp_path / "later" / "benchmark.json", third)
     again2 = json.loads((tmp_path / "third" / "benchmark.json").read_text())
     shapes_suite = next(s for s in again2["suites"] if s["name"] == "shapes")
     carried = [n for n in shapes_suite["notes"] if n.startswith(benchmark.CARRIED)]
