@@ -14,7 +14,7 @@ seconds-long smoke size. For each suite and device, with precomputed image featu
   stopping (``--early-stop`` patience values), and with the full per-step trace at ``--trace-batch``,
 * each distilled diffusion checkpoint (``--distilled``, comma-separated) at each ``--distilled-steps`` count
   (with its own sampler, guidance, clamping and spacing) or ``--distilled-settings``, eager and compiled;
-  its quality optionally the mean over several noise draws (``--distilled-seeds``),
+  its quality the mean over noise draws (``--distilled-seeds``, ten by default),
 * the baseline with greedy and beam-3 decoding (``--beams``),
 * the image encoder alone (and image preprocessing, per image),
 
@@ -885,7 +885,7 @@ def timing_table(rows: list[dict]) -> str:
 
 
 def draws_note(row: dict) -> str:
-    """" (means of N draws; 1-obj colour per draw ...)" for a row scored over several noise draws."""
+    """The " (means of N noise draws; per draw: ...)" suffix of a row scored over several draws, else ""."""
     per = row["quality"].get("per_draw")
     if not per:
         return ""
@@ -1063,10 +1063,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distilled-settings", default="",
                    help="instead of --distilled-steps: comma-separated SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING] "
                         "settings of --distilled (e.g. ddim:1:1,ddpm:2:1:clamp:trailing^2)")
-    p.add_argument("--distilled-seeds", type=ints, default=[],
+    p.add_argument("--distilled-seeds", type=ints, default=ints("0,1,2,3,4,5,6,7,8,9"),
                    help="score each distilled setting's quality over these noise seeds (their mean; each draw's "
-                        "colour, shape and BLEU-4 kept) instead of --seed alone: a few-step caption depends on its "
-                        "draw, and a target met in one draw may not be met in the next")
+                        "colour, shape and BLEU-4 kept), so that a target is not read off one lucky draw: a "
+                        "few-step caption depends on its draw ('' scores --seed alone)")
     p.add_argument("--steps", type=ints, default=ints("1,2,5,10,20,50"), help="DDIM step counts")
     p.add_argument("--guidance", type=strs, default=strs("1,default"),
                    help="guidance scales of the trained diffusion model ('default': its config's sample_guidance)")

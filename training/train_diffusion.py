@@ -165,7 +165,8 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
                    if getattr(args, k, None) is not None and getattr(args, k) != getattr(base_model, k)]
         if changed:
             raise SystemExit(f"--init {tcfg.init}: {', '.join(changed)} would change the shape of its denoiser; "
-                             "a fine-tune keeps the architecture (drop those flags, or train from scratch)")
+                             "a fine-tune keeps the architecture (drop those flags, or train from scratch)"
+                             + ("; its depth is set by --init-layers" if tcfg.init_layers else ""))
     elif tcfg.init_layers:
         raise SystemExit("--init-layers selects layers of the --init checkpoint; give --init too")
     mcfg = common.dataclass_from_args(CaptionerConfig, args, base_model)
