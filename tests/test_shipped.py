@@ -76,23 +76,26 @@ def test_shipped_distilled_checkpoint_is_few_step_and_names_its_teacher():
 
 def test_shipped_one_step_checkpoint_records_its_lineage_and_captions_in_one_call():
     """The benchmark's one-step checkpoint: shapes-diffusion-kd fine-tuned (--init) three times, the last
-    two on typical-phrasing captions (training/README.md, section 6)."""
+    two on typical-phrasing captions (training/README.md, section 6), then once more on the canonical
+    phrasings (section 8)."""
     from diffusion_caption import Captioner
 
     cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-fast"))
     c = cap.config
     assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0) and c.focus_steps == 1
     kd = c.extra["distilled"]
-    assert kd["teacher"] == "assets/checkpoints/shapes-baseline" and "--select typical" in kd["command"]
-    # started from the previous shapes-diffusion-fast (stage c), itself trained on the typical captions
+    assert kd["teacher"] == "assets/checkpoints/shapes-baseline" and "--margin 0.5" in kd["command"]
+    assert c.p_uncond == 0.0  # never sampled with guidance, so never trained without the image
+    # started from the previous shapes-diffusion-fast (section 6, stage d: 6,000 steps on the typical captions)
     init = c.extra["init"]
-    assert init["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and init["steps"] == 8000
-    assert "--select typical" in init["distilled"]["command"]
+    assert init["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and init["steps"] == 6000
+    assert "--select typical --margin 0.1" in init["distilled"]["command"]
+    assert init["init"]["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast"  # its own start (stage c)
     assert c.extra["sampling_choice"]["chosen"] == "DDIM 1, guidance 1"
     traces = [cap.caption_batch(EXAMPLES, seed=seed) for seed in (0, 1)]
     assert all(len(t.steps) == 1 and t.steps[0].t == c.T - 1 and t.text for tr in traces for t in tr)
-    # its strength is one object per image (docs/RESULTS.md: test colour 0.998, shape 0.995); lists of two
-    # or three objects come out garbled more often (0.82 and 0.80 of all objects' colours and shapes),
+    # its strength is one object per image (docs/RESULTS.md: test colour 1.000, shape 0.998); lists of two
+    # or three objects come out garbled more often (0.83 and 0.81 of all objects' colours and shapes),
     # and 5 of the 8 examples are such lists: every caption must name objects, the single ones exactly
     single = [i for i, p in enumerate(EXAMPLES) if len(_scene(p).objects) == 1]
     assert len(single) >= 2
@@ -106,7 +109,8 @@ def test_shipped_one_step_checkpoint_records_its_lineage_and_captions_in_one_cal
 
 def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
     """shapes-diffusion-fast-small: layers 0 and 2 of shapes-diffusion-fast's four (--init-layers), then
-    fine-tuned twice (training/README.md, section 7); its lineage is in extra.init, nested."""
+    fine-tuned twice (training/README.md, section 7) and once more on the canonical phrasings (section 8);
+    its lineage is in extra.init, nested."""
     from safetensors.torch import load_file
 
     from diffusion_caption import Captioner
@@ -116,17 +120,19 @@ def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
     assert c.n_layers == 2 and cap.denoiser.encoder.config.n_layers == 2
     assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0)
     assert c.extra["sampling_choice"]["chosen"] == "DDIM 1, guidance 1" and c.extra["sampling_choice"]["split"] == "val"
-    first = c.extra["init"]["init"]  # the first stage: where the layers came from
+    last = c.extra["init"]  # the previous shapes-diffusion-fast-small (section 7, stage b)
+    assert last["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast-small" and last["steps"] == 8000
+    first = last["init"]["init"]  # the first stage: where the layers came from
     assert first["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and first["layers"] == [0, 2]
-    assert "--select typical" in c.extra["distilled"]["command"]
-    # half the transformer: the denoiser has 2 of the 4 layers' tensors, the rest of it the same shapes
+    assert "--margin 0.5" in c.extra["distilled"]["command"] and c.p_uncond == 0.0
+    # half the transformer: the denoiser has 2 of the 4 layers' tensors, the rest of it the same names
     small = load_file(os.path.join(CKPT, "shapes-diffusion-fast-small", "model.safetensors"))
     big = load_file(os.path.join(CKPT, "shapes-diffusion-fast", "model.safetensors"))
     layer = "encoder.transformer.layer."
     assert {k for k in big if not k.startswith(layer)} == {k for k in small if not k.startswith(layer)}
     assert {k.split(".")[3] for k in small if k.startswith(layer)} == {"0", "1"}
     assert {k for k in small if k.startswith(layer)} == {k for k in big if k.startswith(layer + "0.") or k.startswith(layer + "1.")}
-    # one call per caption; the single-object examples exactly right (test colour 0.995, shape 0.995)
+    # one call per caption; the single-object examples exactly right (test colour 1.000, shape 0.998)
     traces = cap.caption_batch(EXAMPLES, seed=0)
     assert all(len(t.steps) == 1 and t.text for t in traces)
     for t, p in zip(traces, EXAMPLES):
