@@ -86,6 +86,7 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
     from diffusion_caption import BaselineCaptioner
     from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
     from diffusion_caption.data import load_karpathy
+    from diffusion_caption.world import Scene
     from training import distill_captions
 
     torch.manual_seed(0)
@@ -143,6 +144,23 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
     with open(os.path.join(typical, "dataset_shapes.json")) as f:
         sel = json.load(f)["distilled"]["selection"]
     assert sel["select"] == "typical" and sel["margin"] == 0.5 and 0 <= sel["not_the_best"] <= len(train)
+    # --object-order left-to-right: the same hypotheses, multi-object scenes' objects named left to right
+    # where a near hypothesis does so
+    ordered = str(tmp_path / "kd-ordered")
+    distill_captions.main(common + ["--out", ordered, "--select", "typical", "--margin", "0.5",
+                                    "--object-order", "left-to-right"])
+    with open(os.path.join(ordered, "dataset_shapes.json")) as f:
+        osel = json.load(f)["distilled"]["selection"]
+    assert osel["object_order"] == "left-to-right" and osel["multi_object_images"] > 0
+    assert osel["in_order"] >= osel["in_order_without_preference"]
+    scenes = [Scene.from_json(r.scene) for r in train]
+    for (c,), r, sc in zip([r.captions for r in load_karpathy("shapes", ordered, "train")], hyps, scenes):
+        assert c in {tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5}
+        near = [tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5 and ids]
+        assert distill_captions.in_left_to_right_order(c, sc) or not any(
+            distill_captions.in_left_to_right_order(h, sc) for h in near)
+    with pytest.raises(SystemExit, match="with --select typical"):
+        distill_captions.main(common + ["--out", str(tmp_path / "y"), "--object-order", "left-to-right"])
     with pytest.raises(SystemExit, match="--beam >= 2"):
         distill_captions.main(common[:-4] + ["--beam", "1", "--cache-dir", str(tmp_path / "cache"),
                                              "--out", str(tmp_path / "x"), "--select", "typical"])
@@ -193,6 +211,29 @@ def test_typical_selection_breaks_near_ties_toward_the_common_phrasing():
     assert select_typical(near_tie, lm, margin=0.1, weight=0.0) is rare  # no typicality: the teacher's best
     assert select_typical(near_tie, lm, margin=0.005, weight=1.0) is rare  # outside the margin: never chosen
     assert select_typical([(-0.2, rare), (-0.9, common_)], lm, margin=0.1, weight=100.0) is rare
+
+    # a preference narrows the near hypotheses when it accepts one of them, and is ignored otherwise
+    assert select_typical(near_tie, lm, margin=0.1, weight=1.0, prefer=lambda ids: ids is rare) is rare
+    assert select_typical(near_tie, lm, margin=0.1, weight=1.0, prefer=lambda ids: False) is common_
+    far = [(-0.2, rare), (-0.9, common_)]  # a preferred hypothesis outside the margin is still never chosen
+    assert select_typical(far, lm, margin=0.1, weight=0.0, prefer=lambda ids: ids is common_) is rare
+
+
+def test_left_to_right_order_follows_the_scene_layout():
+    from diffusion_caption.world import Scene, ShapeObject
+    from training.distill_captions import in_left_to_right_order
+
+    red_circle, blue_square = ShapeObject("circle", "red", "large", 10, 30, 8), ShapeObject("square", "blue", "small", 50, 5, 4)
+    scene = Scene([blue_square, red_circle], "gray")  # listed right to left: the order of the list is not used
+    assert in_left_to_right_order("a red circle and a blue square", scene)
+    assert in_left_to_right_order("a red circle left of a blue square on a gray background", scene)
+    assert not in_left_to_right_order("a blue square and a red circle", scene)
+    assert not in_left_to_right_order("a red square and a blue circle", scene)  # a mention no object matches
+    assert in_left_to_right_order("a small square on a gray background", Scene([blue_square], "gray"))
+    assert in_left_to_right_order("two shapes on a gray background", scene)  # names no object
+    green = ShapeObject("circle", "green", "small", 30, 30, 4)
+    assert in_left_to_right_order("a red circle , a green circle and a blue square", Scene([blue_square, green, red_circle], "gray"))
+    assert not in_left_to_right_order("a red circle , a blue square and a green circle", Scene([blue_square, green, red_circle], "gray"))
 
 
 def test_init_from_a_distilbert_checkpoint_needs_no_distilbert_weights(world_dir, clip_dir, tmp_path):

@@ -21,6 +21,15 @@ all the teacher's best captions: the phrasing the teacher uses most often elsewh
 It lowers the complexity of the distilled data, which Zhou et al. (2020) found governs how well a
 non-autoregressive student learns it.
 
+``--object-order left-to-right`` (shapes world only; it needs each image's ground-truth scene) removes
+one more arbitrary choice. The references list a scene's objects in random order, so the teacher's
+first object is a coin toss with respect to the image (on the test split it names the left object of a
+pair about half the time, the larger one about half the time). A one-step student cannot toss that coin
+consistently across positions and writes "a white star and a green circle" for a green star and a white
+circle. Among the near-best hypotheses this keeps only those naming their objects left to right (by the
+x of the scene objects they name), when there is one, before the typicality choice; an image with no
+such hypothesis keeps the usual choice. The captions stay the teacher's own.
+
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
 teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every
 other split keeps its human references, so evaluation is unchanged. Images are not copied: each entry's
@@ -35,15 +44,18 @@ import json
 import math
 import os
 import time
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from diffusion_caption.attributes import parse_caption
 from diffusion_caption.baseline import BaselineCaptioner
 from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.decoding import beam_search_n_best
 from diffusion_caption.data import find_dataset_json, load_karpathy, resolve_image_path
 from diffusion_caption.features import image_features
+from diffusion_caption.world import Scene
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--select typical: how far below the best length-normalised log probability a hypothesis may be")
     p.add_argument("--typicality-weight", type=float, default=1.0,
                    help="--select typical: weight of the bigram typicality against the teacher's score")
+    p.add_argument("--object-order", choices=("teacher", "left-to-right"), default="teacher",
+                   help="with --select typical: prefer hypotheses naming their objects left to right "
+                        "(needs the shapes world's scenes)")
     p.add_argument("--keep-references", action="store_true",
                    help="add the teacher's caption to the human references instead of replacing them")
     p.add_argument("--batch-size", type=int, default=256)
@@ -99,14 +114,36 @@ class BigramModel:
         return total / len(ids)
 
 
-def select_typical(ranked: list[tuple[float, list[int]]], lm: BigramModel, margin: float, weight: float) -> list[int]:
+def select_typical(ranked: list[tuple[float, list[int]]], lm: BigramModel, margin: float, weight: float,
+                   prefer: Callable[[list[int]], bool] | None = None) -> list[int]:
     """From one image's ``(score, token ids)`` hypotheses, best first: among those within ``margin`` of
-    the best score, the one maximising score + weight * mean bigram log probability (the first on ties)."""
+    the best score, the one maximising score + weight * mean bigram log probability (the first on ties).
+    With ``prefer``, only the near hypotheses it accepts compete, if it accepts any."""
     best = ranked[0][0]
     near = [(s, ids) for s, ids in ranked if s >= best - margin and ids]
     if not near:
         return ranked[0][1]
+    if prefer is not None:
+        near = [c for c in near if prefer(c[1])] or near
     return max(near, key=lambda c: c[0] + weight * lm.mean_log_prob(c[1]))[1]
+
+
+def in_left_to_right_order(caption: str, scene: Scene) -> bool:
+    """Whether ``caption`` names its objects in the left-to-right order of the scene objects they match.
+
+    Each mentioned object is placed at the mean x of the scene objects with the colour and shape it
+    names (either may be unnamed); a mention that matches none, or two mentions at the same place, fail. A caption
+    naming fewer than two objects is in order."""
+    mentions = parse_caption(caption).objects
+    if len(mentions) < 2:
+        return True
+    xs = []
+    for o in mentions:
+        same = [s.x for s in scene.objects if o.color in (None, s.color) and o.shape in (None, s.shape)]
+        if not same:
+            return False
+        xs.append(sum(same) / len(same))
+    return all(a < b for a, b in zip(xs, xs[1:]))
 
 
 def teacher_hypotheses(teacher: BaselineCaptioner, feats: torch.Tensor, settings: dict) -> list[list[tuple[float, list[int]]]]:
@@ -135,10 +172,15 @@ def distill(args) -> dict:
     if args.select == "typical" and (settings["beam"] < 2 or not args.margin >= 0 or not args.typicality_weight >= 0):
         raise SystemExit("--select typical chooses among beam hypotheses: it needs --beam >= 2, --margin >= 0 "
                          "and --typicality-weight >= 0")
+    if args.object_order != "teacher" and args.select != "typical":
+        raise SystemExit("--object-order chooses among beam hypotheses: use it with --select typical")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     records = load_karpathy(args.data, args.data_dir, splits, image_dir=args.image_dir, restval_as_train=False)
     if not records:
         raise SystemExit(f"{src_json}: no images in split(s) {splits}")
+    if args.object_order != "teacher" and any(r.scene is None for r in records):
+        raise SystemExit(f"--object-order {args.object_order} needs each image's ground-truth scene (the shapes "
+                         f"world's \"scene\" entries); {src_json} has images without one")
 
     t0 = time.perf_counter()
     feats = image_features(teacher.image_encoder, [r.image_path for r in records], args.cache_dir,
@@ -154,10 +196,23 @@ def distill(args) -> dict:
         for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}, n-best"):
             hyps += teacher_hypotheses(teacher, feats[i:i + args.batch_size], settings)
         lm = BigramModel([r[0][1] for r in hyps], teacher.tokenizer.vocab_size)
-        chosen = [select_typical(r, lm, args.margin, args.typicality_weight) for r in hyps]
+        prefer = [None] * len(hyps)
+        if args.object_order == "left-to-right":
+            scenes = [Scene.from_json(r.scene) for r in records]
+            prefer = [lambda ids, sc=sc: in_left_to_right_order(teacher.tokenizer.decode(ids), sc) for sc in scenes]
+        chosen = [select_typical(r, lm, args.margin, args.typicality_weight, p) for r, p in zip(hyps, prefer)]
         captions = [teacher.tokenizer.decode(ids) for ids in chosen]
         selection = {"select": "typical", "margin": args.margin, "typicality_weight": args.typicality_weight,
                      "not_the_best": sum(c is not r[0][1] for c, r in zip(chosen, hyps))}
+        if args.object_order != "teacher":
+            multi = [i for i, sc in enumerate(scenes) if len(sc.objects) > 1]
+            unordered = [select_typical(hyps[i], lm, args.margin, args.typicality_weight) for i in multi]
+            selection.update({
+                "object_order": args.object_order, "multi_object_images": len(multi),
+                "in_order": sum(in_left_to_right_order(captions[i], scenes[i]) for i in multi),
+                "in_order_without_preference": sum(in_left_to_right_order(teacher.tokenizer.decode(ids), scenes[i])
+                                                   for i, ids in zip(multi, unordered)),
+            })
     seconds = time.perf_counter() - t0
     empty = sum(1 for c in captions if not c.strip())
     if empty:
@@ -187,6 +242,7 @@ def distill(args) -> dict:
                                                           ("splits", args.splits), ("beam", args.beam)))
                    + (f" --select typical --margin {args.margin} --typicality-weight {args.typicality_weight}"
                       if selection else "")
+                   + (f" --object-order {args.object_order}" if args.object_order != "teacher" else "")
                    + (" --keep-references" if args.keep_references else ""),
     }
     os.makedirs(args.out, exist_ok=True)
@@ -197,7 +253,10 @@ def distill(args) -> dict:
     os.replace(tmp, dst)
     print(f"wrote {dst}: {n_changed} images of {','.join(splits)} captioned by {args.teacher} "
           f"(beam {settings['beam']}) in {seconds:.0f} s; {len(set(captions))} distinct captions"
-          + (f"; {selection['not_the_best']} not the teacher's best (--select typical)" if selection else ""))
+          + (f"; {selection['not_the_best']} not the teacher's best (--select typical)" if selection else "")
+          + (f"; objects left to right in {selection['in_order']} of {selection['multi_object_images']} "
+             f"multi-object captions ({selection['in_order_without_preference']} without --object-order)"
+             if selection and "object_order" in selection else ""))
     return meta["distilled"]
 
 
