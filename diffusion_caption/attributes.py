@@ -186,6 +186,10 @@ def attribute_scores(parsed: ParsedCaption, scene: Scene) -> dict[str, float | N
       shape, shape among objects of the mentioned colour, size among objects of the mentioned colour
       and shape), falling back to all scene objects when no object agrees -- so a "red star" in a scene
       with a red circle and no star is right on colour and wrong on shape.
+    * ``binding`` (multi-object scenes only): of the mentioned objects naming both a colour and a shape
+      that the scene has (on any objects), the fraction whose colour and shape belong to one scene
+      object. "a white star and a green circle" for a green star and a white circle scores 0.0: every
+      word is in the scene, the pairs are swapped. None in a single-object scene or without such a mention.
     * ``count``: whether the claimed number of objects (``parsed.count``) equals ``len(scene.objects)``.
     * ``relation``: whether some ordered pair of distinct scene objects matching the two related
       mentioned objects (on whatever colour/shape they name) stands in the claimed relation
@@ -208,6 +212,10 @@ def attribute_scores(parsed: ParsedCaption, scene: Scene) -> dict[str, float | N
                                   for o in objs if o.shape is not None])
         out["size"] = _fraction([any(s.size == o.size for s in _context(scene, o, ("color", "shape")))
                                  for o in objs if o.size is not None])
+    paired = [o for o in objs if o.color is not None and o.shape is not None
+              and _candidates(scene, color=o.color) and _candidates(scene, shape=o.shape)]
+    out["binding"] = None if len(scene.objects) == 1 else _fraction(
+        [bool(_candidates(scene, color=o.color, shape=o.shape)) for o in paired])
     out["count"] = None if parsed.count is None else float(parsed.count == len(scene.objects))
 
     if parsed.relation is None:

@@ -26,7 +26,7 @@ from .images import load_image
 from .metrics import caption_metrics
 from .world import SHAPE_BACKGROUND, Scene
 
-ATTRIBUTES = ("color", "shape", "size", "count", "relation", "background")
+ATTRIBUTES = ("color", "shape", "binding", "size", "count", "relation", "background")
 DIFFUSION_FORMAT = "diffusion-caption/1"
 BASELINE_FORMAT = "diffusion-caption-baseline/1"
 

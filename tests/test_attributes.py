@@ -96,7 +96,7 @@ def test_garbage_and_repeated_words():
     p = parse_caption("xyz qqq the of")
     assert p.objects == [] and p.count is None and p.background is None and p.relation is None
     sc = attribute_scores(p, scene(obj("circle", "red")))
-    assert all(sc[k] is None for k in ("color", "shape", "size", "count", "relation", "background"))
+    assert all(sc[k] is None for k in ("color", "shape", "binding", "size", "count", "relation", "background"))
     assert sc["hallucination"] == 0.0
     # missing words: a colour without a shape, a shape without a colour
     p = parse_caption("a red on a gray background")
@@ -109,7 +109,7 @@ def test_garbage_and_repeated_words():
 def test_single_object_scores():
     s = scene(obj("circle", "red", "large"), background="beige")
     sc = attribute_scores(parse_caption("a large red circle on a beige background"), s)
-    assert sc == {"color": 1.0, "shape": 1.0, "size": 1.0, "count": 1.0, "relation": None,
+    assert sc == {"color": 1.0, "shape": 1.0, "binding": None, "size": 1.0, "count": 1.0, "relation": None,
                   "background": 1.0, "hallucination": 0.0}
     sc = attribute_scores(parse_caption("a small blue circle"), s)
     assert sc["color"] == 0.0 and sc["shape"] == 1.0 and sc["size"] == 0.0 and sc["hallucination"] == 1.0
@@ -130,6 +130,20 @@ def test_multi_object_scores_are_fractions():
     assert sc["size"] == 0.5
     sc = attribute_scores(parse_caption("a green circle"), s)
     assert sc["color"] == 0.0 and sc["count"] == 0.0 and sc["hallucination"] == 1.0
+
+
+def test_binding_scores_whether_named_pairs_are_one_object():
+    s = scene(obj("star", "green", x=20), obj("circle", "white", x=100))
+    assert attribute_scores(parse_caption("a green star and a white circle"), s)["binding"] == 1.0
+    # every word is in the scene, the colours are on the other shapes
+    sc = attribute_scores(parse_caption("a white star and a green circle"), s)
+    assert sc["binding"] == 0.0 and sc["hallucination"] == 0.0 and sc["color"] == 0.0
+    assert attribute_scores(parse_caption("a green star and a green circle"), s)["binding"] == 0.5
+    # a hallucinated colour or shape is not a binding error, and a mention naming one attribute is not a pair
+    assert attribute_scores(parse_caption("a red star and a white circle"), s)["binding"] == 1.0
+    assert attribute_scores(parse_caption("a red square and a star"), s)["binding"] is None
+    assert attribute_scores(parse_caption("two shapes on a gray background"), s)["binding"] is None
+    assert attribute_scores(parse_caption("a green star"), scene(obj("star", "green")))["binding"] is None
 
 
 def test_round_trip_on_world_captions():
