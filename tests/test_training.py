@@ -153,6 +153,9 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
         osel = json.load(f)["distilled"]["selection"]
     assert osel["object_order"] == "left-to-right" and osel["multi_object_images"] > 0
     assert osel["in_order"] >= osel["in_order_without_preference"]
+    with open(os.path.join(ordered, "dataset_shapes.json")) as f:
+        checked = json.load(f)["distilled"]["against_scenes"]  # the distilled captions scored against the scenes
+    assert 0.0 <= checked["single_object_colour"] <= 1.0 and "binding" in checked and "hallucination" in checked
     scenes = [Scene.from_json(r.scene) for r in train]
     for (c,), r, sc in zip([r.captions for r in load_karpathy("shapes", ordered, "train")], hyps, scenes):
         assert c in {tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5}
@@ -234,6 +237,21 @@ def test_left_to_right_order_follows_the_scene_layout():
     green = ShapeObject("circle", "green", "small", 30, 30, 4)
     assert in_left_to_right_order("a red circle , a green circle and a blue square", Scene([blue_square, green, red_circle], "gray"))
     assert not in_left_to_right_order("a red circle , a blue square and a green circle", Scene([blue_square, green, red_circle], "gray"))
+
+
+def test_shape_order_follows_the_world_shape_list():
+    from diffusion_caption.world import Scene
+    from training.distill_captions import OBJECT_ORDERS, in_shape_order
+
+    anywhere = Scene([], "gray")  # the order is one of words: the scene is not consulted
+    assert in_shape_order("a red circle and a blue star", anywhere)
+    assert not in_shape_order("a blue star and a red circle", anywhere)
+    assert in_shape_order("a red circle , a green circle and a blue square", anywhere)  # a tie in either order
+    assert in_shape_order("a green circle , a red circle and a blue square", anywhere)
+    assert not in_shape_order("a red and a blue star", anywhere)  # a mention without a shape
+    assert in_shape_order("two shapes on a gray background", anywhere)
+    assert in_shape_order("a pink background with a red star", anywhere)
+    assert set(OBJECT_ORDERS) == {"left-to-right", "by-shape"}
 
 
 def test_init_from_a_distilbert_checkpoint_needs_no_distilbert_weights(world_dir, clip_dir, tmp_path):

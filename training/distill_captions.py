@@ -21,14 +21,17 @@ all the teacher's best captions: the phrasing the teacher uses most often elsewh
 It lowers the complexity of the distilled data, which Zhou et al. (2020) found governs how well a
 non-autoregressive student learns it.
 
-``--object-order left-to-right`` (shapes world only; it needs each image's ground-truth scene) removes
-one more arbitrary choice. The references list a scene's objects in random order, so the teacher's
-first object is a coin toss with respect to the image (on the test split it names the left object of a
-pair about half the time, the larger one about half the time). A one-step student cannot toss that coin
-consistently across positions and writes "a white star and a green circle" for a green star and a white
-circle. Among the near-best hypotheses this keeps only those naming their objects left to right (by the
-x of the scene objects they name), when there is one, before the typicality choice; an image with no
-such hypothesis keeps the usual choice. The captions stay the teacher's own.
+``--object-order`` (shapes world only; it needs each image's ground-truth scene) is an experiment on
+one more arbitrary choice. The references list a scene's objects in random order, so which object the
+teacher names first has no fixed relation to the layout (on the test split its first object is the
+left one of a pair about half the time, the larger one about half the time). The one-step students
+swap colours between the objects of a scene ("a white star and a green circle" for a green star and a
+white circle) twice as often as greedy decoding. ``left-to-right`` keeps, among the near-best
+hypotheses, only those naming their objects left to right (by the x of the scene objects they name),
+``by-shape`` those naming them in the order of ``world.SHAPES``, when there is one, before the
+typicality choice; an image with no such hypothesis keeps the usual choice. The captions stay the
+teacher's own. Neither is used by a shipped checkpoint: training/README.md, section 9, has what they
+did to a student.
 
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
 teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every
@@ -55,7 +58,8 @@ from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.decoding import beam_search_n_best
 from diffusion_caption.data import find_dataset_json, load_karpathy, resolve_image_path
 from diffusion_caption.features import image_features
-from diffusion_caption.world import Scene
+from diffusion_caption.evaluation import attribute_report
+from diffusion_caption.world import SHAPES, Scene
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--select typical: how far below the best length-normalised log probability a hypothesis may be")
     p.add_argument("--typicality-weight", type=float, default=1.0,
                    help="--select typical: weight of the bigram typicality against the teacher's score")
-    p.add_argument("--object-order", choices=("teacher", "left-to-right"), default="teacher",
-                   help="with --select typical: prefer hypotheses naming their objects left to right "
-                        "(needs the shapes world's scenes)")
+    p.add_argument("--object-order", choices=("teacher", *OBJECT_ORDERS), default="teacher",
+                   help="with --select typical: prefer hypotheses naming their objects left to right (left-to-right) "
+                        "or in the world's order of shape names (by-shape); needs the shapes world's scenes")
     p.add_argument("--keep-references", action="store_true",
                    help="add the teacher's caption to the human references instead of replacing them")
     p.add_argument("--batch-size", type=int, default=256)
@@ -146,6 +150,23 @@ def in_left_to_right_order(caption: str, scene: Scene) -> bool:
     return all(a < b for a, b in zip(xs, xs[1:]))
 
 
+def in_shape_order(caption: str, scene: Scene) -> bool:
+    """Whether ``caption`` names its objects in the world's order of shape names (``world.SHAPES``:
+    circle, square, triangle, diamond, star), two of one shape in either order. A mention without a
+    shape fails; a caption naming fewer than two objects is in order. The scene is not looked at: the
+    order is one of the words, which the image features encode, not of the layout."""
+    mentions = parse_caption(caption).objects
+    if len(mentions) < 2:
+        return True
+    if any(o.shape is None for o in mentions):
+        return False
+    ranks = [SHAPES.index(o.shape) for o in mentions]
+    return all(a <= b for a, b in zip(ranks, ranks[1:]))
+
+
+OBJECT_ORDERS = {"left-to-right": in_left_to_right_order, "by-shape": in_shape_order}
+
+
 def teacher_hypotheses(teacher: BaselineCaptioner, feats: torch.Tensor, settings: dict) -> list[list[tuple[float, list[int]]]]:
     """Every finished beam hypothesis per image, ``(length-normalised log probability, token ids)``, best first."""
     cfg = teacher.config
@@ -197,9 +218,10 @@ def distill(args) -> dict:
             hyps += teacher_hypotheses(teacher, feats[i:i + args.batch_size], settings)
         lm = BigramModel([r[0][1] for r in hyps], teacher.tokenizer.vocab_size)
         prefer = [None] * len(hyps)
-        if args.object_order == "left-to-right":
+        if args.object_order != "teacher":
+            in_order = OBJECT_ORDERS[args.object_order]
             scenes = [Scene.from_json(r.scene) for r in records]
-            prefer = [lambda ids, sc=sc: in_left_to_right_order(teacher.tokenizer.decode(ids), sc) for sc in scenes]
+            prefer = [lambda ids, sc=sc: in_order(teacher.tokenizer.decode(ids), sc) for sc in scenes]
         chosen = [select_typical(r, lm, args.margin, args.typicality_weight, p) for r, p in zip(hyps, prefer)]
         captions = [teacher.tokenizer.decode(ids) for ids in chosen]
         selection = {"select": "typical", "margin": args.margin, "typicality_weight": args.typicality_weight,
@@ -209,14 +231,22 @@ def distill(args) -> dict:
             unordered = [select_typical(hyps[i], lm, args.margin, args.typicality_weight) for i in multi]
             selection.update({
                 "object_order": args.object_order, "multi_object_images": len(multi),
-                "in_order": sum(in_left_to_right_order(captions[i], scenes[i]) for i in multi),
-                "in_order_without_preference": sum(in_left_to_right_order(teacher.tokenizer.decode(ids), scenes[i])
+                "in_order": sum(in_order(captions[i], scenes[i]) for i in multi),
+                "in_order_without_preference": sum(in_order(teacher.tokenizer.decode(ids), scenes[i])
                                                    for i, ids in zip(multi, unordered)),
             })
     seconds = time.perf_counter() - t0
     empty = sum(1 for c in captions if not c.strip())
     if empty:
         raise SystemExit(f"the teacher wrote {empty} empty caption(s); is {args.teacher} trained?")
+
+    against_scenes = None
+    if all(r.scene is not None for r in records):  # the shapes world: how right the distilled captions are
+        rep = attribute_report(captions, [Scene.from_json(r.scene) for r in records])
+        against_scenes = {"single_object_colour": rep["single_object"]["color_acc"],
+                          "single_object_shape": rep["single_object"]["shape_acc"],
+                          **{a: rep[a]["acc"] for a in ("color", "shape", "binding")},
+                          "hallucination": rep["hallucination"]}
 
     with open(src_json, encoding="utf-8") as f:
         meta = json.load(f)
@@ -236,6 +266,7 @@ def distill(args) -> dict:
         "keep_references": bool(args.keep_references), "images": n_changed, "seconds": round(seconds, 1),
         "distinct_captions": len(set(captions)),
         **({"selection": selection} if selection else {}),
+        **({"against_scenes": against_scenes} if against_scenes else {}),
         "command": "python -m training.distill_captions " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in (("teacher", args.teacher), ("data", args.data),
                                                           ("data_dir", args.data_dir), ("out", args.out),
@@ -254,9 +285,11 @@ def distill(args) -> dict:
     print(f"wrote {dst}: {n_changed} images of {','.join(splits)} captioned by {args.teacher} "
           f"(beam {settings['beam']}) in {seconds:.0f} s; {len(set(captions))} distinct captions"
           + (f"; {selection['not_the_best']} not the teacher's best (--select typical)" if selection else "")
-          + (f"; objects left to right in {selection['in_order']} of {selection['multi_object_images']} "
+          + (f"; objects in {args.object_order} order in {selection['in_order']} of {selection['multi_object_images']} "
              f"multi-object captions ({selection['in_order_without_preference']} without --object-order)"
-             if selection and "object_order" in selection else ""))
+             if selection and "object_order" in selection else "")
+          + (f"; against the scenes: single-object colour {against_scenes['single_object_colour']:.4f}, "
+             f"binding {against_scenes['binding']:.3f}" if against_scenes and against_scenes["binding"] is not None else ""))
     return meta["distilled"]
 
 
