@@ -122,10 +122,11 @@ def test_both_trainers_killed_at_a_random_step_resume_bitwise_identical(world_di
     with _one_thread():  # the uninterrupted runs; they also fill the feature cache the others read
         for name, (module, args) in trainers.items():
             module.main(args(world_dir, clip_dir, cache_dir, tmp_path / name / "reference"))
-    procs = {name: _start(["-m", f"training.{name}", *args(world_dir, clip_dir, cache_dir, tmp_path / name / "killed")],
-                          tmp_path / f"{name}.log") for name, (_, args) in trainers.items()}
     resumed_from = {}
-    for name, proc in procs.items():
+    for name, (_, args) in trainers.items():
+        # one run at a time, watched from its start: a run started beside another can finish unwatched
+        proc = _start(["-m", f"training.{name}", *args(world_dir, clip_dir, cache_dir, tmp_path / name / "killed")],
+                      tmp_path / f"{name}.log")
         run = tmp_path / name / "killed" / "run"
         _kill_when(proc, lambda: (run / common.STATE_DIR / "state.json").exists()
                    and max(_logged_steps(run), default=0) >= kill_after[name], tmp_path / f"{name}.log")
