@@ -25,6 +25,9 @@ class CaptionerConfig:
     cond_dim: int = 128
     fusion: str = "concat"  # "concat": projected feature as prefix token(s); "add": added at every position
     n_prefix: int = 1
+    # hidden width of a residual MLP from the image feature to the conditioning, beside the linear
+    # projection (ClipCap's mapping network); 0 = the linear projection alone
+    cond_mlp: int = 0
     p_uncond: float = 0.1  # condition dropout in training, for classifier-free guidance
     predict_feature: bool = False  # an extra head predicting the image feature from the text positions
     # diffusion
@@ -54,6 +57,8 @@ class CaptionerConfig:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.predict not in PREDICTIONS:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
+        if self.cond_mlp < 0:
+            raise ValueError(f"cond_mlp must be >= 0 (0: no MLP), got {self.cond_mlp}")
         if self.n_prefix < 1:
             raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
         if not 0.0 <= self.p_uncond < 1.0:

@@ -3,7 +3,8 @@
 Input x_t has shape [B, L, emb_dim]. It is lifted to the encoder width, given a timestep embedding
 (added at every position) and the CLIP image feature, either as ``n_prefix`` extra tokens in front of the
 caption with their own segment embedding (``concat``, the seed paper's best) or added at every caption
-position (``add``). The encoder's output at the caption positions is projected back to ``emb_dim``: the
+position (``add``); the projection is linear, with an optional residual MLP beside it (``cond_mlp``,
+ClipCap's mapping network). The encoder's output at the caption positions is projected back to ``emb_dim``: the
 prediction of x0 (or of the noise, with ``predict="eps"``). The token embedding table lives here too: it
 makes x0 from captions in training, and rounding is tied to it.
 """
@@ -74,6 +75,12 @@ class Denoiser(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))
         n_cond = cfg.n_prefix if cfg.fusion == "concat" else 1
         self.cond_proj = nn.Linear(cfg.cond_dim, n_cond * H)
+        self.cond_mlp = None
+        if cfg.cond_mlp:  # residual: its last layer starts at zero, so it starts as the linear projection alone
+            self.cond_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_mlp), nn.GELU(),
+                                          nn.Linear(cfg.cond_mlp, n_cond * H))
+            nn.init.zeros_(self.cond_mlp[-1].weight)
+            nn.init.zeros_(self.cond_mlp[-1].bias)
         self.segment_embedding = nn.Embedding(2, H)  # 0: caption positions, 1: image prefix
         self.null_cond = nn.Parameter(torch.zeros(cfg.cond_dim))  # the "no image" input for guidance
         self.output_down_proj = nn.Sequential(nn.Linear(H, H), nn.Tanh(), nn.Linear(H, cfg.emb_dim))
@@ -107,7 +114,8 @@ class Denoiser(nn.Module):
         elif drop_cond is not None:
             cond = torch.where(drop_cond[:, None], null, cond.to(x_t.dtype))
         h = self.input_up_proj(x_t) + self.time_embed(timestep_embedding(t, H).to(x_t.dtype))[:, None]
-        c = self.cond_proj(cond.to(x_t.dtype))
+        cond = cond.to(x_t.dtype)
+        c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
         seg = self.segment_embedding.weight
         if self.cfg.fusion == "concat":
             prefix = c.view(B, self.cfg.n_prefix, H) + seg[1]

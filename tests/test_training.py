@@ -207,6 +207,29 @@ def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(tmp_path / "nowhere"))
 
 
+def test_init_may_grow_a_conditioning_mlp_that_starts_as_the_linear_projection(world_dir, clip_dir, tmp_path, scene_image):
+    start, _ = _train(world_dir, clip_dir, tmp_path / "start", "--n-layers", "1")
+    # no steps: the MLP is added with its last layer at zero, so the captioner's predictions are the start's
+    grown, _ = _train(world_dir, clip_dir, tmp_path / "grown", "--init", str(start), "--steps", "0", "--cond-mlp", "24")
+    a, b = Captioner.from_pretrained(str(start)), Captioner.from_pretrained(str(grown))
+    assert b.config.cond_mlp == 24 and b.denoiser.cond_mlp[0].weight.shape == (24, b.config.cond_dim)
+    assert set(load_file(str(grown / "model.safetensors"))) - set(load_file(str(start / "model.safetensors"))) == {
+        "cond_mlp.0.weight", "cond_mlp.0.bias", "cond_mlp.2.weight", "cond_mlp.2.bias"}
+    x_t, t, cond = torch.randn(2, a.config.seq_len, a.config.emb_dim), torch.tensor([5, 50]), torch.randn(2, a.config.cond_dim)
+    with torch.no_grad():
+        assert torch.equal(a.denoiser.eval()(x_t, t, cond)[0], b.denoiser.eval()(x_t, t, cond)[0])
+    # trained, the MLP leaves zero and changes the conditioning; the captioner still captions
+    moved, _ = _train(world_dir, clip_dir, tmp_path / "moved", "--init", str(grown), "--steps", "2", "--lr", "1e-2")
+    c = Captioner.from_pretrained(str(moved))
+    assert c.denoiser.cond_mlp[2].weight.abs().sum() > 0
+    assert len(c.caption(scene_image, steps=2).steps) == 2
+    # an MLP once there keeps its width: it cannot be resized or dropped by a fine-tune
+    with pytest.raises(SystemExit, match="--cond-mlp"):
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--cond-mlp", "8")
+    with pytest.raises(SystemExit, match="--cond-mlp"):
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--cond-mlp", "0")
+
+
 def test_typical_selection_breaks_near_ties_toward_the_common_phrasing():
     from training.distill_captions import BigramModel, select_typical
 

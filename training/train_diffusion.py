@@ -70,7 +70,9 @@ class DiffusionTrainConfig:
 
 # the fields that fix the denoiser's tensors: a fine-tune (--init) may not change them
 ARCHITECTURE_FIELDS = ("seq_len", "vocab_size", "emb_dim", "encoder", "dim", "n_layers", "n_heads", "hidden_dim",
-                       "cond_dim", "fusion", "n_prefix", "predict_feature")
+                       "cond_dim", "fusion", "n_prefix", "predict_feature", "cond_mlp")
+# ...except that one: a fine-tune may add the conditioning MLP to a start without one (it starts at zero)
+GROWABLE_FIELDS = ("cond_mlp",)
 
 
 PRESET_TRAINING = {
@@ -162,7 +164,8 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
             keep = parse_init_layers(tcfg.init_layers, base_model.n_layers)
             base_model = dataclasses.replace(base_model, n_layers=len(keep))
         changed = [f"--{k.replace('_', '-')}" for k in ARCHITECTURE_FIELDS
-                   if getattr(args, k, None) is not None and getattr(args, k) != getattr(base_model, k)]
+                   if getattr(args, k, None) is not None and getattr(args, k) != getattr(base_model, k)
+                   and not (k in GROWABLE_FIELDS and not getattr(base_model, k))]
         if changed:
             raise SystemExit(f"--init {tcfg.init}: {', '.join(changed)} would change the shape of its denoiser; "
                              "a fine-tune keeps the architecture (drop those flags, or train from scratch)"
@@ -243,7 +246,11 @@ def main(argv=None) -> None:
         del start
     denoiser = Denoiser(mcfg, encoder_config=encoder_config).to(device)
     if start_state is not None:
-        denoiser.load_state_dict(start_state, strict=True)
+        missing, unexpected = denoiser.load_state_dict(start_state, strict=False)
+        added = [k for k in missing if k.startswith("cond_mlp.")]  # a conditioning MLP grown onto the start
+        if unexpected or len(added) != len(missing):
+            raise SystemExit(f"--init {tcfg.init}: its weights do not fit the denoiser (missing "
+                             f"{sorted(set(missing) - set(added))}, unexpected {sorted(unexpected)})")
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     model = denoiser
     if world > 1:
