@@ -237,6 +237,50 @@ def attribute_scores(parsed: ParsedCaption, scene: Scene) -> dict[str, float | N
     return out
 
 
+TWO_OBJECT_OUTCOMES = ("right", "swapped", "repeated shape", "repeated colour", "other")
+
+
+def two_object_outcome(parsed: ParsedCaption, scene: Scene) -> str | None:
+    """What a caption made of a two-object scene whose objects differ in colour and in shape.
+
+    The caption's colour-shape pairs (objects naming both) are compared with the scene's two:
+    ``right`` (exactly the scene's two pairs), ``swapped`` (the scene's two colours and two shapes,
+    wrongly paired), ``repeated shape`` (the scene's two colours, one of its shapes named for both:
+    "a purple square and a red square" for a purple star and a red square), ``repeated colour`` (the
+    converse), ``other`` (fewer or more than two pairs, or a colour or shape the scene lacks). None for
+    other scenes. The repetitions are the parallel decoder's signature: two positions that each pick the
+    likelier of two words, without agreeing which of them the other picked.
+    """
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    if a.color == b.color or a.shape == b.shape:
+        return None
+    pairs = [(o.color, o.shape) for o in parsed.objects if o.color is not None and o.shape is not None]
+    if len(pairs) != 2:
+        return "other"
+    colors, shapes = {a.color, b.color}, {a.shape, b.shape}
+    if not all(c in colors and s in shapes for c, s in pairs):
+        return "other"
+    named_colors, named_shapes = {c for c, _ in pairs}, {s for _, s in pairs}
+    if named_colors == colors and named_shapes == shapes:
+        return "right" if set(pairs) == {(a.color, a.shape), (b.color, b.shape)} else "swapped"
+    if named_colors == colors:
+        return "repeated shape"
+    if named_shapes == shapes:
+        return "repeated colour"
+    return "other"  # one colour and one shape, named twice
+
+
+def two_object_outcomes(captions: list[str], scenes: list[Scene]) -> dict:
+    """``{"n", <outcome>: fraction, ...}`` of ``two_object_outcome`` over the scenes it applies to."""
+    if len(captions) != len(scenes):
+        raise ValueError(f"got {len(captions)} captions for {len(scenes)} scenes")
+    seen = [two_object_outcome(parse_caption(c), s) for c, s in zip(captions, scenes)]
+    seen = [o for o in seen if o is not None]
+    return {"n": len(seen), **{k: (seen.count(k) / len(seen) if seen else None) for k in TWO_OBJECT_OUTCOMES}}
+
+
 def single_object_accuracy(captions: list[str], scenes: list[Scene]) -> dict:
     """Colour/shape accuracy of the first mentioned object, over the single-object scenes only.
 

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import counterfactuals as cf
-from .attributes import attribute_scores, parse_caption, single_object_accuracy
+from .attributes import (TWO_OBJECT_OUTCOMES, attribute_scores, parse_caption, single_object_accuracy,
+                         two_object_outcomes)
 from .data import ImageRecord
 from .features import image_features
 from .images import load_image
@@ -76,7 +77,9 @@ def attribute_report(captions: list[str], scenes: list[Scene]) -> dict:
 
     For each attribute: ``acc`` (mean over the captions that mention it), ``mentioned`` (fraction of
     captions that do); ``hallucination`` is the fraction of captions naming a shape or object colour
-    absent from the image; ``single_object`` the headline colour/shape accuracy on one-object scenes.
+    absent from the image; ``single_object`` the headline colour/shape accuracy on one-object scenes;
+    ``two_objects`` what the captions of two-object scenes (distinct colours and shapes) made of them
+    (``attributes.two_object_outcome``: right, swapped, repeated shape, repeated colour, other).
     """
     if len(captions) != len(scenes):
         raise ValueError(f"got {len(captions)} captions for {len(scenes)} scenes")
@@ -87,7 +90,14 @@ def attribute_report(captions: list[str], scenes: list[Scene]) -> dict:
         out[a] = {"acc": _mean(vals), "mentioned": len(vals) / len(per) if per else None}
     out["hallucination"] = _mean([p["hallucination"] for p in per])
     out["single_object"] = single_object_accuracy(captions, scenes)
+    out["two_objects"] = two_object_outcomes(captions, scenes)
     return out
+
+
+def two_object_table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown table of ``attribute_report(...)["two_objects"]`` per named model."""
+    return markdown_table([{"model": name, "two-object scenes": t["n"], **{k: t[k] for k in TWO_OBJECT_OUTCOMES}}
+                           for name, t in rows])
 
 
 def typical_background(scene: Scene) -> bool:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from diffusion_caption import world
-from diffusion_caption.attributes import (ParsedObject, attribute_scores, parse_caption,
-                                          single_object_accuracy)
+from diffusion_caption.attributes import (TWO_OBJECT_OUTCOMES, ParsedObject, attribute_scores, parse_caption,
+                                          single_object_accuracy, two_object_outcome, two_object_outcomes)
 from diffusion_caption.world import Scene, ShapeObject
 
 
@@ -144,6 +144,31 @@ def test_binding_scores_whether_named_pairs_are_one_object():
     assert attribute_scores(parse_caption("a red square and a star"), s)["binding"] is None
     assert attribute_scores(parse_caption("two shapes on a gray background"), s)["binding"] is None
     assert attribute_scores(parse_caption("a green star"), scene(obj("star", "green")))["binding"] is None
+
+
+def test_two_object_outcomes_name_what_went_wrong():
+    s = scene(obj("star", "purple", x=30.0), obj("square", "red", x=90.0))
+    cases = {"a purple star and a red square": "right",
+             "a red square to the right of a purple star": "right",
+             "a red star and a purple square": "swapped",
+             "a purple square and a red square": "repeated shape",   # the parallel decoder's signature
+             "a purple star and a purple square": "repeated colour",
+             "a purple star and a red circle": "other",              # a shape the scene lacks
+             "a purple star": "other",                               # one pair
+             "two shapes on a gray background": "other",
+             "a purple star , a red square and a red star": "other"}
+    for caption, outcome in cases.items():
+        assert two_object_outcome(parse_caption(caption), s) == outcome, caption
+    # only two objects of different colours and different shapes are scored
+    assert two_object_outcome(parse_caption("a red circle"), scene(obj("circle", "red"))) is None
+    assert two_object_outcome(parse_caption("two red shapes"), scene(obj("star", "red"), obj("square", "red"))) is None
+    assert two_object_outcome(parse_caption("two stars"), scene(obj("star", "red"), obj("star", "blue"))) is None
+    rep = two_object_outcomes(list(cases) + ["a red circle"], [s] * len(cases) + [scene(obj("circle", "red"))])
+    assert rep["n"] == len(cases) and set(rep) == {"n", *TWO_OBJECT_OUTCOMES}
+    assert rep["right"] == pytest.approx(2 / 9) and rep["other"] == pytest.approx(4 / 9)
+    assert sum(rep[k] for k in TWO_OBJECT_OUTCOMES) == pytest.approx(1.0)
+    assert two_object_outcomes(["a red circle"], [scene(obj("circle", "red"))]) == {
+        "n": 0, **{k: None for k in TWO_OBJECT_OUTCOMES}}
 
 
 def test_round_trip_on_world_captions():

@@ -65,15 +65,19 @@ def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys
     make_captioner().save_pretrained(ckpt_dir)
     out = str(tmp_path / "eval" / "test.json")
     tok = "ptb" if java_available() else "simple"
-    evaluate.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "6",
+    evaluate.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "12",
                    "--steps", "3", "--out", out, "--tokenizer", tok, "--cache-dir", str(tmp_path / "cache")])
     res = json.load(open(out))
-    assert res["kind"] == "diffusion" and res["n_images"] == 6 and res["settings"]["steps"] == 3
+    assert res["kind"] == "diffusion" and res["n_images"] == 12 and res["settings"]["steps"] == 3
     assert set(res["metrics"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} and res["metrics"]["tokenizer"] == tok
-    assert len(res["captions"]) == 6 and all(isinstance(c["caption"], str) for c in res["captions"])
+    assert len(res["captions"]) == 12 and all(isinstance(c["caption"], str) for c in res["captions"])
     assert 0.0 <= res["attributes"]["hallucination"] <= 1.0
     row = summary_row(res)
     assert "1-obj colour" in row and "bias shape" in row
     md = open(os.path.splitext(out)[0] + ".md").read()
     assert md.startswith("| model | split |") and "diffusion (ckpt)" in md
+    # the tiny world's test split has two scenes of two objects differing in colour and shape
+    two = res["attributes"]["two_objects"]
+    assert two["n"] == 2 and sum(two[k] for k in ("right", "swapped", "repeated shape", "repeated colour", "other")) == 1.0
+    assert "| model | two-object scenes | right | swapped | repeated shape | repeated colour | other |" in md
     assert "BLEU-4" in capsys.readouterr().out

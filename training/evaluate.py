@@ -26,7 +26,7 @@ from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.data import load_datasets
 from diffusion_caption.counterfactuals import SETS
 from diffusion_caption.evaluation import (counterfactual_report, counterfactual_tables, evaluate, load_model,
-                                          markdown_table, model_kind, summary_row)
+                                          markdown_table, model_kind, summary_row, two_object_table)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -109,6 +109,9 @@ def main(argv=None) -> None:
     res.update(checkpoint=args.checkpoint, data=args.data, split=args.split)
     name = f"{res['kind']} ({os.path.basename(os.path.normpath(args.checkpoint))})"
     table = markdown_table([{"model": name, "split": args.split, **summary_row(res)}])
+    if (res.get("attributes") or {}).get("two_objects", {}).get("n"):
+        table += "\nTwo-object scenes, objects of different colours and shapes: what the captions made of them\n\n"
+        table += two_object_table([(name, res["attributes"]["two_objects"])])
     if sets:
         res["counterfactuals"] = counterfactual_report(model, records, settings, args.batch_size, sets, args.seed)
         table += "\n" + counterfactual_tables(res["counterfactuals"], name)
