@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--spacing", default=None,
                    help="linspace | trailing | trailing^k: which timesteps the sampler keeps (default: the checkpoint's)")
     p.add_argument("--candidates", type=int, default=None,
-                   help="K > 1: denoise each image K times at once and print the consensus caption (MBR)")
+                   help="K > 1: denoise each image K times at once and print the one --select keeps")
+    p.add_argument("--select", default=None, choices=["mbr", "clip"],
+                   help="which of K candidates: the consensus (mbr) or the highest CLIP score (clip); "
+                        "default: the checkpoint's")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         return 2
     try:  # bad settings are one mistake, said once, before any image is read
         cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp, spacing=args.spacing,
-                           candidates=args.candidates)
+                           candidates=args.candidates, select=args.select)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
     for path in args.images:
         try:
             trace = cap.caption(path, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                                seed=args.seed, clamp=args.clamp, spacing=args.spacing, candidates=args.candidates)
+                                seed=args.seed, clamp=args.clamp, spacing=args.spacing, candidates=args.candidates,
+                                select=args.select)
         except (ImageLoadError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             status = 1
@@ -71,8 +75,9 @@ def main(argv=None) -> int:
             continue
         print(f"{path}: {trace.text}")
         if trace.candidates is not None and args.trace:
+            how = trace.settings.get("select", "mbr")
             for k, c in enumerate(trace.candidates):
-                print(f"  candidate {k + 1}{' (chosen by MBR)' if k == trace.chosen else ''}: {c}")
+                print(f"  candidate {k + 1}{f' (chosen by {how})' if k == trace.chosen else ''}: {c}")
         if args.trace:
             for s in trace.steps:
                 conf = sum(s.confidence) / len(s.confidence)

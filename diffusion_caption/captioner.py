@@ -15,12 +15,13 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import CaptionerConfig
+from .config import SELECTIONS, CaptionerConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
 from .rounding import round_to_tokens
 from .mbr import mbr_select
+from .rerank import clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
 from .schedule import NoiseSchedule
 from .tokenizer import CaptionTokenizer
@@ -28,7 +29,7 @@ from .trace import DenoisingStep, Trace
 
 FORMAT = "diffusion-caption/1"
 MAX_GUIDANCE = 20.0
-MAX_CANDIDATES = 64  # MBR samples per image (each is one more row in every network call)
+MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
 RECORDS = ("all", "final")  # what a caption keeps: every step (the trace) or the last one only
 
 
@@ -111,7 +112,7 @@ class Captioner:
 
     # ---------------------------------------------------------------------------------------- sampling
     def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0, *, spacing=None,
-                       candidates=None) -> dict:
+                       candidates=None, select=None) -> dict:
         """Validated sampling settings, or a ValueError naming the parameter and its range."""
         T = self.config.T
         steps = self.config.sample_steps if steps is None else steps
@@ -139,9 +140,15 @@ class Captioner:
         candidates = self.config.sample_candidates if candidates is None else candidates
         if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
             raise ValueError(f"candidates must be an integer from 1 (no MBR) to {MAX_CANDIDATES}, got {candidates!r}")
+        select = self.config.sample_select if select is None else select
+        if select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS} (how one of several candidates is kept), got {select!r}")
+        if select == "clip" and self.image_encoder.text_tokenizer is None:
+            raise ValueError("select='clip' ranks candidates by CLIP score, but this checkpoint's CLIP has no text "
+                             "tokenizer (no tokenizer.json in its clip/ folder)")
         return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
                 "clamp": bool(clamp), "early_stop": early_stop, "spacing": spacing.strip().lower(),
-                "candidates": candidates}
+                "candidates": candidates, "select": select}
 
     def encode_images(self, images: list) -> torch.Tensor:
         return self.image_encoder.encode(images).to(self.device)
@@ -158,7 +165,7 @@ class Captioner:
                            steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                            seed: int = 0, clamp: bool | None = None, early_stop: int = 0,
                            record: str = "all", spacing: str | None = None,
-                           candidates: int | None = None) -> Iterator[list[DenoisingStep | None]]:
+                           candidates: int | None = None, select: str | None = None) -> Iterator[list[DenoisingStep | None]]:
         """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features.
 
         ``early_stop = k > 0``: an image stops once every position's rounded token has stayed the same
@@ -169,9 +176,9 @@ class Captioner:
         if record not in RECORDS:
             raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
         s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
-                                candidates=candidates)
+                                candidates=candidates, select=select)
         if s["candidates"] > 1:
-            raise ValueError("MBR over several candidates picks among finished captions, so it cannot stream; "
+            raise ValueError("choosing among several candidates needs finished captions, so it cannot stream; "
                              "use caption_batch or caption (or candidates=1)")
         if features is None:
             if not images:
@@ -216,19 +223,21 @@ class Captioner:
     def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                       seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
-                      spacing: str | None = None, candidates: int | None = None) -> list[Trace]:
+                      spacing: str | None = None, candidates: int | None = None,
+                      select: str | None = None) -> list[Trace]:
         """One ``Trace`` per image, all images denoised together as one batch.
 
         ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
         ``early_stop`` as in ``iter_caption_batch``. ``candidates = K > 1``: every image is denoised K
-        times in the same batch (K different noise draws) and its trace is the one whose caption agrees
-        most with the other K-1 (MBR, ``diffusion_caption.mbr``); ``Trace.candidates`` holds all K captions.
+        times in the same batch (K different noise draws) and its trace is the one ``select`` keeps: the
+        caption agreeing most with the other K-1 (``"mbr"``, ``diffusion_caption.mbr``) or the one with the
+        highest CLIP score (``"clip"``, ``diffusion_caption.rerank``); ``Trace.candidates`` holds all K.
         """
         t0 = time.perf_counter()
         settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
-                                       candidates=candidates)
+                                       candidates=candidates, select=select)
         if settings["candidates"] > 1:
-            return self._caption_mbr(images, features, settings, record, t0)
+            return self._caption_candidates(images, features, settings, record, t0)
         n = len(images) if features is None else features.shape[0]
         per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
         for batch in self.iter_caption_batch(images, features=features, record=record, **settings):
@@ -240,7 +249,7 @@ class Captioner:
             settings["record"] = record
         return [Trace(steps, dict(settings), seconds) for steps in per_image]
 
-    def _caption_mbr(self, images, features, settings: dict, record: str, t0: float) -> list[Trace]:
+    def _caption_candidates(self, images, features, settings: dict, record: str, t0: float) -> list[Trace]:
         K = settings["candidates"]
         if features is None:
             if not images:
@@ -248,20 +257,20 @@ class Captioner:
             features = self.encode_images(list(images))
         samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record,
                                      **dict(settings, candidates=1))
+        groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
+        if settings["select"] == "clip":
+            chosen = clip_select(self.image_encoder, features.to(self.image_encoder.device), groups)
+        else:
+            chosen = [mbr_select(texts) for texts in groups]
         seconds = time.perf_counter() - t0
-        out = []
-        for b in range(features.shape[0]):
-            group = samples[b * K:(b + 1) * K]
-            texts = [tr.text for tr in group]
-            j = mbr_select(texts)
-            s = dict(settings, **({"record": record} if record != "all" else {}))
-            out.append(Trace(group[j].steps, s, seconds, candidates=texts, chosen=j))
-        return out
+        s = dict(settings, **({"record": record} if record != "all" else {}))
+        return [Trace(samples[b * K + j].steps, dict(s), seconds, candidates=texts, chosen=j)
+                for b, (texts, j) in enumerate(zip(groups, chosen))]
 
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                 seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
-                spacing: str | None = None, candidates: int | None = None) -> Trace:
+                spacing: str | None = None, candidates: int | None = None, select: str | None = None) -> Trace:
         """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
         return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                                   clamp=clamp, early_stop=early_stop, record=record, spacing=spacing,
-                                  candidates=candidates)[0]
+                                  candidates=candidates, select=select)[0]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 FUSIONS = ("concat", "add")
 PREDICTIONS = ("x0", "eps")
+SELECTIONS = ("mbr", "clip")  # how one of several candidates is kept: consensus, or CLIP score
 
 
 @dataclass
@@ -49,12 +50,15 @@ class CaptionerConfig:
     sample_guidance: float = 1.0  # classifier-free guidance scale used when a call gives none (1 = none)
     sample_clamp: bool = False  # clamp each predicted x0 to its nearest token embeddings, when a call does not say
     sample_spacing: str = "linspace"  # which timesteps a few-step sampler keeps (samplers.spaced_timesteps)
-    sample_candidates: int = 1  # samples per image for MBR selection (diffusion_caption.mbr); 1 = none
+    sample_candidates: int = 1  # samples per image to choose among; 1 = none
+    sample_select: str = "mbr"  # how: "mbr" (diffusion_caption.mbr) or "clip" (diffusion_caption.rerank)
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.sample_select not in SELECTIONS:
+            raise ValueError(f"sample_select must be one of {SELECTIONS}, got {self.sample_select!r}")
         if self.predict not in PREDICTIONS:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
         if self.cond_mlp < 0:

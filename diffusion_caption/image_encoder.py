@@ -6,7 +6,10 @@ Presets:
   saved as an open_clip ``local-dir:`` folder (open_clip_config.json + open_clip_model.safetensors) with
   the shapes tokenizer beside it.
 
-Features are L2-normalised image embeddings, as the seed paper used.
+Features are L2-normalised image embeddings, as the seed paper used. The text tower is kept too: with
+the CLIP's own text tokenizer (saved in its folder, or open_clip's for a named model) ``encode_text``
+gives caption embeddings in the same space, which is how candidate captions are ranked by CLIP score
+(``diffusion_caption.rerank``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .images import load_image
 
 CLIP_CONFIG = "open_clip_config.json"
 CLIP_WEIGHTS = "open_clip_model.safetensors"
+TEXT_TOKENIZER = "tokenizer.json"  # the CLIP's text tokenizer, beside its weights (optional)
 
 # the shapes preset: a small ModifiedResNet (open_clip's RN50 design at width 16) on 64 x 64 renders, and a
 # 3-layer text tower over the shapes WordPiece vocabulary. A ViT of the same cost learned colour at once but
@@ -36,14 +40,19 @@ BASE_MODEL, BASE_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 
 
 class ImageEncoder:
-    """An open_clip model, frozen, with its preprocessing; ``encode(images)`` gives [N, D] unit vectors."""
+    """An open_clip model, frozen, with its preprocessing; ``encode(images)`` gives [N, D] unit vectors.
 
-    def __init__(self, model, preprocess, source: dict, device: str | torch.device = "cpu"):
+    ``text_tokenizer`` is the CLIP's own: a ``CaptionTokenizer`` (shapes preset), open_clip's tokenizer
+    (a named model), or None when unknown, in which case ``encode_text`` refuses.
+    """
+
+    def __init__(self, model, preprocess, source: dict, device: str | torch.device = "cpu", text_tokenizer=None):
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.source = source  # how to rebuild it: {"kind": "local-dir"|"open_clip", ...}
         self.device = torch.device(device)
         self.model.to(self.device)
+        self.text_tokenizer = text_tokenizer
 
     @property
     def feature_dim(self) -> int:
@@ -63,7 +72,7 @@ class ImageEncoder:
     # ---------------------------------------------------------------------------------------- building
     @classmethod
     def create_shapes(cls, vocab_size: int, eos_id: int, pad_id: int, context_length: int = 24,
-                      device="cpu") -> "ImageEncoder":
+                      device="cpu", text_tokenizer=None) -> "ImageEncoder":
         """A randomly initialised shapes-preset CLIP, ready for ``training.train_clip``."""
         import open_clip
 
@@ -74,7 +83,7 @@ class ImageEncoder:
                                                mean=SHAPES_PREPROCESS_CFG["mean"], std=SHAPES_PREPROCESS_CFG["std"],
                                                interpolation="bicubic", resize_mode="shortest")
         return cls(model, preprocess, {"kind": "local-dir", "model_cfg": cfg,
-                                       "preprocess_cfg": SHAPES_PREPROCESS_CFG}, device)
+                                       "preprocess_cfg": SHAPES_PREPROCESS_CFG}, device, text_tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu") -> "ImageEncoder":
@@ -97,8 +106,12 @@ class ImageEncoder:
         except (RuntimeError, TypeError, KeyError, ValueError) as e:  # e.g. open_clip's load_state_dict mismatch
             raise ckpt.CheckpointError(f"{weights} does not match {cfg_path}: {type(e).__name__}: {e}") from None
         ckpt.check_matches(model, weights, cfg_path)  # open_clip casts dtypes and resizes position embeddings silently
+        text_tokenizer = None
+        if os.path.isfile(os.path.join(path, TEXT_TOKENIZER)):
+            from .tokenizer import CaptionTokenizer
+            text_tokenizer = CaptionTokenizer.from_pretrained(path)
         return cls(model, preprocess, {"kind": "local-dir", "model_cfg": cfg["model_cfg"],
-                                       "preprocess_cfg": cfg.get("preprocess_cfg", {})}, device)
+                                       "preprocess_cfg": cfg.get("preprocess_cfg", {})}, device, text_tokenizer)
 
     @classmethod
     def from_open_clip(cls, model_name: str = BASE_MODEL, pretrained: str = BASE_PRETRAINED,
@@ -114,7 +127,8 @@ class ImageEncoder:
                     "(open_clip accepts a path) or run where the hub is reachable.") if offline else ""
             raise RuntimeError(f"could not load open_clip {model_name!r} with pretrained={pretrained!r}: "
                                f"{type(e).__name__}: {e}.{hint}") from None
-        return cls(model, preprocess, {"kind": "open_clip", "model_name": model_name, "pretrained": pretrained}, device)
+        return cls(model, preprocess, {"kind": "open_clip", "model_name": model_name, "pretrained": pretrained}, device,
+                   open_clip.get_tokenizer(model_name))
 
     @classmethod
     def load(cls, source: dict, base_dir: str | None = None, device="cpu") -> "ImageEncoder":
@@ -139,6 +153,8 @@ class ImageEncoder:
             json.dump({"model_cfg": self.source["model_cfg"], "preprocess_cfg": self.source["preprocess_cfg"]}, f, indent=2)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, os.path.join(path, CLIP_WEIGHTS))
+        if self.text_tokenizer is not None and hasattr(self.text_tokenizer, "save_pretrained"):
+            self.text_tokenizer.save_pretrained(path)
 
     # ---------------------------------------------------------------------------------------- encoding
     def pixels(self, images) -> torch.Tensor:
@@ -149,6 +165,21 @@ class ImageEncoder:
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.model.encode_image(pixels.to(self.device))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+        """[N, D] L2-normalised embeddings of ``texts`` by the CLIP's text tower, in the image features' space."""
+        if self.text_tokenizer is None:
+            raise ValueError("this CLIP has no text tokenizer (its folder holds no tokenizer.json), so captions "
+                             "cannot be scored against images; save the CLIP with its tokenizer")
+        context = int(self.model.context_length)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = list(texts[i:i + batch_size])
+            ids = (self.text_tokenizer.encode(chunk, context) if hasattr(self.text_tokenizer, "hf")
+                   else self.text_tokenizer(chunk))  # a CaptionTokenizer, or open_clip's callable tokenizer
+            out.append(torch.nn.functional.normalize(self.model.encode_text(ids.to(self.device)).float(), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.feature_dim, device=self.device)
 
     def encode(self, images: list, batch_size: int = 64) -> torch.Tensor:
         """[N, D] L2-normalised image features."""

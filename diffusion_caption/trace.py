@@ -28,8 +28,8 @@ class Trace:
     steps: list[DenoisingStep]
     settings: dict = field(default_factory=dict)  # sampler, steps, guidance, clamp, seed, ...
     seconds: float | None = None  # wall time of the whole denoising, image encoding included
-    candidates: list[str] | None = None  # with MBR (settings["candidates"] = K > 1): the K sampled captions...
-    chosen: int | None = None  # ...and which of them this trace is (diffusion_caption.mbr)
+    candidates: list[str] | None = None  # with settings["candidates"] = K > 1: the K sampled captions...
+    chosen: int | None = None  # ...and which of them this trace is (kept by settings["select"]: MBR or CLIP score)
 
     @property
     def final(self) -> DenoisingStep:

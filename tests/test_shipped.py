@@ -141,3 +141,17 @@ def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
         assert sc["shape"] is not None and sc["color"] is not None, t.text
         if len(scene.objects) == 1:
             assert sc["shape"] == 1.0 and sc["color"] == 1.0, (t.text, p)
+
+
+@pytest.mark.parametrize("name", ["shapes-diffusion", "shapes-diffusion-kd", "shapes-diffusion-fast",
+                                  "shapes-diffusion-fast-small"])
+def test_shipped_diffusion_checkpoints_can_rank_candidates_by_clip_score(name):
+    """Each shipped diffusion checkpoint carries its CLIP's text tokenizer, so ``select="clip"`` works."""
+    from diffusion_caption import Captioner
+    from diffusion_caption.rerank import clip_scores
+
+    cap = Captioner.from_pretrained(os.path.join(CKPT, name))
+    assert cap.config.sample_select == "mbr" and cap.config.sample_candidates == 1  # the defaults are unchanged
+    tr = cap.caption(EXAMPLES[0], candidates=4, select="clip", seed=0, steps=2, record="final")
+    scores = clip_scores(cap.image_encoder, cap.encode_images([EXAMPLES[0]]), [tr.candidates])[0]
+    assert scores[tr.chosen] == max(scores) and tr.text == tr.candidates[tr.chosen]

@@ -45,7 +45,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spacing", default=None,
                    help="linspace | trailing | trailing^k: which timesteps are kept (default: the checkpoint's)")
     g.add_argument("--candidates", type=int, default=None,
-                   help="K > 1: caption each image K times and keep the consensus caption (MBR; default: the checkpoint's)")
+                   help="K > 1: caption each image K times and keep one (see --select; default: the checkpoint's)")
+    g.add_argument("--select", default=None, choices=["mbr", "clip"],
+                   help="which of K candidates is kept: the consensus (mbr) or the highest CLIP score (clip); "
+                        "default: the checkpoint's")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -60,7 +63,7 @@ def settings_from_args(model, args) -> dict:
     if model_kind(model) == "diffusion":
         try:
             return model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp,
-                                        spacing=args.spacing, candidates=args.candidates)
+                                        spacing=args.spacing, candidates=args.candidates, select=args.select)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}

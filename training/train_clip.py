@@ -145,7 +145,7 @@ def main(argv=None) -> None:
         tok = CaptionTokenizer.train(train_caps, vocab_size=cfg.vocab_size)
         tok.save_pretrained(tok_dir)
     enc = ImageEncoder.create_shapes(tok.vocab_size, eos_id=tok.sep_id, pad_id=tok.pad_id,
-                                     context_length=cfg.context_length, device=device)
+                                     context_length=cfg.context_length, device=device, text_tokenizer=tok)
     model = enc.model.train().requires_grad_(True)
     if cfg.corpus_size > 0:
         tr_records, tr_pix = render_corpus(enc, cfg.corpus_size, cfg.corpus_p_corr, cfg.corpus_seed)
@@ -225,8 +225,7 @@ def main(argv=None) -> None:
     model.eval()
     from diffusion_caption import checkpoint as ckpt
     with ckpt.atomic_directory(cfg.out) as tmp:
-        enc.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        enc.save_pretrained(tmp)  # with its text tokenizer
     print(f"saved {cfg.out} after {step} steps ({time.time() - t0:.0f} s)")
 
 

@@ -1,0 +1,41 @@
+"""Choosing among candidate captions by CLIP score: the image encoder's own image-text similarity.
+
+A one- or two-step diffusion captioner denoises K noise draws of an image in one batch. MBR
+(``diffusion_caption.mbr``) keeps the caption the draws agree on; when they agree on a mistake, as
+parallel decoders do when two positions each pick the likelier of two words ("a purple square and a red
+square" for a purple star and a red square), consensus keeps it. Ranking by CLIP score instead keeps
+the candidate whose text embedding lies nearest the image feature (cosine similarity; Hessel et al.'s
+CLIPScore without its weight and clipping, which do not change the order). It needs the CLIP's text
+tower and tokenizer, costs one text-tower pass per candidate, and is only as good as the CLIP at
+telling the candidates apart: a CLIP that reads a caption as a bag of words cannot rank a swapped pair.
+"""
+from __future__ import annotations
+
+import torch
+
+from .image_encoder import ImageEncoder
+
+
+def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]]) -> list[list[float]]:
+    """Cosine similarity of each image's candidates to its feature: ``features`` [B, D] (as ``encode``
+    returns them), ``candidates`` B lists of captions (any lengths)."""
+    if features.shape[0] != len(candidates):
+        raise ValueError(f"got {features.shape[0]} image features for {len(candidates)} candidate lists")
+    flat = [c for group in candidates for c in group]
+    text = encoder.encode_text(flat).to(features.device)
+    image = torch.nn.functional.normalize(features.float(), dim=-1)
+    owner = torch.tensor([b for b, group in enumerate(candidates) for _ in group], device=features.device,
+                         dtype=torch.long)
+    sims = (text * image[owner]).sum(-1).tolist()
+    out, i = [], 0
+    for group in candidates:
+        out.append(sims[i:i + len(group)])
+        i += len(group)
+    return out
+
+
+def clip_select(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]]) -> list[int]:
+    """For each image the index of its candidate with the highest CLIP score (the first of equals)."""
+    if any(not group for group in candidates):
+        raise ValueError("CLIP selection needs at least one candidate caption per image")
+    return [max(range(len(s)), key=lambda j: (s[j], -j)) for s in clip_scores(encoder, features, candidates)]

@@ -1,0 +1,75 @@
+"""Choosing candidates by CLIP score: the scores are the CLIP's cosine similarities, the captioner keeps
+the best-scoring sample, and a CLIP without its text tokenizer is refused with a reason."""
+import os
+
+import pytest
+import torch
+
+from diffusion_caption.image_encoder import ImageEncoder
+from diffusion_caption.rerank import clip_scores, clip_select
+
+
+@pytest.fixture
+def clip_with_text(clip_encoder, tokenizer):
+    enc = ImageEncoder(clip_encoder.model, clip_encoder.preprocess, clip_encoder.source, text_tokenizer=tokenizer)
+    return enc
+
+
+def test_scores_are_cosine_similarities_of_the_clip_embeddings(clip_with_text, scene_image, tokenizer):
+    feats = clip_with_text.encode([scene_image, scene_image])
+    groups = [["a red circle", "a blue star on a black background"], ["two green squares"]]
+    scores = clip_scores(clip_with_text, feats, groups)
+    assert [len(s) for s in scores] == [2, 1]
+    # by hand: the text tower on the CLIP tokenizer's ids, normalised, dotted with the image feature
+    ids = tokenizer.encode(["a blue star on a black background"], int(clip_with_text.model.context_length))
+    with torch.no_grad():
+        t = torch.nn.functional.normalize(clip_with_text.model.encode_text(ids).float(), dim=-1)[0]
+    assert scores[0][1] == pytest.approx(float(t @ feats[0]), abs=1e-5)
+    assert all(-1.0 <= v <= 1.0 for s in scores for v in s)
+    # the best of each group, the first of equals
+    best = clip_select(clip_with_text, feats, groups)
+    assert best == [max(range(2), key=lambda j: scores[0][j]), 0]
+    assert clip_select(clip_with_text, feats[:1], [["a red circle"] * 3]) == [0]
+    with pytest.raises(ValueError, match="at least one candidate"):
+        clip_select(clip_with_text, feats[:1], [[]])
+    with pytest.raises(ValueError, match="2 image features for 1"):
+        clip_scores(clip_with_text, feats, groups[:1])
+
+
+def test_the_text_tokenizer_travels_with_the_clip_folder(clip_with_text, clip_encoder, tmp_path):
+    path = str(tmp_path / "clip")
+    clip_with_text.save_pretrained(path)
+    assert os.path.isfile(os.path.join(path, "tokenizer.json"))
+    again = ImageEncoder.from_pretrained(path)
+    texts = ["a red circle", "a small white star on a pink background"]
+    assert torch.allclose(again.encode_text(texts), clip_with_text.encode_text(texts), atol=1e-6)
+    bare = str(tmp_path / "bare")
+    clip_encoder.save_pretrained(bare)  # a CLIP saved without a tokenizer cannot score text
+    with pytest.raises(ValueError, match="no text tokenizer"):
+        ImageEncoder.from_pretrained(bare).encode_text(texts)
+
+
+def test_captioner_keeps_the_candidate_with_the_best_clip_score(make_captioner, clip_with_text, scene_image):
+    cap = make_captioner(sample_steps=2)
+    with pytest.raises(ValueError, match="no text tokenizer"):  # the fixture's CLIP was built without one
+        cap.caption(scene_image, candidates=4, select="clip")
+    cap.image_encoder = clip_with_text
+    tr = cap.caption(scene_image, candidates=6, seed=3, sampler="ddpm", select="clip")
+    assert tr.settings["select"] == "clip" and len(tr.candidates) == 6
+    feats = cap.encode_images([scene_image])
+    scores = clip_scores(clip_with_text, feats, [tr.candidates])[0]
+    assert tr.text == tr.candidates[tr.chosen] and scores[tr.chosen] == max(scores)
+    # the same samples as MBR draws: only the rule differs
+    mbr = cap.caption(scene_image, candidates=6, seed=3, sampler="ddpm", select="mbr")
+    assert mbr.candidates == tr.candidates and mbr.settings["select"] == "mbr"
+    with pytest.raises(ValueError, match="select must be one of"):
+        cap.caption(scene_image, candidates=2, select="longest")
+    cap.config.sample_select = "clip"  # a checkpoint's default, used when a call does not say
+    assert cap.caption(scene_image, candidates=6, seed=3, sampler="ddpm").chosen == tr.chosen
+
+
+def test_config_rejects_an_unknown_selection():
+    from diffusion_caption.config import preset
+
+    with pytest.raises(ValueError, match="sample_select"):
+        preset("tiny", sample_select="random")
