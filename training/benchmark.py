@@ -407,13 +407,16 @@ def distilled_specs(args, model) -> list[dict]:
         except SystemExit as e:  # parse_setting names its own command's flag
             raise SystemExit(str(e).replace("--settings", "--distilled-settings", 1)) from None
     return [dict(sampler=cfg.sampler, steps=k, guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp),
-                 spacing=cfg.sample_spacing, own=True) for k in args.distilled_steps]
+                 spacing=cfg.sample_spacing, candidates=cfg.sample_candidates, select=cfg.sample_select, own=True)
+            for k in args.distilled_steps]
 
 
 def distilled_setting_name(spec: dict, compiled: bool = False, tag: str = "") -> str:
     extras = [] if spec.get("own") else (
         ([f"guidance {spec['guidance']:g}"] if spec["guidance"] != 1 else []) + (["clamp"] if spec["clamp"] else [])
-        + ([spec["spacing"]] if spec["spacing"] != "linspace" else []))
+        + ([spec["spacing"]] if spec["spacing"] != "linspace" else [])
+        + ([f"{spec['candidates']} candidates by {spec.get('select', 'mbr').upper()}"]
+           if spec.get("candidates", 1) > 1 else []))
     return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])), tag)
 
 
@@ -425,7 +428,8 @@ def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False, 
     for variant in ([False, True] if compiled else [False]):
         for spec in distilled_specs(args, model):
             row = dict(sampler=spec["sampler"], steps=spec["steps"], guidance=spec["guidance"], clamp=spec["clamp"],
-                       spacing=spec["spacing"], early_stop=0, record="final", distilled=True,
+                       spacing=spec["spacing"], candidates=spec.get("candidates", 1), select=spec.get("select", "mbr"),
+                       early_stop=0, record="final", distilled=True,
                        setting=distilled_setting_name(spec, variant, tag), distilled_index=index,
                        **({"distilled_tag": tag} if tag else {}))
             plan += [dict(row, batch=B, **({"compiled": True} if variant else {})) for B in batch_sizes]
@@ -479,7 +483,7 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         if kind in ("diffusion", "distilled"):
             kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
                       clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"],
-                      candidates=p.get("candidates", 1), spacing=p.get("spacing"))
+                      candidates=p.get("candidates", 1), select=p.get("select"), spacing=p.get("spacing"))
         else:
             kw = dict(beam=p["beam"])
 
@@ -556,7 +560,8 @@ def score(model, kind: str, kw: dict, seed: int, args, suite: Suite, cpu_dtype: 
     if kind == "diffusion":
         settings = model.check_settings(kw["steps"], kw.get("sampler", "ddim"), kw["guidance"], seed,
                                         kw.get("clamp", False), kw["early_stop"],
-                                        candidates=kw.get("candidates", 1), spacing=kw.get("spacing"))
+                                        candidates=kw.get("candidates", 1), spacing=kw.get("spacing"),
+                                        select=kw.get("select"))
         settings["record"] = "final"  # the same captions as the full trace, without it
     with autocast(torch.device("cpu"), cpu_dtype):  # the captions of the precision that is timed
         res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
@@ -598,7 +603,8 @@ def quality(suite: Suite, args) -> dict:
     for j, (tag, m) in enumerate(suite.distilled):
         for p in distilled_plan(args, [1], m, tag=tag, index=j):
             jobs.append(("distilled", p["setting"], {k: p[k] for k in ("steps", "sampler", "guidance", "clamp",
-                                                                       "early_stop", "spacing", "distilled_index")}))
+                                                                       "early_stop", "spacing", "distilled_index",
+                                                                       "candidates", "select")}))
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
@@ -820,7 +826,8 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                     if variant.startswith("distilled"):
                         if variant.endswith("compiled"):  # the eager point beside it carries the label
                             continue
-                        name = f"KD {r['steps']}"
+                        name = f"KD {r['steps']}" + (f" x{r['candidates']} {r.get('select', 'mbr')}"
+                                                     if r.get("candidates", 1) > 1 else "")
                     elif variant == "checkpoint default":
                         name = "default"
                     elif variant == "checkpoint default, MBR":
