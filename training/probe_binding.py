@@ -10,6 +10,12 @@ and is scored on another split. Its accuracy is set against ``chance``: picking 
 colours at random, the most a reader knowing which colours are present but not which shape wears
 which could expect.
 
+It also asks the CLIP's text tower (when the CLIP folder has its tokenizer) how often the image's
+similarity ranks the true caption of a two-object scene ("a purple star and a red square") above the
+swapped one ("a red star and a purple square") and above each repeated-shape one ("a purple star and a
+red star", "a purple square and a red square"): what ranking candidate captions by CLIP score
+(``diffusion_caption.rerank``) can tell apart.
+
 Features probed:
 - ``pooled``: the L2-normalised image embedding, exactly what the captioners are given;
 - ``tokens``: the attention pool's outputs at every spatial position of the last feature map (CLIP's
@@ -30,7 +36,7 @@ from tqdm import tqdm
 from diffusion_caption.data import ImageRecord, load_datasets
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import ImageEncoder
-from diffusion_caption.world import COLORS, SHAPES
+from diffusion_caption.world import COLORS, SHAPES, article
 
 FEATURES = ("pooled", "tokens")
 
@@ -112,13 +118,40 @@ def accuracy(net: nn.Module, x: torch.Tensor, shape: torch.Tensor, colour: torch
     return (net(probe_inputs(x, shape, per_shape)).argmax(1) == colour).float().mean().item()
 
 
+def caption_ranking(encoder: ImageEncoder, records: list[ImageRecord], features: torch.Tensor) -> dict:
+    """How often CLIP similarity puts the true caption of a two-object scene (objects differing in colour
+    and shape) above its swapped and repeated-shape variants; ``features`` [N, D] are the records' own."""
+    rows = []
+    for i, r in enumerate(records):
+        objs = (r.scene or {}).get("objects", [])
+        if len(objs) != 2 or objs[0]["color"] == objs[1]["color"] or objs[0]["shape"] == objs[1]["shape"]:
+            continue
+        (ca, sa), (cb, sb) = [(o["color"], o["shape"]) for o in objs]
+        phrase = lambda c, s: f"{article(c)} {c} {s}"  # noqa: E731
+        rows.append((i, [f"{phrase(ca, sa)} and {phrase(cb, sb)}", f"{phrase(cb, sa)} and {phrase(ca, sb)}",
+                         f"{phrase(ca, sa)} and {phrase(cb, sa)}", f"{phrase(ca, sb)} and {phrase(cb, sb)}"]))
+    if not rows:
+        return {"n": 0}
+    text = encoder.encode_text([c for _, group in rows for c in group]).view(len(rows), 4, -1)
+    image = nn.functional.normalize(features[[i for i, _ in rows]].float(), dim=-1).to(text.device)
+    sims = (text * image[:, None]).sum(-1)
+    beats = (sims[:, :1] > sims[:, 1:]).float().mean(0).tolist()
+    return {"n": len(rows), "true above swapped": beats[0], "true above repeated shape (first object's)": beats[1],
+            "true above repeated shape (second object's)": beats[2]}
+
+
 def run(clip: str, data_dir: str, eval_split: str = "test", features=FEATURES, hidden=(0, 512), epochs: int = 30,
         cache_dir: str | None = "cache", seed: int = 0) -> dict:
     encoder = ImageEncoder.from_pretrained(clip)
     train = load_datasets("shapes", data_dir, splits=["train"])
     held = load_datasets("shapes", data_dir, splits=[eval_split])
     q_train, q_held = binding_questions(train), binding_questions(held)
-    out = {"clip": clip, "data_dir": data_dir, "eval_split": eval_split, "epochs": epochs,
+    if encoder.text_tokenizer is not None:
+        f_rank = image_features(encoder, [r.image_path for r in held], cache_dir, desc=f"encoding {eval_split} images")
+        ranking = caption_ranking(encoder, held, f_rank)
+    else:
+        ranking = None
+    out = {"clip": clip, "data_dir": data_dir, "eval_split": eval_split, "epochs": epochs, "caption_ranking": ranking,
            "questions": {"train": len(q_train[0]), eval_split: len(q_held[0])},
            "chance": {"train": q_train[3], eval_split: q_held[3]}, "probes": []}
     for name in features:
@@ -147,6 +180,11 @@ def table(result: dict) -> str:
     for p in result["probes"]:
         kind = "linear, one per shape" if p["hidden"] == 0 else f"MLP {p['hidden']}"
         lines.append(f"| {p['features']} | {p['dim']} | {kind} | {p['train']:.3f} | {p[split]:.3f} |")
+    rank = result.get("caption_ranking")
+    if rank and rank.get("n"):
+        lines += ["", f"CLIP similarity on the {rank['n']} two-object scenes of {split} (objects differing in colour "
+                      "and shape): how often the true caption ranks above", ""]
+        lines += [f"- {k[len('true above '):]}: {v:.3f}" for k, v in rank.items() if k.startswith("true above")]
     return "\n".join(lines)
 
 
