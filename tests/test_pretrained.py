@@ -41,7 +41,7 @@ def test_open_clip_architecture_with_a_local_weights_file(tmp_path, scene_image)
 
     cfg = {"embed_dim": 32,
            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}  # open_clip's BPE
     (tmp_path / "tiny-test-vit.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(str(tmp_path / "tiny-test-vit.json"))
     torch.manual_seed(1)
@@ -53,6 +53,13 @@ def test_open_clip_architecture_with_a_local_weights_file(tmp_path, scene_image)
     with torch.no_grad():
         expected = torch.nn.functional.normalize(model.eval().encode_image(pix), dim=-1)
     assert torch.allclose(enc.encode([scene_image]), expected, atol=1e-5)
+    # its text side uses open_clip's own tokenizer for the named model, at the model's context length
+    texts = ["a red circle", "two blue squares on a black background"]
+    ids = open_clip.get_tokenizer("tiny-test-vit")(texts)
+    assert ids.shape == (2, 16)
+    with torch.no_grad():
+        expected_text = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
+    assert torch.allclose(enc.encode_text(texts), expected_text, atol=1e-5)
     with pytest.raises(RuntimeError, match="could not load open_clip"):
         ImageEncoder.from_open_clip("tiny-test-vit", str(tmp_path / "missing.safetensors"))
 
