@@ -154,6 +154,18 @@ def test_distilled_settings_override_the_checkpoints_own(make_captioner):
     own = benchmark.distilled_plan(benchmark.build_parser().parse_args([]), [1], model)
     assert [p["setting"] for p in own] == ["distilled: DDIM 1", "distilled: DDIM 2", "distilled: DDIM 3"]
     assert all(p["guidance"] == 1.5 and p["clamp"] and p["spacing"] == model.config.sample_spacing for p in own)
+    # K candidates: named in the setting, carried into every row, also when they are the checkpoint's own default
+    k = benchmark.distilled_plan(benchmark.build_parser().parse_args(
+        ["--distilled-settings", "ddpm:2:1:clamp:trailing^2:k8:clip"]), [1], model)
+    assert [(p["setting"], p["candidates"], p["select"]) for p in k] == [
+        ("distilled: DDPM 2, clamp, trailing^2, 8 candidates by CLIP", 8, "clip")]
+    many = make_captioner(sample_steps=1, sampler="ddpm", sample_candidates=4, sample_select="mbr")
+    own_k = benchmark.distilled_plan(benchmark.build_parser().parse_args(["--distilled-steps", "1"]), [1], many)
+    assert [(p["setting"], p["candidates"]) for p in own_k] == [("distilled: DDPM 1, 4 candidates by MBR", 4)]
+    # the MBR rows of the trained checkpoint's default say MBR and run MBR, whatever the checkpoint's selection
+    default = benchmark.checkpoint_default(many)
+    rows = benchmark.diffusion_plan(benchmark.build_parser().parse_args(["--mbr", "4"]), [1], [], default=default)
+    assert [(r["candidates"], r["select"]) for r in rows if r.get("candidates", 1) > 1] == [(4, "mbr")]
     with pytest.raises(SystemExit, match="--distilled-settings: 'ddim:one:1'"):
         benchmark.distilled_plan(benchmark.build_parser().parse_args(["--distilled-settings", "ddim:one:1"]), [1], model)
 

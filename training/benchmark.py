@@ -373,7 +373,7 @@ def diffusion_plan(args, batch_sizes: list[int], scales: list[float], compiled: 
                    early_stop: bool = True, default: dict | None = None) -> list[dict]:
     plan = [dict(default, batch=B) for B in batch_sizes] if default else []
     if default:  # the default again with MBR over K samples per image (K rows per image in every call)
-        plan += [dict(default, setting=mbr_name(default["setting"], k), candidates=k, batch=B)
+        plan += [dict(default, setting=mbr_name(default["setting"], k), candidates=k, select="mbr", batch=B)
                  for k in args.mbr for B in batch_sizes]
     for g in scales:
         for steps in args.steps:
@@ -414,9 +414,9 @@ def distilled_specs(args, model) -> list[dict]:
 def distilled_setting_name(spec: dict, compiled: bool = False, tag: str = "") -> str:
     extras = [] if spec.get("own") else (
         ([f"guidance {spec['guidance']:g}"] if spec["guidance"] != 1 else []) + (["clamp"] if spec["clamp"] else [])
-        + ([spec["spacing"]] if spec["spacing"] != "linspace" else [])
-        + ([f"{spec['candidates']} candidates by {spec.get('select', 'mbr').upper()}"]
-           if spec.get("candidates", 1) > 1 else []))
+        + ([spec["spacing"]] if spec["spacing"] != "linspace" else []))
+    if spec.get("candidates", 1) > 1:  # named even for a checkpoint's own default: it multiplies the work
+        extras.append(f"{spec['candidates']} candidates by {spec.get('select', 'mbr').upper()}")
     return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])), tag)
 
 
@@ -599,7 +599,7 @@ def quality(suite: Suite, args) -> dict:
         if d is not None:
             dkw = {k: d[k] for k in ("steps", "sampler", "guidance", "clamp", "early_stop")}
             jobs.append(("diffusion", d["setting"], dkw))
-            jobs += [("diffusion", mbr_name(d["setting"], k), dict(dkw, candidates=k)) for k in args.mbr]
+            jobs += [("diffusion", mbr_name(d["setting"], k), dict(dkw, candidates=k, select="mbr")) for k in args.mbr]
     for j, (tag, m) in enumerate(suite.distilled):
         for p in distilled_plan(args, [1], m, tag=tag, index=j):
             jobs.append(("distilled", p["setting"], {k: p[k] for k in ("steps", "sampler", "guidance", "clamp",

@@ -142,6 +142,9 @@ def caption_ranking(encoder: ImageEncoder, records: list[ImageRecord], features:
 
 def run(clip: str, data_dir: str, eval_split: str = "test", features=FEATURES, hidden=(0, 512), epochs: int = 30,
         cache_dir: str | None = "cache", seed: int = 0) -> dict:
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:  # before any image is encoded
+        raise SystemExit(f"unknown feature(s) {unknown}; expected some of {FEATURES}")
     encoder = ImageEncoder.from_pretrained(clip)
     train = load_datasets("shapes", data_dir, splits=["train"])
     held = load_datasets("shapes", data_dir, splits=[eval_split])
@@ -155,8 +158,6 @@ def run(clip: str, data_dir: str, eval_split: str = "test", features=FEATURES, h
            "questions": {"train": len(q_train[0]), eval_split: len(q_held[0])},
            "chance": {"train": q_train[3], eval_split: q_held[3]}, "probes": []}
     for name in features:
-        if name not in FEATURES:
-            raise SystemExit(f"unknown feature {name!r}; expected some of {FEATURES}")
         if name == "pooled":
             f_train = image_features(encoder, [r.image_path for r in train], cache_dir, desc="encoding train images")
             f_held = image_features(encoder, [r.image_path for r in held], cache_dir, desc=f"encoding {eval_split} images")
