@@ -65,6 +65,11 @@ QUALITY_KEYS = ("BLEU-4", "CIDEr", "1-obj colour", "1-obj shape", "color", "shap
 TABLE_QUALITY = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "1-obj colour", "1-obj shape", "color", "shape",
                  "size", "count", "hallucination")
 TARGET_KEYS = ("BLEU-4", "1-obj colour", "1-obj shape")  # "at equal or better colour/shape accuracy and BLEU-4"
+# The issue names colour/shape accuracy without saying over which objects, so each target is judged twice: on
+# single-object scenes, and over every object of every scene ("color", "shape": multi-object scenes included).
+READINGS = (("single-object colour and shape", TARGET_KEYS),
+            ("colour and shape over all objects", ("BLEU-4", "color", "shape")))
+PER_DRAW_KEYS = TARGET_KEYS + ("color", "shape")
 NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, activation_function="gelu_new",
                   resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02)
@@ -637,7 +642,8 @@ def quality(suite: Suite, args) -> dict:
             vals = [r.get(k) for r in per_draw]
             q[k] = sum(vals) / len(vals) if all(isinstance(v, (int, float)) for v in vals) else vals[0]
         if len(per_draw) > 1:
-            q["per_draw"] = {k: [r[k] for r in per_draw] for k in TARGET_KEYS if k in per_draw[0]}
+            q["per_draw"] = {k: [r[k] for r in per_draw] for k in PER_DRAW_KEYS
+                             if all(isinstance(r.get(k), (int, float)) for r in per_draw)}
         q["source"] = source
         q["n_images"] = res["n_images"]
         if kind == "diffusion" and not kw["early_stop"] and "captions" in res and kw.get("sampler", "ddim") == "ddim" \
@@ -891,9 +897,11 @@ def timing_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draws_note(row: dict) -> str:
-    """The " (means of N noise draws; per draw: ...)" suffix of a row scored over several draws, else ""."""
-    per = row["quality"].get("per_draw")
+def draws_note(row: dict, keys=TARGET_KEYS) -> str:
+    """The " (means of N noise draws; per draw: ...)" suffix of a row scored over several draws, else "".
+
+    Only the metrics among ``keys`` that were kept per draw are listed (older runs kept fewer)."""
+    per = {k: v for k, v in (row["quality"].get("per_draw") or {}).items() if k in keys}
     if not per:
         return ""
     n = len(next(iter(per.values())))
@@ -902,9 +910,11 @@ def draws_note(row: dict) -> str:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets on the trained checkpoints, CPU: at quality >= the baseline's greedy (BLEU-4,
-    single-object colour and shape), diffusion batch-1 latency <= greedy's and throughput at the largest
-    batch (32 by default) >= 2x greedy's."""
+    """The issue's targets on the trained checkpoints, CPU: at quality >= the baseline's greedy, diffusion
+    batch-1 latency <= greedy's and throughput at the largest batch (32 by default) >= 2x greedy's.
+
+    Quality is BLEU-4 with colour and shape accuracy, read two ways (``READINGS``): on single-object scenes,
+    and over all objects; each target gets one verdict per reading."""
     out = []
     cpu = [r for r in rows if r["suite"] == "shapes" and r["device"] == "cpu" and r.get("quality")]
     big = max((r["batch"] for r in cpu), default=32)
@@ -914,43 +924,55 @@ def targets(rows: list[dict]) -> list[str]:
         if greedy is None:
             out.append(f"- {what}: not measured (no baseline greedy row with quality at batch {B})")
             continue
-        ok_q = [r for r in cpu if r["model"] == "diffusion" and r["batch"] == B and r.get("record") == "final"
-                and all(r["quality"].get(k, float("-inf")) >= greedy["quality"][k] for k in TARGET_KEYS
-                        if k in greedy["quality"])]
-        gq = ", ".join(f"{k} {greedy['quality'][k]:.3f}" for k in TARGET_KEYS if k in greedy["quality"])
-        if not ok_q:
-            diff = [r for r in cpu if r["model"] == "diffusion" and r["batch"] == B and r.get("record") == "final"]
-            top = max(diff, key=lambda r: tuple(r["quality"].get(k) or 0.0 for k in TARGET_KEYS), default=None)
-            fast = [r for r in diff if greedy["ms_per_image"] / r["ms_per_image"] >= goal]
-            line = f"- {what}: **not met** - no diffusion setting reaches the baseline's greedy quality ({gq})"
-            if top is not None:
-                tq = ", ".join(f"{k} {top['quality'][k]:.3f}" for k in TARGET_KEYS if k in top["quality"]) \
-                    + draws_note(top)
-                line += (f"; the best diffusion setting by BLEU-4 ({top['setting']}: {tq}) takes "
-                         f"{top['ms_per_image']:.2f} ms per image against greedy's {greedy['ms_per_image']:.2f} ms "
-                         f"({greedy['ms_per_image'] / top['ms_per_image']:.2f}x greedy's speed)")
-            if fast:
-                q = max(fast, key=lambda r: tuple(r["quality"].get(k) or 0.0 for k in TARGET_KEYS))
-                qq = ", ".join(f"{k} {q['quality'][k]:.3f}" for k in TARGET_KEYS if k in q["quality"]) + draws_note(q)
-                line += (f"; on speed alone {len(fast)} diffusion settings meet it, the best of them by BLEU-4 "
-                         f"{q['setting']} ({greedy['ms_per_image'] / q['ms_per_image']:.2f}x greedy's speed; {qq})")
-            else:
-                line += "; no diffusion setting meets it on speed alone either"
-            out.append(line)
-            continue
-        best = min(ok_q, key=lambda r: r["ms_per_image"])
-        ratio = greedy["ms_per_image"] / best["ms_per_image"]
-        met = ratio >= goal
-        bq = ", ".join(f"{k} {best['quality'][k]:.3f}" for k in TARGET_KEYS if k in best["quality"])
-        bq += draws_note(best)
-        if B == 1:
-            detail = (f"diffusion {best['setting']} {best['ms_per_image']:.2f} ms against greedy "
-                      f"{greedy['ms_per_image']:.2f} ms ({ratio:.2f}x faster; target >= 1x)")
-        else:
-            detail = (f"diffusion {best['setting']} {best['images_per_s']:.0f} images/s against greedy "
-                      f"{greedy['images_per_s']:.0f} images/s ({ratio:.2f}x; target >= 2x)")
-        out.append(f"- {what}: **{'met' if met else 'not met'}** - {detail}; quality {bq} against greedy {gq}")
+        diff = [r for r in cpu if r["model"] == "diffusion" and r["batch"] == B and r.get("record") == "final"]
+        for reading, keys in READINGS:
+            missing = [k for k in keys if not isinstance(greedy["quality"].get(k), (int, float))]
+            if missing:  # e.g. a split whose captions name no colour of a multi-object scene
+                out.append(f"- {what}, at {reading}: not measured (greedy decoding has no "
+                           f"{', '.join(missing)} score on this split)")
+                continue
+            out.append(verdict(f"{what}, at {reading}", greedy, diff, goal, B, list(keys)))
     return out
+
+
+def verdict(what: str, greedy: dict, diff: list[dict], goal: float, B: int, keys: list[str]) -> str:
+    """One target line: the fastest diffusion row at least as good as greedy on every one of ``keys``."""
+    def num(r, k):  # a metric the split cannot score (no multi-object scene, say) is None
+        v = r["quality"].get(k)
+        return v if isinstance(v, (int, float)) else float("-inf")
+
+    def qual(r):
+        return ", ".join(f"{k} {num(r, k):.3f}" for k in keys if num(r, k) > float("-inf")) + draws_note(r, keys)
+
+    def rank(r):
+        return tuple(num(r, k) for k in keys)
+
+    gq = ", ".join(f"{k} {greedy['quality'][k]:.3f}" for k in keys)
+    ok_q = [r for r in diff if all(num(r, k) >= greedy["quality"][k] for k in keys)]
+    if not ok_q:
+        top = max(diff, key=rank, default=None)
+        fast = [r for r in diff if greedy["ms_per_image"] / r["ms_per_image"] >= goal]
+        line = f"- {what}: **not met** - no diffusion setting reaches the baseline's greedy quality ({gq})"
+        if top is not None:
+            line += (f"; the best diffusion setting by {keys[0]} ({top['setting']}: {qual(top)}) takes "
+                     f"{top['ms_per_image']:.2f} ms per image against greedy's {greedy['ms_per_image']:.2f} ms "
+                     f"({greedy['ms_per_image'] / top['ms_per_image']:.2f}x greedy's speed)")
+        if fast:
+            q = max(fast, key=rank)
+            line += (f"; on speed alone {len(fast)} diffusion settings meet it, the best of them by {keys[0]} "
+                     f"{q['setting']} ({greedy['ms_per_image'] / q['ms_per_image']:.2f}x greedy's speed; {qual(q)})")
+        else:
+            line += "; no diffusion setting meets it on speed alone either"
+        return line
+    best = min(ok_q, key=lambda r: r["ms_per_image"])
+    ratio = greedy["ms_per_image"] / best["ms_per_image"]
+    if B == 1:
+        detail = (f"diffusion {best['setting']} {best['ms_per_image']:.2f} ms against greedy "
+                  f"{greedy['ms_per_image']:.2f} ms ({ratio:.2f}x faster; target >= 1x)")
+    else:
+        detail = (f"diffusion {best['setting']} {best['images_per_s']:.0f} images/s against greedy "
+                  f"{greedy['images_per_s']:.0f} images/s ({ratio:.2f}x; target >= 2x)")
+    return f"- {what}: **{'met' if ratio >= goal else 'not met'}** - {detail}; quality {qual(best)} against greedy {gq}"
 
 
 def early_stop_table(qual: dict) -> str:
