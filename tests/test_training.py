@@ -167,6 +167,21 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
         near = [tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5 and ids]
         assert distill_captions.in_left_to_right_order(c, sc) or not any(
             distill_captions.in_left_to_right_order(h, sc) for h in near)
+    # --reference-weight: the near hypothesis closest to the image's own references (by sentence BLEU-2)
+    # wins once the weight outgrows the teacher's preferences
+    closest = str(tmp_path / "kd-closest")
+    distill_captions.main(common + ["--out", closest, "--select", "typical", "--margin", "0.5",
+                                    "--typicality-weight", "0", "--reference-weight", "1000"])
+    with open(os.path.join(closest, "dataset_shapes.json")) as f:
+        csel = json.load(f)["distilled"]
+    assert csel["selection"]["reference_weight"] == 1000 and "--reference-weight 1000" in csel["command"]
+    for (c,), r, rec in zip([r.captions for r in load_karpathy("shapes", closest, "train")], hyps, train):
+        near = [tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5 and ids]
+        assert c in near
+        assert distill_captions.sentence_bleu([c], rec.captions)[0] == pytest.approx(
+            max(distill_captions.sentence_bleu(near, rec.captions)), abs=1e-5)
+    with pytest.raises(SystemExit, match="positive weight with --select typical"):
+        distill_captions.main(common + ["--out", str(tmp_path / "y"), "--reference-weight", "1"])
     with pytest.raises(SystemExit, match="with --select typical"):
         distill_captions.main(common + ["--out", str(tmp_path / "y"), "--object-order", "left-to-right"])
     with pytest.raises(SystemExit, match="--beam >= 2"):
@@ -248,6 +263,25 @@ def test_typical_selection_breaks_near_ties_toward_the_common_phrasing():
     assert select_typical(near_tie, lm, margin=0.1, weight=1.0, prefer=lambda ids: False) is common_
     far = [(-0.2, rare), (-0.9, common_)]  # a preferred hypothesis outside the margin is still never chosen
     assert select_typical(far, lm, margin=0.1, weight=0.0, prefer=lambda ids: ids is common_) is rare
+
+
+def test_reference_similarity_picks_the_near_hypothesis_the_references_support():
+    from training.distill_captions import BigramModel, select_typical, sentence_bleu
+
+    refs = ["a purple star and a red square", "a red square next to a purple star on a blue background"]
+    right, swapped = "a purple star and a red square", "a red star and a purple square"
+    b_right, b_swapped, b_none = sentence_bleu([right, swapped, "two shapes"], refs)
+    assert b_right == pytest.approx(1.0) and 0 < b_swapped < b_right and b_none < b_swapped
+    assert sentence_bleu([right], []) == [0.0]  # no references: no signal, not an error
+
+    hyp_swapped, hyp_right = [1, 2, 3], [1, 3, 2]
+    lm = BigramModel([hyp_swapped, hyp_right], vocab_size=5)
+    text = {tuple(hyp_swapped): swapped, tuple(hyp_right): right}
+    bonus = lambda near: [2.0 * b for b in sentence_bleu([text[tuple(ids)] for ids in near], refs)]
+    ranked = [(-0.20, hyp_swapped), (-0.25, hyp_right)]  # the teacher prefers the swapped one
+    assert select_typical(ranked, lm, margin=0.1, weight=0.0) is hyp_swapped
+    assert select_typical(ranked, lm, margin=0.1, weight=0.0, bonus=bonus) is hyp_right
+    assert select_typical(ranked, lm, margin=0.01, weight=0.0, bonus=bonus) is hyp_swapped  # outside the margin
 
 
 def test_left_to_right_order_follows_the_scene_layout():

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--object-order", choices=("teacher", *OBJECT_ORDERS), default="teacher",
                    help="with --select typical: prefer hypotheses naming their objects left to right (left-to-right) "
                         "or in the world's order of shape names (by-shape); needs the shapes world's scenes")
+    p.add_argument("--reference-weight", type=float, default=0.0,
+                   help="with --select typical: weight of each hypothesis's sentence BLEU-2 against the image's "
+                        "own human references (Kim & Rush's sequence-level interpolation); 0 = off")
     p.add_argument("--keep-references", action="store_true",
                    help="add the teacher's caption to the human references instead of replacing them")
     p.add_argument("--batch-size", type=int, default=256)
@@ -119,17 +122,36 @@ class BigramModel:
 
 
 def select_typical(ranked: list[tuple[float, list[int]]], lm: BigramModel, margin: float, weight: float,
-                   prefer: Callable[[list[int]], bool] | None = None) -> list[int]:
+                   prefer: Callable[[list[int]], bool] | None = None,
+                   bonus: Callable[[list[list[int]]], list[float]] | None = None) -> list[int]:
     """From one image's ``(score, token ids)`` hypotheses, best first: among those within ``margin`` of
     the best score, the one maximising score + weight * mean bigram log probability (the first on ties).
-    With ``prefer``, only the near hypotheses it accepts compete, if it accepts any."""
+    With ``prefer``, only the near hypotheses it accepts compete, if it accepts any; ``bonus`` maps the
+    competing hypotheses to one extra term each, added to that objective."""
     best = ranked[0][0]
     near = [(s, ids) for s, ids in ranked if s >= best - margin and ids]
     if not near:
         return ranked[0][1]
     if prefer is not None:
         near = [c for c in near if prefer(c[1])] or near
-    return max(near, key=lambda c: c[0] + weight * lm.mean_log_prob(c[1]))[1]
+    extra = bonus([ids for _, ids in near]) if bonus is not None else [0.0] * len(near)
+    objective = [s + weight * lm.mean_log_prob(ids) + b for (s, ids), b in zip(near, extra)]
+    return near[max(range(len(near)), key=objective.__getitem__)][1]  # max keeps the first of equals
+
+
+def sentence_bleu(hypotheses: list[str], references: list[str], n: int = 2) -> list[float]:
+    """Sentence BLEU-n of each hypothesis against one image's references (pycocoevalcap's scorer,
+    closest reference length for the brevity penalty); a reference-free image scores 0."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    refs = [r for r in references if r.strip()]
+    if not refs or not hypotheses:
+        return [0.0] * len(hypotheses)
+    scorer = BleuScorer(n=n)
+    for h in hypotheses:
+        scorer += (h, refs)
+    _, per = scorer.compute_score(option="closest", verbose=0)
+    return [float(v) for v in per[n - 1]]
 
 
 def in_left_to_right_order(caption: str, scene: Scene) -> bool:
@@ -195,6 +217,8 @@ def distill(args) -> dict:
                          "and --typicality-weight >= 0")
     if args.object_order != "teacher" and args.select != "typical":
         raise SystemExit("--object-order chooses among beam hypotheses: use it with --select typical")
+    if args.reference_weight != 0 and (args.select != "typical" or not args.reference_weight > 0):
+        raise SystemExit("--reference-weight chooses among beam hypotheses: use a positive weight with --select typical")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     records = load_karpathy(args.data, args.data_dir, splits, image_dir=args.image_dir, restval_as_train=False)
     if not records:
@@ -222,9 +246,17 @@ def distill(args) -> dict:
             in_order = OBJECT_ORDERS[args.object_order]
             scenes = [Scene.from_json(r.scene) for r in records]
             prefer = [lambda ids, sc=sc: in_order(teacher.tokenizer.decode(ids), sc) for sc in scenes]
-        chosen = [select_typical(r, lm, args.margin, args.typicality_weight, p) for r, p in zip(hyps, prefer)]
+        bonus = [None] * len(hyps)
+        if args.reference_weight > 0:
+            decode = teacher.tokenizer.decode
+            bonus = [lambda near, refs=r.captions: [args.reference_weight * b for b in
+                                                    sentence_bleu([decode(ids) for ids in near], refs)]
+                     for r in records]
+        chosen = [select_typical(r, lm, args.margin, args.typicality_weight, p, b)
+                  for r, p, b in tqdm(list(zip(hyps, prefer, bonus)), desc="choosing", leave=False)]
         captions = [teacher.tokenizer.decode(ids) for ids in chosen]
         selection = {"select": "typical", "margin": args.margin, "typicality_weight": args.typicality_weight,
+                     **({"reference_weight": args.reference_weight} if args.reference_weight > 0 else {}),
                      "not_the_best": sum(c is not r[0][1] for c, r in zip(chosen, hyps))}
         if args.object_order != "teacher":
             multi = [i for i, sc in enumerate(scenes) if len(sc.objects) > 1]
@@ -274,6 +306,7 @@ def distill(args) -> dict:
                    + (f" --select typical --margin {args.margin} --typicality-weight {args.typicality_weight}"
                       if selection else "")
                    + (f" --object-order {args.object_order}" if args.object_order != "teacher" else "")
+                   + (f" --reference-weight {args.reference_weight}" if args.reference_weight > 0 else "")
                    + (" --keep-references" if args.keep_references else ""),
     }
     os.makedirs(args.out, exist_ok=True)
