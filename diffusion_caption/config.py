@@ -44,6 +44,9 @@ class CaptionerConfig:
     focus_steps: int = 0
     focus_spacing: str = "trailing^2"
     p_focus: float = 0.5
+    # step-unrolled training: a fraction p_unroll of each batch at the focus sampler's second timestep,
+    # its input made from the network's own first-step prediction (needs focus_steps >= 2); 0 = off
+    p_unroll: float = 0.0
     # sampling defaults
     sample_steps: int = 20
     sampler: str = "ddim"
@@ -70,6 +73,9 @@ class CaptionerConfig:
         if not 0 <= self.focus_steps <= self.T or not 0.0 <= self.p_focus <= 1.0:
             raise ValueError(f"focus_steps must be in [0, T={self.T}] and p_focus in [0, 1], "
                              f"got {self.focus_steps}, {self.p_focus}")
+        if not 0.0 <= self.p_unroll <= 1.0 or (self.p_unroll > 0 and self.focus_steps < 2):
+            raise ValueError(f"p_unroll must be in [0, 1] and needs focus_steps >= 2 (it trains the second "
+                             f"step), got p_unroll={self.p_unroll}, focus_steps={self.focus_steps}")
         if self.focus_steps:  # checked here, not after the features are encoded
             from .samplers import spacing_power
             spacing_power(self.focus_spacing)

@@ -39,12 +39,18 @@ class GaussianDiffusion:
     def training_losses(self, model, tokens: torch.Tensor, cond: torch.Tensor, lambda_round: float = 0.3,
                         lambda_feature: float = 0.0, p_uncond: float = 0.0,
                         generator: torch.Generator | None = None, t_focus: list[int] | None = None,
-                        p_focus: float = 0.0) -> dict[str, torch.Tensor]:
+                        p_focus: float = 0.0, p_unroll: float = 0.0,
+                        focus_spacing: str = "trailing^2") -> dict[str, torch.Tensor]:
         """Losses for a batch of token ids [B, L] and image features [B, D].
 
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
         x_t ~ q(x_t | x_0) at uniform t (with ``t_focus``, a fraction ``p_focus`` of the batch at one of
-        those timesteps instead: the ones a few-step sampler visits). ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        those timesteps instead: the ones a few-step sampler visits). With ``p_unroll`` (and at least two
+        focus timesteps), that fraction of the batch sits instead at the sampler's second timestep t_1, and
+        its x_t is not drawn from q(x_t | x_0) but made as the sampler makes it: the network's own x0 from
+        pure noise at t_0 (no gradient), then one DDIM step to t_1. The network so learns to correct its
+        own first draft, not only a noisy copy of the truth (step-unrolled training, as in SUNDAE, Savinov
+        et al. 2022). ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
@@ -65,6 +71,12 @@ class GaussianDiffusion:
         noise = torch.randn(x_start.shape, generator=generator, device=dev)
         x_t = sched.q_sample(x_start, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < p_uncond) if p_uncond > 0 else None
+        if p_unroll > 0:
+            if not t_focus or len(t_focus) < 2:
+                raise ValueError("p_unroll needs at least two focus timesteps: it trains the sampler's second step")
+            unroll = torch.rand(B, generator=generator, device=dev) < p_unroll
+            if bool(unroll.any()):
+                x_t, t = self._unrolled(model, x_t, t, cond, drop, unroll, t_focus, focus_spacing, generator)
         out, feature = model(x_t, t, cond, drop)
         out = out.float()
         if self.predict == "x0":
@@ -92,6 +104,27 @@ class GaussianDiffusion:
             losses["token_acc"] = (logits.argmax(-1) == tokens).float().mean()
         losses["loss"] = loss
         return losses
+
+    @torch.no_grad()
+    def _unrolled(self, model, x_t, t, cond, drop, rows, t_focus, spacing, generator):
+        """``x_t`` and ``t`` with the ``rows`` replaced by one DDIM step of the network's own prediction
+        from pure noise at ``t_focus[0]`` to ``t_focus[1]`` (see ``training_losses``)."""
+        from .samplers import DDIMSampler
+
+        t0, t1 = int(t_focus[0]), int(t_focus[1])
+        sampler = DDIMSampler(self.schedule, len(t_focus), spacing)
+        if list(sampler.timesteps) != [int(v) for v in t_focus]:
+            raise ValueError(f"focus timesteps {list(t_focus)} are not those of {len(t_focus)} steps with {spacing!r}")
+        idx = rows.nonzero().flatten()
+        n = idx.numel()
+        x_T = torch.randn((n,) + tuple(x_t.shape[1:]), generator=generator, device=x_t.device)
+        tt = torch.full((n,), t0, device=x_t.device, dtype=torch.long)
+        d = drop[idx] if drop is not None else None
+        out, _ = model(x_T, tt, cond[idx], d)
+        x0 = out.float() if self.predict == "x0" else self.schedule.predict_start_from_noise(x_T, tt, out.float())
+        x_t = x_t.clone()
+        x_t[idx] = sampler.step(x0, t0, x_T).prev_sample.to(x_t.dtype)
+        return x_t, torch.where(rows, torch.full_like(t, t1), t)
 
     # ------------------------------------------------------------------------------------------ sampling
     def predict_x0(self, model, x_t: torch.Tensor, t: int, cond: torch.Tensor,

@@ -97,6 +97,47 @@ def test_focus_training_draws_the_few_step_samplers_timesteps(make_captioner, to
         make_captioner(focus_steps=3, focus_spacing="leading")
 
 
+def test_unrolled_training_feeds_the_second_step_the_networks_own_first_draft(make_captioner, tokenizer):
+    """With ``p_unroll``, rows sit at the second focus timestep with x_t = one DDIM step of the network's own
+    x0 from pure noise, exactly what a two-step DDIM sampler gives it at inference."""
+    from diffusion_caption.samplers import DDIMSampler, spaced_timesteps
+
+    cap = make_captioner()
+    T = cap.config.T
+    t_focus = spaced_timesteps(T, 2, "trailing^2")
+    calls = []
+
+    class Spy(torch.nn.Module):
+        embeddings = cap.denoiser.embeddings
+
+        def forward(self, x_t, t, cond, drop=None):
+            calls.append((x_t.clone(), t.clone(), cond.clone()))
+            return cap.denoiser(x_t, t, cond, drop)
+
+    cap.denoiser.eval()
+    ids = tokenizer.encode(["a red circle"] * 64, cap.config.seq_len)
+    cond = torch.randn(64, cap.config.cond_dim, generator=torch.Generator().manual_seed(1))
+    diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, T), cap.config.predict)
+    with torch.no_grad():
+        diff.training_losses(Spy(), ids, cond, generator=torch.Generator().manual_seed(0), t_focus=t_focus,
+                             p_focus=0.0, p_unroll=0.5, focus_spacing="trailing^2")
+    (x_T, t_draft, cond_draft), (x_t, t, _) = calls  # the no-grad draft, then the training call
+    assert set(t_draft.tolist()) == {t_focus[0]}
+    unrolled = t == t_focus[1]
+    n = int(unrolled.sum())
+    assert n == x_T.shape[0] and 15 < n < 50  # about half the batch
+    assert torch.equal(cond_draft, cond[unrolled])
+    # the unrolled rows hold the sampler's step from the draft; the rest were drawn from q(x_t | x_0) as before
+    x0_draft, _ = cap.denoiser(x_T, t_draft, cond_draft)
+    expected = DDIMSampler(diff.schedule, 2, "trailing^2").step(x0_draft, t_focus[0], x_T).prev_sample
+    assert torch.allclose(x_t[unrolled], expected, atol=1e-5)
+    assert (t[~unrolled] != t_focus[1]).float().mean() > 0.9  # uniform t elsewhere (p_focus 0)
+    with pytest.raises(ValueError, match="two focus timesteps"):
+        diff.training_losses(cap.denoiser, ids, cond, t_focus=[T - 1], p_unroll=0.5)
+    with pytest.raises(ValueError, match="p_unroll"):
+        make_captioner(p_unroll=0.5, focus_steps=1)
+
+
 def test_trace_structure_and_determinism(make_captioner, scene_image):
     cap = make_captioner()
     for steps in (1, 2, 7):

@@ -214,6 +214,12 @@ def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip
     moved, _ = _train(world_dir, clip_dir, tmp_path / "moved", "--init", str(start), "--steps", "2")
     c = load_file(str(moved / "model.safetensors"))
     assert any(not torch.equal(a[k], c[k]) for k in a)
+    # ...and so do a few of step-unrolled training, which the saved config records
+    unrolled, _ = _train(world_dir, clip_dir, tmp_path / "unrolled", "--init", str(start), "--steps", "2",
+                         "--focus-steps", "2", "--p-unroll", "0.5")
+    assert Captioner.from_pretrained(str(unrolled)).config.p_unroll == 0.5
+    u = load_file(str(unrolled / "model.safetensors"))
+    assert any(not torch.equal(a[k], u[k]) for k in a)
 
     # a flag that would change a tensor's shape is refused before any training, naming the flag
     with pytest.raises(SystemExit, match="--seq-len"):

@@ -33,6 +33,13 @@ typicality choice; an image with no such hypothesis keeps the usual choice. The 
 teacher's own. Neither is used by a shipped checkpoint: training/README.md, section 9, has what they
 did to a student.
 
+``--reference-weight`` is Kim & Rush's *sequence-level interpolation*: among the near-best
+hypotheses, the objective also counts each one's sentence BLEU-2 against the image's own human
+references, times the weight. The teacher's captions stay the teacher's (so the phrasing stays as
+predictable for the student), but where the teacher's beam holds a caption the references support
+better -- the colours with the right shapes, say -- that one is kept. It needs only the references,
+so it works on any dataset, not only where ground-truth scenes exist.
+
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
 teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every
 other split keeps its human references, so evaluation is unchanged. Images are not copied: each entry's

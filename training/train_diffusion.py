@@ -314,7 +314,8 @@ def main(argv=None) -> None:
             g_["lr"] = common.scheduled_lr(tcfg.lr_schedule, step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
         with common.autocast(device):
             losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
-                                               mcfg.p_uncond, gen, t_focus, mcfg.p_focus)
+                                               mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
+                                               mcfg.focus_spacing)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tcfg.grad_clip > 0:
