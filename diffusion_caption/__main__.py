@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--select", default=None, choices=["mbr", "clip"],
                    help="which of K candidates: the consensus (mbr) or the highest CLIP score (clip); "
                         "default: the checkpoint's")
+    p.add_argument("--propose", default=None, choices=["noise", "rounding"],
+                   help="the K candidates: K noise draws (noise), or the K likeliest roundings of one draw "
+                        "(rounding, with --select clip); default: the checkpoint's")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
         return 2
     try:  # bad settings are one mistake, said once, before any image is read
         cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp, spacing=args.spacing,
-                           candidates=args.candidates, select=args.select)
+                           candidates=args.candidates, select=args.select, propose=args.propose)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
         try:
             trace = cap.caption(path, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                                 seed=args.seed, clamp=args.clamp, spacing=args.spacing, candidates=args.candidates,
-                                select=args.select)
+                                select=args.select, propose=args.propose)
         except (ImageLoadError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             status = 1

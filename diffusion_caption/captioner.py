@@ -15,11 +15,11 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import SELECTIONS, CaptionerConfig
+from .config import PROPOSALS, SELECTIONS, CaptionerConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
-from .rounding import round_to_tokens
+from .rounding import likeliest_roundings, round_to_tokens, token_logits
 from .mbr import mbr_select
 from .rerank import clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
@@ -30,6 +30,9 @@ from .trace import DenoisingStep, Trace
 FORMAT = "diffusion-caption/1"
 MAX_GUIDANCE = 20.0
 MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
+# propose="rounding": a position whose second-nearest token is e^3 (20) times less likely than its nearest
+# keeps its nearest; letting every position move lets CLIP pick captions that name what is not there
+ROUNDING_MAX_DELTA = 3.0
 RECORDS = ("all", "final")  # what a caption keeps: every step (the trace) or the last one only
 
 
@@ -112,7 +115,7 @@ class Captioner:
 
     # ---------------------------------------------------------------------------------------- sampling
     def check_settings(self, steps, sampler, guidance, seed, clamp, early_stop=0, *, spacing=None,
-                       candidates=None, select=None) -> dict:
+                       candidates=None, select=None, propose=None) -> dict:
         """Validated sampling settings, or a ValueError naming the parameter and its range."""
         T = self.config.T
         steps = self.config.sample_steps if steps is None else steps
@@ -146,9 +149,15 @@ class Captioner:
         if select == "clip" and self.image_encoder.text_tokenizer is None:
             raise ValueError("select='clip' ranks candidates by CLIP score, but this checkpoint's CLIP has no text "
                              "tokenizer (no tokenizer.json in its clip/ folder)")
+        propose = self.config.sample_propose if propose is None else propose
+        if propose not in PROPOSALS:
+            raise ValueError(f"propose must be one of {PROPOSALS} (where the candidates come from), got {propose!r}")
+        if propose == "rounding" and candidates > 1 and select != "clip":
+            raise ValueError("propose='rounding' varies one draw's rounding, and the consensus of those variants "
+                             "is the draw itself: choose among them with select='clip'")
         return {"steps": int(steps), "sampler": sampler, "guidance": float(guidance), "seed": seed,
                 "clamp": bool(clamp), "early_stop": early_stop, "spacing": spacing.strip().lower(),
-                "candidates": candidates, "select": select}
+                "candidates": candidates, "select": select, "propose": propose}
 
     def encode_images(self, images: list) -> torch.Tensor:
         return self.image_encoder.encode(images).to(self.device)
@@ -165,7 +174,8 @@ class Captioner:
                            steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                            seed: int = 0, clamp: bool | None = None, early_stop: int = 0,
                            record: str = "all", spacing: str | None = None,
-                           candidates: int | None = None, select: str | None = None) -> Iterator[list[DenoisingStep | None]]:
+                           candidates: int | None = None, select: str | None = None,
+                           propose: str | None = None) -> Iterator[list[DenoisingStep | None]]:
         """Yield, at every denoising step, one ``DenoisingStep`` per image. Give images or their features.
 
         ``early_stop = k > 0``: an image stops once every position's rounded token has stayed the same
@@ -176,7 +186,7 @@ class Captioner:
         if record not in RECORDS:
             raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
         s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
-                                candidates=candidates, select=select)
+                                candidates=candidates, select=select, propose=propose)
         if s["candidates"] > 1:
             raise ValueError("choosing among several candidates needs finished captions, so it cannot stream; "
                              "use caption_batch or caption (or candidates=1)")
@@ -224,7 +234,7 @@ class Captioner:
                       steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                       seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
                       spacing: str | None = None, candidates: int | None = None,
-                      select: str | None = None) -> list[Trace]:
+                      select: str | None = None, propose: str | None = None) -> list[Trace]:
         """One ``Trace`` per image, all images denoised together as one batch.
 
         ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
@@ -232,10 +242,16 @@ class Captioner:
         times in the same batch (K different noise draws) and its trace is the one ``select`` keeps: the
         caption agreeing most with the other K-1 (``"mbr"``, ``diffusion_caption.mbr``) or the one with the
         highest CLIP score (``"clip"``, ``diffusion_caption.rerank``); ``Trace.candidates`` holds all K.
+        With ``propose="rounding"`` the image is denoised once and the candidates are the K likeliest
+        roundings of its last x0 prediction (``rounding.likeliest_roundings``: each position its nearest
+        or second-nearest token), the distinct ones kept, chosen among by CLIP score: a one-step
+        captioner that all but ignores its noise gives few distinct captions over K draws, while its
+        uncertain positions are exactly where the roundings differ. The trace's last step then holds
+        the chosen tokens and each one's rounding probability.
         """
         t0 = time.perf_counter()
         settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
-                                       candidates=candidates, select=select)
+                                       candidates=candidates, select=select, propose=propose)
         if settings["candidates"] > 1:
             return self._caption_candidates(images, features, settings, record, t0)
         n = len(images) if features is None else features.shape[0]
@@ -255,22 +271,51 @@ class Captioner:
             if not images:
                 raise ValueError("give at least one image (or precomputed features)")
             features = self.encode_images(list(images))
-        samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record,
-                                     **dict(settings, candidates=1))
-        groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
+        one = dict(settings, candidates=1)
+        if settings["propose"] == "rounding":
+            drawn = self.caption_batch(features=features, record=record, **one)
+            groups, finals = zip(*[self._roundings(tr.final, K) for tr in drawn]) if drawn else ((), ())
+            samples = None
+        else:
+            samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record, **one)
+            groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
         if settings["select"] == "clip":
-            chosen = clip_select(self.image_encoder, features.to(self.image_encoder.device), groups)
+            chosen = clip_select(self.image_encoder, features.to(self.image_encoder.device), list(groups))
         else:
             chosen = [mbr_select(texts) for texts in groups]
         seconds = time.perf_counter() - t0
         s = dict(settings, **({"record": record} if record != "all" else {}))
+        if samples is None:
+            return [Trace(tr.steps[:-1] + [finals[b][j]], dict(s), seconds, candidates=list(groups[b]), chosen=j)
+                    for b, (tr, j) in enumerate(zip(drawn, chosen))]
         return [Trace(samples[b * K + j].steps, dict(s), seconds, candidates=texts, chosen=j)
                 for b, (texts, j) in enumerate(zip(groups, chosen))]
 
+    def _roundings(self, step: DenoisingStep, k: int) -> tuple[list[str], list[DenoisingStep]]:
+        """The distinct captions among the ``k`` likeliest roundings of ``step.x0_pred`` (positions up to
+        its caption's [SEP] may move), and for each the step record it makes, best first."""
+        ids = step.token_ids
+        n = ids.index(self.tokenizer.sep_id) + 1 if self.tokenizer.sep_id in ids else len(ids)
+        E = self.denoiser.embeddings.detach().cpu()
+        probs = None
+        texts, steps = [], []
+        for alt, _ in likeliest_roundings(step.x0_pred, E, k, positions=n, max_delta=ROUNDING_MAX_DELTA):
+            text = self.tokenizer.decode(alt)
+            if text in texts:
+                continue
+            if probs is None:
+                probs = token_logits(step.x0_pred.float(), E.float()).softmax(-1)
+            conf = probs.gather(-1, torch.tensor(alt)[:, None])[:, 0]
+            texts.append(text)
+            steps.append(dataclasses.replace(step, token_ids=list(alt), tokens=self.tokenizer.token_strings(alt),
+                                             confidence=[round(float(c), 6) for c in conf.tolist()], text=text))
+        return texts, steps
+
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                 seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
-                spacing: str | None = None, candidates: int | None = None, select: str | None = None) -> Trace:
+                spacing: str | None = None, candidates: int | None = None, select: str | None = None,
+                propose: str | None = None) -> Trace:
         """Caption one image (a path, PIL image, array or bytes); the trace holds every step."""
         return self.caption_batch([image], steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                                   clamp=clamp, early_stop=early_stop, record=record, spacing=spacing,
-                                  candidates=candidates, select=select)[0]
+                                  candidates=candidates, select=select, propose=propose)[0]

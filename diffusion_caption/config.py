@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 FUSIONS = ("concat", "add")
 PREDICTIONS = ("x0", "eps")
 SELECTIONS = ("mbr", "clip")  # how one of several candidates is kept: consensus, or CLIP score
+# where the candidates come from: K noise draws, or the K likeliest roundings of one draw's final x0
+PROPOSALS = ("noise", "rounding")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class CaptionerConfig:
     sample_spacing: str = "linspace"  # which timesteps a few-step sampler keeps (samplers.spaced_timesteps)
     sample_candidates: int = 1  # samples per image to choose among; 1 = none
     sample_select: str = "mbr"  # how: "mbr" (diffusion_caption.mbr) or "clip" (diffusion_caption.rerank)
+    sample_propose: str = "noise"  # from what: "noise" (K draws) or "rounding" (K roundings of one draw)
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):
@@ -62,6 +65,8 @@ class CaptionerConfig:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.sample_select not in SELECTIONS:
             raise ValueError(f"sample_select must be one of {SELECTIONS}, got {self.sample_select!r}")
+        if self.sample_propose not in PROPOSALS:
+            raise ValueError(f"sample_propose must be one of {PROPOSALS}, got {self.sample_propose!r}")
         if self.predict not in PREDICTIONS:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
         if self.cond_mlp < 0:

@@ -28,3 +28,48 @@ def clamp_to_embeddings(x: torch.Tensor, embeddings: torch.Tensor) -> torch.Tens
     """Replace every position of x by its nearest token embedding."""
     ids = token_logits(x, embeddings).argmax(-1)
     return embeddings.to(x.dtype)[ids]
+
+
+def likeliest_roundings(x: torch.Tensor, embeddings: torch.Tensor, k: int,
+                        positions: int | None = None, max_delta: float = float("inf")) -> list[tuple[list[int], float]]:
+    """The ``k`` likeliest token sequences for one prediction ``x`` [L, d], best first, with their log
+    probabilities, positions independent (the rounding softmax at each) and each position keeping its
+    nearest or its second-nearest token.
+
+    The first is ``round_to_tokens``'s rounding. Moving position q to its second token costs
+    delta_q = log p_q(1st) - log p_q(2nd) >= 0, so the k best sequences are the k subsets of positions
+    with the smallest summed delta; they are enumerated exactly, in order, with a heap over the deltas
+    sorted ascending (from a subset whose largest index is i: add i+1, or move i to i+1; every subset is
+    reached once). Only the first ``positions`` positions may move (default: all), so that padding
+    after the caption's end need not be spent on, and only those whose delta is at most ``max_delta``
+    (a position whose second token is e^-max_delta times less likely than its first keeps its first).
+    """
+    import heapq
+
+    if x.dim() != 2:
+        raise ValueError(f"x must be one prediction [L, d], got shape {tuple(x.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    logp = token_logits(x.float(), embeddings.float()).log_softmax(-1)
+    top = logp.topk(2, -1)
+    best = top.indices[:, 0].tolist()
+    second = top.indices[:, 1].tolist()
+    base = float(top.values[:, 0].sum())
+    n = x.shape[0] if positions is None else max(0, min(int(positions), x.shape[0]))
+    delta = (top.values[:n, 0] - top.values[:n, 1]).tolist()
+    order = sorted((q for q in range(n) if delta[q] <= max_delta), key=lambda q: delta[q])
+    n = len(order)
+    d = [delta[q] for q in order]
+    out = [(best, base)]
+    heap = [(d[0], (0,))] if n else []
+    while heap and len(out) < k:
+        cost, subset = heapq.heappop(heap)
+        ids = list(best)
+        for i in subset:
+            ids[order[i]] = second[order[i]]
+        out.append((ids, base - cost))
+        i = subset[-1]
+        if i + 1 < n:
+            heapq.heappush(heap, (cost + d[i + 1], subset + (i + 1,)))
+            heapq.heappush(heap, (cost - d[i] + d[i + 1], subset[:-1] + (i + 1,)))
+    return out

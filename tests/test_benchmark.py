@@ -163,6 +163,10 @@ def test_distilled_settings_override_the_checkpoints_own(make_captioner):
         ["--distilled-settings", "ddpm:2:1:clamp:trailing^2:k8:clip"]), [1], model)
     assert [(p["setting"], p["candidates"], p["select"]) for p in k] == [
         ("distilled: DDPM 2, clamp, trailing^2, 8 candidates by CLIP", 8, "clip")]
+    r = benchmark.distilled_plan(benchmark.build_parser().parse_args(
+        ["--distilled-settings", "ddim:1:1:k8:clip:rounding"]), [1], model)
+    assert [(p["setting"], p["candidates"], p["select"], p["propose"]) for p in r] == [
+        ("distilled: DDIM 1, 8 roundings by CLIP", 8, "clip", "rounding")]
     many = make_captioner(sample_steps=1, sampler="ddpm", sample_candidates=4, sample_select="mbr")
     own_k = benchmark.distilled_plan(benchmark.build_parser().parse_args(["--distilled-steps", "1"]), [1], many)
     assert [(p["setting"], p["candidates"]) for p in own_k] == [("distilled: DDPM 1, 4 candidates by MBR", 4)]

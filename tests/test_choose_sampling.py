@@ -15,21 +15,26 @@ def test_choose_prefers_the_best_score_then_the_fewest_calls():
 def test_parse_setting():
     assert choose_sampling.parse_setting("ddpm:50:5:clamp") == {"sampler": "ddpm", "steps": 50, "guidance": 5.0,
                                                                 "clamp": True, "spacing": "linspace",
-                                                                "candidates": 1, "select": "mbr"}
+                                                                "candidates": 1, "select": "mbr", "propose": "noise"}
     assert choose_sampling.parse_setting("DDIM:20:1")["clamp"] is False
     s = choose_sampling.parse_setting("ddpm:10:5:clamp:trailing^2")
     assert s["clamp"] is True and s["spacing"] == "trailing^2"
     assert choose_sampling.parse_setting("ddim:5:1:trailing") == {"sampler": "ddim", "steps": 5, "guidance": 1.0,
                                                                   "clamp": False, "spacing": "trailing",
-                                                                  "candidates": 1, "select": "mbr"}
+                                                                  "candidates": 1, "select": "mbr", "propose": "noise"}
     assert choose_sampling.name(s) == "DDPM 10, guidance 5, clamp, trailing^2"
     # K candidates per image, kept by consensus unless CLIP score is named
     k = choose_sampling.parse_setting("ddpm:2:1:clamp:trailing^2:k8:clip")
     assert (k["candidates"], k["select"], k["spacing"], k["clamp"]) == (8, "clip", "trailing^2", True)
     assert choose_sampling.name(k) == "DDPM 2, guidance 1, clamp, trailing^2, 8 candidates by CLIP"
     assert choose_sampling.parse_setting("ddim:1:1:k4")["select"] == "mbr"
+    # ...from the likeliest roundings of one draw when named
+    r = choose_sampling.parse_setting("ddim:1:1:k8:clip:rounding")
+    assert (r["candidates"], r["select"], r["propose"], r["spacing"]) == (8, "clip", "rounding", "linspace")
+    assert choose_sampling.name(r) == "DDIM 1, guidance 1, 8 roundings by CLIP"
     for bad in ("ddim:20", "ddim:x:1", "ddim:20:1:yes", "ddim:20:1:clamp:clamp", "ddim:5:1:trailing:linspace",
-                "ddim:5:1:trailing^0", "ddim:1:1:clip", "ddim:1:1:k2:k4", "ddim:1:1:k4:clip:mbr"):
+                "ddim:5:1:trailing^0", "ddim:1:1:clip", "ddim:1:1:k2:k4", "ddim:1:1:k4:clip:mbr",
+                "ddim:1:1:rounding", "ddim:1:1:k4:clip:rounding:noise"):
         with pytest.raises(SystemExit, match="--settings"):
             choose_sampling.parse_setting(bad)
 

@@ -31,3 +31,6 @@ def test_cli_prints_captions_and_trace(make_captioner, scene_image, tmp_path):
     assert trace["settings"]["spacing"] == "trailing^2" and trace["settings"]["candidates"] == 3
     bad_k = subprocess.run(base + [scene_image, "--candidates", "0"], capture_output=True, text=True, timeout=120)
     assert bad_k.returncode == 2 and "candidates must be" in bad_k.stderr and "Traceback" not in bad_k.stderr
+    bad_p = subprocess.run(base + [scene_image, "--candidates", "4", "--propose", "rounding", "--select", "mbr"],
+                           capture_output=True, text=True, timeout=120)
+    assert bad_p.returncode == 2 and "select='clip'" in bad_p.stderr and "Traceback" not in bad_p.stderr

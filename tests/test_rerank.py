@@ -68,8 +68,49 @@ def test_captioner_keeps_the_candidate_with_the_best_clip_score(make_captioner, 
     assert cap.caption(scene_image, candidates=6, seed=3, sampler="ddpm").chosen == tr.chosen
 
 
+def test_rounding_proposals_are_one_draws_likeliest_roundings_kept_by_clip(make_captioner, clip_with_text,
+                                                                            scene_image):
+    from diffusion_caption.rounding import likeliest_roundings, token_logits
+
+    cap = make_captioner(sample_steps=2)
+    cap.image_encoder = clip_with_text
+    plain = cap.caption(scene_image, seed=3)
+    tr = cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding")
+    assert tr.settings["propose"] == "rounding" and 1 < len(tr.candidates) <= 8
+    assert len(set(tr.candidates)) == len(tr.candidates) and tr.candidates[0] == plain.text
+    # the one draw's steps, its last x0 unchanged; only the rounding of the last step is the chosen one
+    assert len(tr.steps) == len(plain.steps)
+    assert all(torch.equal(a.x0_pred, b.x0_pred) and a.text == b.text for a, b in zip(tr.steps[:-1], plain.steps[:-1]))
+    assert torch.equal(tr.final.x0_pred, plain.final.x0_pred)
+    scores = clip_scores(clip_with_text, cap.encode_images([scene_image]), [tr.candidates])[0]
+    assert tr.text == tr.candidates[tr.chosen] and scores[tr.chosen] == max(scores)
+    assert cap.tokenizer.decode(tr.final.token_ids) == tr.text
+    E = cap.denoiser.embeddings.detach()
+    probs = token_logits(tr.final.x0_pred, E).softmax(-1)
+    top2 = probs.topk(2, -1).indices
+    assert all(i in top2[q].tolist() for q, i in enumerate(tr.final.token_ids))  # nearest or second-nearest
+    assert tr.final.confidence == pytest.approx(probs.gather(-1, torch.tensor(tr.final.token_ids)[:, None])[:, 0].tolist(),
+                                                abs=1e-5)
+    # the candidates are those roundings' distinct captions, in order
+    texts = []
+    for ids, _ in likeliest_roundings(plain.final.x0_pred, E, 8, positions=plain.final.token_ids.index(cap.tokenizer.sep_id) + 1
+                                      if cap.tokenizer.sep_id in plain.final.token_ids else None, max_delta=3.0):
+        if cap.tokenizer.decode(ids) not in texts:
+            texts.append(cap.tokenizer.decode(ids))
+    assert tr.candidates == texts
+    # batched, each image its own: the same as one at a time
+    two = cap.caption_batch([scene_image, scene_image], candidates=8, seed=3, select="clip", propose="rounding")
+    assert two[0].candidates == tr.candidates and two[0].text == tr.text
+    with pytest.raises(ValueError, match="select='clip'"):  # consensus among one draw's roundings is the draw
+        cap.caption(scene_image, candidates=8, propose="rounding", select="mbr")
+    with pytest.raises(ValueError, match="propose must be one of"):
+        cap.caption(scene_image, candidates=8, select="clip", propose="beam")
+
+
 def test_config_rejects_an_unknown_selection():
     from diffusion_caption.config import preset
 
     with pytest.raises(ValueError, match="sample_select"):
         preset("tiny", sample_select="random")
+    with pytest.raises(ValueError, match="sample_propose"):
+        preset("tiny", sample_propose="beam")

@@ -1,6 +1,10 @@
 import torch
 
-from diffusion_caption.rounding import clamp_to_embeddings, round_to_tokens, token_logits
+import itertools
+
+import pytest
+
+from diffusion_caption.rounding import clamp_to_embeddings, likeliest_roundings, round_to_tokens, token_logits
 
 
 def test_logits_are_negative_squared_distances():
@@ -25,3 +29,43 @@ def test_clamp_maps_to_nearest_embedding():
     E = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     x = torch.tensor([[[1.0, 1.0], [9.0, 2.0], [-1.0, 7.0]]])
     assert torch.equal(clamp_to_embeddings(x, E), E[torch.tensor([[0, 1, 2]])])
+
+
+def _brute_force(x, E, positions):
+    """Every sequence of nearest / second-nearest tokens over ``positions``, by joint log probability."""
+    logp = token_logits(x, E).log_softmax(-1)
+    top = logp.topk(2, -1).indices
+    out = []
+    for choice in itertools.product([0, 1], repeat=len(positions)):
+        ids = top[:, 0].tolist()
+        for q, c in zip(positions, choice):
+            ids[q] = int(top[q, c])
+        out.append((sum(float(logp[q, i]) for q, i in enumerate(ids)), ids))
+    return sorted(out, key=lambda r: -r[0])
+
+
+def test_likeliest_roundings_are_the_k_best_sequences_in_order():
+    g = torch.Generator().manual_seed(0)
+    E, x = torch.randn(9, 4, generator=g), torch.randn(6, 4, generator=g)
+    got = likeliest_roundings(x, E, 20)
+    want = _brute_force(x, E, range(6))[:20]
+    assert [ids for ids, _ in got] == [ids for _, ids in want]
+    assert [lp for _, lp in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    assert got[0][0] == round_to_tokens(x, E)[0].tolist()  # the first is the plain rounding
+    assert len({tuple(ids) for ids, _ in likeliest_roundings(x, E, 64)}) == 64  # all 2^6, none twice
+    assert len(likeliest_roundings(x, E, 100)) == 64
+
+    # only the first `positions` may move, and only where the second token is within e^max_delta of the first
+    assert [ids for ids, _ in likeliest_roundings(x, E, 8, positions=3)] == \
+        [ids for _, ids in _brute_force(x, E, range(3))]
+    logp = token_logits(x, E).log_softmax(-1).topk(2, -1).values
+    delta = (logp[:, 0] - logp[:, 1]).tolist()
+    limit = sorted(delta)[2]  # the three least certain positions
+    free = [q for q in range(6) if delta[q] <= limit]
+    assert [ids for ids, _ in likeliest_roundings(x, E, 64, max_delta=limit)] == \
+        [ids for _, ids in _brute_force(x, E, free)]
+    assert likeliest_roundings(x, E, 5, max_delta=-1.0) == [got[0]]  # nothing may move
+    with pytest.raises(ValueError, match="one prediction"):
+        likeliest_roundings(x[None], E, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        likeliest_roundings(x, E, 0)

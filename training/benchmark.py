@@ -412,7 +412,8 @@ def distilled_specs(args, model) -> list[dict]:
         except SystemExit as e:  # parse_setting names its own command's flag
             raise SystemExit(str(e).replace("--settings", "--distilled-settings", 1)) from None
     return [dict(sampler=cfg.sampler, steps=k, guidance=float(cfg.sample_guidance), clamp=bool(cfg.sample_clamp),
-                 spacing=cfg.sample_spacing, candidates=cfg.sample_candidates, select=cfg.sample_select, own=True)
+                 spacing=cfg.sample_spacing, candidates=cfg.sample_candidates, select=cfg.sample_select,
+                 propose=cfg.sample_propose, own=True)
             for k in args.distilled_steps]
 
 
@@ -421,7 +422,8 @@ def distilled_setting_name(spec: dict, compiled: bool = False, tag: str = "") ->
         ([f"guidance {spec['guidance']:g}"] if spec["guidance"] != 1 else []) + (["clamp"] if spec["clamp"] else [])
         + ([spec["spacing"]] if spec["spacing"] != "linspace" else []))
     if spec.get("candidates", 1) > 1:  # named even for a checkpoint's own default: it multiplies the work
-        extras.append(f"{spec['candidates']} candidates by {spec.get('select', 'mbr').upper()}")
+        what = "roundings" if spec.get("propose") == "rounding" else "candidates"
+        extras.append(f"{spec['candidates']} {what} by {spec.get('select', 'mbr').upper()}")
     return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])), tag)
 
 
@@ -434,7 +436,7 @@ def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False, 
         for spec in distilled_specs(args, model):
             row = dict(sampler=spec["sampler"], steps=spec["steps"], guidance=spec["guidance"], clamp=spec["clamp"],
                        spacing=spec["spacing"], candidates=spec.get("candidates", 1), select=spec.get("select", "mbr"),
-                       early_stop=0, record="final", distilled=True,
+                       propose=spec.get("propose", "noise"), early_stop=0, record="final", distilled=True,
                        setting=distilled_setting_name(spec, variant, tag), distilled_index=index,
                        **({"distilled_tag": tag} if tag else {}))
             plan += [dict(row, batch=B, **({"compiled": True} if variant else {})) for B in batch_sizes]
@@ -488,7 +490,8 @@ def measure_suite(suite: Suite, device: torch.device, dtype: str, args, batch_si
         if kind in ("diffusion", "distilled"):
             kw = dict(steps=p["steps"], sampler=p.get("sampler", "ddim"), guidance=p["guidance"], seed=args.seed,
                       clamp=p.get("clamp", False), early_stop=p["early_stop"], record=p["record"],
-                      candidates=p.get("candidates", 1), select=p.get("select"), spacing=p.get("spacing"))
+                      candidates=p.get("candidates", 1), select=p.get("select"), spacing=p.get("spacing"),
+                      propose=p.get("propose"))
         else:
             kw = dict(beam=p["beam"])
 
@@ -566,7 +569,7 @@ def score(model, kind: str, kw: dict, seed: int, args, suite: Suite, cpu_dtype: 
         settings = model.check_settings(kw["steps"], kw.get("sampler", "ddim"), kw["guidance"], seed,
                                         kw.get("clamp", False), kw["early_stop"],
                                         candidates=kw.get("candidates", 1), spacing=kw.get("spacing"),
-                                        select=kw.get("select"))
+                                        select=kw.get("select"), propose=kw.get("propose"))
         settings["record"] = "final"  # the same captions as the full trace, without it
     with autocast(torch.device("cpu"), cpu_dtype):  # the captions of the precision that is timed
         res = evaluate(model, suite.records, settings, args.quality_batch, args.cache_dir, metrics=False)
@@ -609,7 +612,7 @@ def quality(suite: Suite, args) -> dict:
         for p in distilled_plan(args, [1], m, tag=tag, index=j):
             jobs.append(("distilled", p["setting"], {k: p[k] for k in ("steps", "sampler", "guidance", "clamp",
                                                                        "early_stop", "spacing", "distilled_index",
-                                                                       "candidates", "select")}))
+                                                                       "candidates", "select", "propose")}))
     if suite.baseline is not None:
         jobs += [("baseline", "greedy" if b == 1 else f"beam {b}", dict(beam=b)) for b in args.beams]
     eager: dict = {}  # steps -> the captions without early stopping
@@ -832,8 +835,9 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                     if variant.startswith("distilled"):
                         if variant.endswith("compiled"):  # the eager point beside it carries the label
                             continue
-                        name = f"KD {r['steps']}" + (f" x{r['candidates']} {r.get('select', 'mbr')}"
-                                                     if r.get("candidates", 1) > 1 else "")
+                        name = f"KD {r['steps']}" + (
+                            f" x{r['candidates']} {'rounding ' if r.get('propose') == 'rounding' else ''}"
+                            f"{r.get('select', 'mbr')}" if r.get("candidates", 1) > 1 else "")
                     elif variant == "checkpoint default":
                         name = "default"
                     elif variant == "checkpoint default, MBR":

@@ -3,15 +3,16 @@
     python -m training.choose_sampling --checkpoint runs/shapes-diffusion-aug/final --split val \\
         --settings ddim:20:5,ddim:20:5:clamp,ddpm:50:5,ddpm:50:5:clamp,ddpm:10:5:clamp:trailing^2 --seeds 0,1,2 --write
 
-Each setting is ``SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr]]``, SPACING one of ``linspace``
+Each setting is ``SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]]``, SPACING one of ``linspace``
 (when left out), ``trailing`` or ``trailing^k`` (``diffusion_caption.samplers.spaced_timesteps``); ``kK``
-denoises K candidates per image and keeps one by consensus (``mbr``, when left out) or CLIP score (``clip``). Every setting captions the split's single-object
-images once per seed (the whole set as one batch per 250 images, seeded as ``evaluation.generate``
+denoises K candidates per image and keeps one by consensus (``mbr``, when left out) or CLIP score (``clip``);
+``rounding`` takes the K candidates from the K likeliest roundings of one draw instead of K noise draws.
+Every setting captions the split's single-object images once per seed (the whole set as one batch per 250 images, seeded as ``evaluation.generate``
 does), and is scored by the exact single-object colour and shape accuracy against the scenes. The
 chosen setting has the best mean of the two, averaged over the seeds; among settings within
 ``--tie`` of the best, the one with the fewest network calls (steps, doubled with guidance) wins.
 ``--write`` stores it in the checkpoint's ``config.json`` (``sampler``, ``sample_steps``,
-``sample_guidance``, ``sample_clamp``, ``sample_spacing``, ``sample_candidates``, ``sample_select``) with the table it was chosen from; the weights are untouched.
+``sample_guidance``, ``sample_clamp``, ``sample_spacing``, ``sample_candidates``, ``sample_select``, ``sample_propose``) with the table it was chosen from; the weights are untouched.
 
 Only a split other than the test split should be used to choose: the test numbers are reported after.
 """
@@ -40,11 +41,13 @@ def parse_setting(text: str) -> dict:
     flags = [p.strip().lower() for p in parts[3:]]
     ks = [f for f in flags if len(f) > 1 and f[0] == "k" and f[1:].isdigit()]
     selects = [f for f in flags if f in ("clip", "mbr")]
-    spacings = [f for f in flags if f != "clamp" and f not in ks and f not in selects]
+    proposes = [f for f in flags if f in ("noise", "rounding")]
+    spacings = [f for f in flags if f != "clamp" and f not in ks and f not in selects and f not in proposes]
     if (len(parts) < 3 or flags.count("clamp") > 1 or len(spacings) > 1 or len(ks) > 1 or len(selects) > 1
-            or (selects and not ks)):
-        raise SystemExit(f"--settings: {text!r} is not SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr]] "
-                         "(e.g. ddpm:50:5:clamp, ddpm:10:5:clamp:trailing^2 or ddpm:2:1:clamp:trailing^2:k8:clip)")
+            or len(proposes) > 1 or ((selects or proposes) and not ks)):
+        raise SystemExit(f"--settings: {text!r} is not SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]] "
+                         "(e.g. ddpm:50:5:clamp, ddpm:10:5:clamp:trailing^2, ddpm:2:1:clamp:trailing^2:k8:clip "
+                         "or ddim:1:1:k8:clip:rounding)")
     try:
         spacing_power(spacings[0] if spacings else "linspace")
     except ValueError as e:
@@ -52,7 +55,8 @@ def parse_setting(text: str) -> dict:
     try:
         return {"sampler": parts[0].lower(), "steps": int(parts[1]), "guidance": float(parts[2]),
                 "clamp": "clamp" in flags, "spacing": spacings[0] if spacings else "linspace",
-                "candidates": int(ks[0][1:]) if ks else 1, "select": selects[0] if selects else "mbr"}
+                "candidates": int(ks[0][1:]) if ks else 1, "select": selects[0] if selects else "mbr",
+                "propose": proposes[0] if proposes else "noise"}
     except ValueError:
         raise SystemExit(f"--settings: {text!r}: steps must be an integer and guidance a number") from None
 
@@ -60,7 +64,8 @@ def parse_setting(text: str) -> dict:
 def name(s: dict) -> str:
     return (f"{s['sampler'].upper()} {s['steps']}, guidance {s['guidance']:g}" + (", clamp" if s["clamp"] else "")
             + (f", {s['spacing']}" if s.get("spacing", "linspace") != "linspace" else "")
-            + (f", {s['candidates']} candidates by {s.get('select', 'mbr').upper()}" if s.get("candidates", 1) > 1 else ""))
+            + (f", {s['candidates']} {'roundings' if s.get('propose') == 'rounding' else 'candidates'} by "
+               f"{s.get('select', 'mbr').upper()}" if s.get("candidates", 1) > 1 else ""))
 
 
 def calls(s: dict) -> int:
@@ -98,7 +103,7 @@ def main(argv=None) -> dict:
     for s in settings:  # every setting validated before any captioning
         try:
             model.check_settings(s["steps"], s["sampler"], s["guidance"], 0, s["clamp"], spacing=s["spacing"],
-                                 candidates=s["candidates"], select=s["select"])
+                                 candidates=s["candidates"], select=s["select"], propose=s["propose"])
         except ValueError as e:
             raise SystemExit(f"--settings {name(s)}: {e}") from None
     records = [r for r in load_datasets("shapes", args.data_dir, splits=[args.split])
@@ -113,7 +118,7 @@ def main(argv=None) -> dict:
         for seed in seeds:
             torch.manual_seed(seed)
             st = model.check_settings(s["steps"], s["sampler"], s["guidance"], seed, s["clamp"], spacing=s["spacing"],
-                                      candidates=s["candidates"], select=s["select"])
+                                      candidates=s["candidates"], select=s["select"], propose=s["propose"])
             acc = single_object_accuracy(generate(model, feats, st, args.batch_size), scenes)
             colour.append(acc["color_acc"])
             shape.append(acc["shape_acc"])
@@ -125,7 +130,7 @@ def main(argv=None) -> dict:
         tqdm.write(f"{row['setting']}: colour {row['colour']:.3f}, shape {row['shape']:.3f}")
     best = choose(rows, args.tie)
     table = markdown_table([{k: v for k, v in r.items()
-                             if k not in ("sampler", "steps", "guidance", "clamp", "spacing", "candidates", "select")}
+                             if k not in ("sampler", "steps", "guidance", "clamp", "spacing", "candidates", "select", "propose")}
                             for r in rows], first="setting")
     head = (f"{len(records)} single-object images of {args.data_dir} ({args.split}), seeds {args.seeds}; "
             f"score = mean of colour and shape accuracy; chosen: {best['setting']}\n\n")
@@ -140,7 +145,7 @@ def main(argv=None) -> dict:
         c = meta["captioner"]
         c.update(sampler=best["sampler"], sample_steps=best["steps"], sample_guidance=best["guidance"],
                  sample_clamp=best["clamp"], sample_spacing=best["spacing"], sample_candidates=best["candidates"],
-                 sample_select=best["select"])
+                 sample_select=best["select"], sample_propose=best["propose"])
         c.setdefault("extra", {})["sampling_choice"] = {
             "command": "python -m training.choose_sampling " + " ".join(argv if argv is not None else sys.argv[1:]),
             "split": args.split, "n_images": len(records), "seeds": seeds, "chosen": best["setting"],

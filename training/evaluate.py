@@ -49,6 +49,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", default=None, choices=["mbr", "clip"],
                    help="which of K candidates is kept: the consensus (mbr) or the highest CLIP score (clip); "
                         "default: the checkpoint's")
+    g.add_argument("--propose", default=None, choices=["noise", "rounding"],
+                   help="where the K candidates come from: K noise draws (noise) or the K likeliest roundings of "
+                        "one draw's last x0 (rounding, with --select clip); default: the checkpoint's")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -63,7 +66,8 @@ def settings_from_args(model, args) -> dict:
     if model_kind(model) == "diffusion":
         try:
             return model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp,
-                                        spacing=args.spacing, candidates=args.candidates, select=args.select)
+                                        spacing=args.spacing, candidates=args.candidates, select=args.select,
+                                        propose=args.propose)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}
