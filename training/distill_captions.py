@@ -38,7 +38,9 @@ hypotheses, the objective also counts each one's sentence BLEU-2 against the ima
 references, times the weight. The teacher's captions stay the teacher's (so the phrasing stays as
 predictable for the student), but where the teacher's beam holds a caption the references support
 better -- the colours with the right shapes, say -- that one is kept. It needs only the references,
-so it works on any dataset, not only where ground-truth scenes exist.
+so it works on any dataset, not only where ground-truth scenes exist. No shipped checkpoint uses it
+either: training/README.md, section 11, has what it did to a student (its captions bind far better,
+the student trained on them did not).
 
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
 teacher's caption (``--keep-references`` adds the teacher's caption to the references instead), every
