@@ -1,0 +1,194 @@
+"""Fine-tune a CLIP's text tower against binding hard negatives, its image tower frozen.
+
+    python -m training.tune_clip_text --clip assets/checkpoints/shapes-clip --data-dir data/shapes-aug \
+        --out runs/clip-binding/final --run-dir runs/clip-binding
+
+Choosing among candidate captions by CLIP score (``diffusion_caption.rerank``) can only pick the
+candidate that binds colours to the right shapes if the CLIP's text embeddings of "a red star and a blue
+square" and "a blue star and a red square" differ, and differ in the direction the image feature
+tells apart. ``training.train_clip``'s negatives replace every colour and shape word at once, so they
+never ask for that. Here each training image's caption is ranked against captions of the same scene
+changed in one way (``diffusion_caption.negatives``: swapped colours, a repeated shape or colour, one
+colour or shape replaced), as NegCLIP does (Yuksekgonul et al., 2023), plus the batch's other captions.
+
+Only the text tower learns. The image tower, and so every image feature the captioners were trained on,
+stays bit for bit the same: the CLIP written to ``--out`` can replace a captioner's ``clip/`` folder,
+changing only how its candidates are ranked. Image features are computed once (cached under
+``--cache-dir``). Killed runs continue with ``--resume`` from ``--run-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diffusion_caption import checkpoint as ckpt
+from diffusion_caption.data import load_karpathy
+from diffusion_caption.features import image_features
+from diffusion_caption.image_encoder import ImageEncoder
+from diffusion_caption.negatives import KINDS, changed_scene, correct_captions, positive_and_negatives
+from diffusion_caption.world import Scene, caption_candidates
+from training import common
+
+
+@dataclass
+class TuneClipTextConfig:
+    clip: str = "assets/checkpoints/shapes-clip"
+    data_dir: str = "data/shapes-aug"
+    out: str = "runs/clip-binding/final"
+    run_dir: str = "runs/clip-binding"
+    cache_dir: str = "cache"
+    steps: int = 3000
+    batch_size: int = 128
+    negatives: int = 4  # per image, besides the batch's other captions
+    lr: float = 2e-4
+    lr_end: float = 1e-5
+    warmup: int = 100
+    weight_decay: float = 0.0
+    val_every: int = 500
+    ckpt_every: int = 500
+    val_images: int = 500
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+
+def text_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The text tower's parameters: everything but ``visual.*`` and the logit scale."""
+    return [(n, p) for n, p in model.named_parameters() if not n.startswith("visual") and n != "logit_scale"]
+
+
+def scenes_of(records) -> list[Scene]:
+    missing = [r.image_id for r in records if not r.scene]
+    if missing:
+        raise SystemExit(f"{len(missing)} images have no scene (first: {missing[0]}): binding negatives are made "
+                         "from a shapes-world scene, so --data-dir must be a shapes world (training.make_world)")
+    return [Scene.from_json(r.scene) for r in records]
+
+
+def validation_set(scenes: list[Scene], seed: int) -> list[tuple[int, str, str, str]]:
+    """Fixed (image, kind, positive, negative) rows: one negative of each kind per scene that has it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, scene in enumerate(scenes):
+        order = [int(k) for k in rng.permutation(len(scene.objects))]
+        templates = caption_candidates(scene, order)
+        positive = templates[0]
+        correct = correct_captions(scene)
+        for kind in KINDS:
+            other = changed_scene(scene, kind, rng)
+            if other is None:
+                continue
+            text = caption_candidates(other, order)[0]
+            if text not in correct:
+                rows.append((i, kind, positive, text))
+    return rows
+
+
+@torch.no_grad()
+def ranking_accuracy(model, tok, length: int, features: torch.Tensor, rows, device) -> dict:
+    """How often the image's similarity puts its positive above the changed caption, per kind."""
+    def embed(texts):
+        out = [torch.nn.functional.normalize(model.encode_text(tok.encode(texts[i:i + 512], length).to(device)), dim=-1)
+               for i in range(0, len(texts), 512)]
+        return torch.cat(out).float().cpu()
+    pos, neg = embed([r[2] for r in rows]), embed([r[3] for r in rows])
+    img = features[[r[0] for r in rows]].float()
+    win = ((pos * img).sum(-1) > (neg * img).sum(-1)).tolist()
+    out = {}
+    for kind in KINDS:
+        hits = [w for w, r in zip(win, rows) if r[1] == kind]
+        if hits:
+            out[f"val_{kind}"] = sum(hits) / len(hits)
+    out["val_all"] = sum(win) / max(len(win), 1)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_dataclass_args(p, TuneClipTextConfig)
+    cfg = common.dataclass_from_args(TuneClipTextConfig, p.parse_args(argv))
+    device, _, _ = common.setup_device(cfg.device)
+    common.check_writable(cfg.run_dir)
+    common.seed_everything(cfg.seed)
+    try:
+        enc = ImageEncoder.from_pretrained(cfg.clip, device=device)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"--clip {cfg.clip}: {e}") from None
+    if enc.text_tokenizer is None or not hasattr(enc.text_tokenizer, "hf"):
+        raise SystemExit(f"--clip {cfg.clip}: no shapes text tokenizer beside its weights (tokenizer.json)")
+    tok, model = enc.text_tokenizer, enc.model
+    length = int(model.context_length)
+
+    train = load_karpathy("shapes", cfg.data_dir, splits=["train"])
+    val = load_karpathy("shapes", cfg.data_dir, splits=["val"])[: cfg.val_images]
+    tr_scenes, va_scenes = scenes_of(train), scenes_of(val)
+    model.eval()  # features of the frozen image tower, computed once
+    tr_feats = image_features(enc, [r.image_path for r in train], cfg.cache_dir, desc="encoding train images")
+    va_feats = image_features(enc, [r.image_path for r in val], cfg.cache_dir, desc="encoding val images")
+    va_rows = validation_set(va_scenes, cfg.seed + 1)
+
+    model.requires_grad_(False)
+    params = text_parameters(model)
+    for _, p_ in params:
+        p_.requires_grad_(True)
+    opt = torch.optim.AdamW([p_ for _, p_ in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if cfg.resume and common.has_train_state(cfg.run_dir):
+        step = common.load_train_state(cfg.run_dir, model, opt, gen)["step"]
+        print(f"resumed from {cfg.run_dir} at step {step}")
+    scale = model.logit_scale.exp().detach()
+
+    rec = {"step": step, **ranking_accuracy(model, tok, length, va_feats, va_rows, device)}
+    tqdm.write(str(rec))
+    common.write_log(cfg.run_dir, rec)
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="tune_clip_text")
+    model.train()
+    while step < cfg.steps:
+        rng = np.random.default_rng([cfg.seed, step])  # per step, so a resumed run draws what it would have
+        idx = rng.choice(len(train), cfg.batch_size, replace=False)
+        positives, negatives = [], []
+        for i in idx:
+            pos, negs = positive_and_negatives(tr_scenes[i], rng, cfg.negatives)
+            positives.append(pos)
+            negatives.extend(negs)
+        ids = tok.encode(positives + negatives, length).to(device)
+        for g in opt.param_groups:
+            g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
+        with common.autocast(device):
+            txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1).float()
+        img = tr_feats[torch.as_tensor(idx)].float().to(device)
+        labels = torch.arange(len(idx), device=device)
+        i2t = scale * img @ txt.T  # each image against every positive and every negative of the batch
+        t2i = scale * txt[: len(idx)] @ img.T
+        loss = (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            model.eval()
+            rec = {"step": step, "loss": loss.item(), **ranking_accuracy(model, tok, length, va_feats, va_rows, device),
+                   "elapsed_s": time.time() - t0}
+            model.train()
+            tqdm.write(str(rec))
+            common.write_log(cfg.run_dir, rec)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            common.save_train_state(cfg.run_dir, model, opt, step, gen, {"config": asdict(cfg)})
+    bar.close()
+    model.eval()
+    with ckpt.atomic_directory(cfg.out) as tmp:
+        enc.save_pretrained(tmp)  # with its text tokenizer; the image tower is the one it was given
+    print(f"saved {cfg.out} after {step} steps ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
