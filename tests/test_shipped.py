@@ -9,6 +9,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from diffusion_caption.attributes import attribute_scores, parse_caption
 from diffusion_caption.world import Scene
@@ -155,3 +156,18 @@ def test_shipped_diffusion_checkpoints_can_rank_candidates_by_clip_score(name):
     tr = cap.caption(EXAMPLES[0], candidates=4, select="clip", seed=0, steps=2, record="final")
     scores = clip_scores(cap.image_encoder, cap.encode_images([EXAMPLES[0]]), [tr.candidates])[0]
     assert scores[tr.chosen] == max(scores) and tr.text == tr.candidates[tr.chosen]
+
+
+def test_shipped_binding_clip_shares_the_image_tower_and_tokenizer():
+    """shapes-clip-binding (training.tune_clip_text) may replace a student's clip/ folder: only its text
+    tower differs from shapes-clip's, so every image feature the students were trained on is unchanged."""
+    from safetensors.torch import load_file
+
+    base = os.path.join(ROOT, "assets", "checkpoints", "shapes-clip")
+    tuned = os.path.join(ROOT, "assets", "checkpoints", "shapes-clip-binding")
+    a, b = (load_file(os.path.join(d, "open_clip_model.safetensors")) for d in (base, tuned))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("visual.") or k == "logit_scale")
+    assert any(not torch.equal(a[k], b[k]) for k in a if not k.startswith("visual."))
+    for name in ("tokenizer.json", "open_clip_config.json"):
+        assert open(os.path.join(base, name)).read() == open(os.path.join(tuned, name)).read()
