@@ -29,12 +29,13 @@ def test_two_object_negatives_make_the_error_they_are_named_for(kind, outcome):
 
 def test_recolor_and_reshape_bring_in_a_value_the_scene_lacks():
     scene = _two()
-    for seed in range(10):
+    scene.background = "pink"  # an object colour too: a recoloured object must not vanish into it
+    for seed in range(30):
         rng = np.random.default_rng(seed)
         recol, reshp = changed_scene(scene, "recolor", rng), changed_scene(scene, "reshape", rng)
         assert {o.color for o in recol.objects} - {"purple", "red"} and {o.shape for o in recol.objects} == {"star", "square"}
         assert {o.shape for o in reshp.objects} - {"star", "square"} and {o.color for o in reshp.objects} == {"purple", "red"}
-        assert "gray" not in {o.color for o in recol.objects}  # never the background's colour
+        assert "pink" not in {o.color for o in recol.objects}
 
 
 def test_kinds_a_scene_cannot_have_give_none():
