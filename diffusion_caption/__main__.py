@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="the K candidates: K noise draws (noise), or the K likeliest roundings of one draw "
                         "(rounding, with --select clip); default: the checkpoint's")
+    p.add_argument("--scorer", default=None, metavar="CLIP_DIR",
+                   help="rank candidates (--select clip) with this CLIP's text tower (its image tower must be "
+                        "the checkpoint's), e.g. assets/checkpoints/shapes-clip-binding")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")
@@ -53,8 +56,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        cap = Captioner.from_pretrained(args.checkpoint, device=args.device)
-    except (CheckpointError, OSError, RuntimeError) as e:  # RuntimeError: an open_clip model that cannot load
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, scorer=args.scorer)
+    except (CheckpointError, OSError, RuntimeError, ValueError) as e:  # RuntimeError: an open_clip model that cannot load
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # bad settings are one mistake, said once, before any image is read

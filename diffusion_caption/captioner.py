@@ -19,7 +19,7 @@ from .config import PROPOSALS, SELECTIONS, CaptionerConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
-from .rounding import likeliest_roundings, round_to_tokens, token_logits
+from .rounding import k_best_roundings, round_to_tokens, token_logits, top2_log_probs
 from .mbr import mbr_select
 from .rerank import clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
@@ -44,6 +44,7 @@ class Captioner:
         self.config = config
         self.denoiser = denoiser.eval()
         self.image_encoder = image_encoder
+        self._scorer: ImageEncoder | None = None  # another CLIP's text tower to rank candidates; ``use_scorer``
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule(config.schedule, config.T)
         self.diffusion = GaussianDiffusion(self.schedule, config.predict)
@@ -54,6 +55,8 @@ class Captioner:
         self.device = torch.device(device)
         self.denoiser.to(self.device)
         self.image_encoder.to(self.device)
+        if self._scorer is not None:
+            self._scorer.to(self.device)
         return self
 
     def compile(self, **options) -> "Captioner":
@@ -67,8 +70,46 @@ class Captioner:
         return self
 
     # ---------------------------------------------------------------------------------------- files
+    @property
+    def scorer(self) -> ImageEncoder:
+        """The CLIP whose text tower ranks candidates under ``select="clip"``: the captioner's own unless
+        ``use_scorer`` set another."""
+        return self._scorer if self._scorer is not None else self.image_encoder
+
+    def use_scorer(self, scorer: "str | ImageEncoder | None") -> "Captioner":
+        """Rank candidates (``select="clip"``) with another CLIP's text tower: a folder saved like the
+        captioner's ``clip/`` (``ImageEncoder.from_pretrained``) or an ``ImageEncoder``; None restores the
+        captioner's own. Its image tower must be the captioner's, tensor for tensor (a CLIP whose text
+        tower alone was tuned, as ``training.tune_clip_text`` makes): the captioner's image features are
+        what its captions are scored against, and a different image tower would put them in another space.
+        """
+        if scorer is None:
+            self._scorer = None
+            return self
+        source = scorer
+        if not isinstance(scorer, ImageEncoder):
+            try:
+                scorer = ImageEncoder.from_pretrained(str(scorer), self.device)
+            except (OSError, RuntimeError, KeyError, TypeError) as e:  # a CheckpointError passes as it is
+                raise ckpt.CheckpointError(f"scorer: {e}") from None
+        if scorer.text_tokenizer is None:
+            raise ValueError(f"scorer {source}: its CLIP has no text tokenizer (tokenizer.json beside its weights), "
+                             "so it cannot read captions")
+        own = self.image_encoder.model.visual.state_dict()
+        theirs = scorer.model.visual.state_dict()
+        differ = sorted(k for k in own.keys() | theirs.keys()
+                        if k not in own or k not in theirs or own[k].shape != theirs[k].shape
+                        or not torch.equal(own[k].cpu(), theirs[k].cpu()))
+        if differ:
+            raise ValueError(f"scorer {source}: its image tower differs from this captioner's CLIP in {len(differ)} "
+                             f"tensors (first: {differ[0]}); a scorer must share the image tower, since the "
+                             "captioner's image features are what it scores captions against")
+        self._scorer = scorer.to(self.device)
+        return self
+
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu") -> "Captioner":
+    def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu",
+                        scorer: str | None = None) -> "Captioner":
         path = ckpt.resolve(path_or_hub_id)
         meta = ckpt.read_json(os.path.join(path, ckpt.CONFIG_NAME))
         cfg_file = os.path.join(path, ckpt.CONFIG_NAME)
@@ -98,7 +139,7 @@ class Captioner:
         if image_encoder.feature_dim != config.cond_dim:
             raise ckpt.CheckpointError(f"{path}: the image encoder gives {image_encoder.feature_dim}-d features "
                                        f"but {cfg_file} says cond_dim={config.cond_dim}")
-        return cls(config, denoiser, image_encoder, tokenizer, device)
+        return cls(config, denoiser, image_encoder, tokenizer, device).use_scorer(scorer)
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json, model.safetensors, the tokenizer and (for local CLIPs) the CLIP in ``clip/``."""
@@ -146,7 +187,7 @@ class Captioner:
         select = self.config.sample_select if select is None else select
         if select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS} (how one of several candidates is kept), got {select!r}")
-        if select == "clip" and self.image_encoder.text_tokenizer is None:
+        if select == "clip" and self.scorer.text_tokenizer is None:
             raise ValueError("select='clip' ranks candidates by CLIP score, but this checkpoint's CLIP has no text "
                              "tokenizer (no tokenizer.json in its clip/ folder)")
         propose = self.config.sample_propose if propose is None else propose
@@ -243,7 +284,7 @@ class Captioner:
         caption agreeing most with the other K-1 (``"mbr"``, ``diffusion_caption.mbr``) or the one with the
         highest CLIP score (``"clip"``, ``diffusion_caption.rerank``); ``Trace.candidates`` holds all K.
         With ``propose="rounding"`` the image is denoised once and the candidates are the K likeliest
-        roundings of its last x0 prediction (``rounding.likeliest_roundings``: each position its nearest
+        roundings of its last x0 prediction (``rounding.k_best_roundings``: each position its nearest
         or second-nearest token), the distinct ones kept, chosen among by CLIP score: a one-step
         captioner that all but ignores its noise gives few distinct captions over K draws, while its
         uncertain positions are exactly where the roundings differ. The trace's last step then holds
@@ -274,42 +315,62 @@ class Captioner:
         one = dict(settings, candidates=1)
         if settings["propose"] == "rounding":
             drawn = self.caption_batch(features=features, record=record, **one)
-            groups, finals = zip(*[self._roundings(tr.final, K) for tr in drawn]) if drawn else ((), ())
+            proposals = self._roundings([tr.final for tr in drawn], K)
+            groups = [texts for texts, _ in proposals]
             samples = None
         else:
             samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record, **one)
             groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
         if settings["select"] == "clip":
-            chosen = clip_select(self.image_encoder, features.to(self.image_encoder.device), list(groups))
+            chosen = clip_select(self.scorer, features.to(self.scorer.device), list(groups))
         else:
             chosen = [mbr_select(texts) for texts in groups]
         seconds = time.perf_counter() - t0
         s = dict(settings, **({"record": record} if record != "all" else {}))
         if samples is None:
-            return [Trace(tr.steps[:-1] + [finals[b][j]], dict(s), seconds, candidates=list(groups[b]), chosen=j)
+            return [Trace(tr.steps[:-1] + [self._rounded_step(tr.final, proposals[b][1][j], groups[b][j])], dict(s),
+                          seconds, candidates=list(groups[b]), chosen=j)
                     for b, (tr, j) in enumerate(zip(drawn, chosen))]
         return [Trace(samples[b * K + j].steps, dict(s), seconds, candidates=texts, chosen=j)
                 for b, (texts, j) in enumerate(zip(groups, chosen))]
 
-    def _roundings(self, step: DenoisingStep, k: int) -> tuple[list[str], list[DenoisingStep]]:
-        """The distinct captions among the ``k`` likeliest roundings of ``step.x0_pred`` (positions up to
-        its caption's [SEP] may move), and for each the step record it makes, best first."""
-        ids = step.token_ids
-        n = ids.index(self.tokenizer.sep_id) + 1 if self.tokenizer.sep_id in ids else len(ids)
+    def _roundings(self, steps: list[DenoisingStep], k: int) -> list[tuple[list[str], list[list[int]]]]:
+        """For each step, the distinct captions among the ``k`` likeliest roundings of its ``x0_pred``
+        (positions up to its caption's [SEP] may move) and their token ids, best first. The rounding
+        log probabilities of the whole batch come from one matrix product; two roundings whose words
+        (the ids before [SEP], specials dropped) agree are one caption, so each distinct one is decoded once."""
+        if not steps:
+            return []
         E = self.denoiser.embeddings.detach().cpu()
-        probs = None
-        texts, steps = [], []
-        for alt, _ in likeliest_roundings(step.x0_pred, E, k, positions=n, max_delta=ROUNDING_MAX_DELTA):
-            text = self.tokenizer.decode(alt)
-            if text in texts:
-                continue
-            if probs is None:
-                probs = token_logits(step.x0_pred.float(), E.float()).softmax(-1)
-            conf = probs.gather(-1, torch.tensor(alt)[:, None])[:, 0]
-            texts.append(text)
-            steps.append(dataclasses.replace(step, token_ids=list(alt), tokens=self.tokenizer.token_strings(alt),
-                                             confidence=[round(float(c), 6) for c in conf.tolist()], text=text))
-        return texts, steps
+        top = top2_log_probs(torch.stack([st.x0_pred for st in steps]).cpu(), E)
+        values, indices = top.values.tolist(), top.indices.tolist()
+        sep, special = self.tokenizer.sep_id, set(self.tokenizer.special_ids)
+        out = []
+        for b, st in enumerate(steps):
+            ids = st.token_ids
+            n = ids.index(sep) + 1 if sep in ids else len(ids)
+            seen, kept = set(), []
+            for alt, _ in k_best_roundings(values[b], indices[b], k, positions=n, max_delta=ROUNDING_MAX_DELTA):
+                words = alt[:alt.index(sep)] if sep in alt else alt
+                key = tuple(i for i in words if i not in special)
+                if key not in seen:
+                    seen.add(key)
+                    kept.append(alt)
+            texts = self.tokenizer.decode_batch(kept)
+            first = {}
+            for j, text in enumerate(texts):
+                first.setdefault(text, j)
+            out.append(([texts[j] for j in first.values()], [kept[j] for j in first.values()]))
+        return out
+
+    def _rounded_step(self, step: DenoisingStep, ids: list[int], text: str) -> DenoisingStep:
+        """``step`` with its tokens replaced by the rounding ``ids`` and each one's rounding probability."""
+        if list(ids) == list(step.token_ids):
+            return step
+        probs = token_logits(step.x0_pred.float(), self.denoiser.embeddings.detach().cpu().float()).softmax(-1)
+        conf = probs.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        return dataclasses.replace(step, token_ids=list(ids), tokens=self.tokenizer.token_strings(ids),
+                                   confidence=[round(float(c), 6) for c in conf.tolist()], text=text)
 
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                 seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",

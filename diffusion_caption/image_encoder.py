@@ -178,8 +178,44 @@ class ImageEncoder:
             chunk = list(texts[i:i + batch_size])
             ids = (self.text_tokenizer.encode(chunk, context) if hasattr(self.text_tokenizer, "hf")
                    else self.text_tokenizer(chunk))  # a CaptionTokenizer, or open_clip's callable tokenizer
-            out.append(torch.nn.functional.normalize(self.model.encode_text(ids.to(self.device)).float(), dim=-1))
+            out.append(torch.nn.functional.normalize(self.encode_text_ids(ids.to(self.device)).float(), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.feature_dim, device=self.device)
+
+    @torch.no_grad()
+    def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's (unnormalised) embeddings of token ids [N, context_length].
+
+        A CLIP text tower with a causal mask that pools at the end-of-text token (open_clip's ``eos`` and
+        ``argmax`` pooling) never lets a position see the ones after it, so the padding behind the batch's
+        longest caption cannot change any pooled output: the pass runs over that many positions only
+        (the first eos, or the argmax token, of every row), which for short captions in a 77-position
+        context is most of the work. Any other tower runs open_clip's own ``encode_text`` unchanged.
+        """
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        pool = getattr(m, "text_pool_type", None)
+        mask = getattr(m, "attn_mask", None)
+        if (pool not in ("eos", "argmax") or mask is None or getattr(m, "transformer", None) is None
+                or ids.dim() != 2 or ids.shape[0] == 0):
+            return m.encode_text(ids)
+        eos = getattr(m, "text_eos_id", None)
+        if pool == "eos":
+            if eos is None:
+                return m.encode_text(ids)
+            end = (ids == eos).int().argmax(-1)
+        else:
+            end = ids.argmax(-1)
+        n = int(end.max()) + 1
+        ids = ids[:, :n]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(ids).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=mask[:n, :n]))
+        x = text_global_pool(x, ids, pool, eos_token_id=eos)
+        proj = m.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
     def encode(self, images: list, batch_size: int = 64) -> torch.Tensor:
         """[N, D] L2-normalised image features."""

@@ -36,6 +36,15 @@ def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[
 
 def clip_select(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]]) -> list[int]:
     """For each image the index of its candidate with the highest CLIP score (the first of equals)."""
+    if features.shape[0] != len(candidates):
+        raise ValueError(f"got {features.shape[0]} image features for {len(candidates)} candidate lists")
     if any(not group for group in candidates):
         raise ValueError("CLIP selection needs at least one candidate caption per image")
-    return [max(range(len(s)), key=lambda j: (s[j], -j)) for s in clip_scores(encoder, features, candidates)]
+    # an image with one candidate keeps it: only the others cost text-tower passes
+    many = [b for b, group in enumerate(candidates) if len(group) > 1]
+    chosen = [0] * len(candidates)
+    if many:
+        scores = clip_scores(encoder, features[many], [candidates[b] for b in many])
+        for b, s in zip(many, scores):
+            chosen[b] = max(range(len(s)), key=lambda j: (s[j], -j))
+    return chosen

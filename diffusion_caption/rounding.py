@@ -38,25 +38,40 @@ def likeliest_roundings(x: torch.Tensor, embeddings: torch.Tensor, k: int,
 
     The first is ``round_to_tokens``'s rounding. Moving position q to its second token costs
     delta_q = log p_q(1st) - log p_q(2nd) >= 0, so the k best sequences are the k subsets of positions
-    with the smallest summed delta; they are enumerated exactly, in order, with a heap over the deltas
-    sorted ascending (from a subset whose largest index is i: add i+1, or move i to i+1; every subset is
-    reached once). Only the first ``positions`` positions may move (default: all), so that padding
-    after the caption's end need not be spent on, and only those whose delta is at most ``max_delta``
-    (a position whose second token is e^-max_delta times less likely than its first keeps its first).
+    with the smallest summed delta (``k_best_roundings``). Only the first ``positions`` positions may move
+    (default: all), so that padding after the caption's end need not be spent on, and only those whose
+    delta is at most ``max_delta`` (a position whose second token is e^-max_delta times less likely than
+    its first keeps its first).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be one prediction [L, d], got shape {tuple(x.shape)}")
+    top = top2_log_probs(x, embeddings)
+    return k_best_roundings(top.values.tolist(), top.indices.tolist(), k, positions, max_delta)
+
+
+def top2_log_probs(x: torch.Tensor, embeddings: torch.Tensor):
+    """The two likeliest tokens of every position of x [..., L, d] and their rounding log probabilities
+    (``torch.topk``'s values and indices, [..., L, 2]): all a batch of ``k_best_roundings`` needs, in one
+    matrix product."""
+    return token_logits(x.float(), embeddings.float()).log_softmax(-1).topk(2, -1)
+
+
+def k_best_roundings(values: list[list[float]], indices: list[list[int]], k: int, positions: int | None = None,
+                     max_delta: float = float("inf")) -> list[tuple[list[int], float]]:
+    """``likeliest_roundings`` from one prediction's top-2 log probabilities and token ids ([L][2] lists).
+
+    The subsets are enumerated exactly, in order, with a heap over the deltas sorted ascending (from a
+    subset whose largest index is i: add i+1, or move i to i+1; every subset is reached once).
     """
     import heapq
 
-    if x.dim() != 2:
-        raise ValueError(f"x must be one prediction [L, d], got shape {tuple(x.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    logp = token_logits(x.float(), embeddings.float()).log_softmax(-1)
-    top = logp.topk(2, -1)
-    best = top.indices[:, 0].tolist()
-    second = top.indices[:, 1].tolist()
-    base = float(top.values[:, 0].sum())
-    n = x.shape[0] if positions is None else max(0, min(int(positions), x.shape[0]))
-    delta = (top.values[:n, 0] - top.values[:n, 1]).tolist()
+    best = [ids[0] for ids in indices]
+    second = [ids[1] for ids in indices]
+    base = sum(v[0] for v in values)
+    n = len(values) if positions is None else max(0, min(int(positions), len(values)))
+    delta = [values[q][0] - values[q][1] for q in range(n)]
     order = sorted((q for q in range(n) if delta[q] <= max_delta), key=lambda q: delta[q])
     n = len(order)
     d = [delta[q] for q in order]

@@ -65,6 +65,16 @@ class CaptionTokenizer:
     def token_strings(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
 
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        """``decode`` of every sequence, in one call to the tokenizer."""
+        cut = []
+        for ids in batch:
+            ids = list(ids)
+            if self.sep_id in ids:
+                ids = ids[: ids.index(self.sep_id)]
+            cut.append([i for i in ids if i not in self.special_ids])
+        return [t.strip() for t in self.hf.batch_decode(cut, clean_up_tokenization_spaces=False)]
+
     def decode(self, ids: list[int]) -> str:
         """Caption text of one sequence: everything after [CLS] up to the first [SEP], specials dropped."""
         ids = list(ids)

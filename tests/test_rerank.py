@@ -114,3 +114,92 @@ def test_config_rejects_an_unknown_selection():
         preset("tiny", sample_select="random")
     with pytest.raises(ValueError, match="sample_propose"):
         preset("tiny", sample_propose="beam")
+
+
+def test_the_text_pass_stops_at_the_batchs_longest_caption_and_agrees_with_open_clip(clip_with_text, tokenizer):
+    import open_clip
+
+    texts = ["a red circle", "a small white star and a blue square on a pink background", "a"]
+    ids = tokenizer.encode(texts, int(clip_with_text.model.context_length))
+    with torch.no_grad():
+        full = clip_with_text.model.encode_text(ids)  # every position of the context
+    assert clip_with_text.model.text_pool_type == "eos"
+    assert torch.allclose(clip_with_text.encode_text_ids(ids), full, atol=1e-5)
+    # OpenAI-style pooling at the highest token id (open_clip's default), with its own tokenizer's ids
+    torch.manual_seed(0)
+    m = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+                       text_cfg={"context_length": 20, "vocab_size": 50, "width": 32, "heads": 2, "layers": 2}).eval()
+    assert m.text_pool_type == "argmax"
+    argmax_ids = torch.zeros(3, 20, dtype=torch.long)
+    for row, n in enumerate((4, 9, 2)):
+        argmax_ids[row, :n] = torch.randint(1, 40, (n,))
+        argmax_ids[row, n] = 49  # the end-of-text token, the largest id
+    enc = ImageEncoder(m, None, {"kind": "test"})
+    with torch.no_grad():
+        assert torch.allclose(enc.encode_text_ids(argmax_ids), m.encode_text(argmax_ids), atol=1e-5)
+    # a tower whose pooling reads every position is run whole
+    m.text_pool_type = "last"
+    with torch.no_grad():
+        assert torch.allclose(enc.encode_text_ids(argmax_ids), m.encode_text(argmax_ids), atol=1e-6)
+
+
+def test_an_image_with_one_candidate_costs_no_text_pass(clip_with_text, scene_image):
+    feats = clip_with_text.encode([scene_image] * 3)
+    groups = [["a red circle"], ["a blue star", "a red star", "a blue square"], ["two green squares"]]
+    seen = []
+    real = clip_with_text.encode_text
+
+    def recording(texts, *a, **kw):
+        seen.extend(texts)
+        return real(texts, *a, **kw)
+
+    clip_with_text.encode_text = recording
+    try:
+        chosen = clip_select(clip_with_text, feats, groups)
+    finally:
+        del clip_with_text.encode_text
+    assert seen == groups[1]
+    scores = clip_scores(clip_with_text, feats[1:2], groups[1:2])[0]
+    assert chosen == [0, max(range(3), key=lambda j: (scores[j], -j)), 0]
+
+
+def _with_changed(clip, prefix: str) -> ImageEncoder:
+    """A copy of ``clip`` whose tensors under ``prefix`` (e.g. "visual." or "transformer.") are perturbed."""
+    import copy
+
+    model = copy.deepcopy(clip.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(prefix):
+                p.add_(0.05 * torch.randn_like(p))
+    return ImageEncoder(model, clip.preprocess, clip.source, text_tokenizer=clip.text_tokenizer)
+
+
+def test_a_scorer_with_the_same_image_tower_ranks_the_candidates(make_captioner, clip_with_text, clip_encoder,
+                                                                   scene_image, tmp_path):
+    cap = make_captioner(sample_steps=2)
+    cap.image_encoder = clip_with_text
+    assert cap.scorer is clip_with_text  # by default the captioner's own CLIP
+    torch.manual_seed(1)
+    tuned = _with_changed(clip_with_text, "transformer.")  # another text tower, the same image tower
+    own = cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding")
+    assert cap.use_scorer(tuned) is cap and cap.scorer is tuned
+    tr = cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding")
+    assert tr.candidates == own.candidates  # the same proposals; only the ranking is the scorer's
+    scores = clip_scores(tuned, cap.encode_images([scene_image]), [tr.candidates])[0]
+    assert tr.chosen == max(range(len(scores)), key=lambda j: (scores[j], -j))
+    # from a folder, as the command line gives it
+    path = str(tmp_path / "scorer")
+    tuned.save_pretrained(path)
+    cap.use_scorer(path)
+    assert cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding").chosen == tr.chosen
+    cap.use_scorer(None)
+    assert cap.scorer is clip_with_text
+    # refused: another image tower (its scores would be against features the captioner never made), no tokenizer
+    with pytest.raises(ValueError, match="image tower differs"):
+        cap.use_scorer(_with_changed(clip_with_text, "visual."))
+    with pytest.raises(ValueError, match="no text tokenizer"):
+        cap.use_scorer(clip_encoder)
+    with pytest.raises(ValueError, match="not found|No such|does not exist"):
+        cap.use_scorer(str(tmp_path / "missing"))
+    assert cap.scorer is clip_with_text  # a refused scorer changes nothing

@@ -69,3 +69,19 @@ def test_likeliest_roundings_are_the_k_best_sequences_in_order():
         likeliest_roundings(x[None], E, 3)
     with pytest.raises(ValueError, match="k must be"):
         likeliest_roundings(x, E, 0)
+
+
+def test_a_batch_of_roundings_from_one_matrix_product_matches_each_prediction_alone():
+    from diffusion_caption.rounding import k_best_roundings, top2_log_probs
+
+    g = torch.Generator().manual_seed(1)
+    E, xs = torch.randn(11, 4, generator=g), torch.randn(3, 7, 4, generator=g)
+    top = top2_log_probs(xs, E)
+    assert top.values.shape == (3, 7, 2) and top.indices.shape == (3, 7, 2)
+    for b in range(3):
+        got = k_best_roundings(top.values[b].tolist(), top.indices[b].tolist(), 10, positions=5, max_delta=2.0)
+        want = likeliest_roundings(xs[b], E, 10, positions=5, max_delta=2.0)
+        assert [ids for ids, _ in got] == [ids for ids, _ in want]
+        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-4)
+    with pytest.raises(ValueError, match="k must be"):
+        k_best_roundings(top.values[0].tolist(), top.indices[0].tolist(), 0)

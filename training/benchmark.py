@@ -181,7 +181,13 @@ def trained_suite(args, n_features: int) -> Suite:
     distilled = []
     for path in kd_paths:
         if os.path.isfile(os.path.join(path, "config.json")):
-            distilled.append((distilled_tag(path) if len(kd_paths) > 1 else "", path, load_model(path)))
+            m = load_model(path)
+            if getattr(args, "distilled_scorer", ""):
+                try:
+                    m.use_scorer(args.distilled_scorer)
+                except ValueError as e:
+                    raise SystemExit(f"--distilled-scorer: {e}") from None
+            distilled.append((distilled_tag(path) if len(kd_paths) > 1 else "", path, m))
         else:
             notes.append(f"distilled checkpoint {path!r} not found: not measured")
     for j, (_, _, m) in enumerate(distilled):
@@ -199,6 +205,9 @@ def trained_suite(args, n_features: int) -> Suite:
         cfg = models["diffusion"].config
         notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
                      "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
+    if distilled and getattr(args, "distilled_scorer", ""):
+        notes.append(f"distilled rows that choose by CLIP score rank their candidates with the text tower of "
+                     f"{args.distilled_scorer} (`--distilled-scorer`; its image tower is the checkpoints' own)")
     custom = bool(getattr(args, "distilled_settings", ""))
     for tag, path, m in distilled:
         notes.append(f"distilled rows{f' ({tag}: {path})' if tag else ''}: {distilled_description(m, custom)}")
@@ -417,13 +426,15 @@ def distilled_specs(args, model) -> list[dict]:
             for k in args.distilled_steps]
 
 
-def distilled_setting_name(spec: dict, compiled: bool = False, tag: str = "") -> str:
+def distilled_setting_name(spec: dict, compiled: bool = False, tag: str = "", scorer: str = "") -> str:
     extras = [] if spec.get("own") else (
         ([f"guidance {spec['guidance']:g}"] if spec["guidance"] != 1 else []) + (["clamp"] if spec["clamp"] else [])
         + ([spec["spacing"]] if spec["spacing"] != "linspace" else []))
     if spec.get("candidates", 1) > 1:  # named even for a checkpoint's own default: it multiplies the work
         what = "roundings" if spec.get("propose") == "rounding" else "candidates"
-        extras.append(f"{spec['candidates']} {what} by {spec.get('select', 'mbr').upper()}")
+        by = spec.get("select", "mbr")
+        named = f" ({distilled_tag(scorer)})" if by == "clip" and scorer else ""
+        extras.append(f"{spec['candidates']} {what} by {by.upper()}{named}")
     return distilled_name(spec["sampler"], spec["steps"], ", ".join(extras + (["compiled"] if compiled else [])), tag)
 
 
@@ -437,7 +448,8 @@ def distilled_plan(args, batch_sizes: list[int], model, compiled: bool = False, 
             row = dict(sampler=spec["sampler"], steps=spec["steps"], guidance=spec["guidance"], clamp=spec["clamp"],
                        spacing=spec["spacing"], candidates=spec.get("candidates", 1), select=spec.get("select", "mbr"),
                        propose=spec.get("propose", "noise"), early_stop=0, record="final", distilled=True,
-                       setting=distilled_setting_name(spec, variant, tag), distilled_index=index,
+                       setting=distilled_setting_name(spec, variant, tag, getattr(args, "distilled_scorer", "")),
+                       distilled_index=index,
                        **({"distilled_tag": tag} if tag else {}))
             plan += [dict(row, batch=B, **({"compiled": True} if variant else {})) for B in batch_sizes]
     return plan
@@ -1093,6 +1105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="few-step diffusion checkpoints to time beside the others, comma-separated ('' or a "
                         "missing path: none)")
     p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
+    p.add_argument("--distilled-scorer", default="", metavar="CLIP_DIR",
+                   help="rank the distilled rows' candidates (select clip) with this CLIP's text tower, e.g. "
+                        "assets/checkpoints/shapes-clip-binding (its image tower must be the checkpoints' own)")
     p.add_argument("--distilled-settings", default="",
                    help="instead of --distilled-steps: comma-separated SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING] "
                         "settings of --distilled (e.g. ddim:1:1,ddpm:2:1:clamp:trailing^2)")

@@ -52,6 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="where the K candidates come from: K noise draws (noise) or the K likeliest roundings of "
                         "one draw's last x0 (rounding, with --select clip); default: the checkpoint's")
+    g.add_argument("--scorer", default=None, metavar="CLIP_DIR",
+                   help="rank candidates (--select clip) with this CLIP's text tower, e.g. "
+                        "assets/checkpoints/shapes-clip-binding; its image tower must be the checkpoint's")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -63,12 +66,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(model, args) -> dict:
+    if getattr(args, "scorer", None) and model_kind(model) != "diffusion":
+        raise SystemExit("error: --scorer ranks a diffusion captioner's candidates; the baseline has none")
     if model_kind(model) == "diffusion":
         try:
+            if getattr(args, "scorer", None):
+                model.use_scorer(args.scorer)
             return model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp,
                                         spacing=args.spacing, candidates=args.candidates, select=args.select,
                                         propose=args.propose)
-        except ValueError as e:
+        except (ValueError, CheckpointError) as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}
 
@@ -114,6 +121,8 @@ def main(argv=None) -> None:
     settings = settings_from_args(model, args)
     res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
     res.update(checkpoint=args.checkpoint, data=args.data, split=args.split)
+    if args.scorer:
+        res["scorer"] = args.scorer
     name = f"{res['kind']} ({os.path.basename(os.path.normpath(args.checkpoint))})"
     table = markdown_table([{"model": name, "split": args.split, **summary_row(res)}])
     if (res.get("attributes") or {}).get("two_objects", {}).get("n"):
