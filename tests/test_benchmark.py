@@ -167,6 +167,12 @@ def test_distilled_settings_override_the_checkpoints_own(make_captioner):
         ["--distilled-settings", "ddim:1:1:k8:clip:rounding"]), [1], model)
     assert [(p["setting"], p["candidates"], p["select"], p["propose"]) for p in r] == [
         ("distilled: DDIM 1, 8 roundings by CLIP", 8, "clip", "rounding")]
+    # ranked by another CLIP's text tower: the rows that choose by CLIP score name it, the MBR rows do not
+    scored = benchmark.distilled_plan(benchmark.build_parser().parse_args(
+        ["--distilled-settings", "ddim:1:1:k8:clip:rounding,ddpm:2:1:k4:mbr",
+         "--distilled-scorer", "assets/checkpoints/shapes-clip-binding/"]), [1], model)
+    assert [p["setting"] for p in scored] == ["distilled: DDIM 1, 8 roundings by CLIP (shapes-clip-binding)",
+                                              "distilled: DDPM 2, 4 candidates by MBR"]
     many = make_captioner(sample_steps=1, sampler="ddpm", sample_candidates=4, sample_select="mbr")
     own_k = benchmark.distilled_plan(benchmark.build_parser().parse_args(["--distilled-steps", "1"]), [1], many)
     assert [(p["setting"], p["candidates"]) for p in own_k] == [("distilled: DDPM 1, 4 candidates by MBR", 4)]
@@ -257,3 +263,12 @@ def test_targets_judge_single_object_and_all_object_accuracy_apart():
     all_b1 = benchmark.targets(rows)[1]
     assert "no diffusion setting reaches the baseline's greedy quality (BLEU-4 0.710, color 0.910, shape 0.880)" in all_b1
     assert "on speed alone 1 diffusion settings meet it" in all_b1 and "color 0.840, shape 0.820" in all_b1
+
+
+def test_a_distilled_scorer_with_another_image_tower_is_refused(make_captioner, world_dir, tmp_path):
+    kd = str(tmp_path / "kd")
+    make_captioner(sample_steps=1).save_pretrained(kd)
+    with pytest.raises(SystemExit, match="--distilled-scorer: scorer .*image tower differs"):
+        benchmark.trained_suite(benchmark.build_parser().parse_args(
+            ["--diffusion", "", "--baseline", "", "--distilled", kd, "--data-dir", world_dir,
+             "--distilled-scorer", "assets/checkpoints/shapes-clip-binding"]), 4)
