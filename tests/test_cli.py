@@ -34,3 +34,37 @@ def test_cli_prints_captions_and_trace(make_captioner, scene_image, tmp_path):
     bad_p = subprocess.run(base + [scene_image, "--candidates", "4", "--propose", "rounding", "--select", "mbr"],
                            capture_output=True, text=True, timeout=120)
     assert bad_p.returncode == 2 and "select='clip'" in bad_p.stderr and "Traceback" not in bad_p.stderr
+
+
+def test_cli_ranks_roundings_with_another_clips_text_tower(tmp_path, capsys):
+    from diffusion_caption import Captioner
+    from diffusion_caption.rerank import clip_scores
+
+    student, scorer = "assets/checkpoints/shapes-diffusion-fast-small", "assets/checkpoints/shapes-clip-binding"
+    image = "assets/examples/shapes_01.png"
+    base = [sys.executable, "-m", "diffusion_caption", "--checkpoint", student, "--candidates", "16",
+            "--select", "clip", "--propose", "rounding", "--json", image]
+    out = subprocess.run(base + ["--scorer", scorer], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    trace = json.loads(out.stdout)
+    assert trace["text"] == trace["candidates"][trace["chosen"]]
+    cap = Captioner.from_pretrained(student, scorer=scorer)
+    scores = clip_scores(cap.scorer, cap.encode_images([image]), [trace["candidates"]])[0]
+    assert trace["chosen"] == max(range(len(scores)), key=lambda j: (scores[j], -j))
+    # no CLIP there; a CLIP without its text tokenizer; a CLIP with another image tower: one line each, exit 2
+    import torch
+
+    from diffusion_caption.image_encoder import ImageEncoder
+
+    moved = ImageEncoder.from_pretrained(scorer)
+    with torch.no_grad():
+        moved.model.visual.attnpool.c_proj.bias.add_(0.01)
+    moved.save_pretrained(str(tmp_path / "moved"))
+    from diffusion_caption.__main__ import main
+
+    for folder, message in ((str(tmp_path / "nope"), "not found"),
+                            ("assets/checkpoints/shapes-baseline/clip", "no text tokenizer"),
+                            (str(tmp_path / "moved"), "image tower differs")):
+        assert main(base[3:] + ["--scorer", folder]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "scorer" in err, (folder, err)
