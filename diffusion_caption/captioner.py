@@ -322,7 +322,8 @@ class Captioner:
             samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record, **one)
             groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
         if settings["select"] == "clip":
-            chosen = clip_select(self.scorer, features.to(self.scorer.device), list(groups))
+            ids = self._scorer_ids([p[1] for p in proposals]) if samples is None else None
+            chosen = clip_select(self.scorer, features.to(self.scorer.device), list(groups), ids)
         else:
             chosen = [mbr_select(texts) for texts in groups]
         seconds = time.perf_counter() - t0
@@ -361,6 +362,26 @@ class Captioner:
             for j, text in enumerate(texts):
                 first.setdefault(text, j)
             out.append(([texts[j] for j in first.values()], [kept[j] for j in first.values()]))
+        return out
+
+    def _scorer_ids(self, roundings: list[list[list[int]]]) -> list[torch.Tensor] | None:
+        """The candidate roundings in the scorer's token ids, when its tokenizer shares this captioner's
+        vocabulary and the ids say exactly what tokenising the decoded captions would (``encode_ids``);
+        otherwise None, and the captions are tokenised as text."""
+        tok = self.scorer.text_tokenizer
+        if getattr(self, "_shared_vocab", (None,))[0] is not tok:  # asked once per scorer
+            self._shared_vocab = (tok, self.tokenizer.same_vocabulary(tok))
+        if not self._shared_vocab[1]:
+            return None
+        sep, special = self.tokenizer.sep_id, self.tokenizer.special_ids
+        length = int(self.scorer.model.context_length)
+        out = []
+        for group in roundings:
+            words = [[i for i in (ids[:ids.index(sep)] if sep in ids else ids) if i not in special] for ids in group]
+            ids = tok.encode_ids(words, length)
+            if ids is None:
+                return None
+            out.append(ids)
         return out
 
     def _rounded_step(self, step: DenoisingStep, ids: list[int], text: str) -> DenoisingStep:

@@ -16,13 +16,23 @@ import torch
 from .image_encoder import ImageEncoder
 
 
-def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]]) -> list[list[float]]:
+def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]],
+                token_ids: list[torch.Tensor] | None = None) -> list[list[float]]:
     """Cosine similarity of each image's candidates to its feature: ``features`` [B, D] (as ``encode``
-    returns them), ``candidates`` B lists of captions (any lengths)."""
+    returns them), ``candidates`` B lists of captions (any lengths). ``token_ids``, when given, are the
+    candidates already in the CLIP's token ids (one [K_b, context] tensor per image, as its tokenizer
+    would encode them), which spares tokenising the text again."""
     if features.shape[0] != len(candidates):
         raise ValueError(f"got {features.shape[0]} image features for {len(candidates)} candidate lists")
     flat = [c for group in candidates for c in group]
-    text = encoder.encode_text(flat).to(features.device)
+    if token_ids is not None:
+        if [t.shape[0] for t in token_ids] != [len(group) for group in candidates]:
+            raise ValueError("token_ids must hold one row per candidate caption")
+        with torch.no_grad():
+            ids = torch.cat(token_ids).to(encoder.device)
+            text = torch.nn.functional.normalize(encoder.encode_text_ids(ids).float(), dim=-1).to(features.device)
+    else:
+        text = encoder.encode_text(flat).to(features.device)
     image = torch.nn.functional.normalize(features.float(), dim=-1)
     owner = torch.tensor([b for b, group in enumerate(candidates) for _ in group], device=features.device,
                          dtype=torch.long)
@@ -34,8 +44,10 @@ def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[
     return out
 
 
-def clip_select(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]]) -> list[int]:
-    """For each image the index of its candidate with the highest CLIP score (the first of equals)."""
+def clip_select(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]],
+                token_ids: list[torch.Tensor] | None = None) -> list[int]:
+    """For each image the index of its candidate with the highest CLIP score (the first of equals);
+    ``token_ids`` as in ``clip_scores``."""
     if features.shape[0] != len(candidates):
         raise ValueError(f"got {features.shape[0]} image features for {len(candidates)} candidate lists")
     if any(not group for group in candidates):
@@ -44,7 +56,8 @@ def clip_select(encoder: ImageEncoder, features: torch.Tensor, candidates: list[
     many = [b for b, group in enumerate(candidates) if len(group) > 1]
     chosen = [0] * len(candidates)
     if many:
-        scores = clip_scores(encoder, features[many], [candidates[b] for b in many])
+        scores = clip_scores(encoder, features[many], [candidates[b] for b in many],
+                             None if token_ids is None else [token_ids[b] for b in many])
         for b, s in zip(many, scores):
             chosen[b] = max(range(len(s)), key=lambda j: (s[j], -j))
     return chosen

@@ -65,6 +65,28 @@ class CaptionTokenizer:
     def token_strings(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
 
+    def same_vocabulary(self, other) -> bool:
+        """Whether ``other`` (a tokenizer of any kind) maps every token and the special tokens to the same ids."""
+        return (isinstance(other, CaptionTokenizer) and (self.cls_id, self.sep_id, self.pad_id) ==
+                (other.cls_id, other.sep_id, other.pad_id) and self.hf.get_vocab() == other.hf.get_vocab())
+
+    def encode_ids(self, words: list[list[int]], length: int) -> torch.Tensor | None:
+        """What ``encode`` gives for the captions that these word ids (no special tokens) decode to, built
+        from the ids without the round trip through text: [CLS] words [SEP] then [PAD]. None when the two
+        could differ: a continuation piece ("##...") that decoding would glue to its neighbour and encoding
+        might split otherwise, or a caption too long for ``length``. Whole-word tokens decode to words that
+        WordPiece maps back to the same token, so otherwise the result is exact."""
+        if not hasattr(self, "_pieces"):
+            self._pieces = {i for t, i in self.hf.get_vocab().items() if t.startswith("##")}
+        out = torch.full((len(words), length), self.pad_id, dtype=torch.long)
+        for row, ids in enumerate(words):
+            if len(ids) + 2 > length or any(i in self._pieces or i in self.special_ids for i in ids):
+                return None
+            out[row, 0] = self.cls_id
+            out[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+            out[row, len(ids) + 1] = self.sep_id
+        return out
+
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
         """``decode`` of every sequence, in one call to the tokenizer."""
         cut = []

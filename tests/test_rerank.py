@@ -98,6 +98,19 @@ def test_rounding_proposals_are_one_draws_likeliest_roundings_kept_by_clip(make_
         if cap.tokenizer.decode(ids) not in texts:
             texts.append(cap.tokenizer.decode(ids))
     assert tr.candidates == texts
+    # the scorer shares the captioner's vocabulary, so roundings of whole words are scored from their ids, exactly
+    # as their re-tokenised text would be; with a continuation piece among them the text is tokenised instead
+    texts = ["a red circle on a gray background", "two green squares and a blue star"]
+    rows = [r + [cap.tokenizer.pad_id] * 3 for r in cap.tokenizer.encode(texts, 16).tolist()]
+    ids = cap._scorer_ids([rows])
+    assert ids is not None and torch.equal(ids[0], clip_with_text.text_tokenizer.encode(texts, 24))
+    pieces = [i for t, i in cap.tokenizer.hf.get_vocab().items() if t.startswith("##")]
+    if pieces:
+        assert cap._scorer_ids([[rows[0][:3] + pieces[:1] + rows[0][3:]]]) is None
+    route = cap._scorer_ids
+    cap._scorer_ids = lambda roundings: None  # always the text
+    assert cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding").chosen == tr.chosen
+    cap._scorer_ids = route
     # batched, each image its own: the same as one at a time
     two = cap.caption_batch([scene_image, scene_image], candidates=8, seed=3, select="clip", propose="rounding")
     assert two[0].candidates == tr.candidates and two[0].text == tr.text
@@ -161,6 +174,13 @@ def test_an_image_with_one_candidate_costs_no_text_pass(clip_with_text, scene_im
     assert seen == groups[1]
     scores = clip_scores(clip_with_text, feats[1:2], groups[1:2])[0]
     assert chosen == [0, max(range(3), key=lambda j: (scores[j], -j)), 0]
+    # the same from the captions' CLIP token ids
+    ids = [clip_with_text.text_tokenizer.encode(g, int(clip_with_text.model.context_length)) for g in groups]
+    assert clip_select(clip_with_text, feats, groups, ids) == chosen
+    for a, b in zip(clip_scores(clip_with_text, feats, groups, ids), clip_scores(clip_with_text, feats, groups)):
+        assert a == pytest.approx(b, abs=1e-5)
+    with pytest.raises(ValueError, match="one row per candidate"):
+        clip_scores(clip_with_text, feats, groups, ids[1:] + ids[:1])
 
 
 def _with_changed(clip, prefix: str) -> ImageEncoder:

@@ -1,3 +1,5 @@
+import torch
+
 from diffusion_caption.tokenizer import CaptionTokenizer
 
 
@@ -20,3 +22,19 @@ def test_decode_stops_at_sep_and_drops_specials(tokenizer):
     garbage_after = ids[:sep + 1] + tokenizer.encode(["red star"], 10)[0].tolist()[1:sep]
     assert tokenizer.decode(garbage_after) == "two blue squares"
     assert tokenizer.decode([tokenizer.cls_id, tokenizer.pad_id] + ids[1:]) == "two blue squares"
+
+
+def test_word_ids_encode_as_their_decoded_text_does(tokenizer):
+    captions = ["a red circle on a gray background", "two shapes: a small blue star and a green square", "a"]
+    ids = tokenizer.encode(captions, 24)
+    words = [[i for i in row.tolist() if i not in tokenizer.special_ids] for row in ids]
+    assert tokenizer.decode_batch(words) == [tokenizer.decode(w) for w in words]
+    pieces = {i for t, i in tokenizer.hf.get_vocab().items() if t.startswith("##")}
+    if not any(i in pieces for w in words for i in w):
+        assert torch.equal(tokenizer.encode_ids(words, 24), tokenizer.encode(tokenizer.decode_batch(words), 24))
+    assert tokenizer.same_vocabulary(tokenizer) and not tokenizer.same_vocabulary(object())
+    # where the round trip through text could tokenise otherwise, or the caption does not fit: no ids
+    if pieces:
+        assert tokenizer.encode_ids([words[0] + [min(pieces)]], 24) is None
+    assert tokenizer.encode_ids([words[0]], len(words[0]) + 1) is None
+    assert tokenizer.encode_ids([[tokenizer.sep_id]], 24) is None
