@@ -112,6 +112,48 @@ def test_tune_clip_text_changes_only_the_text_tower_and_resumes_exactly(world_di
     assert len(log) == 3 and '"val_swap"' in log[-1]
 
 
+def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_dir, clip_encoder, tokenizer, tmp_path):
+    """``--text-layers N`` keeps the first N blocks (a cheaper scorer) and ``--distill`` adds the whole tower's
+    rankings as soft labels; the result loads as a CLIP of N text blocks with the same image tower, and a
+    killed run resumes to the same weights."""
+    from diffusion_caption.captioner import Captioner
+    from diffusion_caption.image_encoder import ImageEncoder
+    from training import tune_clip_text
+
+    clip = _clip_dir(tmp_path, clip_encoder, tokenizer)
+    common = ["--clip", clip, "--data-dir", world_dir, "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
+              "--negatives", "2", "--val-every", "2", "--ckpt-every", "1", "--warmup", "1", "--lr", "1e-3",
+              "--device", "cpu", "--text-layers", "1", "--distill", "1.0"]
+    tune_clip_text.main(common + ["--steps", "2", "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run-a")])
+    tune_clip_text.main(common + ["--steps", "1", "--out", str(tmp_path / "b0"), "--run-dir", str(tmp_path / "run-b")])
+    tune_clip_text.main(common + ["--steps", "2", "--out", str(tmp_path / "b"), "--run-dir", str(tmp_path / "run-b"),
+                                  "--resume", "true"])
+    before = load_file(os.path.join(clip, "open_clip_model.safetensors"))
+    after = load_file(str(tmp_path / "a" / "open_clip_model.safetensors"))
+    assert not any(k.startswith("transformer.resblocks.1.") for k in after)
+    assert any(k.startswith("transformer.resblocks.0.") for k in after)
+    assert set(after) == {k for k in before if not k.startswith("transformer.resblocks.") or
+                          k.startswith("transformer.resblocks.0.")}
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual.") or k == "logit_scale")
+    assert all(torch.equal(after[k], v) for k, v in load_file(str(tmp_path / "b" / "open_clip_model.safetensors")).items())
+    enc = ImageEncoder.from_pretrained(str(tmp_path / "a"))
+    assert len(enc.model.transformer.resblocks) == 1 and enc.source["model_cfg"]["text_cfg"]["layers"] == 1
+    # it stands in as a scorer for a captioner of that CLIP: the image tower is the same
+    cap = Captioner(*_tiny_captioner_parts(clip_encoder, tokenizer))
+    assert cap.use_scorer(enc).scorer is enc
+    with pytest.raises(SystemExit, match="--text-layers 9"):
+        tune_clip_text.main(common[:-4] + ["--text-layers", "9", "--out", str(tmp_path / "c"),
+                                           "--run-dir", str(tmp_path / "run-c")])
+
+
+def _tiny_captioner_parts(clip_encoder, tokenizer):
+    from diffusion_caption.config import preset
+    from diffusion_caption.denoiser import Denoiser
+
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim)
+    return cfg, Denoiser(cfg), clip_encoder, tokenizer
+
+
 def test_tune_clip_text_refuses_a_world_without_scenes(tmp_path, clip_encoder, tokenizer):
     import json
 

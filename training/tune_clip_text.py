@@ -52,6 +52,8 @@ class TuneClipTextConfig:
     val_every: int = 500
     ckpt_every: int = 500
     val_images: int = 500
+    text_layers: int = 0  # keep only the first N blocks of the text tower (0: all): a cheaper scorer
+    distill: float = 0.0  # weight of matching the given CLIP's full text tower's rankings (KL), besides the labels
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -60,6 +62,17 @@ class TuneClipTextConfig:
 def text_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The text tower's parameters: everything but ``visual.*`` and the logit scale."""
     return [(n, p) for n, p in model.named_parameters() if not n.startswith("visual") and n != "logit_scale"]
+
+
+def keep_text_layers(enc: ImageEncoder, n: int) -> None:
+    """Cut ``enc``'s text tower to its first ``n`` transformer blocks, in place, and say so in the config it
+    is saved with. The embeddings, final norm and projection stay; the image tower is untouched."""
+    blocks = enc.model.transformer.resblocks
+    if not 1 <= n <= len(blocks):
+        raise SystemExit(f"--text-layers {n}: the text tower has {len(blocks)} blocks")
+    enc.model.transformer.resblocks = torch.nn.ModuleList(list(blocks)[:n])
+    enc.model.transformer.layers = n
+    enc.source["model_cfg"]["text_cfg"]["layers"] = n
 
 
 def scenes_of(records) -> list[Scene]:
@@ -123,6 +136,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"--clip {cfg.clip}: no shapes text tokenizer beside its weights (tokenizer.json)")
     tok, model = enc.text_tokenizer, enc.model
     length = int(model.context_length)
+    teacher = None
+    if cfg.distill > 0:  # the given tower, whole and frozen, before any block is cut
+        import copy
+
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.text_layers:
+        keep_text_layers(enc, cfg.text_layers)
 
     train = load_karpathy("shapes", cfg.data_dir, splits=["train"])
     val = load_karpathy("shapes", cfg.data_dir, splits=["val"])[: cfg.val_images]
@@ -168,6 +188,12 @@ def main(argv=None) -> None:
         i2t = scale * img @ txt.T  # each image against every positive and every negative of the batch
         t2i = scale * txt[: len(idx)] @ img.T
         loss = (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+        if teacher is not None:  # the full tower's ranking of the same captions for each image, as soft labels
+            with torch.no_grad(), common.autocast(device):
+                t_txt = torch.nn.functional.normalize(teacher.encode_text(ids), dim=-1).float()
+            soft = (scale * img @ t_txt.T).log_softmax(-1)
+            loss = loss + cfg.distill * torch.nn.functional.kl_div(i2t.log_softmax(-1), soft, log_target=True,
+                                                                   reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
