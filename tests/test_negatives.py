@@ -81,6 +81,18 @@ def _clip_dir(tmp_path, clip_encoder, tokenizer) -> str:
     return d
 
 
+def _straight_and_resumed(common: list[str], tmp_path, steps: int) -> None:
+    """``tune_clip_text`` run straight for ``steps`` steps into ``a``, and the same run killed halfway and resumed
+    into ``b``."""
+    from training import tune_clip_text
+
+    tune_clip_text.main(common + ["--steps", str(steps), "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run-a")])
+    tune_clip_text.main(common + ["--steps", str(steps // 2), "--out", str(tmp_path / "b0"),
+                                  "--run-dir", str(tmp_path / "run-b")])
+    tune_clip_text.main(common + ["--steps", str(steps), "--out", str(tmp_path / "b"), "--run-dir", str(tmp_path / "run-b"),
+                                  "--resume", "true"])
+
+
 def test_tune_clip_text_changes_only_the_text_tower_and_resumes_exactly(world_dir, clip_encoder, tokenizer, tmp_path):
     from diffusion_caption.image_encoder import ImageEncoder
     from training import tune_clip_text
@@ -89,11 +101,7 @@ def test_tune_clip_text_changes_only_the_text_tower_and_resumes_exactly(world_di
     common = ["--clip", clip, "--data-dir", world_dir, "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
               "--negatives", "3", "--val-every", "2", "--ckpt-every", "2", "--warmup", "1", "--lr", "1e-3",
               "--device", "cpu"]
-    tune_clip_text.main(common + ["--steps", "4", "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run-a")])
-    # the same run killed after step 2 and resumed
-    tune_clip_text.main(common + ["--steps", "2", "--out", str(tmp_path / "b0"), "--run-dir", str(tmp_path / "run-b")])
-    tune_clip_text.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--run-dir", str(tmp_path / "run-b"),
-                                  "--resume", "true"])
+    _straight_and_resumed(common, tmp_path, 4)
 
     before = load_file(os.path.join(clip, "open_clip_model.safetensors"))
     after = load_file(str(tmp_path / "a" / "open_clip_model.safetensors"))
@@ -124,10 +132,7 @@ def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_
     common = ["--clip", clip, "--data-dir", world_dir, "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
               "--negatives", "2", "--val-every", "2", "--ckpt-every", "1", "--warmup", "1", "--lr", "1e-3",
               "--device", "cpu", "--text-layers", "1", "--distill", "1.0"]
-    tune_clip_text.main(common + ["--steps", "2", "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run-a")])
-    tune_clip_text.main(common + ["--steps", "1", "--out", str(tmp_path / "b0"), "--run-dir", str(tmp_path / "run-b")])
-    tune_clip_text.main(common + ["--steps", "2", "--out", str(tmp_path / "b"), "--run-dir", str(tmp_path / "run-b"),
-                                  "--resume", "true"])
+    _straight_and_resumed(common, tmp_path, 2)
     before = load_file(os.path.join(clip, "open_clip_model.safetensors"))
     after = load_file(str(tmp_path / "a" / "open_clip_model.safetensors"))
     assert not any(k.startswith("transformer.resblocks.1.") for k in after)
