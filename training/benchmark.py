@@ -819,7 +819,8 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
                                ("maroon", "salmon")][i % 3]
         name = f"distilled {tag}" if tag else "distilled"
         series.append(("diffusion", name, (f"{name} diffusion" if tag else
-                                           "distilled diffusion (trained on the baseline's captions)") + ", by steps",
+                                           "distilled diffusion (trained on the baseline's captions)") +
+                       ", by steps and candidates",
                        dict(marker="D", color=eager_c)))
         series.append(("diffusion", f"{name}, compiled", f"{name} diffusion, torch.compile",
                        dict(marker="d", color=compiled_c, ls="-.")))
