@@ -220,8 +220,9 @@ def counterfactual_tables(report: dict, model: str = "") -> str:
 
 
 def evaluate(model, records: list[ImageRecord], settings: dict | None = None, batch_size: int = 128,
-             cache_dir: str | None = None, metrics: bool = True, tokenizer: str = "ptb") -> dict:
-    """Caption ``records`` with ``model`` and score them; returns a JSON-ready dict."""
+             cache_dir: str | None = None, metrics: bool = True, tokenizer: str = "ptb", meteor: bool = True) -> dict:
+    """Caption ``records`` with ``model`` and score them; returns a JSON-ready dict (``meteor=False``: the
+    COCO metrics without METEOR, which starts a Java process per call)."""
     settings = dict(settings or {})
     t0 = time.time()
     feats = image_features(model.image_encoder, [r.image_path for r in records], cache_dir, desc="encoding images")
@@ -231,7 +232,8 @@ def evaluate(model, records: list[ImageRecord], settings: dict | None = None, ba
     result: dict = {"kind": model_kind(model), "n_images": len(records), "settings": settings}
     if metrics:
         result["metrics"] = caption_metrics({r.image_id: t for r, t in zip(records, texts)},
-                                            {r.image_id: r.captions for r in records}, tokenizer=tokenizer)
+                                            {r.image_id: r.captions for r in records}, tokenizer=tokenizer,
+                                            meteor=meteor)
     if records and all(r.scene for r in records):
         scenes = [Scene.from_json(r.scene) for r in records]
         result["attributes"] = attribute_report(texts, scenes)

@@ -13,7 +13,7 @@ def test_sweep_writes_table_plot_and_json(make_captioner, world_dir, tmp_path, c
     out = str(tmp_path / "sweep" / "s")
     sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "4",
                 "--steps", "1,3", "--samplers", "ddim,ddpm", "--guidance", "1,3", "--guidance-steps", "2",
-                "--tokenizer", "simple", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", out])
+                "--tokenizer", "simple", "--no-meteor", "--batch-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", out])
     res = json.load(open(out + ".json"))["results"]
     steps = [(r["settings"]["sampler"], r["settings"]["steps"], r["settings"]["guidance"])
              for r in res if r["sweep"] == "steps"]
@@ -30,7 +30,7 @@ def test_sweep_writes_table_plot_and_json(make_captioner, world_dir, tmp_path, c
 
     sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "2",
                 "--steps", "2", "--samplers", "ddim", "--steps-guidance", "1", "--guidance", "",
-                "--tokenizer", "simple", "--cache-dir", str(tmp_path / "cache"), "--out", out + "2"])
+                "--tokenizer", "simple", "--no-meteor", "--cache-dir", str(tmp_path / "cache"), "--out", out + "2"])
     res = json.load(open(out + "2.json"))["results"]
     assert [(r["sweep"], r["settings"]["guidance"]) for r in res] == [("steps", 1.0)]
     assert os.path.getsize(out + "2.png") > 1000
@@ -38,7 +38,7 @@ def test_sweep_writes_table_plot_and_json(make_captioner, world_dir, tmp_path, c
     # several timestep spacings: one steps sweep per sampler and spacing, and a plot comparing them
     sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "2",
                 "--steps", "1,2", "--samplers", "ddim", "--spacings", "linspace,trailing^2", "--guidance", "",
-                "--tokenizer", "simple", "--cache-dir", str(tmp_path / "cache"), "--out", out + "3"])
+                "--tokenizer", "simple", "--no-meteor", "--cache-dir", str(tmp_path / "cache"), "--out", out + "3"])
     res = json.load(open(out + "3.json"))["results"]
     assert [(r["settings"]["spacing"], r["settings"]["steps"]) for r in res] == [
         ("linspace", 1), ("linspace", 2), ("trailing^2", 1), ("trailing^2", 2)]

@@ -150,6 +150,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"])
+    p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also METEOR (a Java process per setting; --no-meteor leaves it out)")
     p.add_argument("--out", default="docs/sweep", help="writes OUT.json, OUT.md and OUT.png")
     args = p.parse_args(argv)
     model = load_model(args.checkpoint, device=args.device)
@@ -173,7 +175,8 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
         settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp,
                                         spacing=kw["spacing"])
-        res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
+        res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer,
+                       meteor=args.meteor)
         res.pop("captions")
         results.append({"sweep": sweep, **res})
         row = {"sweep": sweep, "sampler": kw["sampler"], "spacing": kw["spacing"], "steps": kw["steps"],
