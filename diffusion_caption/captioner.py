@@ -45,6 +45,7 @@ class Captioner:
         self.denoiser = denoiser.eval()
         self.image_encoder = image_encoder
         self._scorer: ImageEncoder | None = None  # another CLIP's text tower to rank candidates; ``use_scorer``
+        self._shared_vocab: tuple = (None, False)  # (scorer's text tokenizer, whether it has our vocabulary)
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule(config.schedule, config.T)
         self.diffusion = GaussianDiffusion(self.schedule, config.predict)
@@ -345,15 +346,14 @@ class Captioner:
         E = self.denoiser.embeddings.detach().cpu()
         top = top2_log_probs(torch.stack([st.x0_pred for st in steps]).cpu(), E)
         values, indices = top.values.tolist(), top.indices.tolist()
-        sep, special = self.tokenizer.sep_id, set(self.tokenizer.special_ids)
+        sep = self.tokenizer.sep_id
         out = []
         for b, st in enumerate(steps):
             ids = st.token_ids
             n = ids.index(sep) + 1 if sep in ids else len(ids)
             seen, kept = set(), []
             for alt, _ in k_best_roundings(values[b], indices[b], k, positions=n, max_delta=ROUNDING_MAX_DELTA):
-                words = alt[:alt.index(sep)] if sep in alt else alt
-                key = tuple(i for i in words if i not in special)
+                key = tuple(self.tokenizer.words(alt))
                 if key not in seen:
                     seen.add(key)
                     kept.append(alt)
@@ -369,16 +369,14 @@ class Captioner:
         vocabulary and the ids say exactly what tokenising the decoded captions would (``encode_ids``);
         otherwise None, and the captions are tokenised as text."""
         tok = self.scorer.text_tokenizer
-        if getattr(self, "_shared_vocab", (None,))[0] is not tok:  # asked once per scorer
+        if self._shared_vocab[0] is not tok:  # asked once per scorer
             self._shared_vocab = (tok, self.tokenizer.same_vocabulary(tok))
         if not self._shared_vocab[1]:
             return None
-        sep, special = self.tokenizer.sep_id, self.tokenizer.special_ids
         length = int(self.scorer.model.context_length)
         out = []
         for group in roundings:
-            words = [[i for i in (ids[:ids.index(sep)] if sep in ids else ids) if i not in special] for ids in group]
-            ids = tok.encode_ids(words, length)
+            ids = tok.encode_ids([self.tokenizer.words(r) for r in group], length)
             if ids is None:
                 return None
             out.append(ids)

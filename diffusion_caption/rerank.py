@@ -28,9 +28,8 @@ def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[
     if token_ids is not None:
         if [t.shape[0] for t in token_ids] != [len(group) for group in candidates]:
             raise ValueError("token_ids must hold one row per candidate caption")
-        with torch.no_grad():
-            ids = torch.cat(token_ids).to(encoder.device)
-            text = torch.nn.functional.normalize(encoder.encode_text_ids(ids).float(), dim=-1).to(features.device)
+        ids = torch.cat(token_ids).to(encoder.device)
+        text = torch.nn.functional.normalize(encoder.encode_text_ids(ids).float(), dim=-1).to(features.device)
     else:
         text = encoder.encode_text(flat).to(features.device)
     image = torch.nn.functional.normalize(features.float(), dim=-1)

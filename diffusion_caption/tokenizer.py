@@ -87,20 +87,18 @@ class CaptionTokenizer:
             out[row, len(ids) + 1] = self.sep_id
         return out
 
+    def words(self, ids: list[int]) -> list[int]:
+        """The caption's own ids in one sequence: those before the first [SEP], special tokens dropped."""
+        ids = list(ids)
+        if self.sep_id in ids:
+            ids = ids[: ids.index(self.sep_id)]
+        return [i for i in ids if i not in self.special_ids]
+
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
         """``decode`` of every sequence, in one call to the tokenizer."""
-        cut = []
-        for ids in batch:
-            ids = list(ids)
-            if self.sep_id in ids:
-                ids = ids[: ids.index(self.sep_id)]
-            cut.append([i for i in ids if i not in self.special_ids])
+        cut = [self.words(ids) for ids in batch]
         return [t.strip() for t in self.hf.batch_decode(cut, clean_up_tokenization_spaces=False)]
 
     def decode(self, ids: list[int]) -> str:
         """Caption text of one sequence: everything after [CLS] up to the first [SEP], specials dropped."""
-        ids = list(ids)
-        if self.sep_id in ids:
-            ids = ids[: ids.index(self.sep_id)]
-        ids = [i for i in ids if i not in self.special_ids]
-        return self.hf.decode(ids, clean_up_tokenization_spaces=False).strip()
+        return self.hf.decode(self.words(ids), clean_up_tokenization_spaces=False).strip()

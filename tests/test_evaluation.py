@@ -81,3 +81,26 @@ def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys
     assert two["n"] == 2 and sum(two[k] for k in ("right", "swapped", "repeated shape", "repeated colour", "other")) == 1.0
     assert "| model | two-object scenes | right | swapped | repeated shape | repeated colour | other |" in md
     assert "BLEU-4" in capsys.readouterr().out
+
+
+def test_evaluate_ranks_with_a_scorer_and_records_it(make_captioner, clip_encoder, tokenizer, world_dir, tmp_path):
+    from diffusion_caption.image_encoder import ImageEncoder
+    from training import evaluate
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    make_captioner().save_pretrained(ckpt_dir)
+    scorer = str(tmp_path / "scorer")  # the captioner's own CLIP, saved with its text tokenizer
+    ImageEncoder(clip_encoder.model, clip_encoder.preprocess, clip_encoder.source,
+                 text_tokenizer=tokenizer).save_pretrained(scorer)
+    out = str(tmp_path / "eval" / "k.json")
+    common = ["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "4", "--steps", "1",
+              "--candidates", "4", "--select", "clip", "--propose", "rounding", "--tokenizer", "simple",
+              "--cache-dir", str(tmp_path / "cache")]
+    evaluate.main(common + ["--scorer", scorer, "--out", out])
+    res = json.load(open(out))
+    assert res["scorer"] == scorer and res["settings"]["select"] == "clip" and len(res["captions"]) == 4
+    # the captioner's CLIP has no text tokenizer, so without the scorer the same command is refused
+    with pytest.raises(SystemExit, match="no text tokenizer"):
+        evaluate.main(common + ["--out", str(tmp_path / "eval" / "none.json")])
+    with pytest.raises(SystemExit, match="image tower differs"):
+        evaluate.main(common + ["--scorer", "assets/checkpoints/shapes-clip-binding", "--out", out])

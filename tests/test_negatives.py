@@ -120,11 +120,11 @@ def test_tune_clip_text_changes_only_the_text_tower_and_resumes_exactly(world_di
     assert len(log) == 3 and '"val_swap"' in log[-1]
 
 
-def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_dir, clip_encoder, tokenizer, tmp_path):
+def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_dir, clip_encoder, tokenizer, tmp_path,
+                                                                         make_captioner):
     """``--text-layers N`` keeps the first N blocks (a cheaper scorer) and ``--distill`` adds the whole tower's
     rankings as soft labels; the result loads as a CLIP of N text blocks with the same image tower, and a
     killed run resumes to the same weights."""
-    from diffusion_caption.captioner import Captioner
     from diffusion_caption.image_encoder import ImageEncoder
     from training import tune_clip_text
 
@@ -144,19 +144,11 @@ def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_
     enc = ImageEncoder.from_pretrained(str(tmp_path / "a"))
     assert len(enc.model.transformer.resblocks) == 1 and enc.source["model_cfg"]["text_cfg"]["layers"] == 1
     # it stands in as a scorer for a captioner of that CLIP: the image tower is the same
-    cap = Captioner(*_tiny_captioner_parts(clip_encoder, tokenizer))
+    cap = make_captioner()
     assert cap.use_scorer(enc).scorer is enc
     with pytest.raises(SystemExit, match="--text-layers 9"):
         tune_clip_text.main(common[:-4] + ["--text-layers", "9", "--out", str(tmp_path / "c"),
                                            "--run-dir", str(tmp_path / "run-c")])
-
-
-def _tiny_captioner_parts(clip_encoder, tokenizer):
-    from diffusion_caption.config import preset
-    from diffusion_caption.denoiser import Denoiser
-
-    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim)
-    return cfg, Denoiser(cfg), clip_encoder, tokenizer
 
 
 def test_tune_clip_text_refuses_a_world_without_scenes(tmp_path, clip_encoder, tokenizer):
