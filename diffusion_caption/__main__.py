@@ -39,9 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="the K candidates: K noise draws (noise), or the K likeliest roundings of one draw "
                         "(rounding, with --select clip); default: the checkpoint's")
-    p.add_argument("--scorer", default=None, metavar="CLIP_DIR",
+    p.add_argument("--scorer", default=None, metavar="DIR",
                    help="rank candidates (--select clip) with this CLIP's text tower (its image tower must be "
-                        "the checkpoint's), e.g. assets/checkpoints/shapes-clip-binding")
+                        "the checkpoint's), e.g. assets/checkpoints/shapes-clip-binding, or with a text scorer "
+                        "trained against that image tower (training.train_text_scorer)")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")

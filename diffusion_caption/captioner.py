@@ -24,6 +24,7 @@ from .mbr import mbr_select
 from .rerank import clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
 from .schedule import NoiseSchedule
+from .text_scorer import TextScorer
 from .tokenizer import CaptionTokenizer
 from .trace import DenoisingStep, Trace
 
@@ -72,30 +73,48 @@ class Captioner:
 
     # ---------------------------------------------------------------------------------------- files
     @property
-    def scorer(self) -> ImageEncoder:
-        """The CLIP whose text tower ranks candidates under ``select="clip"``: the captioner's own unless
-        ``use_scorer`` set another."""
+    def scorer(self) -> "ImageEncoder | TextScorer":
+        """What ranks candidates under ``select="clip"``: the captioner's own CLIP unless ``use_scorer`` set
+        another CLIP's text tower or a ``TextScorer``."""
         return self._scorer if self._scorer is not None else self.image_encoder
 
-    def use_scorer(self, scorer: "str | ImageEncoder | None") -> "Captioner":
-        """Rank candidates (``select="clip"``) with another CLIP's text tower: a folder saved like the
-        captioner's ``clip/`` (``ImageEncoder.from_pretrained``) or an ``ImageEncoder``; None restores the
-        captioner's own. Its image tower must be the captioner's, tensor for tensor (a CLIP whose text
-        tower alone was tuned, as ``training.tune_clip_text`` makes): the captioner's image features are
-        what its captions are scored against, and a different image tower would put them in another space.
+    def use_scorer(self, scorer: "str | ImageEncoder | TextScorer | None") -> "Captioner":
+        """Rank candidates (``select="clip"``) with something other than the captioner's own CLIP: a folder
+        (a CLIP saved like the captioner's ``clip/``, or a text scorer saved by
+        ``training.train_text_scorer``), an ``ImageEncoder`` or a ``TextScorer``; None restores the
+        captioner's own. Either must read captions in the captioner's image-feature space, so it must
+        belong to the same image tower: a CLIP's image tower must be the captioner's, tensor for tensor (a
+        CLIP whose text tower alone was tuned, as ``training.tune_clip_text`` makes), and a text scorer
+        must have been trained against it (the fingerprint it records).
         """
         if scorer is None:
             self._scorer = None
             return self
         source = scorer
-        if not isinstance(scorer, ImageEncoder):
+        if isinstance(scorer, (str, os.PathLike)):
             try:
-                scorer = ImageEncoder.from_pretrained(str(scorer), self.device)
+                if TextScorer.is_checkpoint(str(scorer)):
+                    scorer = TextScorer.from_pretrained(str(scorer), self.device)
+                else:
+                    scorer = ImageEncoder.from_pretrained(str(scorer), self.device)
             except (OSError, RuntimeError, KeyError, TypeError) as e:  # a CheckpointError passes as it is
                 raise ckpt.CheckpointError(f"scorer: {e}") from None
+        if not isinstance(scorer, (ImageEncoder, TextScorer)):
+            raise TypeError(f"scorer must be a folder, an ImageEncoder or a TextScorer, got {type(scorer).__name__}")
         if scorer.text_tokenizer is None:
             raise ValueError(f"scorer {source}: its CLIP has no text tokenizer (tokenizer.json beside its weights), "
                              "so it cannot read captions")
+        if isinstance(scorer, TextScorer):
+            own = self.image_encoder.image_tower_fingerprint()
+            if scorer.config.image_tower != own:
+                raise ValueError(f"scorer {source}: this text scorer was trained against the image tower "
+                                 f"{scorer.config.image_tower or '(not recorded)'}, and this captioner's CLIP has "
+                                 f"{own}; its scores would compare captions with image features of another space")
+            if scorer.feature_dim != self.image_encoder.feature_dim:
+                raise ValueError(f"scorer {source}: embeds captions in {scorer.feature_dim} dimensions, the "
+                                 f"image features have {self.image_encoder.feature_dim}")
+            self._scorer = scorer.to(self.device)
+            return self
         own = self.image_encoder.model.visual.state_dict()
         theirs = scorer.model.visual.state_dict()
         differ = sorted(k for k in own.keys() | theirs.keys()
@@ -347,21 +366,24 @@ class Captioner:
         top = top2_log_probs(torch.stack([st.x0_pred for st in steps]).cpu(), E)
         values, indices = top.values.tolist(), top.indices.tolist()
         sep = self.tokenizer.sep_id
-        out = []
+        kept = []  # per step, its roundings with distinct words
         for b, st in enumerate(steps):
             ids = st.token_ids
             n = ids.index(sep) + 1 if sep in ids else len(ids)
-            seen, kept = set(), []
+            seen, mine = set(), []
             for alt, _ in k_best_roundings(values[b], indices[b], k, positions=n, max_delta=ROUNDING_MAX_DELTA):
                 key = tuple(self.tokenizer.words(alt))
                 if key not in seen:
                     seen.add(key)
-                    kept.append(alt)
-            texts = self.tokenizer.decode_batch(kept)
+                    mine.append(alt)
+            kept.append(mine)
+        texts = iter(self.tokenizer.decode_batch([r for mine in kept for r in mine]))  # one call for the batch
+        out = []
+        for mine in kept:
             first = {}
-            for j, text in enumerate(texts):
+            for j, text in enumerate([next(texts) for _ in mine]):
                 first.setdefault(text, j)
-            out.append(([texts[j] for j in first.values()], [kept[j] for j in first.values()]))
+            out.append((list(first), [mine[j] for j in first.values()]))
         return out
 
     def _scorer_ids(self, roundings: list[list[list[int]]]) -> list[torch.Tensor] | None:
@@ -373,14 +395,11 @@ class Captioner:
             self._shared_vocab = (tok, self.tokenizer.same_vocabulary(tok))
         if not self._shared_vocab[1]:
             return None
-        length = int(self.scorer.model.context_length)
-        out = []
-        for group in roundings:
-            ids = tok.encode_ids([self.tokenizer.words(r) for r in group], length)
-            if ids is None:
-                return None
-            out.append(ids)
-        return out
+        if not roundings:
+            return []
+        ids = tok.encode_ids([self.tokenizer.words(r) for group in roundings for r in group],
+                             int(self.scorer.context_length))  # one tensor for the batch
+        return None if ids is None else list(ids.split([len(group) for group in roundings]))
 
     def _rounded_step(self, step: DenoisingStep, ids: list[int], text: str) -> DenoisingStep:
         """``step`` with its tokens replaced by the rounding ``ids`` and each one's rounding probability."""

@@ -64,6 +64,22 @@ class ImageEncoder:
             "vision_cfg", {}).get("image_size", 224)
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+    @property
+    def context_length(self) -> int:
+        """How many token ids the text tower reads."""
+        return int(self.model.context_length)
+
+    def image_tower_fingerprint(self) -> str:
+        """A hash of the image tower's weights and preprocessing: equal for two CLIPs whose image features
+        are the same (a text scorer records the one it was trained against)."""
+        import hashlib
+
+        h = hashlib.sha1(json.dumps(self.source.get("preprocess_cfg", {}), sort_keys=True).encode())
+        for k, v in sorted(self.model.visual.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().float().reshape(-1).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def to(self, device) -> "ImageEncoder":
         self.device = torch.device(device)
         self.model.to(self.device)

@@ -8,15 +8,18 @@ the candidate whose text embedding lies nearest the image feature (cosine simila
 CLIPScore without its weight and clipping, which do not change the order). It needs the CLIP's text
 tower and tokenizer, costs one text-tower pass per candidate, and is only as good as the CLIP at
 telling the candidates apart: a CLIP that reads a caption as a bag of words cannot rank a swapped pair.
+The scorer may also be a ``text_scorer.TextScorer``: a small convolutional text encoder trained against
+the same image tower, which asks for the same calls at a fraction of a text tower's cost.
 """
 from __future__ import annotations
 
 import torch
 
 from .image_encoder import ImageEncoder
+from .text_scorer import TextScorer
 
 
-def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]],
+def clip_scores(encoder: "ImageEncoder | TextScorer", features: torch.Tensor, candidates: list[list[str]],
                 token_ids: list[torch.Tensor] | None = None) -> list[list[float]]:
     """Cosine similarity of each image's candidates to its feature: ``features`` [B, D] (as ``encode``
     returns them), ``candidates`` B lists of captions (any lengths). ``token_ids``, when given, are the
@@ -43,7 +46,7 @@ def clip_scores(encoder: ImageEncoder, features: torch.Tensor, candidates: list[
     return out
 
 
-def clip_select(encoder: ImageEncoder, features: torch.Tensor, candidates: list[list[str]],
+def clip_select(encoder: "ImageEncoder | TextScorer", features: torch.Tensor, candidates: list[list[str]],
                 token_ids: list[torch.Tensor] | None = None) -> list[int]:
     """For each image the index of its candidate with the highest CLIP score (the first of equals);
     ``token_ids`` as in ``clip_scores``."""

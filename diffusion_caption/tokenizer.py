@@ -76,16 +76,15 @@ class CaptionTokenizer:
         could differ: a continuation piece ("##...") that decoding would glue to its neighbour and encoding
         might split otherwise, or a caption too long for ``length``. Whole-word tokens decode to words that
         WordPiece maps back to the same token, so otherwise the result is exact."""
-        if not hasattr(self, "_pieces"):
-            self._pieces = {i for t, i in self.hf.get_vocab().items() if t.startswith("##")}
-        out = torch.full((len(words), length), self.pad_id, dtype=torch.long)
-        for row, ids in enumerate(words):
-            if len(ids) + 2 > length or any(i in self._pieces or i in self.special_ids for i in ids):
+        if not hasattr(self, "_not_words"):  # continuation pieces and special tokens
+            self._not_words = frozenset(i for t, i in self.hf.get_vocab().items() if t.startswith("##")) | \
+                frozenset(self.special_ids)
+        rows = []
+        for ids in words:
+            if len(ids) + 2 > length or not self._not_words.isdisjoint(ids):
                 return None
-            out[row, 0] = self.cls_id
-            out[row, 1:len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-            out[row, len(ids) + 1] = self.sep_id
-        return out
+            rows.append([self.cls_id, *ids, self.sep_id] + [self.pad_id] * (length - len(ids) - 2))
+        return torch.tensor(rows, dtype=torch.long) if rows else torch.full((0, length), self.pad_id, dtype=torch.long)
 
     def words(self, ids: list[int]) -> list[int]:
         """The caption's own ids in one sequence: those before the first [SEP], special tokens dropped."""

@@ -206,8 +206,15 @@ def trained_suite(args, n_features: int) -> Suite:
         notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
                      "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
     if distilled and getattr(args, "distilled_scorer", ""):
-        notes.append(f"distilled rows that choose by CLIP score rank their candidates with the text tower of "
-                     f"{args.distilled_scorer} (`--distilled-scorer`; its image tower is the checkpoints' own)")
+        from diffusion_caption.text_scorer import TextScorer
+
+        if TextScorer.is_checkpoint(args.distilled_scorer):
+            notes.append(f"distilled rows that choose by CLIP score rank their candidates with the text scorer "
+                         f"{args.distilled_scorer} (`--distilled-scorer`: a convolutional text encoder trained by "
+                         "`training.train_text_scorer` against the checkpoints' image tower)")
+        else:
+            notes.append(f"distilled rows that choose by CLIP score rank their candidates with the text tower of "
+                         f"{args.distilled_scorer} (`--distilled-scorer`; its image tower is the checkpoints' own)")
     custom = bool(getattr(args, "distilled_settings", ""))
     for tag, path, m in distilled:
         notes.append(f"distilled rows{f' ({tag}: {path})' if tag else ''}: {distilled_description(m, custom)}")
@@ -1106,9 +1113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="few-step diffusion checkpoints to time beside the others, comma-separated ('' or a "
                         "missing path: none)")
     p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
-    p.add_argument("--distilled-scorer", default="", metavar="CLIP_DIR",
+    p.add_argument("--distilled-scorer", default="", metavar="DIR",
                    help="rank the distilled rows' candidates (select clip) with this CLIP's text tower, e.g. "
-                        "assets/checkpoints/shapes-clip-binding (its image tower must be the checkpoints' own)")
+                        "assets/checkpoints/shapes-clip-binding (its image tower must be the checkpoints' own), or "
+                        "with a text scorer trained against that image tower (training.train_text_scorer)")
     p.add_argument("--distilled-settings", default="",
                    help="instead of --distilled-steps: comma-separated SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING] "
                         "settings of --distilled (e.g. ddim:1:1,ddpm:2:1:clamp:trailing^2)")

@@ -52,9 +52,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="where the K candidates come from: K noise draws (noise) or the K likeliest roundings of "
                         "one draw's last x0 (rounding, with --select clip); default: the checkpoint's")
-    g.add_argument("--scorer", default=None, metavar="CLIP_DIR",
+    g.add_argument("--scorer", default=None, metavar="DIR",
                    help="rank candidates (--select clip) with this CLIP's text tower, e.g. "
-                        "assets/checkpoints/shapes-clip-binding; its image tower must be the checkpoint's")
+                        "assets/checkpoints/shapes-clip-binding (its image tower must be the checkpoint's), or "
+                        "with a text scorer trained against that image tower (training.train_text_scorer)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
