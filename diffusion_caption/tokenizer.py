@@ -89,14 +89,18 @@ class CaptionTokenizer:
     def words(self, ids: list[int]) -> list[int]:
         """The caption's own ids in one sequence: those before the first [SEP], special tokens dropped."""
         ids = list(ids)
-        if self.sep_id in ids:
+        try:
             ids = ids[: ids.index(self.sep_id)]
-        return [i for i in ids if i not in self.special_ids]
+        except ValueError:  # no [SEP]: the whole sequence
+            pass
+        special = self.special_ids
+        return [i for i in ids if i not in special]
 
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
-        """``decode`` of every sequence, in one call to the tokenizer."""
+        """``decode`` of every sequence, in one call to the Rust tokenizer (what ``transformers``' own
+        ``batch_decode`` does for each sequence, without its per-item Python conversions)."""
         cut = [self.words(ids) for ids in batch]
-        return [t.strip() for t in self.hf.batch_decode(cut, clean_up_tokenization_spaces=False)]
+        return [t.strip() for t in self.hf.backend_tokenizer.decode_batch(cut, skip_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         """Caption text of one sequence: everything after [CLS] up to the first [SEP], specials dropped."""
