@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -66,9 +67,12 @@ class Captioner:
 
         The first call at each new input shape pays the compilation (seconds to minutes); sampling
         shapes are fixed apart from the batch, so a few graphs serve every call. Weights stay shared
-        with ``self.denoiser``.
+        with ``self.denoiser``. A ``TextScorer`` set by ``use_scorer`` is compiled too (a copy of it, for
+        dynamic shapes: the candidates' count and length change from batch to batch).
         """
         self._net = torch.compile(self.denoiser, **options)
+        if isinstance(self._scorer, TextScorer):  # a copy, so that a captioner this one was copied from stays eager
+            self._scorer = copy.copy(self._scorer).compile(**{k: v for k, v in options.items() if k != "dynamic"})
         return self
 
     # ---------------------------------------------------------------------------------------- files

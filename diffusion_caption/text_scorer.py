@@ -41,6 +41,7 @@ class TextScorerConfig:
     width: int = 128
     layers: int = 2
     kernel: int = 3  # each layer widens what a position sees by kernel - 1 tokens
+    positional: bool = True  # add a learned position embedding; without one, the first block is table lookups
     image_tower: str = ""  # fingerprint of the image tower whose features it was trained against
 
 
@@ -66,13 +67,14 @@ class ConvTextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width)) if cfg.positional else None
         self.blocks = nn.ModuleList([ConvBlock(cfg.width, cfg.kernel) for _ in range(cfg.layers)])
         self.norm = nn.LayerNorm(cfg.width)
         self.projection = nn.Linear(2 * cfg.width, cfg.embed_dim, bias=False)  # [mean; max] -> image space
         self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP starts
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.positional_embedding is not None:
+            nn.init.normal_(self.positional_embedding, std=0.01)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[N, D] unnormalised embeddings of token ids [N, L] (L <= context_length)."""
@@ -81,9 +83,15 @@ class ConvTextEncoder(nn.Module):
         keep = ids != self.cfg.pad_id
         n = int(keep.any(0).nonzero().max()) + 1 if keep.any() else 1  # the batch's longest caption
         ids, keep = ids[:, :n], keep[:, :n]
-        mask = keep.unsqueeze(-1).to(self.positional_embedding.dtype)
-        x = (self.token_embedding(ids) + self.positional_embedding[:n]) * mask
-        for block in self.blocks:
+        mask = keep.unsqueeze(-1).to(self.token_embedding.weight.dtype)
+        if self.positional_embedding is not None:
+            x = (self.token_embedding(ids) + self.positional_embedding[:n]) * mask
+            blocks = self.blocks
+        else:
+            x = self.token_embedding(ids) * mask
+            x = x + self.first_block_by_lookup(ids) * mask
+            blocks = self.blocks[1:]
+        for block in blocks:
             x = block(x, mask)
         x = self.norm(x)
         count = mask.sum(1).clamp(min=1)
@@ -93,11 +101,30 @@ class ConvTextEncoder(nn.Module):
         return self.projection(torch.cat([mean, peak], -1))
 
 
+    def first_block_by_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first block's residual branch, ``out(gelu(conv(norm(x) * mask)))`` for x the token embeddings,
+        without a convolution. With no position embedding, the normalised input at a position depends on
+        its token alone, so each tap j of the window is a table over the vocabulary, ``norm(E) @ W_j^T``
+        ([PAD]'s row zero, as the mask makes it), and the convolution is the sum of k lookups: the
+        [V, W] x [W, W] products replace a [N*L, kW] x [kW, W] one. The same arithmetic in training and
+        inference (``tests/test_text_scorer.py`` compares it with the convolution)."""
+        first, cfg = self.blocks[0], self.cfg
+        r = cfg.kernel // 2
+        table = first.norm(self.token_embedding.weight)
+        table = table * (torch.arange(table.shape[0], device=ids.device) != cfg.pad_id).unsqueeze(-1).to(table.dtype)
+        taps = torch.einsum("vi,oij->jvo", table, first.conv.weight)  # [k, V, W]: tap j's contribution per token
+        padded = nn.functional.pad(ids, (r, r), value=cfg.pad_id)
+        n = ids.shape[1]
+        h = first.conv.bias + sum(nn.functional.embedding(padded[:, j:j + n], taps[j]) for j in range(cfg.kernel))
+        return first.out(nn.functional.gelu(h))
+
+
 class TextScorer:
     """A ``ConvTextEncoder`` with its tokenizer, on a device; the scorer side of ``rerank``."""
 
     def __init__(self, model: ConvTextEncoder, text_tokenizer, device: str | torch.device = "cpu"):
         self.model = model.eval()
+        self._net = self.model  # what encode_text_ids calls: the model, or its compiled graph
         self.text_tokenizer = text_tokenizer
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -117,6 +144,12 @@ class TextScorer:
     def to(self, device) -> "TextScorer":
         self.device = torch.device(device)
         self.model.to(self.device)
+        return self
+
+    def compile(self, **options) -> "TextScorer":
+        """Score through ``torch.compile(model, dynamic=True, **options)``: the candidates' count and length
+        change from batch to batch, so the graph is compiled for dynamic shapes. Weights stay shared."""
+        self._net = torch.compile(self.model, **{"dynamic": True, **options})
         return self
 
     @staticmethod
@@ -155,7 +188,7 @@ class TextScorer:
     @torch.no_grad()
     def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """[N, D] unnormalised embeddings of token ids [N, context_length]."""
-        return self.model(ids.to(self.device))
+        return self._net(ids.to(self.device))
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:

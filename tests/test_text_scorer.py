@@ -39,6 +39,26 @@ def test_padding_changes_nothing_and_a_row_does_not_depend_on_its_batch(tokenize
         s.encode_text_ids(torch.zeros(2, 25, dtype=torch.long))
 
 
+def test_without_positions_the_first_block_is_lookups_equal_to_its_convolution(tokenizer, clip_encoder):
+    s = make_scorer(tokenizer, clip_encoder, positional=False, kernel=5)
+    assert s.model.positional_embedding is None
+    ids = tokenizer.encode(CAPTIONS, 24)
+    keep = ids != tokenizer.pad_id
+    n = int(keep.sum(1).max())
+    ids, mask = ids[:, :n], keep[:, :n].unsqueeze(-1).float()
+    with torch.no_grad():
+        x = s.model.token_embedding(ids) * mask
+        by_conv = s.model.blocks[0](x, mask)  # the block as written: LayerNorm, convolution, GELU, linear
+        by_lookup = x + s.model.first_block_by_lookup(ids) * mask
+    assert torch.allclose(by_lookup, by_conv, atol=1e-5)
+    # and the whole encoder is the blocks applied in turn, then the pooled projection
+    for block in s.model.blocks[1:]:
+        by_conv = block(by_conv, mask)
+    h = s.model.norm(by_conv)
+    pooled = torch.cat([(h * mask).sum(1) / mask.sum(1), h.masked_fill(mask == 0, float("-inf")).amax(1)], -1)
+    assert torch.allclose(s.encode_text_ids(ids), s.model.projection(pooled), atol=1e-5)
+
+
 def test_binding_is_visible_to_the_scorer(tokenizer, clip_encoder):
     """Swapped colours are the same bag of words; the convolution windows tell them apart."""
     s = make_scorer(tokenizer, clip_encoder)
@@ -92,6 +112,20 @@ def test_a_captioner_ranks_its_roundings_with_a_text_scorer(tmp_path, make_capti
         assert t.text == t.candidates[t.chosen]
     cap.use_scorer(None)
     assert cap.scorer is cap.image_encoder
+
+
+def test_compiling_the_captioner_compiles_a_copy_of_its_text_scorer(make_captioner, tokenizer, clip_encoder,
+                                                                       scene_image):
+    import copy
+
+    cap = make_captioner().use_scorer(make_scorer(tokenizer, clip_encoder))
+    fast = copy.copy(cap).compile(backend="eager")  # the wiring, without minutes of code generation
+    assert fast.scorer is not cap.scorer and fast.scorer.model is cap.scorer.model
+    assert cap.scorer._net is cap.scorer.model and fast.scorer._net is not fast.scorer.model
+    kw = dict(steps=2, sampler="ddim", guidance=1.0, seed=0, record="final", candidates=8, select="clip",
+              propose="rounding")
+    a, b = cap.caption_batch([scene_image], **kw)[0], fast.caption_batch([scene_image], **kw)[0]
+    assert (a.candidates, a.chosen, a.text) == (b.candidates, b.chosen, b.text)
 
 
 def test_a_text_scorer_of_another_image_tower_is_refused(tmp_path, make_captioner, tokenizer, clip_encoder):

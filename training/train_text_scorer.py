@@ -60,6 +60,7 @@ class TrainTextScorerConfig:
     width: int = 128
     layers: int = 2
     kernel: int = 3
+    positional: bool = True  # a learned position embedding (without: the first block runs as table lookups)
     steps: int = 3000
     batch_size: int = 128
     negatives: int = 4  # per image, besides the batch's other captions
@@ -187,6 +188,7 @@ def main(argv=None) -> None:
 
     scfg = TextScorerConfig(vocab_size=len(tok.hf.get_vocab()), context_length=length, pad_id=tok.pad_id,
                             embed_dim=teacher.feature_dim, width=cfg.width, layers=cfg.layers, kernel=cfg.kernel,
+                            positional=cfg.positional,
                             image_tower=teacher.image_tower_fingerprint())
     model = ConvTextEncoder(scfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
