@@ -171,3 +171,39 @@ def test_shipped_binding_clip_shares_the_image_tower_and_tokenizer():
     assert any(not torch.equal(a[k], b[k]) for k in a if not k.startswith("visual."))
     for name in ("tokenizer.json", "open_clip_config.json"):
         assert open(os.path.join(base, name)).read() == open(os.path.join(tuned, name)).read()
+
+
+def test_shipped_text_scorer_serves_the_students_and_reads_binding():
+    """shapes-text-scorer (training.train_text_scorer) was trained against the shapes CLIP's image tower, so
+    both one-step students accept it; on the example scenes it ranks each correct caption above the same
+    caption with two objects' colours swapped, or one object's shape or colour repeated from another."""
+    import numpy as np
+
+    from diffusion_caption import Captioner
+    from diffusion_caption.negatives import changed_scene, correct_captions
+    from diffusion_caption.text_scorer import TextScorer
+    from diffusion_caption.world import caption_candidates
+
+    path = os.path.join(CKPT, "shapes-text-scorer")
+    scorer = TextScorer.from_pretrained(path)
+    for name in ("shapes-diffusion-fast", "shapes-diffusion-fast-small"):
+        assert isinstance(Captioner.from_pretrained(os.path.join(CKPT, name), scorer=path).scorer, TextScorer)
+    cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-fast-small"))
+    rng = np.random.default_rng(0)
+    wins = []
+    for png in EXAMPLES:
+        scene = _scene(png)
+        if len(scene.objects) < 2:
+            continue
+        image = cap.encode_images([png])[0]
+        positive = caption_candidates(scene)[0]
+        for kind in ("swap", "repeat_shape", "repeat_color"):
+            other = changed_scene(scene, kind, rng)
+            if other is None:
+                continue
+            negative = caption_candidates(other)[0]
+            if negative in correct_captions(scene):
+                continue
+            pos, neg = scorer.encode_text([positive, negative]) @ image.float()
+            wins.append(bool(pos > neg))
+    assert len(wins) >= 10 and sum(wins) >= 0.9 * len(wins), wins
