@@ -101,6 +101,10 @@ class ConvTextEncoder(nn.Module):
         return self.projection(torch.cat([mean, peak], -1))
 
 
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """``forward``, under open_clip's name for it, so code that ranks with a CLIP ranks with this too."""
+        return self(ids)
+
     def first_block_by_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The first block's residual branch, ``out(gelu(conv(norm(x) * mask)))`` for x the token embeddings,
         without a convolution. With no position embedding, the normalised input at a position depends on

@@ -38,10 +38,10 @@ from diffusion_caption import checkpoint as ckpt
 from diffusion_caption.data import load_karpathy
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import ImageEncoder
-from diffusion_caption.negatives import KINDS, positive_and_negatives
+from diffusion_caption.negatives import positive_and_negatives
 from diffusion_caption.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
 from training import common
-from training.tune_clip_text import scenes_of, validation_set
+from training.tune_clip_text import ranking_accuracy, scenes_of, validation_set
 
 
 @dataclass
@@ -99,20 +99,6 @@ def encode(model, tok, length: int, texts: list[str], device, batch: int = 2048)
     out = [torch.nn.functional.normalize(fn(tok.encode(texts[i:i + batch], length).to(device)).float(), dim=-1).cpu()
            for i in range(0, len(texts), batch)]
     return torch.cat(out) if out else torch.zeros(0)
-
-
-def pairwise_accuracy(model, tok, length, features, rows, device) -> dict:
-    pos, neg = encode(model, tok, length, [r[2] for r in rows], device), encode(model, tok, length,
-                                                                                [r[3] for r in rows], device)
-    img = features[[r[0] for r in rows]].float()
-    win = ((pos * img).sum(-1) > (neg * img).sum(-1)).tolist()
-    out = {}
-    for kind in KINDS:
-        hits = [w for w, r in zip(win, rows) if r[1] == kind]
-        if hits:
-            out[f"val_{kind}"] = round(sum(hits) / len(hits), 4)
-    out["val_all"] = round(sum(win) / max(len(win), 1), 4)
-    return out
 
 
 def choices(model, tok, length, features, sets_with_image, device) -> list[int]:
@@ -200,7 +186,7 @@ def main(argv=None) -> None:
 
     def validate() -> dict:
         model.eval()
-        rec = pairwise_accuracy(model, tok, length, va_feats, va_rows, device)
+        rec = ranking_accuracy(model, tok, length, va_feats, va_rows, device)
         if va_sets:
             picked = choices(model, tok, length, va_feats, va_sets, device)
             rec["val_teacher_agreement"] = round(float(np.mean([a == b for a, b in zip(picked, va_teacher)])), 4)
@@ -208,7 +194,7 @@ def main(argv=None) -> None:
         return rec
 
     if step == 0:
-        ref = pairwise_accuracy(teacher, tok, length, va_feats, va_rows, device)
+        ref = ranking_accuracy(teacher.model, tok, length, va_feats, va_rows, device)
         common.write_log(cfg.run_dir, {"teacher": cfg.teacher, **ref})
         tqdm.write(f"teacher: {ref}")
     rec = {"step": step, **validate()}
