@@ -127,6 +127,32 @@ def check_free_space(path: str, need_bytes: int, what: str) -> None:
                          f"{free / 2**20:.1f} MiB free (No space left on device)")
 
 
+
+def start_command(cls, argv, description: str):
+    """The opening of a training command with one config dataclass ``cls``: parse its flags from ``argv``, set
+    up the device, check ``run_dir`` is writable (before any training) and seed. Returns (config, device,
+    rank, world size)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, cls)
+    cfg = dataclass_from_args(cls, p.parse_args(argv))
+    device, rank, world = setup_device(cfg.device)
+    check_writable(cfg.run_dir)
+    seed_everything(cfg.seed)
+    return cfg, device, rank, world
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def clip_loss(scale: torch.Tensor, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's symmetric InfoNCE for unit image features ``img`` [B, D] against unit text features ``txt``
+    [N, D] whose first B rows are the images' captions; the other N - B rows are extra negatives for the
+    image-to-text direction. Returns (loss, image-to-text logits [B, N])."""
+    labels = torch.arange(img.shape[0], device=img.device)
+    i2t = scale * img @ txt.T
+    t2i = scale * txt[: img.shape[0]] @ img.T
+    loss = (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+    return loss, i2t
+
+
 # ------------------------------------------------------------------------------------------------ LR
 def linear_lr(step: int, total: int, lr: float, lr_end: float, warmup: int = 0) -> float:
     """Linear warm-up to ``lr``, then linear decay to ``lr_end`` at ``total`` (the seed paper's 1e-4 -> 5e-5)."""

@@ -11,7 +11,6 @@ Killed runs continue with ``--resume`` from ``--run-dir``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -119,20 +118,11 @@ def contrastive_loss(model, pixels, text, negatives=None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP); image-to-text also ranks against the hard-negative captions."""
     img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
     txt = torch.nn.functional.normalize(model.encode_text(text if negatives is None else torch.cat([text, negatives])), dim=-1)
-    scale = model.logit_scale.exp()
-    labels = torch.arange(len(img), device=img.device)
-    i2t = scale * img @ txt.T
-    t2i = scale * txt[: len(img)] @ img.T
-    return (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+    return common.clip_loss(model.logit_scale.exp(), img, txt)[0]
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_dataclass_args(p, ClipTrainConfig)
-    cfg = common.dataclass_from_args(ClipTrainConfig, p.parse_args(argv))
-    device, rank, world = common.setup_device(cfg.device)
-    common.check_writable(cfg.run_dir)
-    common.seed_everything(cfg.seed)
+    cfg, device, rank, world = common.start_command(ClipTrainConfig, argv, __doc__)
     if not os.path.isfile(os.path.join(cfg.data_dir, "dataset_shapes.json")) and cfg.make_world:
         from diffusion_caption.world import WorldConfig, write_dataset
         write_dataset(cfg.data_dir, WorldConfig())

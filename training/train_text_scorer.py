@@ -26,7 +26,6 @@ Image features are computed once (cached under ``--cache-dir``). Killed runs con
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 
@@ -35,13 +34,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion_caption import checkpoint as ckpt
-from diffusion_caption.data import load_karpathy
-from diffusion_caption.features import image_features
-from diffusion_caption.image_encoder import ImageEncoder
-from diffusion_caption.negatives import positive_and_negatives
 from diffusion_caption.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
 from training import common
-from training.tune_clip_text import ranking_accuracy, scenes_of, validation_set
+from training.tune_clip_text import binding_batch, binding_data, load_text_clip, ranking_accuracy
 
 
 @dataclass
@@ -114,29 +109,15 @@ def choices(model, tok, length, features, sets_with_image, device) -> list[int]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_dataclass_args(p, TrainTextScorerConfig)
-    cfg = common.dataclass_from_args(TrainTextScorerConfig, p.parse_args(argv))
-    device, _, _ = common.setup_device(cfg.device)
-    common.check_writable(cfg.run_dir)
-    common.seed_everything(cfg.seed)
-    try:
-        teacher = ImageEncoder.from_pretrained(cfg.teacher, device=device)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"--teacher {cfg.teacher}: {e}") from None
+    cfg, device, _, _ = common.start_command(TrainTextScorerConfig, argv, __doc__)
+    teacher = load_text_clip(cfg.teacher, "--teacher", device)
     tok = teacher.text_tokenizer
-    if tok is None or not hasattr(tok, "hf"):
-        raise SystemExit(f"--teacher {cfg.teacher}: no shapes text tokenizer beside its weights (tokenizer.json)")
     teacher.model.eval().requires_grad_(False)
     length = int(teacher.model.context_length)
     t_scale = teacher.model.logit_scale.exp().item()
 
-    train = load_karpathy("shapes", cfg.data_dir, splits=["train"])
-    val = load_karpathy("shapes", cfg.data_dir, splits=["val"])[: cfg.val_images]
-    tr_scenes, va_scenes = scenes_of(train), scenes_of(val)
-    tr_feats = image_features(teacher, [r.image_path for r in train], cfg.cache_dir, desc="encoding train images")
-    va_feats = image_features(teacher, [r.image_path for r in val], cfg.cache_dir, desc="encoding val images")
-    va_rows = validation_set(va_scenes, cfg.seed + 1)
+    data = binding_data(teacher, cfg.data_dir, cfg.cache_dir, cfg.val_images, cfg.seed)
+    train, tr_feats, va_feats, va_rows = data.train, data.train_features, data.val_features, data.val_rows
 
     # the teacher's rankings of real candidate sets: made once, scored once (the teacher is frozen)
     tr_sets, tr_soft, va_sets, va_teacher = [], [], [], []
@@ -206,22 +187,14 @@ def main(argv=None) -> None:
     model.train()
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step])  # per step, so a resumed run draws what it would have
-        idx = rng.choice(len(train), cfg.batch_size, replace=False)
-        positives, negatives = [], []
-        for i in idx:
-            pos, negs = positive_and_negatives(tr_scenes[i], rng, cfg.negatives)
-            positives.append(pos)
-            negatives.extend(negs)
-        ids = tok.encode(positives + negatives, length).to(device)
+        idx, texts = binding_batch(data.train_scenes, rng, cfg.batch_size, cfg.negatives)
+        ids = tok.encode(texts, length).to(device)
         for g in opt.param_groups:
             g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
         scale = model.logit_scale.clamp(max=4.6052).exp()  # at most 100, as CLIP clamps
         txt = torch.nn.functional.normalize(model(ids), dim=-1).float()
         img = tr_feats[torch.as_tensor(idx)].float().to(device)
-        labels = torch.arange(len(idx), device=device)
-        i2t = scale * img @ txt.T  # each image against every positive and every negative of the batch
-        t2i = scale * txt[: len(idx)] @ img.T
-        loss = (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+        loss, i2t = common.clip_loss(scale, img, txt)
         parts = {"labels": loss.item()}
         if cfg.distill > 0:
             with torch.no_grad():

@@ -18,7 +18,6 @@ changing only how its candidates are ranked. Image features are computed once (c
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 
@@ -102,6 +101,52 @@ def validation_set(scenes: list[Scene], seed: int) -> list[tuple[int, str, str, 
     return rows
 
 
+def load_text_clip(path: str, flag: str, device) -> ImageEncoder:
+    """The CLIP at ``path`` with its shapes text tokenizer, or a SystemExit that names the option ``flag``."""
+    try:
+        enc = ImageEncoder.from_pretrained(path, device=device)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"{flag} {path}: {e}") from None
+    if enc.text_tokenizer is None or not hasattr(enc.text_tokenizer, "hf"):
+        raise SystemExit(f"{flag} {path}: no shapes text tokenizer beside its weights (tokenizer.json)")
+    return enc
+
+
+@dataclass
+class BindingData:
+    """The training images with their scenes and features, and the fixed val rows of ``validation_set``."""
+    train: list
+    train_scenes: list[Scene]
+    train_features: torch.Tensor
+    val_features: torch.Tensor
+    val_rows: list[tuple[int, str, str, str]]
+
+
+def binding_data(enc: ImageEncoder, data_dir: str, cache_dir: str, val_images: int, seed: int) -> BindingData:
+    """Load the shapes world's train and val splits and encode their images once with ``enc``'s frozen image
+    tower (cached under ``cache_dir``)."""
+    train = load_karpathy("shapes", data_dir, splits=["train"])
+    val = load_karpathy("shapes", data_dir, splits=["val"])[:val_images]
+    tr_scenes, va_scenes = scenes_of(train), scenes_of(val)
+    enc.model.eval()
+    tr_feats = image_features(enc, [r.image_path for r in train], cache_dir, desc="encoding train images")
+    va_feats = image_features(enc, [r.image_path for r in val], cache_dir, desc="encoding val images")
+    return BindingData(train, tr_scenes, tr_feats, va_feats, validation_set(va_scenes, seed + 1))
+
+
+def binding_batch(scenes: list[Scene], rng: np.random.Generator, batch_size: int,
+                  negatives: int) -> tuple[np.ndarray, list[str]]:
+    """``batch_size`` training images drawn by ``rng`` and their texts: the images' captions first, in
+    order, then ``negatives`` changed captions per image."""
+    idx = rng.choice(len(scenes), batch_size, replace=False)
+    positives, changed = [], []
+    for i in idx:
+        pos, negs = positive_and_negatives(scenes[i], rng, negatives)
+        positives.append(pos)
+        changed.extend(negs)
+    return idx, positives + changed
+
+
 @torch.no_grad()
 def ranking_accuracy(model, tok, length: int, features: torch.Tensor, rows, device) -> dict:
     """How often the image's similarity puts its positive above the changed caption, per kind."""
@@ -122,18 +167,8 @@ def ranking_accuracy(model, tok, length: int, features: torch.Tensor, rows, devi
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_dataclass_args(p, TuneClipTextConfig)
-    cfg = common.dataclass_from_args(TuneClipTextConfig, p.parse_args(argv))
-    device, _, _ = common.setup_device(cfg.device)
-    common.check_writable(cfg.run_dir)
-    common.seed_everything(cfg.seed)
-    try:
-        enc = ImageEncoder.from_pretrained(cfg.clip, device=device)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"--clip {cfg.clip}: {e}") from None
-    if enc.text_tokenizer is None or not hasattr(enc.text_tokenizer, "hf"):
-        raise SystemExit(f"--clip {cfg.clip}: no shapes text tokenizer beside its weights (tokenizer.json)")
+    cfg, device, _, _ = common.start_command(TuneClipTextConfig, argv, __doc__)
+    enc = load_text_clip(cfg.clip, "--clip", device)
     tok, model = enc.text_tokenizer, enc.model
     length = int(model.context_length)
     teacher = None
@@ -144,13 +179,8 @@ def main(argv=None) -> None:
     if cfg.text_layers:
         keep_text_layers(enc, cfg.text_layers)
 
-    train = load_karpathy("shapes", cfg.data_dir, splits=["train"])
-    val = load_karpathy("shapes", cfg.data_dir, splits=["val"])[: cfg.val_images]
-    tr_scenes, va_scenes = scenes_of(train), scenes_of(val)
-    model.eval()  # features of the frozen image tower, computed once
-    tr_feats = image_features(enc, [r.image_path for r in train], cfg.cache_dir, desc="encoding train images")
-    va_feats = image_features(enc, [r.image_path for r in val], cfg.cache_dir, desc="encoding val images")
-    va_rows = validation_set(va_scenes, cfg.seed + 1)
+    data = binding_data(enc, cfg.data_dir, cfg.cache_dir, cfg.val_images, cfg.seed)
+    va_feats, va_rows = data.val_features, data.val_rows
 
     model.requires_grad_(False)
     params = text_parameters(model)
@@ -172,22 +202,14 @@ def main(argv=None) -> None:
     model.train()
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, step])  # per step, so a resumed run draws what it would have
-        idx = rng.choice(len(train), cfg.batch_size, replace=False)
-        positives, negatives = [], []
-        for i in idx:
-            pos, negs = positive_and_negatives(tr_scenes[i], rng, cfg.negatives)
-            positives.append(pos)
-            negatives.extend(negs)
-        ids = tok.encode(positives + negatives, length).to(device)
+        idx, texts = binding_batch(data.train_scenes, rng, cfg.batch_size, cfg.negatives)
+        ids = tok.encode(texts, length).to(device)
         for g in opt.param_groups:
             g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
         with common.autocast(device):
             txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1).float()
-        img = tr_feats[torch.as_tensor(idx)].float().to(device)
-        labels = torch.arange(len(idx), device=device)
-        i2t = scale * img @ txt.T  # each image against every positive and every negative of the batch
-        t2i = scale * txt[: len(idx)] @ img.T
-        loss = (torch.nn.functional.cross_entropy(i2t, labels) + torch.nn.functional.cross_entropy(t2i, labels)) / 2
+        img = data.train_features[torch.as_tensor(idx)].float().to(device)
+        loss, i2t = common.clip_loss(scale, img, txt)
         if teacher is not None:  # the full tower's ranking of the same captions for each image, as soft labels
             with torch.no_grad(), common.autocast(device):
                 t_txt = torch.nn.functional.normalize(teacher.encode_text(ids), dim=-1).float()
