@@ -68,7 +68,8 @@ class Captioner:
         The first call at each new input shape pays the compilation (seconds to minutes); sampling
         shapes are fixed apart from the batch, so a few graphs serve every call. Weights stay shared
         with ``self.denoiser``. A ``TextScorer`` set by ``use_scorer`` is compiled too (a copy of it, for
-        dynamic shapes: the candidates' count and length change from batch to batch).
+        dynamic shapes: the candidates' count and length change from batch to batch), unless it is one
+        that ``TextScorer.compile`` keeps eager.
         """
         self._net = torch.compile(self.denoiser, **options)
         if isinstance(self._scorer, TextScorer):  # a copy, so that a captioner this one was copied from stays eager

@@ -122,6 +122,8 @@ def test_compiling_the_captioner_compiles_a_copy_of_its_text_scorer(make_caption
     fast = copy.copy(cap).compile(backend="eager")  # the wiring, without minutes of code generation
     assert fast.scorer is not cap.scorer and fast.scorer.model is cap.scorer.model
     assert cap.scorer._net is cap.scorer.model and fast.scorer._net is not fast.scorer.model
+    windows = make_scorer(tokenizer, clip_encoder, positional=False).compile(backend="eager")
+    assert windows._net is windows.model  # the distinct-window path stays eager (it measured faster)
     kw = dict(steps=2, sampler="ddim", guidance=1.0, seed=0, record="final", candidates=8, select="clip",
               propose="rounding")
     a, b = cap.caption_batch([scene_image], **kw)[0], fast.caption_batch([scene_image], **kw)[0]
@@ -178,3 +180,49 @@ def test_training_learns_resumes_exactly_and_the_result_serves_the_captioner(tmp
     with pytest.raises(SystemExit, match="K >= 2"):
         _train(common[:5] + ["ddim:1:1", "--data-dir", world_dir, "--out", str(tmp_path / "c"),
                              "--run-dir", str(tmp_path / "run-c"), "--device", "cpu"])
+
+
+def _by_convolution(model, ids):
+    """The encoder without positions as first written: every position of the padded batch through the
+    blocks' padded convolutions, then pooled; what ``forward_by_windows`` must equal."""
+    keep = ids != model.cfg.pad_id
+    mask = keep.unsqueeze(-1).float()
+    x = model.token_embedding(ids) * mask
+    for block in model.blocks:
+        x = block(x, mask)
+    h = model.norm(x)
+    pooled = torch.cat([(h * mask).sum(1) / mask.sum(1).clamp(min=1), h.masked_fill(mask == 0, float("-inf")).amax(1)], -1)
+    return model.projection(pooled)
+
+
+@pytest.mark.parametrize("layers,kernel", [(2, 3), (3, 3), (1, 5)])
+def test_distinct_windows_give_the_convolutions_output_and_gradients(tokenizer, clip_encoder, layers, kernel):
+    s = make_scorer(tokenizer, clip_encoder, positional=False, kernel=kernel)
+    if layers != 2:
+        s = TextScorer(ConvTextEncoder(TextScorerConfig(**{**s.config.__dict__, "layers": layers})), tokenizer)
+    # candidate roundings of one caption: most windows repeat, as they do at test time
+    texts = CAPTIONS + ["a blue star and a red square on a green background", "a blue star and a red circle on a pink background",
+                        "a blue star and a blue square on a pink background"]
+    ids = tokenizer.encode(texts, 24)
+    model = s.model.train()
+    R = layers * (kernel // 2)
+    windows = torch.nn.functional.pad(ids, (R, R), value=tokenizer.pad_id).unfold(1, 2 * R + 1, 1)[ids != tokenizer.pad_id]
+    assert len(torch.unique(windows, dim=0)) < len(windows)  # the saving is real here
+    a = model(ids)
+    b = _by_convolution(model, ids)
+    assert torch.allclose(a, b, atol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), list(model.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(_by_convolution(model, ids).square().sum(), list(model.parameters()), allow_unused=True)
+    for (name, _), x, y in zip(model.named_parameters(), ga, gb):
+        if y is not None:
+            assert x is not None, name
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-4 * float(y.abs().max())), name
+
+
+def test_unique_rows_by_keys_and_by_rows_agree():
+    from diffusion_caption.text_scorer import unique_rows
+
+    rows = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 3], [0, 0, 7], [4, 5, 6]])
+    for vocab in (8, 10 ** 7):  # keys fit an int64 / they do not: torch.unique over rows
+        distinct, where = unique_rows(rows, vocab)
+        assert len(distinct) == 3 and torch.equal(distinct[where], rows)
