@@ -20,7 +20,7 @@ from .config import PROPOSALS, SELECTIONS, CaptionerConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
-from .rounding import k_best_roundings, round_to_tokens, token_logits, top2_log_probs
+from .rounding import k_best_roundings, round_to_tokens, top2_log_probs
 from .mbr import mbr_select
 from .rerank import clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
@@ -341,7 +341,7 @@ class Captioner:
         if settings["propose"] == "rounding":
             drawn = self.caption_batch(features=features, record=record, **one)
             proposals = self._roundings([tr.final for tr in drawn], K)
-            groups = [texts for texts, _ in proposals]
+            groups = [p[0] for p in proposals]
             samples = None
         else:
             samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record, **one)
@@ -354,15 +354,16 @@ class Captioner:
         seconds = time.perf_counter() - t0
         s = dict(settings, **({"record": record} if record != "all" else {}))
         if samples is None:
-            return [Trace(tr.steps[:-1] + [self._rounded_step(tr.final, proposals[b][1][j], groups[b][j])], dict(s),
+            return [Trace(tr.steps[:-1] + [self._rounded_step(tr.final, proposals[b][1][j], groups[b][j], proposals[b][2])], dict(s),
                           seconds, candidates=list(groups[b]), chosen=j)
                     for b, (tr, j) in enumerate(zip(drawn, chosen))]
         return [Trace(samples[b * K + j].steps, dict(s), seconds, candidates=texts, chosen=j)
                 for b, (texts, j) in enumerate(zip(groups, chosen))]
 
-    def _roundings(self, steps: list[DenoisingStep], k: int) -> list[tuple[list[str], list[list[int]]]]:
+    def _roundings(self, steps: list[DenoisingStep], k: int) -> list[tuple[list[str], list[list[int]], tuple]]:
         """For each step, the distinct captions among the ``k`` likeliest roundings of its ``x0_pred``
-        (positions up to its caption's [SEP] may move) and their token ids, best first. The rounding
+        (positions up to its caption's [SEP] may move), their token ids, best first, and the step's top-2
+        rounding (log probabilities, ids) per position, from which a rounding's confidences are read. The rounding
         log probabilities of the whole batch come from one matrix product; two roundings whose words
         (the ids before [SEP], specials dropped) agree are one caption, so each distinct one is decoded once."""
         if not steps:
@@ -384,11 +385,11 @@ class Captioner:
             kept.append(mine)
         texts = iter(self.tokenizer.decode_batch([r for mine in kept for r in mine]))  # one call for the batch
         out = []
-        for mine in kept:
+        for b, mine in enumerate(kept):
             first = {}
             for j, text in enumerate([next(texts) for _ in mine]):
                 first.setdefault(text, j)
-            out.append((list(first), [mine[j] for j in first.values()]))
+            out.append((list(first), [mine[j] for j in first.values()], (values[b], indices[b])))
         return out
 
     def _scorer_ids(self, roundings: list[list[list[int]]]) -> list[torch.Tensor] | None:
@@ -406,14 +407,16 @@ class Captioner:
                              int(self.scorer.context_length))  # one tensor for the batch
         return None if ids is None else list(ids.split([len(group) for group in roundings]))
 
-    def _rounded_step(self, step: DenoisingStep, ids: list[int], text: str) -> DenoisingStep:
-        """``step`` with its tokens replaced by the rounding ``ids`` and each one's rounding probability."""
+    def _rounded_step(self, step: DenoisingStep, ids: list[int], text: str, top2: tuple) -> DenoisingStep:
+        """``step`` with its tokens replaced by the rounding ``ids`` and each one's rounding probability,
+        read from ``top2`` (the step's per-position top-2 log probabilities and ids: a rounding takes each
+        position's first or second token)."""
         if list(ids) == list(step.token_ids):
             return step
-        probs = token_logits(step.x0_pred.float(), self.denoiser.embeddings.detach().cpu().float()).softmax(-1)
-        conf = probs.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        values, indices = top2
+        conf = [math.exp(v[0] if i == first[0] else v[1]) for i, v, first in zip(ids, values, indices)]
         return dataclasses.replace(step, token_ids=list(ids), tokens=self.tokenizer.token_strings(ids),
-                                   confidence=[round(float(c), 6) for c in conf.tolist()], text=text)
+                                   confidence=[round(c, 6) for c in conf], text=text)
 
     def caption(self, image, steps: int | None = None, sampler: str | None = None, guidance: float | None = None,
                 seed: int = 0, clamp: bool | None = None, early_stop: int = 0, record: str = "all",
