@@ -148,7 +148,7 @@ class ConvTextEncoder(nn.Module):
         peak = h.new_zeros(n, width).scatter_reduce(0, owner[:, None].expand_as(h), h, "amax", include_self=False)
         return self.projection(torch.cat([mean, peak], -1))  # a caption of [PAD] alone pools to zeros
 
-    @torch.compiler.disable  # data-dependent sizes: run eagerly, the arithmetic around it compiles
+    @torch.compiler.disable  # data-dependent sizes (unique, nonzero): always eager, should a caller compile the model
     def distinct_windows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The distinct windows [U, 2R+1] of tokens centred on the real (not [PAD]) positions of ``ids``
         [N, L], each real position's window (an index into them) and each real position's caption."""

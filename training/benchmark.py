@@ -887,11 +887,11 @@ def plot(rows: list[dict], path: str, metrics: list[str], title: str) -> bool:
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    ncol = 3
+    ncol = 2 if max(map(len, labels), default=0) > 48 else 3  # long labels: two columns, none cut off
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.03 + 0.022 * -(-len(labels) // ncol) * 2 / len(metrics), 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # whatever the legend's width, nothing is clipped
     plt.close(fig)
     return True
 
