@@ -81,7 +81,7 @@ def unique_rows(rows: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torc
     w = rows.shape[1]
     if vocab_size ** w >= 2 ** 62:
         return torch.unique(rows, dim=0, return_inverse=True)
-    key = rows @ (vocab_size ** torch.arange(w, device=rows.device))
+    key = (rows * vocab_size ** torch.arange(w, device=rows.device)).sum(1)  # not a matmul: CUDA has no int64 one
     keys, where = torch.unique(key, return_inverse=True)
     first = torch.empty(len(keys), dtype=torch.long, device=rows.device)
     first.scatter_(0, where, torch.arange(len(key), device=rows.device))  # one occurrence of each

@@ -211,6 +211,8 @@ def test_distinct_windows_give_the_convolutions_output_and_gradients(tokenizer, 
     a = model(ids)
     b = _by_convolution(model, ids)
     assert torch.allclose(a, b, atol=1e-5)
+    blank = model(torch.full((2, 6), tokenizer.pad_id))  # captions of [PAD] alone: no windows, pooled zeros
+    assert torch.equal(blank, torch.zeros_like(blank))
     ga = torch.autograd.grad(a.square().sum(), list(model.parameters()), allow_unused=True)
     gb = torch.autograd.grad(_by_convolution(model, ids).square().sum(), list(model.parameters()), allow_unused=True)
     for (name, _), x, y in zip(model.named_parameters(), ga, gb):

@@ -127,7 +127,7 @@ def check_free_space(path: str, need_bytes: int, what: str) -> None:
                          f"{free / 2**20:.1f} MiB free (No space left on device)")
 
 
-
+# ------------------------------------------------------------------------------------------------ command opening
 def start_command(cls, argv, description: str):
     """The opening of a training command with one config dataclass ``cls``: parse its flags from ``argv``, set
     up the device, check ``run_dir`` is writable (before any training) and seed. Returns (config, device,
