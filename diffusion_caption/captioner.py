@@ -50,7 +50,7 @@ class Captioner:
         self._shared_vocab: tuple = (None, False)  # (scorer's text tokenizer, whether it has our vocabulary)
         self.tokenizer = tokenizer
         self.schedule = NoiseSchedule(config.schedule, config.T)
-        self.diffusion = GaussianDiffusion(self.schedule, config.predict)
+        self.diffusion = GaussianDiffusion(self.schedule, config.predict, config.self_cond)
         self._net = self.denoiser  # what sampling calls: the denoiser, or its compiled graph
         self.to(device)
 

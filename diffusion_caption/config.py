@@ -33,6 +33,10 @@ class CaptionerConfig:
     cond_mlp: int = 0
     p_uncond: float = 0.1  # condition dropout in training, for classifier-free guidance
     predict_feature: bool = False  # an extra head predicting the image feature from the text positions
+    # self-conditioning (Chen et al. 2022, "Analog Bits"): the network also reads its own previous x0
+    # estimate; in training, a fraction p_self_cond of each batch gets one made by a first, gradient-free pass
+    self_cond: bool = False
+    p_self_cond: float = 0.5
     # diffusion
     schedule: str = "sqrt"
     T: int = 1000
@@ -84,6 +88,8 @@ class CaptionerConfig:
         if self.focus_steps:  # checked here, not after the features are encoded
             from .samplers import spacing_power
             spacing_power(self.focus_spacing)
+        if not 0.0 <= self.p_self_cond <= 1.0:
+            raise ValueError(f"p_self_cond must be in [0, 1], got {self.p_self_cond}")
         if self.lambda_round < 0 or self.lambda_feature < 0:
             raise ValueError("loss weights lambda_round and lambda_feature must be >= 0")
 

@@ -72,6 +72,11 @@ class Denoiser(nn.Module):
         self.encoder.embeddings.word_embeddings = nn.Embedding(1, H).requires_grad_(False)
         self.encoder.config.vocab_size = 1
         self.input_up_proj = nn.Sequential(nn.Linear(cfg.emb_dim, H), nn.Tanh(), nn.Linear(H, H))
+        self.self_cond_proj = None
+        if cfg.self_cond:  # the previous x0 estimate joins x_t before the input MLP's first activation, as if
+            # the two were concatenated; it starts at zero, so a checkpoint without it can be fine-tuned into it
+            self.self_cond_proj = nn.Linear(cfg.emb_dim, H, bias=False)
+            nn.init.zeros_(self.self_cond_proj.weight)
         self.time_embed = nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H))
         n_cond = cfg.n_prefix if cfg.fusion == "concat" else 1
         self.cond_proj = nn.Linear(cfg.cond_dim, n_cond * H)
@@ -100,11 +105,14 @@ class Denoiser(nn.Module):
         return self.token_embedding.weight
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
-                drop_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                drop_cond: torch.Tensor | None = None,
+                x_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Predict x0 (or eps) for ``x_t`` at timesteps ``t`` given image features ``cond`` [B, cond_dim].
 
         ``drop_cond`` [B] (bool) replaces the feature by the learned null condition where True; ``cond``
-        None drops it everywhere. Returns (prediction [B, L, emb_dim], predicted image feature or None).
+        None drops it everywhere. ``x_self_cond`` [B, L, emb_dim] is the previous x0 estimate of a
+        self-conditioned network (None: zeros, the first step's input); other networks ignore it.
+        Returns (prediction [B, L, emb_dim], predicted image feature or None).
         """
         B, L, _ = x_t.shape
         H = self.cfg.dim
@@ -113,7 +121,12 @@ class Denoiser(nn.Module):
             cond = null
         elif drop_cond is not None:
             cond = torch.where(drop_cond[:, None], null, cond.to(x_t.dtype))
-        h = self.input_up_proj(x_t) + self.time_embed(timestep_embedding(t, H).to(x_t.dtype))[:, None]
+        if self.self_cond_proj is None or x_self_cond is None:
+            h = self.input_up_proj(x_t)
+        else:
+            first, act, second = self.input_up_proj
+            h = second(act(first(x_t) + self.self_cond_proj(x_self_cond.to(x_t.dtype))))
+        h = h + self.time_embed(timestep_embedding(t, H).to(x_t.dtype))[:, None]
         cond = cond.to(x_t.dtype)
         c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
         seg = self.segment_embedding.weight

@@ -31,16 +31,22 @@ class StepOutput:
 
 
 class GaussianDiffusion:
-    def __init__(self, schedule: NoiseSchedule, predict: str = "x0"):
+    def __init__(self, schedule: NoiseSchedule, predict: str = "x0", self_cond: bool = False):
         self.schedule = schedule
         self.predict = predict
+        self.self_cond = self_cond  # the network reads its previous x0 estimate (``Denoiser``'s x_self_cond)
+
+    def _x0(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate from the network's output (itself, or derived from a predicted eps)."""
+        out = out.float()
+        return out if self.predict == "x0" else self.schedule.predict_start_from_noise(x_t, t, out)
 
     # ------------------------------------------------------------------------------------------ training
     def training_losses(self, model, tokens: torch.Tensor, cond: torch.Tensor, lambda_round: float = 0.3,
                         lambda_feature: float = 0.0, p_uncond: float = 0.0,
                         generator: torch.Generator | None = None, t_focus: list[int] | None = None,
                         p_focus: float = 0.0, p_unroll: float = 0.0,
-                        focus_spacing: str = "trailing^2") -> dict[str, torch.Tensor]:
+                        focus_spacing: str = "trailing^2", p_self_cond: float = 0.0) -> dict[str, torch.Tensor]:
         """Losses for a batch of token ids [B, L] and image features [B, D].
 
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
@@ -50,7 +56,9 @@ class GaussianDiffusion:
         its x_t is not drawn from q(x_t | x_0) but made as the sampler makes it: the network's own x0 from
         pure noise at t_0 (no gradient), then one DDIM step to t_1. The network so learns to correct its
         own first draft, not only a noisy copy of the truth (step-unrolled training, as in SUNDAE, Savinov
-        et al. 2022). ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        et al. 2022). A self-conditioned network (``self_cond``) also reads an x0 estimate: for a fraction
+        ``p_self_cond`` of the batch its own, from a first gradient-free pass on the same x_t (Chen et al.
+        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
@@ -71,13 +79,26 @@ class GaussianDiffusion:
         noise = torch.randn(x_start.shape, generator=generator, device=dev)
         x_t = sched.q_sample(x_start, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < p_uncond) if p_uncond > 0 else None
+        x_sc = torch.zeros_like(x_t) if self.self_cond else None
         if p_unroll > 0:
             if not t_focus or len(t_focus) < 2:
                 raise ValueError("p_unroll needs at least two focus timesteps: it trains the sampler's second step")
             unroll = torch.rand(B, generator=generator, device=dev) < p_unroll
             if bool(unroll.any()):
-                x_t, t = self._unrolled(model, x_t, t, cond, drop, unroll, t_focus, focus_spacing, generator)
-        out, feature = model(x_t, t, cond, drop)
+                x_t, t, x0_first = self._unrolled(model, x_t, t, cond, drop, unroll, t_focus, focus_spacing, generator)
+                if x_sc is not None:
+                    x_sc = torch.where(unroll[:, None, None], x0_first.to(x_sc.dtype), x_sc)
+        if x_sc is not None and p_self_cond > 0:
+            rows = torch.rand(B, generator=generator, device=dev) < p_self_cond
+            if p_unroll > 0:
+                rows = rows & ~unroll
+            idx = rows.nonzero().flatten()
+            if idx.numel():
+                with torch.no_grad():
+                    net = getattr(model, "module", model)  # the gradient-free pass needs no DDP bookkeeping
+                    first, _ = net(x_t[idx], t[idx], cond[idx], drop[idx] if drop is not None else None)
+                    x_sc[idx] = self._x0(first, x_t[idx], t[idx]).to(x_sc.dtype)
+        out, feature = model(x_t, t, cond, drop) if x_sc is None else model(x_t, t, cond, drop, x_sc)
         out = out.float()
         if self.predict == "x0":
             x0_hat = out
@@ -108,7 +129,8 @@ class GaussianDiffusion:
     @torch.no_grad()
     def _unrolled(self, model, x_t, t, cond, drop, rows, t_focus, spacing, generator):
         """``x_t`` and ``t`` with the ``rows`` replaced by one DDIM step of the network's own prediction
-        from pure noise at ``t_focus[0]`` to ``t_focus[1]`` (see ``training_losses``)."""
+        from pure noise at ``t_focus[0]`` to ``t_focus[1]`` (see ``training_losses``), and that prediction
+        (zeros outside ``rows``)."""
         from .samplers import DDIMSampler
 
         t0, t1 = int(t_focus[0]), int(t_focus[1])
@@ -120,32 +142,35 @@ class GaussianDiffusion:
         x_T = torch.randn((n,) + tuple(x_t.shape[1:]), generator=generator, device=x_t.device)
         tt = torch.full((n,), t0, device=x_t.device, dtype=torch.long)
         d = drop[idx] if drop is not None else None
-        out, _ = model(x_T, tt, cond[idx], d)
-        x0 = out.float() if self.predict == "x0" else self.schedule.predict_start_from_noise(x_T, tt, out.float())
+        out, _ = getattr(model, "module", model)(x_T, tt, cond[idx], d)
+        x0 = self._x0(out, x_T, tt)
         x_t = x_t.clone()
         x_t[idx] = sampler.step(x0, t0, x_T).prev_sample.to(x_t.dtype)
-        return x_t, torch.where(rows, torch.full_like(t, t1), t)
+        x0_all = torch.zeros(x_t.shape, device=x_t.device)
+        x0_all[idx] = x0
+        return x_t, torch.where(rows, torch.full_like(t, t1), t), x0_all
 
     # ------------------------------------------------------------------------------------------ sampling
     def predict_x0(self, model, x_t: torch.Tensor, t: int, cond: torch.Tensor,
-                   guidance: float = 1.0) -> torch.Tensor:
+                   guidance: float = 1.0, x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
         """The network's x0 at one timestep, with classifier-free guidance when ``guidance != 1``.
 
-        Guided: x0 = x0_uncond + guidance * (x0_cond - x0_uncond), both passes batched as one forward.
+        Guided: x0 = x0_uncond + guidance * (x0_cond - x0_uncond), both passes batched as one forward
+        (and both reading the same ``x_self_cond``, the previous guided estimate, when the network
+        is self-conditioned).
         """
         B = x_t.shape[0]
         tt = torch.full((B,), t, device=x_t.device, dtype=torch.long)
+        sc = () if x_self_cond is None else (x_self_cond,)
         if guidance == 1.0:
-            out, _ = model(x_t, tt, cond)
+            out, _ = model(x_t, tt, cond, None, *sc)
         else:
             drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
-            both, _ = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([cond, cond]), drop)
+            sc = tuple(torch.cat([v, v]) for v in sc)
+            both, _ = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([cond, cond]), drop, *sc)
             out_c, out_u = both[:B], both[B:]
             out = out_u + guidance * (out_c - out_u)
-        out = out.float()
-        if self.predict == "eps":
-            return self.schedule.predict_start_from_noise(x_t, tt, out)
-        return out
+        return self._x0(out, x_t, tt)
 
     @torch.no_grad()
     def sample_progressive(self, model, cond: torch.Tensor, sampler: Sampler, seq_len: int,
@@ -170,8 +195,9 @@ class GaussianDiffusion:
         prev_ids = stable = None
         if early_stop:  # nearest token = argmax of 2 x.E_v - ||E_v||^2, the table's norms computed once
             E_t, E_sq = E.T.contiguous(), E.pow(2).sum(-1)
+        x0 = None  # the previous step's estimate, which a self-conditioned network reads
         for i, t in enumerate(sampler.timesteps):
-            x0 = self.predict_x0(model, x, t, cond, guidance)
+            x0 = self.predict_x0(model, x, t, cond, guidance, x0 if self.self_cond and x0 is not None else None)
             if not early_stop:
                 yield StepOutput(i, t, x, x0)
             else:

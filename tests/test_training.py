@@ -251,6 +251,22 @@ def test_init_may_grow_a_conditioning_mlp_that_starts_as_the_linear_projection(w
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--cond-mlp", "0")
 
 
+def test_init_may_grow_self_conditioning_onto_a_checkpoint(world_dir, clip_dir, tmp_path, scene_image):
+    start, _ = _train(world_dir, clip_dir, tmp_path / "start", "--n-layers", "1")
+    grown, _ = _train(world_dir, clip_dir, tmp_path / "grown", "--init", str(start), "--steps", "0", "--self-cond", "true")
+    a, b = Captioner.from_pretrained(str(start)), Captioner.from_pretrained(str(grown))
+    assert b.config.self_cond and b.diffusion.self_cond
+    assert set(load_file(str(grown / "model.safetensors"))) - set(load_file(str(start / "model.safetensors"))) == {
+        "self_cond_proj.weight"}
+    # the new input starts at zero: the same captions as the start, step for step
+    assert [s.text for s in a.caption(scene_image, steps=3).steps] == [s.text for s in b.caption(scene_image, steps=3).steps]
+    moved, _ = _train(world_dir, clip_dir, tmp_path / "moved", "--init", str(grown), "--steps", "2", "--lr", "1e-2")
+    c = Captioner.from_pretrained(str(moved))
+    assert c.denoiser.self_cond_proj.weight.abs().sum() > 0 and len(c.caption(scene_image, steps=2).steps) == 2
+    with pytest.raises(SystemExit, match="--self-cond"):  # once there, it stays
+        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--self-cond", "false")
+
+
 def test_typical_selection_breaks_near_ties_toward_the_common_phrasing():
     from training.distill_captions import BigramModel, select_typical
 

@@ -70,9 +70,11 @@ class DiffusionTrainConfig:
 
 # the fields that fix the denoiser's tensors: a fine-tune (--init) may not change them
 ARCHITECTURE_FIELDS = ("seq_len", "vocab_size", "emb_dim", "encoder", "dim", "n_layers", "n_heads", "hidden_dim",
-                       "cond_dim", "fusion", "n_prefix", "predict_feature", "cond_mlp")
-# ...except that one: a fine-tune may add the conditioning MLP to a start without one (it starts at zero)
-GROWABLE_FIELDS = ("cond_mlp",)
+                       "cond_dim", "fusion", "n_prefix", "predict_feature", "cond_mlp", "self_cond")
+# ...except these: a fine-tune may add the conditioning MLP or the self-conditioning input to a start without
+# them (both start at zero, so the fine-tune starts from the checkpoint's own function)
+GROWABLE_FIELDS = ("cond_mlp", "self_cond")
+GROWN_PREFIXES = ("cond_mlp.", "self_cond_proj.")
 
 
 PRESET_TRAINING = {
@@ -247,7 +249,7 @@ def main(argv=None) -> None:
     denoiser = Denoiser(mcfg, encoder_config=encoder_config).to(device)
     if start_state is not None:
         missing, unexpected = denoiser.load_state_dict(start_state, strict=False)
-        added = [k for k in missing if k.startswith("cond_mlp.")]  # a conditioning MLP grown onto the start
+        added = [k for k in missing if k.startswith(GROWN_PREFIXES)]  # grown onto the start, from zero
         if unexpected or len(added) != len(missing):
             raise SystemExit(f"--init {tcfg.init}: its weights do not fit the denoiser (missing "
                              f"{sorted(set(missing) - set(added))}, unexpected {sorted(unexpected)})")
@@ -257,7 +259,7 @@ def main(argv=None) -> None:
         # without condition dropout the null condition gets no gradient, and DDP must be told
         model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
                                                           find_unused_parameters=mcfg.p_uncond == 0)
-    diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict)
+    diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict, mcfg.self_cond)
     # few-step training: part of each batch at the timesteps the few-step sampler visits
     t_focus = spaced_timesteps(mcfg.T, mcfg.focus_steps, mcfg.focus_spacing) if mcfg.focus_steps else None
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -293,7 +295,8 @@ def main(argv=None) -> None:
             ids = val_ids[i:i + 256].to(device)
             cond = val_feats[val_img[i:i + 256]].to(device)
             with common.autocast(device):
-                losses = diffusion.training_losses(ema, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, 0.0, g)
+                losses = diffusion.training_losses(ema, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, 0.0, g,
+                                                   p_self_cond=mcfg.p_self_cond)
             for k, v in losses.items():
                 tot[k] = tot.get(k, 0.0) + float(v) * len(ids)
             n += len(ids)
@@ -315,7 +318,7 @@ def main(argv=None) -> None:
         with common.autocast(device):
             losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
                                                mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
-                                               mcfg.focus_spacing)
+                                               mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tcfg.grad_clip > 0:
