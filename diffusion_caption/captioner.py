@@ -166,13 +166,11 @@ class Captioner:
                                        f"but {cfg_file} says cond_dim={config.cond_dim}")
         return cls(config, denoiser, image_encoder, tokenizer, device).use_scorer(scorer)
 
-    def save_pretrained(self, path: str) -> None:
-        """Write config.json, model.safetensors, the tokenizer and (for local CLIPs) the CLIP in ``clip/``."""
+    def save_pretrained(self, path: str, clip_reference: str | None = None) -> None:
+        """Write config.json, model.safetensors, the tokenizer and (for local CLIPs) the CLIP in ``clip/``,
+        or, with ``clip_reference`` (a folder holding this very CLIP), a relative reference to it instead."""
         with ckpt.atomic_directory(path) as tmp:
-            source = dict(self.image_encoder.source)
-            if source.get("kind") == "local-dir":
-                self.image_encoder.save_pretrained(os.path.join(tmp, "clip"))
-                source = {"kind": "local-dir", "path": "clip"}
+            source = self.image_encoder.save_with(tmp, path, clip_reference)
             meta = {"format": FORMAT, "captioner": self.config.to_dict(),
                     "encoder_config": self.denoiser.encoder_config, "image_encoder": source}
             ckpt.write_json(os.path.join(tmp, ckpt.CONFIG_NAME), meta)

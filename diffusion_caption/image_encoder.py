@@ -158,6 +158,31 @@ class ImageEncoder:
             return cls.from_open_clip(source["model_name"], source["pretrained"], device)
         raise ValueError(f"unknown image encoder source {source!r}")
 
+    def same_weights(self, other: "ImageEncoder") -> bool:
+        """Whether two CLIPs hold the same tensors (both towers), name for name."""
+        a, b = self.model.state_dict(), other.model.state_dict()
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+    def save_with(self, tmp_dir: str, final_dir: str, reference: str | None = None) -> dict:
+        """Store this CLIP for a captioner checkpoint being written in ``tmp_dir`` (to become ``final_dir``)
+        and return the ``image_encoder`` entry of its config.json.
+
+        A local CLIP is copied into ``clip/``, unless ``reference`` names a CLIP folder holding exactly these
+        weights: then the checkpoint refers to it by a path relative to ``final_dir`` ("../shapes-clip"),
+        so several checkpoints share one copy. A named open_clip model is referenced by name.
+        """
+        source = dict(self.source)
+        if source.get("kind") != "local-dir":
+            return source
+        if reference:
+            shared = ImageEncoder.from_pretrained(reference)
+            if not self.same_weights(shared):
+                raise ValueError(f"{reference} is not this captioner's CLIP (its weights differ); refer only to "
+                                 "the CLIP the captioner was trained with")
+            return {"kind": "local-dir", "path": os.path.relpath(os.path.abspath(reference), os.path.abspath(final_dir))}
+        self.save_pretrained(os.path.join(tmp_dir, "clip"))
+        return {"kind": "local-dir", "path": "clip"}
+
     def save_pretrained(self, path: str) -> None:
         from safetensors.torch import save_file
 

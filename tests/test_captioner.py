@@ -199,6 +199,30 @@ def test_save_load_round_trip_gives_identical_captions(make_captioner, scene_ima
     assert again.config == cap.config
 
 
+def test_a_checkpoint_may_refer_to_a_shared_clip_instead_of_copying_it(make_captioner, clip_encoder, scene_image, tmp_path):
+    from diffusion_caption.image_encoder import ImageEncoder
+
+    cap = make_captioner(init_seed=4)
+    clip_encoder.save_pretrained(str(tmp_path / "shared-clip"))
+    path = str(tmp_path / "models" / "ckpt")
+    cap.save_pretrained(path, clip_reference=str(tmp_path / "shared-clip"))
+    assert "clip" not in os.listdir(path)
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["image_encoder"]["path"] == os.path.join("..", "..", "shared-clip")
+    again = Captioner.from_pretrained(path)
+    assert again.caption(scene_image, steps=4, seed=1).text == cap.caption(scene_image, steps=4, seed=1).text
+    # the reference must hold the captioner's own CLIP
+    torch.manual_seed(9)
+    ImageEncoder.create_shapes(cap.tokenizer.vocab_size, eos_id=cap.tokenizer.sep_id, pad_id=cap.tokenizer.pad_id).save_pretrained(str(tmp_path / "other-clip"))
+    with pytest.raises(ValueError, match="weights differ"):
+        cap.save_pretrained(str(tmp_path / "bad"), clip_reference=str(tmp_path / "other-clip"))
+    assert not os.path.exists(tmp_path / "bad")
+    # a moved checkpoint whose shared CLIP is not beside it says where it looked
+    shutil.move(path, str(tmp_path / "moved"))
+    with pytest.raises(CheckpointError, match="shared-clip"):
+        Captioner.from_pretrained(str(tmp_path / "moved"))
+
+
 def _broken_copy(src, dst, edit):
     shutil.copytree(src, dst)
     edit(dst)
