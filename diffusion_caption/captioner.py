@@ -22,7 +22,7 @@ from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
 from .rounding import k_best_roundings, round_to_tokens, top2_log_probs
 from .mbr import mbr_select
-from .rerank import clip_select
+from .rerank import clip_scores, clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
 from .schedule import NoiseSchedule
 from .text_scorer import TextScorer
@@ -246,14 +246,17 @@ class Captioner:
         over its last ``k`` steps; from then on its entry in the yielded lists is None, and the loop
         ends when every image has stopped. ``record="final"`` is the fast path: nothing is rounded,
         copied or decoded at the intermediate steps, and a single list comes out, each image's last step.
+        With ``candidates = K > 1`` and ``propose="rounding"``, an image's last step is the best of the K
+        likeliest roundings of its final x0 by the scorer, and lists the candidates and their scores.
         """
         if record not in RECORDS:
             raise ValueError(f"record must be one of {RECORDS}, got {record!r}")
         s = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
                                 candidates=candidates, select=select, propose=propose)
-        if s["candidates"] > 1:
-            raise ValueError("choosing among several candidates needs finished captions, so it cannot stream; "
-                             "use caption_batch or caption (or candidates=1)")
+        K = s["candidates"]
+        if K > 1 and s["propose"] != "rounding":
+            raise ValueError("choosing among several noise draws needs finished captions, so it cannot stream; "
+                             "use caption_batch or caption (or candidates=1, or propose='rounding')")
         if features is None:
             if not images:
                 raise ValueError("give at least one image (or precomputed features)")
@@ -269,17 +272,19 @@ class Captioner:
                                                      guidance=s["guidance"], clamp=s["clamp"], generator=gen,
                                                      early_stop=s["early_stop"]):
             rows = range(B) if out.rows is None else out.rows.tolist()
+            if out.done is not None:
+                done = out.done.nonzero().flatten().tolist()
+            else:
+                done = list(range(len(rows))) if out.index == n - 1 else []
             if record == "all":
                 ids, conf = round_to_tokens(out.x0_pred, E)
                 batch: list[DenoisingStep | None] = [None] * B
                 for j, b in enumerate(rows):
                     batch[b] = self._records(out, j, ids, conf)
+                if K > 1 and done:
+                    self._choose_rounding(batch, [rows[j] for j in done], features, K)
                 yield batch
                 continue
-            if out.done is not None:
-                done = out.done.nonzero().flatten().tolist()
-            else:
-                done = list(range(len(rows))) if out.index == n - 1 else []
             if done:
                 sel = torch.tensor(done, device=out.x0_pred.device)
                 part = dataclasses.replace(out, x_t=out.x_t[sel], x0_pred=out.x0_pred[sel])
@@ -287,7 +292,31 @@ class Captioner:
                 for k, j in enumerate(done):
                     final[rows[j]] = self._records(part, k, ids, conf)
         if record == "final":
+            if K > 1:
+                self._choose_rounding(final, list(range(B)), features, K)
             yield final
+
+    def _choose_rounding(self, batch: list[DenoisingStep | None], which: list[int], features: torch.Tensor,
+                         k: int) -> None:
+        """Replace the last steps ``batch[b]`` (b in ``which``) by the scorer's best of their ``k`` likeliest
+        roundings, each step listing its distinct candidates and their scores (an image with a single
+        distinct candidate keeps it unscored: there is nothing to choose)."""
+        steps = [batch[b] for b in which]
+        proposals = self._roundings(steps, k)
+        many = [i for i, p in enumerate(proposals) if len(p[0]) > 1]
+        scores: dict[int, list[float]] = {}
+        if many:
+            ids = self._scorer_ids([proposals[i][1] for i in many])
+            feats = features[torch.tensor([which[i] for i in many], device=features.device)]
+            for i, sc in zip(many, clip_scores(self.scorer, feats.to(self.scorer.device),
+                                               [proposals[i][0] for i in many], ids)):
+                scores[i] = [round(float(v), 6) for v in sc]
+        for i, (b, st) in enumerate(zip(which, steps)):
+            texts, roundings, top2 = proposals[i]
+            sc = scores.get(i)
+            j = 0 if sc is None else max(range(len(sc)), key=lambda q: (sc[q], -q))
+            batch[b] = dataclasses.replace(self._rounded_step(st, roundings[j], texts[j], top2),
+                                           candidates=list(texts), scores=sc, chosen=j)
 
     def iter_caption(self, image, **kw) -> Iterator[DenoisingStep]:
         """Yield the ``DenoisingStep`` of one image at every step, as it is computed (for streaming UIs)."""
@@ -316,7 +345,7 @@ class Captioner:
         t0 = time.perf_counter()
         settings = self.check_settings(steps, sampler, guidance, seed, clamp, early_stop, spacing=spacing,
                                        candidates=candidates, select=select, propose=propose)
-        if settings["candidates"] > 1:
+        if settings["candidates"] > 1 and settings["propose"] != "rounding":
             return self._caption_candidates(images, features, settings, record, t0)
         n = len(images) if features is None else features.shape[0]
         per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
@@ -327,34 +356,25 @@ class Captioner:
         seconds = time.perf_counter() - t0
         if record != "all":
             settings["record"] = record
-        return [Trace(steps, dict(settings), seconds) for steps in per_image]
+        return [Trace(steps, dict(settings), seconds, candidates=steps[-1].candidates, chosen=steps[-1].chosen)
+                for steps in per_image]
 
     def _caption_candidates(self, images, features, settings: dict, record: str, t0: float) -> list[Trace]:
+        """K noise draws of every image in one batch, one of them kept by MBR or by the scorer."""
         K = settings["candidates"]
         if features is None:
             if not images:
                 raise ValueError("give at least one image (or precomputed features)")
             features = self.encode_images(list(images))
         one = dict(settings, candidates=1)
-        if settings["propose"] == "rounding":
-            drawn = self.caption_batch(features=features, record=record, **one)
-            proposals = self._roundings([tr.final for tr in drawn], K)
-            groups = [p[0] for p in proposals]
-            samples = None
-        else:
-            samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record, **one)
-            groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
+        samples = self.caption_batch(features=features.repeat_interleave(K, dim=0), record=record, **one)
+        groups = [[tr.text for tr in samples[b * K:(b + 1) * K]] for b in range(features.shape[0])]
         if settings["select"] == "clip":
-            ids = self._scorer_ids([p[1] for p in proposals]) if samples is None else None
-            chosen = clip_select(self.scorer, features.to(self.scorer.device), list(groups), ids)
+            chosen = clip_select(self.scorer, features.to(self.scorer.device), list(groups))
         else:
             chosen = [mbr_select(texts) for texts in groups]
         seconds = time.perf_counter() - t0
         s = dict(settings, **({"record": record} if record != "all" else {}))
-        if samples is None:
-            return [Trace(tr.steps[:-1] + [self._rounded_step(tr.final, proposals[b][1][j], groups[b][j], proposals[b][2])], dict(s),
-                          seconds, candidates=list(groups[b]), chosen=j)
-                    for b, (tr, j) in enumerate(zip(drawn, chosen))]
         return [Trace(samples[b * K + j].steps, dict(s), seconds, candidates=texts, chosen=j)
                 for b, (texts, j) in enumerate(zip(groups, chosen))]
 

@@ -16,11 +16,19 @@ class DenoisingStep:
     tokens: list[str]  # [L] those tokens as strings
     confidence: list[float]  # [L] rounding confidence of each position, in [0, 1]
     text: str  # the caption these tokens decode to (no special or padding tokens)
+    # the last step of a call that chose among roundings (propose="rounding"): every distinct candidate
+    # caption, best rounding first, its score against the image, and which one these tokens are
+    candidates: list[str] | None = None
+    scores: list[float] | None = None
+    chosen: int | None = None
 
     def to_json(self) -> dict:
         """Everything but the tensors, for JSON APIs."""
-        return {"index": self.index, "t": self.t, "text": self.text, "tokens": self.tokens,
-                "token_ids": self.token_ids, "confidence": self.confidence}
+        out = {"index": self.index, "t": self.t, "text": self.text, "tokens": self.tokens,
+               "token_ids": self.token_ids, "confidence": self.confidence}
+        if self.candidates is not None:
+            out.update(candidates=self.candidates, scores=self.scores, chosen=self.chosen)
+        return out
 
 
 @dataclass
@@ -49,6 +57,11 @@ class Trace:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    @property
+    def scores(self) -> list[float] | None:
+        """The candidates' scores against the image, when they were chosen among by one (else None)."""
+        return self.final.scores
 
     def to_json(self) -> dict:
         out = {"text": self.text, "settings": self.settings, "seconds": self.seconds,

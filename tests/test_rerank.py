@@ -114,6 +114,15 @@ def test_rounding_proposals_are_one_draws_likeliest_roundings_kept_by_clip(make_
     # batched, each image its own: the same as one at a time
     two = cap.caption_batch([scene_image, scene_image], candidates=8, seed=3, select="clip", propose="rounding")
     assert two[0].candidates == tr.candidates and two[0].text == tr.text
+    # the last step lists the candidates with their scores; streamed, the steps are the same
+    assert tr.final.candidates == tr.candidates and tr.final.chosen == tr.chosen
+    assert tr.scores == pytest.approx(scores, abs=1e-5) and tr.to_json()["steps"][-1]["scores"] == tr.scores
+    streamed = list(cap.iter_caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding"))
+    assert [st.text for st in streamed] == [st.text for st in tr.steps] and streamed[-1].scores == tr.scores
+    fast = cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding", record="final")
+    assert len(fast.steps) == 1 and fast.text == tr.text and fast.candidates == tr.candidates
+    with pytest.raises(ValueError, match="cannot stream"):  # K noise draws: only finished captions are compared
+        next(cap.iter_caption(scene_image, candidates=8, select="clip", propose="noise"))
     with pytest.raises(ValueError, match="select='clip'"):  # consensus among one draw's roundings is the draw
         cap.caption(scene_image, candidates=8, propose="rounding", select="mbr")
     with pytest.raises(ValueError, match="propose must be one of"):
