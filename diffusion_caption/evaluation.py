@@ -25,6 +25,7 @@ from .data import ImageRecord
 from .features import image_features
 from .images import load_image
 from .metrics import caption_metrics
+from .whole_caption import whole_caption_errors, whole_caption_report
 from .world import SHAPE_BACKGROUND, Scene
 
 ATTRIBUTES = ("color", "shape", "binding", "size", "count", "relation", "background")
@@ -79,7 +80,9 @@ def attribute_report(captions: list[str], scenes: list[Scene]) -> dict:
     captions that do); ``hallucination`` is the fraction of captions naming a shape or object colour
     absent from the image; ``single_object`` the headline colour/shape accuracy on one-object scenes;
     ``two_objects`` what the captions of two-object scenes (distinct colours and shapes) made of them
-    (``attributes.two_object_outcome``: right, swapped, repeated shape, repeated colour, other).
+    (``attributes.two_object_outcome``: right, swapped, repeated shape, repeated colour, other);
+    ``whole`` the share of wholly right captions, by number of objects, and the defect rate
+    (``whole_caption.whole_caption_report``).
     """
     if len(captions) != len(scenes):
         raise ValueError(f"got {len(captions)} captions for {len(scenes)} scenes")
@@ -91,6 +94,7 @@ def attribute_report(captions: list[str], scenes: list[Scene]) -> dict:
     out["hallucination"] = _mean([p["hallucination"] for p in per])
     out["single_object"] = single_object_accuracy(captions, scenes)
     out["two_objects"] = two_object_outcomes(captions, scenes)
+    out["whole"] = whole_caption_report(captions, scenes)
     return out
 
 
@@ -98,6 +102,24 @@ def two_object_table(rows: list[tuple[str, dict]]) -> str:
     """A markdown table of ``attribute_report(...)["two_objects"]`` per named model."""
     return markdown_table([{"model": name, "two-object scenes": t["n"], **{k: t[k] for k in TWO_OBJECT_OUTCOMES}}
                            for name, t in rows])
+
+
+WHOLE_COLUMNS = (("whole 1-obj", "whole_1obj"), ("whole 2-obj", "whole_2obj"), ("whole 3-obj", "whole_3obj"),
+                 ("whole", "whole"), ("whole vague", "vague"), ("defect rate", "defect_rate"))
+
+
+def whole_caption_table(rows: list[tuple[str, dict]], top: int = 8) -> str:
+    """A markdown table of ``attribute_report(...)["whole"]`` per named model: the shares of wholly right
+    captions (and of those only the vague "<n> shapes" caption), the defect rate, then the ``top``
+    commonest reasons (shares of captions)."""
+    reasons: dict[str, int] = {}
+    for _, w in rows:
+        for k, v in w["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    keep = sorted(reasons, key=lambda k: (-reasons[k], k))[:top]
+    return markdown_table([{"model": name, **{col: w[key] for col, key in WHOLE_COLUMNS},
+                            **{k: w["reasons"].get(k, 0) / w["n"] if w["n"] else None for k in keep}}
+                           for name, w in rows])
 
 
 def typical_background(scene: Scene) -> bool:
@@ -238,10 +260,14 @@ def evaluate(model, records: list[ImageRecord], settings: dict | None = None, ba
         scenes = [Scene.from_json(r.scene) for r in records]
         result["attributes"] = attribute_report(texts, scenes)
         result["bias"] = bias_report(texts, scenes)
+        errors = [whole_caption_errors(t, s) for t, s in zip(texts, scenes)]
     result["seconds"] = {"encode": round(t1 - t0, 2), "caption": round(t2 - t1, 2),
                          "per_image_ms": round(1000 * (t2 - t1) / max(len(records), 1), 2)}
     result["captions"] = [{"image_id": r.image_id, "image": r.image_path, "caption": t, "references": r.captions}
                           for r, t in zip(records, texts)]
+    if "attributes" in result:  # why each caption is not wholly right ([] when it is)
+        for c, e in zip(result["captions"], errors):
+            c["whole_errors"] = e
     return result
 
 
@@ -264,6 +290,8 @@ def summary_row(result: dict) -> dict:
         for a in ATTRIBUTES:
             row[a] = att[a]["acc"]
         row["hallucination"] = att["hallucination"]
+        if "whole" in att:  # results written before the whole-caption report have none
+            row.update({col: att["whole"][key] for col, key in WHOLE_COLUMNS})
     bias = result.get("bias")
     if bias:
         for a, v in bias["bias"].items():

@@ -28,6 +28,11 @@ def test_attribute_report_by_hand():
     assert rep["hallucination"] == pytest.approx(1 / 3)
     so = rep["single_object"]
     assert so["n"] == 3 and so["color_acc"] == pytest.approx(2 / 3) and so["shape_acc"] == pytest.approx(1 / 3)
+    whole = rep["whole"]  # only the first caption is wholly right; a background alone is not a whole sentence
+    assert whole["n"] == 3 and whole["whole"] == pytest.approx(1 / 3) and whole["whole_1obj"] == pytest.approx(1 / 3)
+    assert whole["whole_2obj"] is None and whole["defect_rate"] == pytest.approx(1 / 3)
+    assert whole["defects"] == {"misplaced background": 1}
+    assert whole["reasons"]["missing object"] == 1 and whole["reasons"]["wrong background"] == 1
 
 
 def test_bias_score_is_typical_minus_counterfactual():
@@ -74,8 +79,13 @@ def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys
     assert 0.0 <= res["attributes"]["hallucination"] <= 1.0
     row = summary_row(res)
     assert "1-obj colour" in row and "bias shape" in row
+    assert {"whole 1-obj", "whole 2-obj", "whole 3-obj", "whole", "defect rate"} <= set(row)
+    assert row["whole"] == res["attributes"]["whole"]["whole"] and res["attributes"]["whole"]["n"] == 12
+    assert all(isinstance(c["whole_errors"], list) for c in res["captions"])
+    assert sum(not c["whole_errors"] for c in res["captions"]) == round(12 * row["whole"])
     md = open(os.path.splitext(out)[0] + ".md").read()
     assert md.startswith("| model | split |") and "diffusion (ckpt)" in md
+    assert "| model | whole 1-obj | whole 2-obj | whole 3-obj | whole | whole vague | defect rate |" in md
     # the tiny world's test split has two scenes of two objects differing in colour and shape
     two = res["attributes"]["two_objects"]
     assert two["n"] == 2 and sum(two[k] for k in ("right", "swapped", "repeated shape", "repeated colour", "other")) == 1.0
@@ -95,10 +105,11 @@ def test_evaluate_ranks_with_a_scorer_and_records_it(make_captioner, clip_encode
     out = str(tmp_path / "eval" / "k.json")
     common = ["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "4", "--steps", "1",
               "--candidates", "4", "--select", "clip", "--propose", "rounding", "--tokenizer", "simple",
-              "--cache-dir", str(tmp_path / "cache")]
+              "--no-meteor", "--cache-dir", str(tmp_path / "cache")]
     evaluate.main(common + ["--scorer", scorer, "--out", out])
     res = json.load(open(out))
     assert res["scorer"] == scorer and res["settings"]["select"] == "clip" and len(res["captions"]) == 4
+    assert "METEOR" not in res["metrics"] and "CIDEr" in res["metrics"]  # --no-meteor
     # the captioner's CLIP has no text tokenizer, so without the scorer the same command is refused
     with pytest.raises(SystemExit, match="no text tokenizer"):
         evaluate.main(common + ["--out", str(tmp_path / "eval" / "none.json")])

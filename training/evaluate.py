@@ -26,7 +26,8 @@ from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.data import load_datasets
 from diffusion_caption.counterfactuals import SETS
 from diffusion_caption.evaluation import (counterfactual_report, counterfactual_tables, evaluate, load_model,
-                                          markdown_table, model_kind, summary_row, two_object_table)
+                                          markdown_table, model_kind, summary_row, two_object_table,
+                                          whole_caption_table)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"],
                    help="ptb: the COCO protocol (needs Java); simple: pure Python, close but not identical")
+    p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
+                   help="score METEOR (--no-meteor: skip it; it starts a Java process and is the slowest metric)")
 
 
 def settings_from_args(model, args) -> dict:
@@ -120,7 +123,8 @@ def main(argv=None) -> None:
     if sets and not all(r.scene for r in records):
         raise SystemExit("--counterfactuals needs the shapes world (its scenes are the ground truth)")
     settings = settings_from_args(model, args)
-    res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer)
+    res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer,
+                   meteor=args.meteor)
     res.update(checkpoint=args.checkpoint, data=args.data, split=args.split)
     if args.scorer:
         res["scorer"] = args.scorer
@@ -129,6 +133,10 @@ def main(argv=None) -> None:
     if (res.get("attributes") or {}).get("two_objects", {}).get("n"):
         table += "\nTwo-object scenes, objects of different colours and shapes: what the captions made of them\n\n"
         table += two_object_table([(name, res["attributes"]["two_objects"])])
+    if (res.get("attributes") or {}).get("whole", {}).get("n"):
+        table += ("\nWhole captions: the share wholly right by the scene's number of objects, the defect rate, and "
+                  "the commonest reasons a caption is not (shares of captions)\n\n")
+        table += whole_caption_table([(name, res["attributes"]["whole"])])
     if sets:
         res["counterfactuals"] = counterfactual_report(model, records, settings, args.batch_size, sets, args.seed)
         table += "\n" + counterfactual_tables(res["counterfactuals"], name)
