@@ -20,7 +20,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CHECKPOINT = os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusion")
+# the models the app offers, the first one the default: what each is, is read from its config.json (extra.summary)
+DEFAULT_CHECKPOINTS = [os.path.join(ROOT, "assets", "checkpoints", name)
+                       for name in ("shapes-diffusion", "shapes-diffusion-fast-small")]
+DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINTS[0]
 DEFAULT_BASELINE = os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline")
 EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
 MAX_UI_STEPS = 250  # the steps slider's top (every step is a network call; the API accepts up to T)
@@ -42,7 +45,9 @@ def spacing_choices(default: str) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="diffusion checkpoint directory or hub id")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="diffusion checkpoint directory or hub id; repeat it to offer several (the first is the default; "
+                        "default: the shipped shapes-diffusion and shapes-diffusion-fast-small)")
     p.add_argument("--baseline", default=DEFAULT_BASELINE,
                    help="autoregressive baseline checkpoint directory or hub id ('' for none)")
     p.add_argument("--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
@@ -55,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per request (1: the small models gain nothing from more, and concurrent "
                         "requests would oversubscribe the cores)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.checkpoints = args.checkpoint or list(DEFAULT_CHECKPOINTS)
+    args.checkpoint = args.checkpoints[0]
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -63,64 +71,104 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Models:
     """Everything loaded once at start-up and shared by all sessions."""
 
-    cap: object
-    checkpoint: str
-    checkpoint_dir: str  # the checkpoint's local directory (a hub id's snapshot)
+    caps: dict  # name -> Captioner, the default first
+    checkpoints: dict  # name -> the path or hub id it was loaded from
+    checkpoint_dirs: dict  # name -> its local directory (a hub id's snapshot)
+    vocab_jobs: dict  # name -> its vocabulary map (each model has its own embedding table)
     baseline: object | None
     baseline_path: str
     baseline_note: str  # why there is no baseline, or what is loaded
-    vocab_job: object
     scenes: dict
     examples: list[str]
     load_seconds: float
     concurrency: int = 2
     traces: OrderedDict = field(default_factory=OrderedDict)  # memo of finished traces (see remember())
 
+    @property
+    def default(self) -> str:
+        return next(iter(self.caps))
+
+    @property
+    def cap(self):
+        """The default captioner."""
+        return self.caps[self.default]
+
+    @property
+    def checkpoint(self) -> str:
+        return self.checkpoints[self.default]
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint_dirs[self.default]
+
+    @property
+    def vocab_job(self):
+        return self.vocab_jobs[self.default]
+
+    def name(self, model: str | None) -> str:
+        """The model a request asked for (None: the default), or a clear error."""
+        if model in (None, ""):
+            return self.default
+        if model not in self.caps:
+            raise _user_error(f"Model: unknown model {model!r}; this app offers {', '.join(self.caps)}")
+        return model
+
+
+def model_summary(cap) -> str:
+    """One line on what a checkpoint is, from its config (extra.summary), else from its sampling defaults."""
+    cfg = cap.config
+    summary = (cfg.extra or {}).get("summary")
+    if summary:
+        return summary
+    return (f"{cfg.n_layers}-layer denoiser, {cfg.sample_steps} {cfg.sampler.upper()} steps"
+            + (f", guidance {cfg.sample_guidance:g}" if cfg.sample_guidance != 1 else ""))
+
 
 def load_models(args) -> Models:
     from diffusion_caption import Captioner, CheckpointError
+    from diffusion_caption.baseline import BaselineCaptioner
+    from diffusion_caption.checkpoint import resolve
     from diffusion_caption.variants import known_scenes
     from diffusion_caption.vocab_map import VocabMapJob
 
     t0 = time.perf_counter()
-    try:
-        cap = Captioner.from_pretrained(args.checkpoint)
-    except (CheckpointError, OSError) as e:
-        hint = ""
-        if os.path.abspath(args.checkpoint) == DEFAULT_CHECKPOINT:
-            hint = ("\nThe shipped checkpoint is made by `python -m training.train_diffusion --preset shapes`; "
-                    "or start the app with --checkpoint DIR.")
-        raise SystemExit(f"error: cannot load the diffusion checkpoint: {e}{hint}") from None
+    caps, checkpoints, dirs, jobs = {}, {}, {}, {}
+    for path in getattr(args, "checkpoints", None) or [args.checkpoint]:
+        name = os.path.basename(os.path.normpath(path))
+        try:
+            cap = Captioner.from_pretrained(path)
+        except (CheckpointError, OSError) as e:
+            hint = ""
+            if os.path.abspath(path) in DEFAULT_CHECKPOINTS:
+                hint = ("\nThe shipped checkpoints are made by the commands in training/README.md; "
+                        "or start the app with --checkpoint DIR.")
+            raise SystemExit(f"error: cannot load the diffusion checkpoint: {e}{hint}") from None
+        if name in caps:
+            raise SystemExit(f"error: two checkpoints named {name!r}; give each --checkpoint a distinct folder name")
+        caps[name], checkpoints[name] = cap, path
+        dirs[name] = resolve(path)  # a hub id's local snapshot (already fetched by from_pretrained)
+        tokens = cap.tokenizer.token_strings(list(range(cap.tokenizer.vocab_size)))
+        jobs[name] = VocabMapJob(cap.denoiser.embeddings, tokens, cache_dir=args.cache_dir, checkpoint_dir=dirs[name],
+                                 method=args.vocab_map)
+        atexit.register(jobs[name].close)
     baseline, note = None, ""
     if not args.baseline:
         note = "No baseline loaded: the app was started with --baseline ''."
     else:
         try:
-            from diffusion_caption.baseline import BaselineCaptioner
-
             baseline = BaselineCaptioner.from_pretrained(args.baseline)
             note = f"Baseline: {os.path.basename(os.path.normpath(args.baseline))}"
-        except ImportError as e:
-            note = f"No baseline loaded: this version of diffusion_caption has no baseline module ({e})."
         except (CheckpointError, OSError, ValueError) as e:
             hint = (" Train it with `python -m training.train_baseline --preset shapes`, or start the app "
                     "with --baseline DIR." if os.path.abspath(args.baseline) == DEFAULT_BASELINE else "")
             note = f"No baseline loaded: {e}.{hint}"
-    E = cap.denoiser.embeddings
-    tokens = cap.tokenizer.token_strings(list(range(cap.tokenizer.vocab_size)))
-    from diffusion_caption.checkpoint import resolve
-
-    checkpoint_dir = resolve(args.checkpoint)  # a hub id's local snapshot (already fetched by from_pretrained)
-    job = VocabMapJob(E, tokens, cache_dir=args.cache_dir, checkpoint_dir=checkpoint_dir, method=args.vocab_map)
-    atexit.register(job.close)
     examples = []
     if os.path.isdir(args.examples):
         examples = [os.path.join(args.examples, f) for f in sorted(os.listdir(args.examples))
                     if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
-    return Models(cap=cap, checkpoint=args.checkpoint, checkpoint_dir=checkpoint_dir, baseline=baseline,
-                  baseline_path=args.baseline,
-                  baseline_note=note, vocab_job=job, scenes=known_scenes(args.examples), examples=examples,
-                  load_seconds=time.perf_counter() - t0)
+    return Models(caps=caps, checkpoints=checkpoints, checkpoint_dirs=dirs, vocab_jobs=jobs, baseline=baseline,
+                  baseline_path=args.baseline, baseline_note=note, scenes=known_scenes(args.examples),
+                  examples=examples, load_seconds=time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------- per-session view
@@ -135,6 +183,7 @@ class View:
     baseline_seconds: float | None = None
     points: dict | None = None  # "predicted x0" / "noisy x_t" -> [S, L, 2] map coordinates
     cached: bool = False
+    model: str = ""  # which of the app's models made it (its vocabulary map places the points)
 
 
 TRAJECTORY_KINDS = ("predicted x0", "noisy x_t")
@@ -193,21 +242,25 @@ class Handlers:
         except ImageLoadError as e:
             raise _user_error(str(e)) from None
 
-    def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None) -> dict:
+    def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None, model=None) -> dict:
+        cap = self.m.caps[self.m.name(model)]
         try:
             seed = int(seed) if seed is not None and float(seed) == int(float(seed)) else seed
             steps = int(steps) if steps is not None and float(steps) == int(float(steps)) else steps
-            # one sample per image: the page shows a single caption forming (MBR picks among finished ones)
-            return self.m.cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp),
-                                             spacing=spacing or None, candidates=1)
+            # the page shows one caption forming: a model that ranks the roundings of its last step keeps
+            # them (the last step lists the candidates), one that compares K noise draws shows a single draw
+            candidates = None if cap.config.sample_propose == "rounding" else 1
+            return cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp),
+                                      spacing=spacing or None, candidates=candidates)
         except (TypeError, ValueError) as e:
             raise _user_error(f"Settings: {e}") from None
 
     def _map_points(self, view: View) -> str:
         """Place the trace on the vocabulary map if the map is ready; returns a note for the UI."""
-        vmap = self.m.vocab_job.poll()
+        job = self.m.vocab_jobs[view.model or self.m.default]
+        vmap = job.poll()
         if vmap is None:
-            return self.m.vocab_job.status
+            return job.status
         if view.points is None:
             import torch
 
@@ -216,9 +269,12 @@ class Handlers:
         return ""
 
     def _chips(self, step) -> str:
-        from diffusion_caption.html_views import confidence_legend, token_chips
+        from diffusion_caption.html_views import candidates_list, confidence_legend, token_chips
 
-        return token_chips(step.tokens, step.confidence) + confidence_legend()
+        out = token_chips(step.tokens, step.confidence) + confidence_legend()
+        if step.candidates:
+            out += candidates_list(step.candidates, step.scores, step.chosen)
+        return out
 
     def _status(self, view_steps, k: int, total: int | None = None) -> str:
         s = view_steps[k]
@@ -261,24 +317,25 @@ class Handlers:
             self.m.traces.popitem(last=False)
 
     # ------------------------------------------------------------------ the caption stream
-    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None):
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
         """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
         import gradio as gr
 
         from diffusion_caption.variants import scene_key
 
         img = self._load(image)
-        s = self._settings(steps, sampler, guidance, clamp, seed, spacing)
-        key = (scene_key(img), tuple(sorted(s.items())))
+        name = self.m.name(model)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
+        key = (name, scene_key(img), tuple(sorted(s.items())))
         skip = gr.skip()
         memo = self.m.traces.get(key)
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
-                        baseline=memo.baseline, baseline_seconds=memo.baseline_seconds, cached=True)
+                        baseline=memo.baseline, baseline_seconds=memo.baseline_seconds, cached=True, model=name)
             step_iter = iter(memo.steps)
         else:
             view = None
-            step_iter = self.m.cap.iter_caption(img, **s)
+            step_iter = self.m.caps[name].iter_caption(img, **s)
         done, first, busy = [], None, 0.0  # busy: time spent computing, not waiting for the browser
         total = s["steps"]
         while True:
@@ -307,26 +364,37 @@ class Handlers:
             shown = time.perf_counter()
         seconds = busy
         if view is None:
-            view = View(steps=done, seconds=seconds, first_step_seconds=first or seconds)
+            view = View(steps=done, seconds=seconds, first_step_seconds=first or seconds, model=name)
             if self.m.baseline is not None:
                 tb = time.perf_counter()
                 view.baseline = self.m.baseline.caption(img)
                 view.baseline_seconds = time.perf_counter() - tb
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
-                                     view.baseline_seconds))
+                                     view.baseline_seconds, model=name))
         out = self.show(view, len(view.steps), kind)
         slider, chips, status, heat, traj, note, _ = out
         yield (chips, status, slider, heat, traj, note, self._table(view.steps), self._baseline_html(view),
                self._timing(view, s), view, gr.Timer(active=False), False)
 
-    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None):
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         import gradio as gr
 
         if image is None or image == "":
             yield tuple(gr.skip() for _ in range(12))
             return
-        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing)
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
+
+    def choose_model(self, model):
+        """A model picked: its own sampling defaults in the settings, and the line on what it is."""
+        import gradio as gr
+
+        cap = self.m.caps[self.m.name(model)]
+        cfg = cap.config
+        return (gr.Slider(value=min(cfg.sample_steps, MAX_UI_STEPS)), gr.Radio(value=cfg.sampler),
+                gr.Slider(value=cfg.sample_guidance), gr.Checkbox(value=cfg.sample_clamp),
+                gr.Dropdown(choices=spacing_choices(cfg.sample_spacing), value=cfg.sample_spacing),
+                model_note(cap))
 
     # ------------------------------------------------------------------ the step viewer
     def show(self, view: View | None, k, kind):
@@ -344,7 +412,7 @@ class Handlers:
         note = self._map_points(view)
         traj = None
         if view.points is not None:
-            vmap = self.m.vocab_job.map
+            vmap = self.m.vocab_jobs[view.model or self.m.default].map
             kind = kind if kind in TRAJECTORY_KINDS else TRAJECTORY_KINDS[0]
             traj = trajectory_map(vmap.coords, vmap.tokens, view.points[kind], view.steps, current=i, what=kind,
                                   method=vmap.method.upper())
@@ -393,32 +461,34 @@ class Handlers:
         return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S), nxt < S)
 
     # ------------------------------------------------------------------ the API endpoint
-    def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None):
+    def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
         """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...})."""
         from diffusion_caption import Trace
 
         img = self._load(image)
-        s = self._settings(steps, sampler, guidance, clamp, seed, spacing)
+        name = self.m.name(model)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         t0 = time.perf_counter()
         done = []
         try:
-            for step in self.m.cap.iter_caption(img, **s):
+            for step in self.m.caps[name].iter_caption(img, **s):
                 done.append(step)
                 yield {"done": False, "step": step.to_json(), "of": s["steps"]}
         except ValueError as e:
             raise _user_error(str(e)) from None
-        trace = Trace(done, dict(s), time.perf_counter() - t0)
-        yield {"done": True, **trace.to_json()}
+        trace = Trace(done, dict(s), time.perf_counter() - t0, candidates=done[-1].candidates, chosen=done[-1].chosen)
+        yield {"done": True, "model": name, **trace.to_json()}
 
     # ------------------------------------------------------------------ error analysis
-    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None):
+    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
         from diffusion_caption.compare import changed_words, diff_html, scene_check
         from diffusion_caption.html_views import VariantRow, variants_table
         from diffusion_caption.variants import scene_key, variants_for
         from diffusion_caption.world import Scene
 
         img = self._load(image)
-        s = self._settings(steps, sampler, guidance, clamp, seed, spacing)
+        name = self.m.name(model)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         key = scene_key(img)
         scene = None
         if scene_state and scene_state.get("key") == key:
@@ -426,7 +496,7 @@ class Handlers:
         scene = scene or self.m.scenes.get(key)
         vs = variants_for(img, scene)
         images = [v.image for v in vs]
-        traces = self.m.cap.caption_batch(images, **s)
+        traces = self.m.caps[name].caption_batch(images, **s)
         models = ["diffusion"]
         captions = {"diffusion": [t.text for t in traces]}
         if self.m.baseline is not None:
@@ -475,24 +545,15 @@ class Handlers:
 
 
 # ---------------------------------------------------------------------------------------------- about
+def model_note(cap) -> str:
+    """The line under the model choice."""
+    return f"<span class='dc-note'>{html.escape(model_summary(cap))}</span>"
+
+
 def about_markdown(m: Models) -> str:
-    cfg = m.cap.config
-    n_params = sum(p.numel() for p in m.cap.denoiser.parameters())
-    extra = cfg.extra or {}
-    train = extra.get("train_config", {})
-    lines = ["### Diffusion captioner",
-             f"- checkpoint: `{m.checkpoint}`",
-             f"- denoiser: DistilBERT-style encoder, {cfg.n_layers} layers × {cfg.dim} wide, {n_params / 1e6:.2f} M "
-             f"parameters; {cfg.emb_dim}-d token embeddings, vocabulary of {cfg.vocab_size} tokens, "
-             f"{cfg.seq_len} caption positions",
-             f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
-             f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps, "
-             f"{cfg.sample_spacing} spacing, guidance {cfg.sample_guidance:g}"
-             + (", clamped to tokens" if cfg.sample_clamp else ""),
-             f"- training data: `{extra.get('data', 'not recorded')}`"
-             + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
-             f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
-    lines += _evaluations(m.checkpoint_dir)
+    lines = []
+    for name, cap in m.caps.items():
+        lines += _about_model(name, cap, m.checkpoints[name], m.checkpoint_dirs[name], name == m.default)
     lines += ["", "### Autoregressive baseline"]
     if m.baseline is None:
         lines.append(f"- {m.baseline_note}")
@@ -504,17 +565,48 @@ def about_markdown(m: Models) -> str:
                   f"({getattr(bc, 'n_layer', '?')} layers × {getattr(bc, 'n_embd', '?')} wide), greedy decoding",
                   f"- training data: `{bextra.get('data', 'not recorded')}`"]
         lines += _evaluations(m.baseline_path)
-    lines += ["", "### Vocabulary map", f"- {m.vocab_job.status}",
-              "- trajectory points are placed on the stored map by rounding-weighted barycentres of their "
+    lines += ["", "### Vocabulary maps"] + [f"- {name}: {job.status}" for name, job in m.vocab_jobs.items()]
+    lines += ["- trajectory points are placed on the stored map by rounding-weighted barycentres of their "
               "nearest tokens (no UMAP call per request; see `diffusion_caption/vocab_map.py`)",
               "", "### API",
-              "The named endpoint `/caption` streams one JSON chunk per denoising step, then the whole trace:",
+              "The named endpoint `/caption` streams one JSON chunk per denoising step, then the whole trace "
+              f"(the last argument names the model: {', '.join(f'`{n}`' for n in m.caps)}):",
               "```python\nfrom gradio_client import Client, handle_file\n"
-              "client = Client(\"http://127.0.0.1:7860/\")\n"
-              "job = client.submit(handle_file(\"scene.png\"), 20, \"ddim\", 1.0, False, 0, api_name=\"/caption\")\n"
+              "client = Client(\"http://127.0.0.1:7860/\")   # this server's address\n"
+              f"job = client.submit(handle_file(\"scene.png\"), {m.cap.config.sample_steps}, \"{m.cap.config.sampler}\", "
+              f"{m.cap.config.sample_guidance:g}, {m.cap.config.sample_clamp}, 0, \"{m.cap.config.sample_spacing}\", "
+              f"\"{m.default}\", api_name=\"/caption\")\n"
               "trace = job.result()   # {'done': True, 'text': ..., 'steps': [{'text', 'tokens', 'confidence', ...}]}\n```",
-              f"", f"Models loaded in {m.load_seconds:.1f} s at start-up."]
+              "", f"Models loaded in {m.load_seconds:.1f} s at start-up."]
     return "\n".join(lines)
+
+
+def _about_model(name: str, cap, checkpoint: str, checkpoint_dir: str, default: bool) -> list[str]:
+    cfg = cap.config
+    n_params = sum(p.numel() for p in cap.denoiser.parameters())
+    extra = cfg.extra or {}
+    train = extra.get("train_config", {})
+    lines = [f"### Diffusion captioner `{name}`" + (" (the default)" if default else ""),
+             f"- {model_summary(cap)}",
+             f"- checkpoint: `{checkpoint}`",
+             f"- denoiser: DistilBERT-style encoder, {cfg.n_layers} layers × {cfg.dim} wide, {n_params / 1e6:.2f} M "
+             f"parameters; {cfg.emb_dim}-d token embeddings, vocabulary of {cfg.vocab_size} tokens, "
+             f"{cfg.seq_len} caption positions",
+             f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
+             f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps, "
+             f"{cfg.sample_spacing} spacing, guidance {cfg.sample_guidance:g}"
+             + (", clamped to tokens" if cfg.sample_clamp else ""),
+             f"- training data: `{extra.get('data', 'not recorded')}`"
+             + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
+             f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
+    if cfg.sample_candidates > 1:
+        rule = (f"the scorer `{cfg.sample_scorer or 'its own CLIP'}`" if cfg.sample_select == "clip"
+                else "consensus (MBR)")
+        what = "likeliest roundings of the last step" if cfg.sample_propose == "rounding" else "noise draws"
+        lines.append(f"- candidates: the {cfg.sample_candidates} {what}, one kept by {rule}")
+    if cfg.self_cond:
+        lines.append("- self-conditioned: every step also reads the previous step's predicted x0")
+    return lines + _evaluations(checkpoint_dir) + [""]
 
 
 def _evaluations(path: str) -> list[str]:
@@ -570,6 +662,9 @@ def build(m: Models):
                             gr.Examples(examples=[[p] for p in m.examples], inputs=[image], examples_per_page=12,
                                         label="Examples: shapes scenes, and photographs unlike anything the models saw",
                                         elem_id="examples")
+                        model = gr.Dropdown(list(m.caps), value=m.default, label="Model", elem_id="model-choice",
+                                            interactive=len(m.caps) > 1)
+                        model_line = gr.HTML(model_note(m.cap), elem_id="model-note")
                         with gr.Accordion("Sampling settings", open=True):
                             steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(cfg.sample_steps, MAX_UI_STEPS),
                                               step=1, label="Denoising steps")
@@ -661,10 +756,15 @@ def build(m: Models):
         stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer, playing]
         step_out = [slider, chips, status, heat, traj, map_note, view, timer, playing]
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
-        run.click(h.caption_stream, [image] + settings + [kind, spacing], stream_out, api_visibility="undocumented",
-                  api_name="caption_ui", **model_events)
-        image.change(h.auto_caption, [image] + settings + [kind, spacing], stream_out, api_visibility="undocumented",
-                     trigger_mode="always_last", **model_events)
+        run.click(h.caption_stream, [image] + settings + [kind, spacing, model], stream_out,
+                  api_visibility="undocumented", api_name="caption_ui", **model_events)
+        image.change(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out,
+                     api_visibility="undocumented", trigger_mode="always_last", **model_events)
+        # another model: its own defaults in the settings, then the same image captioned by it
+        model.input(h.choose_model, model, [steps, sampler, guidance, clamp, spacing, model_line],
+                    api_visibility="undocumented").then(
+            h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+            **model_events)
         slider.input(h.goto, [view, slider, kind], step_out, trigger_mode="always_last", api_visibility="undocumented")
         kind.change(h.goto, [view, slider, kind], step_out, api_visibility="undocumented")
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
@@ -685,7 +785,8 @@ def build(m: Models):
                         gr.Number(cfg.sample_guidance, visible=False, label="guidance"),
                         gr.Checkbox(cfg.sample_clamp, visible=False, label="clamp"),
                         gr.Number(0, precision=0, visible=False, label="seed"),
-                        gr.Textbox(cfg.sample_spacing, visible=False, label="spacing")]
+                        gr.Textbox(cfg.sample_spacing, visible=False, label="spacing"),
+                        gr.Textbox(m.default, visible=False, label="model")]
         api_out = gr.JSON(visible=False)
         api_btn = gr.Button(visible=False)
         api_btn.click(h.api_caption, [api_image] + api_settings, api_out, api_name="caption",
@@ -694,14 +795,15 @@ def build(m: Models):
                                       "trace ({done: true, text, settings, seconds, steps}).", **model_events)
 
         copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
-        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing], variants_html, api_visibility="undocumented",
-                         **model_events)
+        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing, model], variants_html,
+                         api_visibility="undocumented", **model_events)
         compose_b.click(h.compose, [background] + obj_inputs, [a_image, scene_state, compose_note],
                         api_visibility="undocumented").then(
-            h.variants, [a_image, scene_state] + settings + [spacing], variants_html, api_visibility="undocumented", **model_events)
+            h.variants, [a_image, scene_state] + settings + [spacing, model], variants_html, api_visibility="undocumented",
+            **model_events)
         demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
-        demo.load(h.auto_caption, [image] + settings + [kind, spacing], stream_out, api_visibility="undocumented",
+        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
                   **model_events)
     return demo
 
@@ -718,8 +820,8 @@ def main(argv=None) -> int:
     demo.queue(default_concurrency_limit=m.concurrency, max_size=64)
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    print(f"diffusion-caption app: models loaded in {m.load_seconds:.1f} s, page built in "
-          f"{time.perf_counter() - t0 - m.load_seconds:.1f} s; {m.vocab_job.status}; {m.baseline_note}", flush=True)
+    print(f"diffusion-caption app: {', '.join(m.caps)} loaded in {m.load_seconds:.1f} s (default {m.default}), page "
+          f"built in {time.perf_counter() - t0 - m.load_seconds:.1f} s; {m.vocab_job.status}; {m.baseline_note}", flush=True)
     try:
         demo.launch(server_name=host, server_port=port, css=CSS, footer_links=["api", "gradio"], show_error=True,
                     allowed_paths=[EXAMPLES_DIR, os.path.abspath(args.examples)])

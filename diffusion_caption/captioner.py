@@ -135,6 +135,8 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu",
                         scorer: str | None = None) -> "Captioner":
+        """Load a checkpoint folder (or hub id). ``scorer`` (a folder) ranks candidates instead of the
+        checkpoint's own ``sample_scorer`` (a folder relative to the checkpoint's), or of its CLIP."""
         path = ckpt.resolve(path_or_hub_id)
         meta = ckpt.read_json(os.path.join(path, ckpt.CONFIG_NAME))
         cfg_file = os.path.join(path, ckpt.CONFIG_NAME)
@@ -164,6 +166,13 @@ class Captioner:
         if image_encoder.feature_dim != config.cond_dim:
             raise ckpt.CheckpointError(f"{path}: the image encoder gives {image_encoder.feature_dim}-d features "
                                        f"but {cfg_file} says cond_dim={config.cond_dim}")
+        if scorer is None and config.sample_scorer:  # the checkpoint's own default scorer
+            scorer = config.sample_scorer
+            if not os.path.isabs(scorer):
+                scorer = os.path.join(path, scorer)
+            if not os.path.isdir(scorer):
+                raise ckpt.CheckpointError(f"{cfg_file}: its sample_scorer {config.sample_scorer!r} is not a folder "
+                                           f"({os.path.normpath(scorer)} not found); give scorer= to use another")
         return cls(config, denoiser, image_encoder, tokenizer, device).use_scorer(scorer)
 
     def save_pretrained(self, path: str, clip_reference: str | None = None) -> None:

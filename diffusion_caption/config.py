@@ -62,6 +62,9 @@ class CaptionerConfig:
     sample_candidates: int = 1  # samples per image to choose among; 1 = none
     sample_select: str = "mbr"  # how: "mbr" (diffusion_caption.mbr) or "clip" (diffusion_caption.rerank)
     sample_propose: str = "noise"  # from what: "noise" (K draws) or "rounding" (K roundings of one draw)
+    # what ranks candidates under select="clip": "" (the captioner's own CLIP) or a scorer folder (a text
+    # scorer or a CLIP of the same image tower), relative to the checkpoint's folder ("../shapes-text-scorer")
+    sample_scorer: str = ""
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):

@@ -65,6 +65,32 @@ def confidence_legend(label: str = "rounding confidence") -> str:
             f"border-radius:3px;background:linear-gradient(90deg, {stops})'></span><span>1</span></div>")
 
 
+def candidates_list(candidates: Sequence[str], scores: Sequence[float] | None, chosen: int | None,
+                    shown: int = 8) -> str:
+    """The candidate captions a call chose among, best-scored first, the chosen one marked: why this caption.
+
+    ``scores`` None means there was a single distinct candidate, kept without scoring."""
+    if not candidates:
+        return ""
+    if scores is None:
+        return ("<div class='dc-note' style='margin-top:6px'>Its roundings all read the same: one candidate, "
+                "nothing to rank.</div>")
+    order = sorted(range(len(candidates)), key=lambda j: (-scores[j], j))
+    rows = []
+    for rank, j in enumerate(order[:shown]):
+        mark = "✓" if j == chosen else ""
+        weight = "font-weight:600;" if j == chosen else ""
+        rows.append(f"<tr style='{weight}'><td style='padding:0 6px'>{mark}</td><td style='padding:0 6px'>"
+                    f"{scores[j]:.3f}</td><td style='padding:0 6px'>{html.escape(candidates[j]) or '<i>(empty)</i>'}"
+                    "</td></tr>")
+    more = (f"<div class='dc-note'>… and {len(candidates) - shown} more</div>" if len(candidates) > shown else "")
+    return (f"<div style='margin-top:6px;font-size:0.85em'><div class='dc-note'>Chosen among "
+            f"{len(candidates)} distinct roundings of the last step by the scorer's match to the image "
+            "(highest first):</div><table style='border-collapse:collapse'>"
+            "<tr style='color:#666'><th></th><th style='padding:0 6px'>score</th><th style='padding:0 6px;text-align:left'>"
+            f"candidate</th></tr>{''.join(rows)}</table>{more}</div>")
+
+
 def image_data_uri(img: Image.Image, size: int = 96) -> str:
     im = img.copy()
     im.thumbnail((size, size), Image.LANCZOS)

@@ -256,3 +256,51 @@ def test_baseline_beside_the_diffusion_caption(app_files, tokenizer, clip_encode
                            "--vocab-map", "pca", "--cache-dir", app_files["cache"]])
     m2 = app.load_models(args)
     assert m2.baseline is None and m2.baseline_note.startswith("No baseline loaded:") and "Captioner" in m2.baseline_note
+
+
+def test_the_app_offers_several_models_each_with_its_own_defaults(app_files, tokenizer, clip_encoder, tmp_path):
+    """Two checkpoints: the first is the default; picking the other loads its sampling defaults and captions
+    with it; one that ranks its last step's roundings shows the candidates and their scores there."""
+    import json
+
+    import app
+    from diffusion_caption import Captioner
+
+    other = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "ranked"), seed=5)
+    from diffusion_caption.image_encoder import ImageEncoder
+
+    # the same CLIP with its text tokenizer, so that it reads captions: the ranked model's scorer
+    ImageEncoder(clip_encoder.model, clip_encoder.preprocess, clip_encoder.source,
+                 text_tokenizer=tokenizer).save_pretrained(str(tmp_path / "scorer-clip"))
+    with open(os.path.join(other, "config.json")) as f:
+        meta = json.load(f)
+    meta["captioner"].update(sample_steps=3, sampler="ddpm", sample_guidance=2.0, sample_candidates=8,
+                             sample_select="clip", sample_propose="rounding", sample_scorer="../scorer-clip",
+                             extra={"summary": "a tiny model that ranks its roundings"})
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump(meta, f)
+    args = app.parse_args(["--checkpoint", app_files["checkpoint"], "--checkpoint", other, "--baseline", "",
+                           "--vocab-map", "pca", "--cache-dir", app_files["cache"], "--examples", app_files["examples_dir"]])
+    m = app.load_models(args)
+    assert list(m.caps) == ["ckpt", "ranked"] and m.default == "ckpt"
+    h = app.Handlers(m)
+    steps, sampler, guidance, clamp, spacing, note = h.choose_model("ranked")
+    assert (steps.value, sampler.value, guidance.value) == (3, "ddpm", 2.0) and "ranks its roundings" in note
+    image = app_files["examples"][0]
+    out = list(h.caption_stream(image, 3, "ddpm", 2.0, False, 0, "predicted x0", None, "ranked"))
+    view = out[-1][9]
+    assert view.model == "ranked" and len(view.steps) == 3
+    # exactly the library's caption with the checkpoint's defaults, candidates and scores included
+    direct = Captioner.from_pretrained(other).caption(image, seed=0)
+    assert view.steps[-1].text == direct.text and view.steps[-1].candidates == direct.candidates
+    assert len(direct.candidates) > 1 and direct.scores is not None  # an untrained model is unsure: many roundings
+    assert "Chosen among" in out[-1][0] and f"{max(direct.scores):.3f}" in out[-1][0]
+    # the default model is another captioner, with its own caption
+    first = list(h.caption_stream(image, 3, "ddpm", 2.0, False, 0, "predicted x0"))[-1][9]
+    assert first.model == "ckpt" and first.steps[-1].candidates is None
+    with pytest.raises(Exception, match="unknown model"):
+        list(h.caption_stream(image, 3, "ddim", 1.0, False, 0, "predicted x0", None, "nope"))
+    api = list(h.api_caption(image, 3, "ddpm", 2.0, False, 0, None, "ranked"))[-1]
+    assert api["model"] == "ranked" and api["text"] == direct.text and api["candidates"] == direct.candidates
+    md = app.about_markdown(m)
+    assert "`ranked`" in md and "`ckpt` (the default)" in md and "likeliest roundings" in md

@@ -60,10 +60,14 @@ def test_cli_ranks_roundings_with_another_clips_text_tower(tmp_path, capsys):
     with torch.no_grad():
         moved.model.visual.attnpool.c_proj.bias.add_(0.01)
     moved.save_pretrained(str(tmp_path / "moved"))
+    import shutil
+
     from diffusion_caption.__main__ import main
 
+    mute = shutil.copytree("assets/checkpoints/shapes-clip", str(tmp_path / "mute"),
+                           ignore=shutil.ignore_patterns("tokenizer*"))  # the CLIP without its text tokenizer
     for folder, message in ((str(tmp_path / "nope"), "not found"),
-                            ("assets/checkpoints/shapes-baseline/clip", "no text tokenizer"),
+                            (mute, "no text tokenizer"),
                             (str(tmp_path / "moved"), "image tower differs")):
         assert main(base[3:] + ["--scorer", folder]) == 2
         err = capsys.readouterr().err

@@ -17,8 +17,10 @@ from diffusion_caption.evaluation import load_model
 CARRIED = ("vocab_map.json",)
 
 
-def ship(src: str, dest: str, clip: str) -> None:
+def ship(src: str, dest: str, clip: str, summary: str | None = None) -> None:
     model = load_model(src)
+    if summary is not None:  # the line the app shows under its model choice
+        model.config.extra = {**(model.config.extra or {}), "summary": summary}
     carried = {}
     for name in CARRIED:  # read first: dest may be src, which the save replaces
         if os.path.isfile(os.path.join(src, name)):
@@ -35,8 +37,9 @@ def main(argv=None) -> None:
     p.add_argument("src", help="a trained captioner or baseline checkpoint folder")
     p.add_argument("dest", help="where to write it (may be src itself)")
     p.add_argument("--clip", default="assets/checkpoints/shapes-clip", help="the shared CLIP folder to refer to")
+    p.add_argument("--summary", default=None, help="one line on what the model is, shown by the app beside its name")
     a = p.parse_args(argv)
-    ship(a.src, a.dest, a.clip)
+    ship(a.src, a.dest, a.clip, a.summary)
     print(f"wrote {a.dest} (CLIP: {os.path.relpath(os.path.abspath(a.clip), os.path.abspath(a.dest))})")
 
 
