@@ -37,6 +37,9 @@ class CaptionerConfig:
     # estimate; in training, a fraction p_self_cond of each batch gets one made by a first, gradient-free pass
     self_cond: bool = False
     p_self_cond: float = 0.5
+    # reveal training (for the "reveal" sampler): a fraction p_reveal of each batch has a random share of
+    # its positions clean at t = 0 and the rest pure noise at T-1, the loss on the noisy ones only
+    p_reveal: float = 0.0
     # diffusion
     schedule: str = "sqrt"
     T: int = 1000
@@ -91,6 +94,8 @@ class CaptionerConfig:
         if self.focus_steps:  # checked here, not after the features are encoded
             from .samplers import spacing_power
             spacing_power(self.focus_spacing)
+        if not 0.0 <= self.p_reveal <= 1.0:
+            raise ValueError(f"p_reveal must be in [0, 1], got {self.p_reveal}")
         if not 0.0 <= self.p_self_cond <= 1.0:
             raise ValueError(f"p_self_cond must be in [0, 1], got {self.p_self_cond}")
         if self.lambda_round < 0 or self.lambda_feature < 0:

@@ -126,7 +126,9 @@ class Denoiser(nn.Module):
         else:
             first, act, second = self.input_up_proj
             h = second(act(first(x_t) + self.self_cond_proj(x_self_cond.to(x_t.dtype))))
-        h = h + self.time_embed(timestep_embedding(t, H).to(x_t.dtype))[:, None]
+        # a timestep per row [B], or per position [B, L] (a network trained with revealed positions)
+        te = self.time_embed(timestep_embedding(t.reshape(-1), H).to(x_t.dtype)).view(*t.shape, H)
+        h = h + (te[:, None] if t.dim() == 1 else te)
         cond = cond.to(x_t.dtype)
         c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
         seg = self.segment_embedding.weight

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .rounding import clamp_to_embeddings, token_logits
-from .samplers import Sampler
+from .samplers import RevealSampler, Sampler
 from .schedule import NoiseSchedule
 
 
@@ -46,7 +46,8 @@ class GaussianDiffusion:
                         lambda_feature: float = 0.0, p_uncond: float = 0.0,
                         generator: torch.Generator | None = None, t_focus: list[int] | None = None,
                         p_focus: float = 0.0, p_unroll: float = 0.0,
-                        focus_spacing: str = "trailing^2", p_self_cond: float = 0.0) -> dict[str, torch.Tensor]:
+                        focus_spacing: str = "trailing^2", p_self_cond: float = 0.0,
+                        p_reveal: float = 0.0) -> dict[str, torch.Tensor]:
         """Losses for a batch of token ids [B, L] and image features [B, D].
 
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
@@ -58,7 +59,10 @@ class GaussianDiffusion:
         own first draft, not only a noisy copy of the truth (step-unrolled training, as in SUNDAE, Savinov
         et al. 2022). A self-conditioned network (``self_cond``) also reads an x0 estimate: for a fraction
         ``p_self_cond`` of the batch its own, from a first gradient-free pass on the same x_t (Chen et al.
-        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. With
+        ``p_reveal``, that fraction of the batch is drawn as the reveal sampler (``samplers.RevealSampler``)
+        feeds it: a random share of each row's positions clean at t = 0, the rest at T-1, timesteps per
+        position, and the losses averaged over the noisy positions only. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
@@ -78,6 +82,17 @@ class GaussianDiffusion:
             t = torch.where(torch.rand(B, generator=generator, device=dev) < p_focus, pick, t)
         noise = torch.randn(x_start.shape, generator=generator, device=dev)
         x_t = sched.q_sample(x_start, t, noise)
+        weight = None  # per-position loss weights [B, L]: the noisy positions of revealed rows, all elsewhere
+        if p_reveal > 0:
+            if p_unroll > 0 or self.predict != "x0":
+                raise ValueError("p_reveal trains x0 prediction without step unrolling")
+            rows = torch.rand(B, generator=generator, device=dev) < p_reveal
+            share = torch.rand(B, generator=generator, device=dev)
+            revealed = (torch.rand(B, L, generator=generator, device=dev) < share[:, None]) & rows[:, None]
+            t = torch.where(rows[:, None], torch.full_like(t, sched.T - 1)[:, None], t[:, None]).expand(B, L)
+            t = torch.where(revealed, torch.zeros_like(t), t)
+            x_t = sched.q_sample(x_start, t, noise)
+            weight = (~revealed).float()
         drop = (torch.rand(B, generator=generator, device=dev) < p_uncond) if p_uncond > 0 else None
         x_sc = torch.zeros_like(x_t) if self.self_cond else None
         if p_unroll > 0:
@@ -102,17 +117,19 @@ class GaussianDiffusion:
         out = out.float()
         if self.predict == "x0":
             x0_hat = out
-            mse = (out - x_start_mean).pow(2).mean()
+            mse = (out - x_start_mean).pow(2).mean() if weight is None else _weighted(
+                (out - x_start_mean).pow(2).mean(-1), weight)
         else:
             x0_hat = sched.predict_start_from_noise(x_t, t, out)
             mse = (out - noise).pow(2).mean()
         logits = token_logits(x0_hat, E.float())
-        ce = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1), reduction="none").view(B, L).mean(1)
+        ce_pos = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1), reduction="none").view(B, L)
+        ce = ce_pos.mean(1)
         if self.predict == "eps":
             # x0 from an eps prediction carries eps's error times sqrt((1 - alpha_bar) / alpha_bar):
             # weighting by alpha_bar_t keeps the noisiest steps from swamping the loss
             ce = ce * sched.alphas_cumprod.to(dev)[t].float()
-        round_ce = ce.mean()
+        round_ce = ce.mean() if weight is None else _weighted(ce_pos, weight)
         t_last = torch.full((B,), sched.T - 1, device=dev, dtype=torch.long)
         prior = sched.q_mean_variance(x_start_mean, t_last)[0].pow(2).mean()
         losses = {"mse": mse, "round": round_ce, "prior": prior}
@@ -160,7 +177,7 @@ class GaussianDiffusion:
         is self-conditioned).
         """
         B = x_t.shape[0]
-        tt = torch.full((B,), t, device=x_t.device, dtype=torch.long)
+        tt = t if torch.is_tensor(t) else torch.full((B,), t, device=x_t.device, dtype=torch.long)
         sc = () if x_self_cond is None else (x_self_cond,)
         if guidance == 1.0:
             out, _ = model(x_t, tt, cond, None, *sc)
@@ -195,6 +212,9 @@ class GaussianDiffusion:
         prev_ids = stable = None
         if early_stop:  # nearest token = argmax of 2 x.E_v - ||E_v||^2, the table's norms computed once
             E_t, E_sq = E.T.contiguous(), E.pow(2).sum(-1)
+        if isinstance(sampler, RevealSampler):
+            yield from self._sample_reveal(model, cond, sampler, x, guidance, generator, E, early_stop)
+            return
         x0 = None  # the previous step's estimate, which a self-conditioned network reads
         for i, t in enumerate(sampler.timesteps):
             x0 = self.predict_x0(model, x, t, cond, guidance, x0 if self.self_cond and x0 is not None else None)
@@ -220,3 +240,26 @@ class GaussianDiffusion:
                 prev_ids = ids
             x0_used = clamp_to_embeddings(x0, E) if clamp else x0
             x = sampler.step(x0_used, t, x, generator).prev_sample
+
+    def _sample_reveal(self, model, cond, sampler: RevealSampler, x, guidance, generator, E, early_stop):
+        """``sample_progressive`` for the reveal sampler: timesteps per position, T-1 everywhere at first,
+        then 0 at the revealed positions. A step's ``t`` is the mean over positions (the same for every row:
+        each step reveals the same number of positions)."""
+        if early_stop:
+            raise ValueError("early_stop is not available with the reveal sampler (every step reveals more)")
+        B, L, _ = x.shape
+        T = self.schedule.T
+        t_pos = torch.full((B, L), T - 1, device=x.device, dtype=torch.long)
+        n = len(sampler.timesteps)
+        x0 = None
+        for i in range(n):
+            x0 = self.predict_x0(model, x, t_pos, cond, guidance, x0 if self.self_cond and x0 is not None else None)
+            k = sampler.revealed_count(i - 1, L) if i else 0
+            yield StepOutput(i, round((L - k) * (T - 1) / L), x, x0)
+            if i < n - 1:
+                x, t_pos = sampler.step_positions(x0, i, E, generator)
+
+
+def _weighted(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` [B, L] weighted by ``weight`` [B, L]."""
+    return (values * weight).sum() / weight.sum().clamp(min=1.0)

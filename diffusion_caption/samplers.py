@@ -27,7 +27,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "reveal")
 
 
 @dataclass
@@ -153,6 +153,58 @@ class DDPMSampler(Sampler):
         return SamplerOutput(x_s, x0_pred)
 
 
+class RevealSampler(Sampler):
+    """Confidence-ordered reveal: every position starts as pure noise (t = T-1); after each step the
+    positions the network rounds most confidently are *revealed* -- set to their token's clean embedding,
+    at timestep 0 -- and the rest are noised back to T-1, so the next step predicts them given the
+    revealed ones. After step i of n, ``round(L (i+1) / n)`` positions are revealed, chosen afresh each
+    step among all of them. This is Mask-Predict's schedule (Ghazvininejad et al. 2019) in embedding
+    space: a caption's words are decided a few at a time, each group conditioned on the ones before,
+    which is what a one-shot prediction lacks when two orders of a caption are equally likely. It needs
+    a network trained with per-position timesteps (``p_reveal``).
+
+    ``timesteps`` lists T-1 once per step (the trace's label); ``step`` also returns the next
+    per-position timesteps.
+    """
+
+    name = "reveal"
+
+    def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
+        if spacing is not None:
+            spacing_power(spacing)
+            self.spacing = str(spacing).strip().lower()
+        T = self.schedule.T
+        if not 1 <= int(num_steps) <= T:
+            raise ValueError(f"steps must be between 1 and the schedule's T={T}, got {num_steps}")
+        self.timesteps = [T - 1] * int(num_steps)
+
+    def revealed_count(self, i: int, L: int) -> int:
+        """How many positions stand revealed after step ``i`` (0-based)."""
+        return round(L * (i + 1) / len(self.timesteps))
+
+    def step_positions(self, x0_pred: torch.Tensor, i: int, embeddings: torch.Tensor,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x for the next step [B, L, d], its per-position timesteps [B, L]) from step ``i``'s x0."""
+        from .rounding import token_logits
+
+        B, L, _ = x0_pred.shape
+        T = self.schedule.T
+        probs = token_logits(x0_pred.float(), embeddings.float()).softmax(-1)
+        conf, ids = probs.max(-1)
+        k = self.revealed_count(i, L)
+        order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+        revealed = torch.zeros(B, L, dtype=torch.bool, device=x0_pred.device)
+        revealed.scatter_(1, order[:, :k], True)
+        a_T = float(self.schedule.alphas_cumprod[T - 1])
+        hidden = math.sqrt(a_T) * x0_pred + math.sqrt(1 - a_T) * _noise_like(x0_pred, generator)
+        x = torch.where(revealed[..., None], embeddings.to(x0_pred.dtype)[ids], hidden)
+        t = torch.where(revealed, torch.zeros_like(ids), torch.full_like(ids, T - 1))
+        return x, t
+
+    def step(self, x0_pred, t, x_t, generator=None) -> SamplerOutput:
+        raise TypeError("the reveal sampler sets per-position timesteps: use step_positions")
+
+
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -164,4 +216,6 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = Non
         return DDIMSampler(schedule, num_steps, spacing, **kw)
     if name == "ddpm":
         return DDPMSampler(schedule, num_steps, spacing)
+    if name == "reveal":
+        return RevealSampler(schedule, num_steps, spacing)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

@@ -296,7 +296,7 @@ def main(argv=None) -> None:
             cond = val_feats[val_img[i:i + 256]].to(device)
             with common.autocast(device):
                 losses = diffusion.training_losses(ema, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, 0.0, g,
-                                                   p_self_cond=mcfg.p_self_cond)
+                                                   p_self_cond=mcfg.p_self_cond, p_reveal=mcfg.p_reveal)
             for k, v in losses.items():
                 tot[k] = tot.get(k, 0.0) + float(v) * len(ids)
             n += len(ids)
@@ -318,7 +318,8 @@ def main(argv=None) -> None:
         with common.autocast(device):
             losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
                                                mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
-                                               mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond)
+                                               mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond,
+                                               p_reveal=mcfg.p_reveal)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tcfg.grad_clip > 0:
