@@ -272,7 +272,8 @@ class Captioner:
             features = self.encode_images(list(images))
         features = features.to(self.device).float()
         B = features.shape[0]
-        smp = make_sampler(s["sampler"], self.schedule, s["steps"], s["spacing"])
+        smp = make_sampler(s["sampler"], self.schedule, s["steps"], s["spacing"],
+                           **({"sep_id": self.tokenizer.sep_id} if s["sampler"] == "reveal" else {}))
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(s["seed"])
         E = self.denoiser.embeddings.detach()

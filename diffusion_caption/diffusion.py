@@ -47,7 +47,7 @@ class GaussianDiffusion:
                         generator: torch.Generator | None = None, t_focus: list[int] | None = None,
                         p_focus: float = 0.0, p_unroll: float = 0.0,
                         focus_spacing: str = "trailing^2", p_self_cond: float = 0.0,
-                        p_reveal: float = 0.0) -> dict[str, torch.Tensor]:
+                        p_reveal: float = 0.0, pad_id: int | None = None) -> dict[str, torch.Tensor]:
         """Losses for a batch of token ids [B, L] and image features [B, D].
 
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
@@ -61,8 +61,9 @@ class GaussianDiffusion:
         ``p_self_cond`` of the batch its own, from a first gradient-free pass on the same x_t (Chen et al.
         2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. With
         ``p_reveal``, that fraction of the batch is drawn as the reveal sampler (``samplers.RevealSampler``)
-        feeds it: a random share of each row's positions clean at t = 0, the rest at T-1, timesteps per
-        position, and the losses averaged over the noisy positions only. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        feeds it: a prefix of each row's caption clean at t = 0 (its length uniform from none to the whole
+        caption before its padding, ``pad_id``), the rest at T-1, timesteps per position, and the losses
+        averaged over the noisy positions only. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
@@ -87,8 +88,9 @@ class GaussianDiffusion:
             if p_unroll > 0 or self.predict != "x0":
                 raise ValueError("p_reveal trains x0 prediction without step unrolling")
             rows = torch.rand(B, generator=generator, device=dev) < p_reveal
-            share = torch.rand(B, generator=generator, device=dev)
-            revealed = (torch.rand(B, L, generator=generator, device=dev) < share[:, None]) & rows[:, None]
+            length = (tokens != pad_id).sum(1) if pad_id is not None else torch.full((B,), L, device=dev)
+            k = (torch.rand(B, generator=generator, device=dev) * (length + 1).float()).long()  # 0..length
+            revealed = (torch.arange(L, device=dev)[None] < k[:, None]) & rows[:, None]
             t = torch.where(rows[:, None], torch.full_like(t, sched.T - 1)[:, None], t[:, None]).expand(B, L)
             t = torch.where(revealed, torch.zeros_like(t), t)
             x_t = sched.q_sample(x_start, t, noise)
@@ -243,8 +245,7 @@ class GaussianDiffusion:
 
     def _sample_reveal(self, model, cond, sampler: RevealSampler, x, guidance, generator, E, early_stop):
         """``sample_progressive`` for the reveal sampler: timesteps per position, T-1 everywhere at first,
-        then 0 at the revealed positions. A step's ``t`` is the mean over positions (the same for every row:
-        each step reveals the same number of positions)."""
+        then 0 at the revealed positions. A step's ``t`` is the mean over the batch's positions (a label)."""
         if early_stop:
             raise ValueError("early_stop is not available with the reveal sampler (every step reveals more)")
         B, L, _ = x.shape
@@ -254,8 +255,7 @@ class GaussianDiffusion:
         x0 = None
         for i in range(n):
             x0 = self.predict_x0(model, x, t_pos, cond, guidance, x0 if self.self_cond and x0 is not None else None)
-            k = sampler.revealed_count(i - 1, L) if i else 0
-            yield StepOutput(i, round((L - k) * (T - 1) / L), x, x0)
+            yield StepOutput(i, round(float(t_pos.float().mean())), x, x0)
             if i < n - 1:
                 x, t_pos = sampler.step_positions(x0, i, E, generator)
 

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from diffusion_caption.diffusion import GaussianDiffusion
-from diffusion_caption.rounding import round_to_tokens
 from diffusion_caption.samplers import RevealSampler, make_sampler
 from diffusion_caption.schedule import NoiseSchedule
 
@@ -37,7 +36,7 @@ def test_a_timestep_per_position_equals_the_rows_timestep_when_all_agree(make_ca
         assert not torch.allclose(row, net(x_t, mixed, cond)[0])
 
 
-def test_each_step_reveals_the_most_confident_positions_and_renoises_the_rest(make_captioner, scene_image):
+def test_each_step_reveals_a_left_prefix_of_the_predicted_caption_and_renoises_the_rest(make_captioner, scene_image):
     cap = make_captioner(self_cond=True)
     torch.nn.init.normal_(cap.denoiser.self_cond_proj.weight, std=0.5)
     spy = Spy(cap.denoiser)
@@ -46,23 +45,22 @@ def test_each_step_reveals_the_most_confident_positions_and_renoises_the_rest(ma
     trace = cap.caption(scene_image, steps=n, sampler="reveal", seed=2)
     assert len(trace.steps) == n == len(spy.calls)
     E = cap.denoiser.embeddings.detach()
-    sampler = make_sampler("reveal", cap.schedule, n)
+    sampler = make_sampler("reveal", cap.schedule, n, sep_id=cap.tokenizer.sep_id)
     assert isinstance(sampler, RevealSampler) and sampler.timesteps == [T - 1] * n
     assert spy.calls[0][1].unique().tolist() == [T - 1] and spy.calls[0][2] is None
     for i in range(1, n):
         x, t, sc, _ = spy.calls[i]
         prev = trace.steps[i - 1]
-        k = sampler.revealed_count(i - 1, L)
-        revealed = t[0] == 0
-        assert int(revealed.sum()) == k and set(t[0].unique().tolist()) <= {0, T - 1}
-        ids, conf = round_to_tokens(prev.x0_pred, E)
-        # the revealed positions are the k most confident ones, set to their token's embedding
-        assert set(conf.argsort(descending=True)[:k].tolist()) == set(revealed.nonzero().flatten().tolist())
-        assert torch.allclose(x[0][revealed], E[ids[revealed]])
+        ids = prev.token_ids
+        length = ids.index(cap.tokenizer.sep_id) + 1 if cap.tokenizer.sep_id in ids else L
+        k = round(length * i / n)
+        assert (t[0] == 0).tolist() == [q < k for q in range(L)]  # the first k positions, the rest at T-1
+        assert set(t[0].unique().tolist()) <= {0, T - 1}
+        assert torch.allclose(x[0][:k], E[torch.tensor(ids[:k])])  # set to their rounded tokens' embeddings
         assert torch.allclose(sc[0], prev.x0_pred)  # the previous step's estimate, self-conditioning
-        assert trace.steps[i].t == round((L - k) * (T - 1) / L)
-    # revealed counts grow to every position by the last step's input
-    assert [sampler.revealed_count(i, L) for i in range(n)][-1] == L
+    lengths = torch.tensor([5, 12])
+    assert sampler.revealed_count(n - 1, lengths).tolist() == [5, 12]  # the whole caption by the last step
+    assert sampler.caption_length(torch.tensor([[1, 7, cap.tokenizer.sep_id, 0], [1, 7, 8, 9]])).tolist() == [3, 4]
     cap._net = cap.denoiser
     assert cap.caption(scene_image, steps=n, sampler="reveal", seed=2).text == trace.text  # deterministic per seed
     with pytest.raises(ValueError, match="early_stop"):
@@ -78,7 +76,7 @@ def test_reveal_training_draws_clean_and_pure_noise_positions_and_scores_the_noi
     diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, T), cap.config.predict)
     with torch.no_grad():
         losses = diff.training_losses(spy, ids, cond, lambda_round=1.0, generator=torch.Generator().manual_seed(0),
-                                      p_reveal=0.7)
+                                      p_reveal=0.7, pad_id=tokenizer.pad_id)
     x_t, t, _, out = spy.calls[0]
     assert t.shape == ids.shape
     reveal_rows = (t == T - 1).any(1) | (t == 0).any(1)
@@ -87,6 +85,14 @@ def test_reveal_training_draws_clean_and_pure_noise_positions_and_scores_the_noi
     assert mixed.sum() > 100
     other = ~reveal_rows
     assert all(len(set(row.tolist())) == 1 for row in t[other])
+    # revealed rows: a prefix at t = 0, of any length from none to the caption's (never its padding)
+    length = int((ids[0] != tokenizer.pad_id).sum())
+    ks = set()
+    for row in t[reveal_rows]:
+        k = int((row == 0).sum())
+        assert (row[:k] == 0).all() and (row[k:] == T - 1).all() and k <= length
+        ks.add(k)
+    assert ks == set(range(length + 1))
     # revealed positions hold the clean embedding up to q(x_0 | w)'s jitter; the others are pure noise
     E = cap.denoiser.embeddings.detach()
     a0 = float(diff.schedule.alphas_cumprod[0])

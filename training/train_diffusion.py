@@ -296,7 +296,8 @@ def main(argv=None) -> None:
             cond = val_feats[val_img[i:i + 256]].to(device)
             with common.autocast(device):
                 losses = diffusion.training_losses(ema, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, 0.0, g,
-                                                   p_self_cond=mcfg.p_self_cond, p_reveal=mcfg.p_reveal)
+                                                   p_self_cond=mcfg.p_self_cond, p_reveal=mcfg.p_reveal,
+                                                   pad_id=tokenizer.pad_id)
             for k, v in losses.items():
                 tot[k] = tot.get(k, 0.0) + float(v) * len(ids)
             n += len(ids)
@@ -319,7 +320,7 @@ def main(argv=None) -> None:
             losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
                                                mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
                                                mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond,
-                                               p_reveal=mcfg.p_reveal)
+                                               p_reveal=mcfg.p_reveal, pad_id=tokenizer.pad_id)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tcfg.grad_clip > 0:
