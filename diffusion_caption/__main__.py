@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from .samplers import SAMPLERS
+
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "assets", "checkpoints", "shapes-diffusion")
 
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint directory or hub id")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,

@@ -93,6 +93,42 @@ def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys
     assert "BLEU-4" in capsys.readouterr().out
 
 
+def test_per_step_report_scores_every_steps_caption(make_captioner, world_dir, tmp_path):
+    from diffusion_caption.data import load_datasets
+    from diffusion_caption.step_report import changed_positions, step_report
+    from diffusion_caption.whole_caption import whole_caption_report
+    from diffusion_caption.world import Scene
+    from training import evaluate
+
+    assert changed_positions([1, 5, 6, 0, 0], [1, 5, 7, 8, 0], pad_id=0) == 2  # padding on both sides not counted
+    cap = make_captioner()
+    records = load_datasets("shapes", world_dir, splits=["test"])
+    settings = {"steps": 4, "sampler": "ddpm", "seed": 1}
+    rows = step_report(cap, records, settings, batch_size=5)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "changed" not in rows[0]
+    # each row scores exactly the caption that step holds, batches seeded as training.evaluate seeds them
+    traces = []
+    feats = cap.encode_images([r.image_path for r in records])
+    for i in range(0, len(records), 5):
+        traces += cap.caption_batch(features=feats[i:i + 5], steps=4, sampler="ddpm", seed=1 + i)
+    scenes = [Scene.from_json(r.scene) for r in records]
+    for k, row in enumerate(rows):
+        assert row["whole"] == whole_caption_report([tr.steps[k].text for tr in traces], scenes)["whole"]
+        if k:
+            ch = [changed_positions(tr.steps[k - 1].token_ids, tr.steps[k].token_ids, cap.tokenizer.pad_id) for tr in traces]
+            assert row["changed"] == pytest.approx(sum(ch) / len(ch)) and row["any_changed"] == sum(c > 0 for c in ch) / len(ch)
+    # the command: --per-step adds the table and the rows to its result
+    ckpt_dir = str(tmp_path / "ckpt")
+    cap.save_pretrained(ckpt_dir)
+    out = str(tmp_path / "eval" / "steps.json")
+    evaluate.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--steps", "4", "--sampler", "ddpm",
+                   "--seed", "1", "--batch-size", "5", "--per-step", "--no-meteor", "--tokenizer", "simple", "--out", out,
+                   "--cache-dir", str(tmp_path / "cache")])
+    res = json.load(open(out))
+    assert res["per_step"] == json.loads(json.dumps(rows))
+    assert "| step | t | whole |" in open(os.path.splitext(out)[0] + ".md").read()
+
+
 def test_evaluate_ranks_with_a_scorer_and_records_it(make_captioner, clip_encoder, tokenizer, world_dir, tmp_path):
     from diffusion_caption.image_encoder import ImageEncoder
     from training import evaluate

@@ -25,6 +25,8 @@ import torch
 from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.data import load_datasets
 from diffusion_caption.counterfactuals import SETS
+from diffusion_caption.samplers import SAMPLERS
+from diffusion_caption.step_report import step_report
 from diffusion_caption.evaluation import (counterfactual_report, counterfactual_tables, evaluate, load_model,
                                           markdown_table, model_kind, summary_row, two_object_table,
                                           whole_caption_table)
@@ -39,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only")
     g = p.add_argument_group("diffusion sampling")
     g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--sampler", default=None, choices=["ddim", "ddpm"])
+    g.add_argument("--sampler", default=None, choices=list(SAMPLERS))
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp each x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
@@ -109,6 +111,9 @@ def main(argv=None) -> None:
     p.add_argument("--counterfactuals", default="", metavar="SETS",
                    help="shapes world: also caption counterfactual sets built from the split and score the colour "
                         "bias on them; comma-separated, from: background,hue,grayscale (or 'all')")
+    p.add_argument("--per-step", action="store_true",
+                   help="diffusion on the shapes world: also score the caption every denoising step holds (whole "
+                        "captions, colour and shape over all objects, positions changed since the step before)")
     p.add_argument("--out", default="", help="write the full result (every caption) as JSON here")
     p.add_argument("--markdown", default="", help="write the headline table here (default: --out with .md)")
     args = p.parse_args(argv)
@@ -137,6 +142,14 @@ def main(argv=None) -> None:
         table += ("\nWhole captions: the share wholly right by the scene's number of objects, the defect rate, and "
                   "the commonest reasons a caption is not (shares of captions)\n\n")
         table += whole_caption_table([(name, res["attributes"]["whole"])])
+    if args.per_step:
+        if res["kind"] != "diffusion" or not all(r.scene for r in records):
+            raise SystemExit("--per-step scores a diffusion captioner's steps on the shapes world")
+        res["per_step"] = step_report(model, records, settings, args.batch_size)
+        table += ("\nEvery step's caption (the last row is the call's caption): wholly right by number of objects, "
+                  "defect rate, colour and shape over all objects, positions changed since the step before and "
+                  "the share of captions that changed\n\n")
+        table += markdown_table(res["per_step"], first="step")
     if sets:
         res["counterfactuals"] = counterfactual_report(model, records, settings, args.batch_size, sets, args.seed)
         table += "\n" + counterfactual_tables(res["counterfactuals"], name)
