@@ -1,0 +1,24 @@
+"""training.speed: both models' default calls timed side by side, with and without image encoding."""
+import json
+import os
+
+from app_server import save_tiny_baseline, save_tiny_checkpoint
+
+
+def test_speed_times_every_model_both_ways_at_each_batch(tokenizer, clip_encoder, world_dir, tmp_path):
+    from training import speed
+
+    diff = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "diff"))
+    base = save_tiny_baseline(tokenizer, clip_encoder, str(tmp_path / "base"))
+    out = str(tmp_path / "speed.json")
+    speed.main(["--diffusion", diff, "--baseline", base, "--data-dir", world_dir, "--batches", "1,4", "--n1", "2",
+                "--warmup", "0", "--repeats", "2", "--threads", "1", "--out", out])
+    res = json.load(open(out))
+    rows = res["rows"]
+    assert {(r["model"], r["batch"], r["encoding"]) for r in rows} == {
+        (m, b, e) for m in ("diff", "base") for b in (1, 4) for e in (True, False)}
+    for r in rows:
+        assert r["ms_min"] <= r["ms_per_image"] <= r["ms_max"] and abs(r["images_per_s"] * r["ms_per_image"] - 1000) < 1e-6
+    md = open(os.path.splitext(out)[0] + ".md").read()
+    assert md.count("| base |") == 4 and "| diff | 4 | included |" in md and "1.00x" in md
+    assert res["command"].startswith("python -m training.speed --diffusion")
