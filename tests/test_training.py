@@ -383,3 +383,31 @@ def test_init_layers_starts_a_shallower_student_from_chosen_layers(world_dir, cl
         _train(world_dir, clip_dir, tmp_path / "bad", "--init-layers", "0")
     with pytest.raises(SystemExit, match="--n-layers would change.*depth is set by --init-layers"):
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(start), "--init-layers", "0,2", "--n-layers", "3")
+
+
+def test_correct_captions_keeps_right_ones_and_replaces_wrong_ones_by_beam_then_references():
+    from types import SimpleNamespace
+
+    from diffusion_caption.world import Scene, ShapeObject
+    from training.distill_captions import correct_captions
+
+    scene = Scene(background="gray", objects=[ShapeObject("circle", "red", "large", 30, 30, 14),
+                                               ShapeObject("square", "blue", "small", 90, 30, 8)])
+    refs = ["a large red circle to the left of a small blue square on a gray background",
+            "a red circle and a blue square on a gray background"]
+    rec = SimpleNamespace(scene=scene.to_json(), captions=refs)
+    vocab = {i: w for i, w in enumerate("a red blue circle square and on gray background".split())}
+    enc = {w: i for i, w in vocab.items()}
+
+    def ids(text):
+        return [enc[w] for w in text.split()]
+
+    def decode(toks):
+        return " ".join(vocab[i] for i in toks)
+
+    right, swapped = "a red circle and a blue square on a gray background", "a blue circle and a red square on a gray background"
+    hyps = [[(-0.1, ids(swapped)), (-0.2, ids(right))], [(-0.1, ids(swapped))], [(-0.1, ids(right))]]
+    out, counts = correct_captions([swapped, swapped, right], [rec, rec, rec], hyps, decode)
+    assert out[0] == right  # the beam's likeliest right hypothesis
+    assert out[1] == refs[1]  # no right hypothesis: the reference closest to the teacher's caption
+    assert out[2] == right and counts == {"wrong": 2, "from_beam": 1, "from_references": 1}

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "own human references (Kim & Rush's sequence-level interpolation); 0 = off")
     p.add_argument("--keep-references", action="store_true",
                    help="add the teacher's caption to the human references instead of replacing them")
+    p.add_argument("--correct", action="store_true",
+                   help="shapes world: a teacher caption that is not wholly right against its scene is replaced by the "
+                        "teacher's likeliest beam hypothesis that is, else by the image's reference closest to it "
+                        "(sentence BLEU-2): the student then learns the teacher's phrasing without its mistakes")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--device", default="cpu")
@@ -198,6 +202,33 @@ def in_shape_order(caption: str, scene: Scene) -> bool:
 OBJECT_ORDERS = {"left-to-right": in_left_to_right_order, "by-shape": in_shape_order}
 
 
+def correct_captions(captions: list[str], records, hyps, decode) -> tuple[list[str], dict]:
+    """``captions`` with every one that is not wholly right against its record's scene replaced: by the
+    likeliest of its beam hypotheses ``hyps`` (ranked, as ``teacher_hypotheses`` gives them; None: no
+    beam) that is wholly right, else by the record's reference caption closest to it by sentence BLEU-2
+    (references are the world's own captions, right by construction). Returns the captions and counts."""
+    from diffusion_caption.whole_caption import whole_caption_errors
+
+    out, counts = list(captions), {"wrong": 0, "from_beam": 0, "from_references": 0}
+    for i, (caption, r) in enumerate(zip(captions, records)):
+        scene = Scene.from_json(r.scene)
+        if not whole_caption_errors(caption, scene):
+            continue
+        counts["wrong"] += 1
+        right = [text for text in (decode(ids) for _, ids in (hyps[i] if hyps else []))
+                 if not whole_caption_errors(text, scene)]
+        if right:
+            out[i] = right[0]
+            counts["from_beam"] += 1
+            continue
+        refs = [c for c in r.captions if not whole_caption_errors(c, scene)]
+        if refs:
+            scores = sentence_bleu(refs, [caption])
+            out[i] = refs[max(range(len(refs)), key=lambda j: (scores[j], -j))]
+            counts["from_references"] += 1
+    return out, counts
+
+
 def teacher_hypotheses(teacher: BaselineCaptioner, feats: torch.Tensor, settings: dict) -> list[list[tuple[float, list[int]]]]:
     """Every finished beam hypothesis per image, ``(length-normalised log probability, token ids)``, best first."""
     cfg = teacher.config
@@ -241,12 +272,15 @@ def distill(args) -> dict:
                            desc="encoding images")
     captions: list[str] = []
     selection = None
+    hyps: list[list[tuple[float, list[int]]]] | None = None
+    if args.correct and any(r.scene is None for r in records):
+        raise SystemExit(f"--correct needs each image's ground-truth scene (the shapes world); {src_json} has images without one")
     if args.select == "best":
         for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}"):
             out = teacher.caption_batch(features=feats[i:i + args.batch_size], **settings)
             captions += [c.text for c in out]
     else:
-        hyps: list[list[tuple[float, list[int]]]] = []
+        hyps = []
         for i in tqdm(range(0, len(records), args.batch_size), desc=f"teacher beam {settings['beam']}, n-best"):
             hyps += teacher_hypotheses(teacher, feats[i:i + args.batch_size], settings)
         lm = BigramModel([r[0][1] for r in hyps], teacher.tokenizer.vocab_size)
@@ -276,6 +310,9 @@ def distill(args) -> dict:
                 "in_order_without_preference": sum(in_order(teacher.tokenizer.decode(ids), scenes[i])
                                                    for i, ids in zip(multi, unordered)),
             })
+    corrected = None
+    if args.correct:
+        captions, corrected = correct_captions(captions, records, hyps, teacher.tokenizer.decode)
     seconds = time.perf_counter() - t0
     empty = sum(1 for c in captions if not c.strip())
     if empty:
@@ -307,6 +344,7 @@ def distill(args) -> dict:
         "keep_references": bool(args.keep_references), "images": n_changed, "seconds": round(seconds, 1),
         "distinct_captions": len(set(captions)),
         **({"selection": selection} if selection else {}),
+        **({"corrected": corrected} if corrected else {}),
         **({"against_scenes": against_scenes} if against_scenes else {}),
         "command": "python -m training.distill_captions " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in (("teacher", args.teacher), ("data", args.data),
@@ -316,7 +354,8 @@ def distill(args) -> dict:
                       if selection else "")
                    + (f" --object-order {args.object_order}" if args.object_order != "teacher" else "")
                    + (f" --reference-weight {args.reference_weight}" if args.reference_weight > 0 else "")
-                   + (" --keep-references" if args.keep_references else ""),
+                   + (" --keep-references" if args.keep_references else "")
+                   + (" --correct" if args.correct else ""),
     }
     os.makedirs(args.out, exist_ok=True)
     dst = os.path.join(args.out, os.path.basename(src_json))
