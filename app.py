@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # the models the app offers, the first one the default: what each is, is read from its config.json (extra.summary)
 DEFAULT_CHECKPOINTS = [os.path.join(ROOT, "assets", "checkpoints", name)
-                       for name in ("shapes-diffusion", "shapes-diffusion-fast-small")]
+                       for name in ("shapes-diffusion-reveal", "shapes-diffusion", "shapes-diffusion-fast-small")]
 DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINTS[0]
 DEFAULT_BASELINE = os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline")
 EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", default=None,
                    help="diffusion checkpoint directory or hub id; repeat it to offer several (the first is the default; "
-                        "default: the shipped shapes-diffusion and shapes-diffusion-fast-small)")
+                        "default: the shipped shapes-diffusion-reveal, shapes-diffusion and shapes-diffusion-fast-small)")
     p.add_argument("--baseline", default=DEFAULT_BASELINE,
                    help="autoregressive baseline checkpoint directory or hub id ('' for none)")
     p.add_argument("--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")

@@ -17,7 +17,7 @@ import sys
 from .samplers import SAMPLERS
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "assets", "checkpoints", "shapes-diffusion")
+                                  "assets", "checkpoints", "shapes-diffusion-reveal")
 
 
 def main(argv=None) -> int:

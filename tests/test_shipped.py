@@ -24,7 +24,7 @@ def _scene(png: str) -> Scene:
         return Scene.from_json(json.load(f))
 
 
-@pytest.mark.parametrize("name", ["shapes-diffusion", "shapes-baseline"])
+@pytest.mark.parametrize("name", ["shapes-diffusion-reveal", "shapes-diffusion", "shapes-baseline"])
 def test_shipped_checkpoint_captions_the_example_scenes(name):
     from diffusion_caption.evaluation import load_model
 
@@ -38,6 +38,38 @@ def test_shipped_checkpoint_captions_the_example_scenes(name):
     # docs/RESULTS.md; this checks the files load and behave, on a handful of scenes)
     assert len(shape) == len(EXAMPLES) and len(color) == len(EXAMPLES), texts
     assert sum(shape) / len(shape) >= 0.6 and sum(color) / len(color) >= 0.6, list(zip(texts, EXAMPLES))
+
+
+def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the_app_and_cli_load():
+    """shapes-diffusion-reveal: self-conditioned, revealing the caption left to right in 6 steps; the app's and the
+    command line's default, its config carrying every sampling default, so the library call is the app's caption."""
+    import app
+    from diffusion_caption import Captioner
+    from diffusion_caption.__main__ import DEFAULT_CHECKPOINT
+    from diffusion_caption.whole_caption import whole_caption_errors
+
+    path = os.path.join(CKPT, "shapes-diffusion-reveal")
+    assert os.path.abspath(app.DEFAULT_CHECKPOINTS[0]) == path == os.path.abspath(DEFAULT_CHECKPOINT)
+    cap = Captioner.from_pretrained(path)
+    c = cap.config
+    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_candidates, c.self_cond) == ("reveal", 6, 1.0, 1, True)
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["image_encoder"] == {"kind": "local-dir", "path": "../shapes-clip"}  # the one shared CLIP
+    traces = cap.caption_batch(EXAMPLES, seed=0)
+    assert all(len(tr.steps) == 6 for tr in traces)
+    # the caption changes between steps (a first draft, then words decided given the ones before)
+    assert sum(len({st.text for st in tr.steps}) > 1 for tr in traces) >= 2
+    # single-object example scenes are captioned wholly right
+    single = [(tr.text, _scene(p)) for tr, p in zip(traces, EXAMPLES) if len(_scene(p).objects) == 1]
+    assert single and all(not whole_caption_errors(t, sc) for t, sc in single), single
+    # the app, with the model's own defaults in its settings, streams exactly the library's caption
+    m = app.load_models(app.parse_args(["--baseline", "", "--vocab-map", "pca"]))
+    h = app.Handlers(m)
+    steps, sampler, guidance, clamp, spacing, _ = h.choose_model(m.default)
+    out = list(h.caption_stream(EXAMPLES[2], steps.value, sampler.value, guidance.value, clamp.value, 0,
+                                "predicted x0", spacing.value, m.default))
+    view = out[-1][9]
+    assert [st.text for st in view.steps] == [st.text for st in cap.caption(EXAMPLES[2], seed=0).steps]
 
 
 def test_shipped_diffusion_defaults_are_the_documented_ones():
