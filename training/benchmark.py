@@ -1109,7 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=strs, default=None, help="cpu and/or cuda (default: cpu, and cuda when present)")
     p.add_argument("--diffusion", default="assets/checkpoints/shapes-diffusion")
     p.add_argument("--baseline", default="assets/checkpoints/shapes-baseline")
-    p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-fast,assets/checkpoints/shapes-diffusion-fast-small",
+    p.add_argument("--distilled", default="assets/checkpoints/shapes-diffusion-fast-small",
                    help="few-step diffusion checkpoints to time beside the others, comma-separated ('' or a "
                         "missing path: none)")
     p.add_argument("--distilled-steps", type=ints, default=ints("1,2,3"), help="step counts of --distilled (with its own sampler)")
