@@ -303,8 +303,9 @@ class Handlers:
                 + confidence_legend("token probability"))
 
     def _timing(self, view: View, settings: dict) -> str:
-        parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps, "
-                 f"{settings['spacing']} spacing (first step after {view.first_step_seconds * 1000:.0f} ms)"]
+        spacing = "" if settings["sampler"] == "reveal" else f", {settings['spacing']} spacing"
+        parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps"
+                 f"{spacing} (first step after {view.first_step_seconds * 1000:.0f} ms)"]
         if view.baseline_seconds is not None:
             parts.append(f"baseline **{view.baseline_seconds:.2f} s** (greedy)")
         note = " · replayed from the memo of finished traces" if view.cached else ""
@@ -635,6 +636,7 @@ CSS = """
 def build(m: Models):
     import gradio as gr
 
+    from diffusion_caption.samplers import SAMPLERS
     from diffusion_caption.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
 
     h = Handlers(m)
@@ -668,8 +670,10 @@ def build(m: Models):
                         with gr.Accordion("Sampling settings", open=True):
                             steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(cfg.sample_steps, MAX_UI_STEPS),
                                               step=1, label="Denoising steps")
-                            sampler = gr.Radio(["ddim", "ddpm"], value=cfg.sampler, label="Sampler",
-                                               info="DDIM: deterministic; DDPM: adds fresh noise every step")
+                            sampler = gr.Radio(list(SAMPLERS), value=cfg.sampler, label="Sampler",
+                                               info="DDIM: deterministic; DDPM: adds fresh noise every step; reveal: "
+                                                    "the words decided left to right, a group per step (for models "
+                                                    "trained to reveal; spacing and clamping do not apply)")
                             guidance = gr.Slider(0, 10, value=cfg.sample_guidance, step=0.5, label="Guidance scale",
                                                  info="classifier-free guidance; 1 = none")
                             with gr.Row():
