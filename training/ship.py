@@ -5,7 +5,7 @@
 Every shapes checkpoint is trained on the same frozen CLIP (``assets/checkpoints/shapes-clip``); shipped,
 each refers to that one folder ("../shapes-clip" in its config.json) instead of carrying a copy in
 ``clip/``. The CLIP's weights are checked to be the checkpoint's own before the reference is written.
-Files beside the weights that the app reads (``vocab_map.json``) come along.
+Files beside the weights that the app reads (``vocab_map.json``) and the model card (``README.md``) come along.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 
 from diffusion_caption.evaluation import load_model
 
-CARRIED = ("vocab_map.json",)
+CARRIED = ("vocab_map.json", "README.md")  # the vocabulary map the app reads; the model card
 
 
 def ship(src: str, dest: str, clip: str, summary: str | None = None) -> None:
