@@ -126,10 +126,10 @@ def model_summary(cap) -> str:
 
 def load_models(args) -> Models:
     from diffusion_caption import Captioner, CheckpointError
-    from diffusion_caption.baseline import BaselineCaptioner
+    from diffusion_caption.baseline.captioner import BaselineCaptioner
     from diffusion_caption.checkpoint import resolve
-    from diffusion_caption.variants import known_scenes
-    from diffusion_caption.vocab_map import VocabMapJob
+    from diffusion_caption.world.variants import known_scenes
+    from diffusion_caption.viz.vocab_map import VocabMapJob
 
     t0 = time.perf_counter()
     caps, checkpoints, dirs, jobs = {}, {}, {}, {}
@@ -269,7 +269,7 @@ class Handlers:
         return ""
 
     def _chips(self, step) -> str:
-        from diffusion_caption.html_views import candidates_list, confidence_legend, token_chips
+        from diffusion_caption.viz.html_views import candidates_list, confidence_legend, token_chips
 
         out = token_chips(step.tokens, step.confidence) + confidence_legend()
         if step.candidates:
@@ -291,7 +291,7 @@ class Handlers:
         return rows
 
     def _baseline_html(self, view: View | None) -> str:
-        from diffusion_caption.html_views import confidence_legend, token_chips
+        from diffusion_caption.viz.html_views import confidence_legend, token_chips
 
         if self.m.baseline is None:
             return f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
@@ -322,7 +322,7 @@ class Handlers:
         """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
         import gradio as gr
 
-        from diffusion_caption.variants import scene_key
+        from diffusion_caption.world.variants import scene_key
 
         img = self._load(image)
         name = self.m.name(model)
@@ -402,7 +402,7 @@ class Handlers:
         """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
         import gradio as gr
 
-        from diffusion_caption.plots import confidence_heatmap, trajectory_map
+        from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
 
         if view is None:
             return (gr.skip(),) * 6 + (view,)
@@ -482,10 +482,10 @@ class Handlers:
 
     # ------------------------------------------------------------------ error analysis
     def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
-        from diffusion_caption.compare import changed_words, diff_html, scene_check
-        from diffusion_caption.html_views import VariantRow, variants_table
-        from diffusion_caption.variants import scene_key, variants_for
-        from diffusion_caption.world import Scene
+        from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
+        from diffusion_caption.viz.html_views import VariantRow, variants_table
+        from diffusion_caption.world.variants import scene_key, variants_for
+        from diffusion_caption.world.scenes import Scene
 
         img = self._load(image)
         name = self.m.name(model)
@@ -527,9 +527,9 @@ class Handlers:
 
     def compose(self, background, *obj_fields):
         """Render the composed scene with the world's own renderer; returns image, scene state, warnings."""
-        from diffusion_caption.composer import ObjectSpec, compose_scene
-        from diffusion_caption.variants import scene_key
-        from diffusion_caption.world import render_scene
+        from diffusion_caption.world.composer import ObjectSpec, compose_scene
+        from diffusion_caption.world.variants import scene_key
+        from diffusion_caption.world.scenes import render_scene
 
         specs = []
         for i in range(0, len(obj_fields), 6):
@@ -637,7 +637,7 @@ def build(m: Models):
     import gradio as gr
 
     from diffusion_caption.samplers import SAMPLERS
-    from diffusion_caption.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
+    from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
 
     h = Handlers(m)
     cfg = m.cap.config

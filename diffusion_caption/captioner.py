@@ -21,11 +21,11 @@ from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
 from .rounding import k_best_roundings, round_to_tokens, top2_log_probs
-from .mbr import mbr_select
-from .rerank import clip_scores, clip_select
+from .selection.mbr import mbr_select
+from .selection.rerank import clip_scores, clip_select
 from .samplers import SAMPLERS, make_sampler, spacing_power
 from .schedule import NoiseSchedule
-from .text_scorer import TextScorer
+from .selection.text_scorer import TextScorer
 from .tokenizer import CaptionTokenizer
 from .trace import DenoisingStep, Trace
 
@@ -343,8 +343,8 @@ class Captioner:
         ``record="final"`` keeps only each image's last step in its trace (the fast path, same caption);
         ``early_stop`` as in ``iter_caption_batch``. ``candidates = K > 1``: every image is denoised K
         times in the same batch (K different noise draws) and its trace is the one ``select`` keeps: the
-        caption agreeing most with the other K-1 (``"mbr"``, ``diffusion_caption.mbr``) or the one with the
-        highest CLIP score (``"clip"``, ``diffusion_caption.rerank``); ``Trace.candidates`` holds all K.
+        caption agreeing most with the other K-1 (``"mbr"``, ``diffusion_caption.selection.mbr``) or the one with the
+        highest CLIP score (``"clip"``, ``diffusion_caption.selection.rerank``); ``Trace.candidates`` holds all K.
         With ``propose="rounding"`` the image is denoised once and the candidates are the K likeliest
         roundings of its last x0 prediction (``rounding.k_best_roundings``: each position its nearest
         or second-nearest token), the distinct ones kept, chosen among by CLIP score: a one-step

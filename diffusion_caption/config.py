@@ -63,7 +63,7 @@ class CaptionerConfig:
     sample_clamp: bool = False  # clamp each predicted x0 to its nearest token embeddings, when a call does not say
     sample_spacing: str = "linspace"  # which timesteps a few-step sampler keeps (samplers.spaced_timesteps)
     sample_candidates: int = 1  # samples per image to choose among; 1 = none
-    sample_select: str = "mbr"  # how: "mbr" (diffusion_caption.mbr) or "clip" (diffusion_caption.rerank)
+    sample_select: str = "mbr"  # how: "mbr" (diffusion_caption.selection.mbr) or "clip" (diffusion_caption.selection.rerank)
     sample_propose: str = "noise"  # from what: "noise" (K draws) or "rounding" (K roundings of one draw)
     # what ranks candidates under select="clip": "" (the captioner's own CLIP) or a scorer folder (a text
     # scorer or a CLIP of the same image tower), relative to the checkpoint's folder ("../shapes-text-scorer")

@@ -9,7 +9,7 @@ Presets:
 Features are L2-normalised image embeddings, as the seed paper used. The text tower is kept too: with
 the CLIP's own text tokenizer (saved in its folder, or open_clip's for a named model) ``encode_text``
 gives caption embeddings in the same space, which is how candidate captions are ranked by CLIP score
-(``diffusion_caption.rerank``).
+(``diffusion_caption.selection.rerank``).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def save_tiny_baseline(tokenizer, clip_encoder, path: str, seed: int = 0) -> str
     """A randomly initialised tiny autoregressive baseline saved as a real checkpoint directory."""
     import torch
 
-    from diffusion_caption.baseline import BaselineCaptioner, PrefixCaptioner, baseline_preset
+    from diffusion_caption.baseline.captioner import BaselineCaptioner, PrefixCaptioner, baseline_preset
 
     torch.manual_seed(seed)
     cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
@@ -46,7 +46,7 @@ def write_examples(path: str) -> list[str]:
     """Two shapes scenes (PNG + scene JSON) and one plain picture."""
     from PIL import Image
 
-    from diffusion_caption.world import render_scene, sample_scene
+    from diffusion_caption.world.scenes import render_scene, sample_scene
 
     os.makedirs(path, exist_ok=True)
     out = []

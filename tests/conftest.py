@@ -16,7 +16,7 @@ if "OMP_NUM_THREADS" not in os.environ:  # respect an explicit thread count (e.g
 
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
-    from diffusion_caption.world import WorldConfig, write_dataset
+    from diffusion_caption.world.scenes import WorldConfig, write_dataset
 
     d = str(tmp_path_factory.mktemp("shapes"))
     write_dataset(d, WorldConfig(n_train=48, n_val=12, n_test=12, seed=3), progress=False)

@@ -54,7 +54,7 @@ def test_grid_of_two_one_step_runs_end_to_end(world_dir, clip_dir, tmp_path, cou
     for ev in evals:
         assert ev["n_images"] == 4 and 0.0 <= ev["row"]["BLEU-4"] <= 1.0 and ev["settings"]["steps"] == 2
     # the two runs really differ in their one change: the add model has no prefix token
-    from diffusion_caption.evaluation import load_model
+    from diffusion_caption.eval.evaluation import load_model
 
     fusions = [load_model(r["checkpoint"]).config.fusion for r in trainings]
     assert fusions == ["concat", "add"]

@@ -179,7 +179,7 @@ def test_uploads_gradio_cannot_open_get_the_loaders_message(handlers, app_files,
 
 
 def test_error_analysis_variants_and_composer(handlers, app_files):
-    from diffusion_caption.variants import known_scenes, scene_key, variants_for
+    from diffusion_caption.world.variants import known_scenes, scene_key, variants_for
     from diffusion_caption.images import load_image
 
     scene_png = app_files["examples"][1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffusion_caption import BaselineCaptioner
-from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
-from diffusion_caption.world import Scene, ShapeObject
+from diffusion_caption.baseline.captioner import PrefixCaptioner, baseline_preset
+from diffusion_caption.world.scenes import Scene, ShapeObject
 from training import attribute_errors
 
 

@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_caption import world
-from diffusion_caption.attributes import (TWO_OBJECT_OUTCOMES, ParsedObject, attribute_scores, parse_caption,
+from diffusion_caption.world import scenes as world
+from diffusion_caption.world.attributes import (TWO_OBJECT_OUTCOMES, ParsedObject, attribute_scores, parse_caption,
                                           single_object_accuracy, two_object_outcome, two_object_outcomes)
-from diffusion_caption.world import Scene, ShapeObject
+from diffusion_caption.world.scenes import Scene, ShapeObject
 
 
 def obj(shape, color, size="small", x=64.0, y=64.0):

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_caption import BaselineCaptioner, CheckpointError
-from diffusion_caption.baseline import (BaselineConfig, GPT2CaptionTokenizer, PrefixCaptioner, baseline_preset,
+from diffusion_caption.baseline.captioner import (BaselineConfig, GPT2CaptionTokenizer, PrefixCaptioner, baseline_preset,
                                         pretrained_architecture)
 from diffusion_caption.data import caption_pairs, load_karpathy
-from diffusion_caption.decoding import beam_search, beam_search_n_best, greedy
+from diffusion_caption.baseline.decoding import beam_search, beam_search_n_best, greedy
 from training import train_baseline
 
 
@@ -276,7 +276,7 @@ def test_train_baseline_end_to_end_and_bitwise_resume(world_dir, clip_dir, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # the evaluation code tells a baseline checkpoint from a diffusion one by its format, and decodes with it
-    from diffusion_caption.evaluation import generate, load_model, model_kind
+    from diffusion_caption.eval.evaluation import generate, load_model, model_kind
     model = load_model(str(out))
     assert isinstance(model, BaselineCaptioner) and model_kind(model) == "baseline"
     texts = generate(model, model.image_encoder.encode([scene_image] * 3), {"beam": 2}, batch_size=2)

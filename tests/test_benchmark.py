@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion_caption import BaselineCaptioner
-from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
+from diffusion_caption.baseline.captioner import PrefixCaptioner, baseline_preset
 from training import benchmark
 
 

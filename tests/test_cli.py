@@ -38,7 +38,7 @@ def test_cli_prints_captions_and_trace(make_captioner, scene_image, tmp_path):
 
 def test_cli_ranks_roundings_with_another_clips_text_tower(tmp_path, capsys):
     from diffusion_caption import Captioner
-    from diffusion_caption.rerank import clip_scores
+    from diffusion_caption.selection.rerank import clip_scores
 
     student, scorer = "assets/checkpoints/shapes-diffusion-fast-small", "assets/checkpoints/shapes-clip-binding"
     image = "assets/examples/shapes_01.png"

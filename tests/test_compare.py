@@ -1,9 +1,9 @@
 """Word-level caption diffs, checks against a scene, and the HTML fragments built from them."""
 from PIL import Image
 
-from diffusion_caption.compare import changed_words, diff_html, scene_check, word_diff
-from diffusion_caption.html_views import VariantRow, token_chips, variants_table
-from diffusion_caption.world import Scene, ShapeObject
+from diffusion_caption.eval.compare import changed_words, diff_html, scene_check, word_diff
+from diffusion_caption.viz.html_views import VariantRow, token_chips, variants_table
+from diffusion_caption.world.scenes import Scene, ShapeObject
 
 
 def test_word_diff_marks_changed_and_removed_words():

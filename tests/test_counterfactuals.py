@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from diffusion_caption import counterfactuals as cf
-from diffusion_caption.world import BACKGROUND_RGB, SHAPE_BACKGROUND, Scene, ShapeObject, render_scene
+from diffusion_caption.world import counterfactuals as cf
+from diffusion_caption.world.scenes import BACKGROUND_RGB, SHAPE_BACKGROUND, Scene, ShapeObject, render_scene
 
 
 def scene(objs, background):
@@ -64,7 +64,7 @@ def test_hue_and_gray_images_keep_size_and_change_colours():
 
 def test_counterfactual_report_and_command(make_captioner, world_dir, tmp_path):
     from diffusion_caption.data import load_datasets
-    from diffusion_caption.evaluation import counterfactual_report, counterfactual_tables
+    from diffusion_caption.eval.evaluation import counterfactual_report, counterfactual_tables
     from training import evaluate
 
     model = make_captioner()

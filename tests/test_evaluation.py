@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from diffusion_caption.evaluation import (attribute_report, bias_report, load_model, markdown_table,
+from diffusion_caption.eval.evaluation import (attribute_report, bias_report, load_model, markdown_table,
                                           summary_row, typical_background)
-from diffusion_caption.metrics import java_available
-from diffusion_caption.world import Scene, ShapeObject
+from diffusion_caption.eval.metrics import java_available
+from diffusion_caption.world.scenes import Scene, ShapeObject
 
 
 def one(shape, color, background, size="small"):
@@ -95,9 +95,9 @@ def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys
 
 def test_per_step_report_scores_every_steps_caption(make_captioner, world_dir, tmp_path):
     from diffusion_caption.data import load_datasets
-    from diffusion_caption.step_report import changed_positions, step_report
-    from diffusion_caption.whole_caption import whole_caption_report
-    from diffusion_caption.world import Scene
+    from diffusion_caption.eval.step_report import changed_positions, step_report
+    from diffusion_caption.world.whole_caption import whole_caption_report
+    from diffusion_caption.world.scenes import Scene
     from training import evaluate
 
     assert changed_positions([1, 5, 6, 0, 0], [1, 5, 7, 8, 0], pad_id=0) == 2  # padding on both sides not counted

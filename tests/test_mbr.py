@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffusion_caption.mbr import consensus_scores, mbr_select
+from diffusion_caption.selection.mbr import consensus_scores, mbr_select
 
 
 def test_the_caption_most_like_the_others_is_chosen():

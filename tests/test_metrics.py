@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from diffusion_caption.metrics import bleu, caption_metrics, java_available, simple_tokenize, tokenize
+from diffusion_caption.eval.metrics import bleu, caption_metrics, java_available, simple_tokenize, tokenize
 
 needs_java = pytest.mark.skipif(not java_available(), reason="the PTB tokenizer and METEOR need Java")
 

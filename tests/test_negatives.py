@@ -1,4 +1,4 @@
-"""Binding hard negatives (diffusion_caption.negatives) and the text-tower fine-tune that uses them."""
+"""Binding hard negatives (diffusion_caption.world.negatives) and the text-tower fine-tune that uses them."""
 import os
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_caption import world
-from diffusion_caption.attributes import parse_caption, two_object_outcome
-from diffusion_caption.negatives import KINDS, changed_scene, correct_captions, positive_and_negatives
-from diffusion_caption.world import Scene, ShapeObject
+from diffusion_caption.world import scenes as world
+from diffusion_caption.world.attributes import parse_caption, two_object_outcome
+from diffusion_caption.world.negatives import KINDS, changed_scene, correct_captions, positive_and_negatives
+from diffusion_caption.world.scenes import Scene, ShapeObject
 
 
 def _two(c1="purple", s1="star", c2="red", s2="square") -> Scene:
@@ -69,7 +69,7 @@ def test_negatives_are_wrong_distinct_and_phrased_like_their_positive():
 
 
 def test_kinds_cover_the_module_docstring():
-    import diffusion_caption.negatives as m
+    import diffusion_caption.world.negatives as m
 
     assert all(f"``{k}``" in m.__doc__ for k in KINDS)
 

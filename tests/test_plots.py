@@ -8,8 +8,8 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from diffusion_caption import plots
-from diffusion_caption.vocab_map import fit_vocab_map
+from diffusion_caption.viz import plots
+from diffusion_caption.viz.vocab_map import fit_vocab_map
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion_caption.data import ImageRecord
-from diffusion_caption.world import COLORS, SHAPES
+from diffusion_caption.world.scenes import COLORS, SHAPES
 from training import probe_binding
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_caption.image_encoder import ImageEncoder
-from diffusion_caption.rerank import clip_scores, clip_select
+from diffusion_caption.selection.rerank import clip_scores, clip_select
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from diffusion_caption.attributes import attribute_scores, parse_caption
-from diffusion_caption.world import Scene
+from diffusion_caption.world.attributes import attribute_scores, parse_caption
+from diffusion_caption.world.scenes import Scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = os.path.join(ROOT, "assets", "checkpoints")
@@ -26,7 +26,7 @@ def _scene(png: str) -> Scene:
 
 @pytest.mark.parametrize("name", ["shapes-diffusion-reveal", "shapes-diffusion", "shapes-baseline"])
 def test_shipped_checkpoint_captions_the_example_scenes(name):
-    from diffusion_caption.evaluation import load_model
+    from diffusion_caption.eval.evaluation import load_model
 
     assert len(EXAMPLES) >= 4
     model = load_model(os.path.join(CKPT, name))
@@ -46,7 +46,7 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
     import app
     from diffusion_caption import Captioner
     from diffusion_caption.__main__ import DEFAULT_CHECKPOINT
-    from diffusion_caption.whole_caption import whole_caption_errors
+    from diffusion_caption.world.whole_caption import whole_caption_errors
 
     path = os.path.join(CKPT, "shapes-diffusion-reveal")
     assert os.path.abspath(app.DEFAULT_CHECKPOINTS[0]) == path == os.path.abspath(DEFAULT_CHECKPOINT)
@@ -121,7 +121,7 @@ def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
 def test_shipped_diffusion_checkpoints_can_rank_candidates_by_clip_score(name):
     """Each shipped diffusion checkpoint carries its CLIP's text tokenizer, so ``select="clip"`` works."""
     from diffusion_caption import Captioner
-    from diffusion_caption.rerank import clip_scores
+    from diffusion_caption.selection.rerank import clip_scores
 
     cap = Captioner.from_pretrained(os.path.join(CKPT, name))
     assert cap.config.sample_select == "mbr" and cap.config.sample_candidates == 1  # the defaults are unchanged
@@ -152,9 +152,9 @@ def test_shipped_text_scorer_serves_the_students_and_reads_binding():
     import numpy as np
 
     from diffusion_caption import Captioner
-    from diffusion_caption.negatives import changed_scene, correct_captions
-    from diffusion_caption.text_scorer import TextScorer
-    from diffusion_caption.world import caption_candidates
+    from diffusion_caption.world.negatives import changed_scene, correct_captions
+    from diffusion_caption.selection.text_scorer import TextScorer
+    from diffusion_caption.world.scenes import caption_candidates
 
     path = os.path.join(CKPT, "shapes-text-scorer")
     scorer = TextScorer.from_pretrained(path)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_caption import checkpoint as ckpt
-from diffusion_caption.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
+from diffusion_caption.selection.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
 
 CAPTIONS = ["a red circle", "a blue star and a red square on a pink background", "two green triangles"]
 
@@ -222,7 +222,7 @@ def test_distinct_windows_give_the_convolutions_output_and_gradients(tokenizer, 
 
 
 def test_unique_rows_by_keys_and_by_rows_agree():
-    from diffusion_caption.text_scorer import unique_rows
+    from diffusion_caption.selection.text_scorer import unique_rows
 
     rows = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 3], [0, 0, 7], [4, 5, 6]])
     for vocab in (8, 10 ** 7):  # keys fit an int64 / they do not: torch.unique over rows

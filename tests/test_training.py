@@ -84,10 +84,10 @@ def test_torchrun_ddp_on_cpu(world_dir, clip_dir, tmp_path):
 def test_distilled_captions_replace_the_training_references_and_train(world_dir, clip_dir, clip_encoder, tokenizer,
                                                                      tmp_path):
     from diffusion_caption import BaselineCaptioner
-    from diffusion_caption.baseline import PrefixCaptioner, baseline_preset
+    from diffusion_caption.baseline.captioner import PrefixCaptioner, baseline_preset
     from diffusion_caption.data import load_karpathy
-    from diffusion_caption.evaluation import attribute_report
-    from diffusion_caption.world import Scene
+    from diffusion_caption.eval.evaluation import attribute_report
+    from diffusion_caption.world.scenes import Scene
     from training import distill_captions
 
     torch.manual_seed(0)
@@ -307,7 +307,7 @@ def test_reference_similarity_picks_the_near_hypothesis_the_references_support()
 
 
 def test_left_to_right_order_follows_the_scene_layout():
-    from diffusion_caption.world import Scene, ShapeObject
+    from diffusion_caption.world.scenes import Scene, ShapeObject
     from training.distill_captions import in_left_to_right_order
 
     red_circle, blue_square = ShapeObject("circle", "red", "large", 10, 30, 8), ShapeObject("square", "blue", "small", 50, 5, 4)
@@ -324,7 +324,7 @@ def test_left_to_right_order_follows_the_scene_layout():
 
 
 def test_shape_order_follows_the_world_shape_list():
-    from diffusion_caption.world import Scene
+    from diffusion_caption.world.scenes import Scene
     from training.distill_captions import OBJECT_ORDERS, in_shape_order
 
     anywhere = Scene([], "gray")  # the order is one of words: the scene is not consulted
@@ -388,7 +388,7 @@ def test_init_layers_starts_a_shallower_student_from_chosen_layers(world_dir, cl
 def test_correct_captions_keeps_right_ones_and_replaces_wrong_ones_by_beam_then_references():
     from types import SimpleNamespace
 
-    from diffusion_caption.world import Scene, ShapeObject
+    from diffusion_caption.world.scenes import Scene, ShapeObject
     from training.distill_captions import correct_captions
 
     scene = Scene(background="gray", objects=[ShapeObject("circle", "red", "large", 30, 30, 14),

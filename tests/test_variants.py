@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_caption import variants as V
-from diffusion_caption.composer import ObjectSpec, compose_scene
-from diffusion_caption.world import BACKGROUND_RGB, COLOR_RGB, Scene, ShapeObject, render_scene
+from diffusion_caption.world import variants as V
+from diffusion_caption.world.composer import ObjectSpec, compose_scene
+from diffusion_caption.world.scenes import BACKGROUND_RGB, COLOR_RGB, Scene, ShapeObject, render_scene
 
 
 def scene2():

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from diffusion_caption.vocab_map import (VocabMap, VocabMapError, VocabMapJob, cache_path, embedding_hash,
+from diffusion_caption.viz.vocab_map import (VocabMap, VocabMapError, VocabMapJob, cache_path, embedding_hash,
                                          find_vocab_map, fit_vocab_map, load_or_fit, main)
 
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from diffusion_caption.whole_caption import (DEFECTS, caption_defects, is_vague, reason_category,
+from diffusion_caption.world.whole_caption import (DEFECTS, caption_defects, is_vague, reason_category,
                                              whole_caption_errors, whole_caption_report)
-from diffusion_caption.world import Scene, ShapeObject, caption_candidates, sample_captions, sample_scene
+from diffusion_caption.world.scenes import Scene, ShapeObject, caption_candidates, sample_captions, sample_scene
 
 
 def obj(shape, color, size="small", x=64.0, y=64.0):

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from diffusion_caption import world
+from diffusion_caption.world import scenes as world
 from diffusion_caption.data import load_karpathy
 
 
@@ -87,7 +87,7 @@ def test_dataset_on_disk_in_karpathy_layout(world_dir):
 def test_background_augmentation_relabels_captions(tmp_path):
     import json
 
-    from diffusion_caption.world import WorldConfig, write_dataset
+    from diffusion_caption.world.scenes import WorldConfig, write_dataset
 
     write_dataset(str(tmp_path), WorldConfig(n_train=6, n_val=1, n_test=1, augment_backgrounds=2), progress=False)
     data = json.load(open(tmp_path / "dataset_shapes.json"))

@@ -7,7 +7,7 @@
 
 Every run is a short training of the ``shapes`` preset from one shared config (``SHARED_FLAGS``, a smaller
 denoiser so a run takes minutes on 2 CPU cores) plus the one change its grid is about, with the same
-step budget and seeds, then an evaluation by ``diffusion_caption.evaluation.evaluate`` (the protocol of
+step budget and seeds, then an evaluation by ``diffusion_caption.eval.evaluation.evaluate`` (the protocol of
 ``training.evaluate``) on the first ``--eval-limit`` test images.
 
 Results go to one JSON file (``--results``), appended record by record as each training and each
@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion_caption import checkpoint as ckpt
-from diffusion_caption.evaluation import evaluate, load_model, summary_row
+from diffusion_caption.eval.evaluation import evaluate, load_model, summary_row
 from diffusion_caption.data import load_datasets
 from training import train_diffusion
 
@@ -224,7 +224,7 @@ def read_log(run_dir: str) -> list[dict]:
 
 
 def ensure_world(run: Run, budget: Budget) -> str:
-    from diffusion_caption.world import WorldConfig, write_dataset
+    from diffusion_caption.world.scenes import WorldConfig, write_dataset
 
     out = budget.world_dir(run)
     if not os.path.isfile(os.path.join(out, "dataset_shapes.json")):

@@ -29,11 +29,11 @@ import torch
 from scipy.stats import beta
 from tqdm import tqdm
 
-from diffusion_caption.attributes import parse_caption
+from diffusion_caption.world.attributes import parse_caption
 from diffusion_caption.data import load_datasets
-from diffusion_caption.evaluation import generate, load_model, markdown_table, model_kind
+from diffusion_caption.eval.evaluation import generate, load_model, markdown_table, model_kind
 from diffusion_caption.features import image_features
-from diffusion_caption.world import Scene
+from diffusion_caption.world.scenes import Scene
 from training.choose_sampling import name as setting_name
 from training.choose_sampling import parse_setting
 

@@ -23,7 +23,7 @@ at batch 1 (latency) and batch 32 (throughput; also 256 on a GPU): ``--warmup`` 
 its FLOPs (``torch.utils.flop_counter``) and its peak tensor memory, and the run measures the machine's
 matrix-multiply rate, so every setting's achieved FLOP/s is also a fraction of what the machine does.
 
-Caption quality per setting comes from the evaluation protocol (``diffusion_caption.evaluation``) on the
+Caption quality per setting comes from the evaluation protocol (``diffusion_caption.eval.evaluation``) on the
 shapes test split, or for the diffusion step counts from a ``training.sweep`` JSON (``--sweep``). Writes
 ``--out`` (markdown: tables, targets, plot), ``--json`` (every figure) and ``--plot`` (quality against
 latency, with the Pareto front of both models). Text between ``<!-- notes -->`` and ``<!-- /notes -->``
@@ -55,10 +55,10 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from diffusion_caption.evaluation import evaluate, load_model, markdown_table, summary_row  # noqa: E402
+from diffusion_caption.eval.evaluation import evaluate, load_model, markdown_table, summary_row  # noqa: E402
 from diffusion_caption.features import encoder_fingerprint, image_features  # noqa: E402
 from diffusion_caption.images import load_image  # noqa: E402
-from diffusion_caption.metrics import bleu, caption_metrics  # noqa: E402
+from diffusion_caption.eval.metrics import bleu, caption_metrics  # noqa: E402
 
 SUITES = ("shapes", "base", "tiny")
 QUALITY_KEYS = ("BLEU-4", "CIDEr", "1-obj colour", "1-obj shape", "color", "shape")
@@ -122,7 +122,7 @@ def random_suite(name: str, length: int, n_features: int) -> Suite:
     small) or ``tiny``; ``length`` caption positions for the diffusion model, tokens for the baseline."""
     import open_clip
 
-    from diffusion_caption.baseline import BaselineCaptioner, PrefixCaptioner, baseline_preset
+    from diffusion_caption.baseline.captioner import BaselineCaptioner, PrefixCaptioner, baseline_preset
     from diffusion_caption.captioner import Captioner
     from diffusion_caption.config import preset
     from diffusion_caption.denoiser import Denoiser
@@ -206,7 +206,7 @@ def trained_suite(args, n_features: int) -> Suite:
         notes.append(f"diffusion timestep spacing: `{cfg.sample_spacing}`, the checkpoint's own, in every diffusion "
                      "row (it changes which timesteps the steps visit, so the quality, not the work per step)")
     if distilled and getattr(args, "distilled_scorer", ""):
-        from diffusion_caption.text_scorer import TextScorer
+        from diffusion_caption.selection.text_scorer import TextScorer
 
         if TextScorer.is_checkpoint(args.distilled_scorer):
             notes.append(f"distilled rows that choose by CLIP score rank their candidates with the text scorer "

@@ -28,12 +28,12 @@ import torch
 from tqdm import tqdm
 
 from diffusion_caption import checkpoint as ckpt
-from diffusion_caption.attributes import single_object_accuracy
+from diffusion_caption.world.attributes import single_object_accuracy
 from diffusion_caption.data import load_datasets
-from diffusion_caption.evaluation import generate, load_model, markdown_table, model_kind
+from diffusion_caption.eval.evaluation import generate, load_model, markdown_table, model_kind
 from diffusion_caption.features import image_features
 from diffusion_caption.samplers import spacing_power
-from diffusion_caption.world import Scene
+from diffusion_caption.world.scenes import Scene
 
 
 def parse_setting(text: str) -> dict:

@@ -61,14 +61,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from diffusion_caption.attributes import parse_caption
-from diffusion_caption.baseline import BaselineCaptioner
+from diffusion_caption.world.attributes import parse_caption
+from diffusion_caption.baseline.captioner import BaselineCaptioner
 from diffusion_caption.checkpoint import CheckpointError
-from diffusion_caption.decoding import beam_search_n_best
+from diffusion_caption.baseline.decoding import beam_search_n_best
 from diffusion_caption.data import find_dataset_json, load_karpathy, resolve_image_path
 from diffusion_caption.features import image_features
-from diffusion_caption.evaluation import attribute_report
-from diffusion_caption.world import SHAPES, Scene
+from diffusion_caption.eval.evaluation import attribute_report
+from diffusion_caption.world.scenes import SHAPES, Scene
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +207,7 @@ def correct_captions(captions: list[str], records, hyps, decode) -> tuple[list[s
     likeliest of its beam hypotheses ``hyps`` (ranked, as ``teacher_hypotheses`` gives them; None: no
     beam) that is wholly right, else by the record's reference caption closest to it by sentence BLEU-2
     (references are the world's own captions, right by construction). Returns the captions and counts."""
-    from diffusion_caption.whole_caption import whole_caption_errors
+    from diffusion_caption.world.whole_caption import whole_caption_errors
 
     out, counts = list(captions), {"wrong": 0, "from_beam": 0, "from_references": 0}
     for i, (caption, r) in enumerate(zip(captions, records)):

@@ -24,10 +24,10 @@ import torch
 
 from diffusion_caption.checkpoint import CheckpointError
 from diffusion_caption.data import load_datasets
-from diffusion_caption.counterfactuals import SETS
+from diffusion_caption.world.counterfactuals import SETS
 from diffusion_caption.samplers import SAMPLERS
-from diffusion_caption.step_report import step_report
-from diffusion_caption.evaluation import (counterfactual_report, counterfactual_tables, evaluate, load_model,
+from diffusion_caption.eval.step_report import step_report
+from diffusion_caption.eval.evaluation import (counterfactual_report, counterfactual_tables, evaluate, load_model,
                                           markdown_table, model_kind, summary_row, two_object_table,
                                           whole_caption_table)
 

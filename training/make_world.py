@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from diffusion_caption.world import WorldConfig, render_scene, scene_for, write_dataset
+from diffusion_caption.world.scenes import WorldConfig, render_scene, scene_for, write_dataset
 from training.common import add_dataclass_args, dataclass_from_args
 
 

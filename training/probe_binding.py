@@ -14,7 +14,7 @@ It also asks the CLIP's text tower (when the CLIP folder has its tokenizer) how 
 similarity ranks the true caption of a two-object scene ("a purple star and a red square") above the
 swapped one ("a red star and a purple square") and above each repeated-shape one ("a purple star and a
 red star", "a purple square and a red square"): what ranking candidate captions by CLIP score
-(``diffusion_caption.rerank``) can tell apart.
+(``diffusion_caption.selection.rerank``) can tell apart.
 
 Features probed:
 - ``pooled``: the L2-normalised image embedding, exactly what the captioners are given;
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from diffusion_caption.data import ImageRecord, load_datasets
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import ImageEncoder
-from diffusion_caption.world import COLORS, SHAPES, article
+from diffusion_caption.world.scenes import COLORS, SHAPES, article
 
 FEATURES = ("pooled", "tokens")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from diffusion_caption.evaluation import load_model
+from diffusion_caption.eval.evaluation import load_model
 
 CARRIED = ("vocab_map.json", "README.md")  # the vocabulary map the app reads; the model card
 

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusion_caption.data import load_datasets
-from diffusion_caption.evaluation import load_model
+from diffusion_caption.eval.evaluation import load_model
 
 
 def timed(fn) -> float:

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from diffusion_caption.evaluation import evaluate, load_model, markdown_table, model_kind, summary_row  # noqa: E402
+from diffusion_caption.eval.evaluation import evaluate, load_model, markdown_table, model_kind, summary_row  # noqa: E402
 from diffusion_caption.features import image_features  # noqa: E402
 from training.evaluate import load_records  # noqa: E402
 

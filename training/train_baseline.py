@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from diffusion_caption.attributes import single_object_accuracy
-from diffusion_caption.baseline import (BASELINE_PRESETS, BaselineCaptioner, BaselineConfig, PrefixCaptioner,
+from diffusion_caption.world.attributes import single_object_accuracy
+from diffusion_caption.baseline.captioner import (BASELINE_PRESETS, BaselineCaptioner, BaselineConfig, PrefixCaptioner,
                                         baseline_preset, load_tokenizer, pretrained_architecture)
 from diffusion_caption.data import caption_pairs, load_datasets
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import BASE_MODEL, BASE_PRETRAINED
-from diffusion_caption.world import Scene
+from diffusion_caption.world.scenes import Scene
 from training import common
 from training.train_diffusion import load_clip
 
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     common.seed_everything(tcfg.seed)
 
     if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
-        from diffusion_caption.world import WorldConfig, write_dataset
+        from diffusion_caption.world.scenes import WorldConfig, write_dataset
         write_dataset(tcfg.data_dir, WorldConfig())
     encoder = load_clip(tcfg.clip, device)
     if mcfg.tokenizer_kind == "gpt2":

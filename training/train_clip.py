@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from diffusion_caption import world
+from diffusion_caption.world import scenes as world
 from diffusion_caption.data import ImageRecord, load_karpathy
 from diffusion_caption.image_encoder import ImageEncoder
 from diffusion_caption.images import load_image
 from diffusion_caption.tokenizer import CaptionTokenizer
-from diffusion_caption.world import COLORS, SHAPES, article
+from diffusion_caption.world.scenes import COLORS, SHAPES, article
 from training import common
 
 
@@ -124,7 +124,7 @@ def contrastive_loss(model, pixels, text, negatives=None) -> torch.Tensor:
 def main(argv=None) -> None:
     cfg, device, rank, world = common.start_command(ClipTrainConfig, argv, __doc__)
     if not os.path.isfile(os.path.join(cfg.data_dir, "dataset_shapes.json")) and cfg.make_world:
-        from diffusion_caption.world import WorldConfig, write_dataset
+        from diffusion_caption.world.scenes import WorldConfig, write_dataset
         write_dataset(cfg.data_dir, WorldConfig())
 
     tok_dir = os.path.join(cfg.run_dir, "tokenizer")

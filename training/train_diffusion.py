@@ -194,7 +194,7 @@ def main(argv=None) -> None:
     common.seed_everything(tcfg.seed)
 
     if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
-        from diffusion_caption.world import WorldConfig, write_dataset
+        from diffusion_caption.world.scenes import WorldConfig, write_dataset
         write_dataset(tcfg.data_dir, WorldConfig())
     encoder = load_clip(tcfg.clip, device)
     tok_src = tcfg.tokenizer or (tcfg.clip if not tcfg.clip.startswith("open_clip:") else "distilbert-base-uncased")

@@ -1,4 +1,4 @@
-"""Train a small convolutional text scorer (``diffusion_caption.text_scorer``) to rank candidate captions
+"""Train a small convolutional text scorer (``diffusion_caption.selection.text_scorer``) to rank candidate captions
 as a binding-aware CLIP text tower does, at a fraction of its cost.
 
     python -m training.train_text_scorer --teacher assets/checkpoints/shapes-clip-binding \
@@ -10,7 +10,7 @@ frozen and shared: the scorer learns a text embedding in that tower's feature sp
 the same image tower can use it (``Captioner.use_scorer``). Each step has three terms:
 
 * **labels**: each training image against its caption, the batch's other captions and captions of the
-  same scene changed in one way (``diffusion_caption.negatives``), both directions, as in
+  same scene changed in one way (``diffusion_caption.world.negatives``), both directions, as in
   ``tune_clip_text``;
 * **the teacher's rankings of those captions** (KL to its softmax over them, weight ``--distill``);
 * **the teacher's rankings of real candidate sets** (weight ``--candidate-weight``): a captioner
@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion_caption import checkpoint as ckpt
-from diffusion_caption.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
+from diffusion_caption.selection.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
 from training import common
 from training.tune_clip_text import binding_batch, binding_data, load_text_clip, ranking_accuracy
 

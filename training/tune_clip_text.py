@@ -3,12 +3,12 @@
     python -m training.tune_clip_text --clip assets/checkpoints/shapes-clip --data-dir data/shapes-aug \
         --out runs/clip-binding/final --run-dir runs/clip-binding
 
-Choosing among candidate captions by CLIP score (``diffusion_caption.rerank``) can only pick the
+Choosing among candidate captions by CLIP score (``diffusion_caption.selection.rerank``) can only pick the
 candidate that binds colours to the right shapes if the CLIP's text embeddings of "a red star and a blue
 square" and "a blue star and a red square" differ, and differ in the direction the image feature
 tells apart. ``training.train_clip``'s negatives replace every colour and shape word at once, so they
 never ask for that. Here each training image's caption is ranked against captions of the same scene
-changed in one way (``diffusion_caption.negatives``: swapped colours, a repeated shape or colour, one
+changed in one way (``diffusion_caption.world.negatives``: swapped colours, a repeated shape or colour, one
 colour or shape replaced), as NegCLIP does (Yuksekgonul et al., 2023), plus the batch's other captions.
 
 Only the text tower learns. The image tower, and so every image feature the captioners were trained on,
@@ -29,8 +29,8 @@ from diffusion_caption import checkpoint as ckpt
 from diffusion_caption.data import load_karpathy
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import ImageEncoder
-from diffusion_caption.negatives import KINDS, changed_scene, correct_captions, positive_and_negatives
-from diffusion_caption.world import Scene, caption_candidates
+from diffusion_caption.world.negatives import KINDS, changed_scene, correct_captions, positive_and_negatives
+from diffusion_caption.world.scenes import Scene, caption_candidates
 from training import common
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .world import BACKGROUNDS, COLORS, IMAGE_SIZE, RADIUS, SHAPES, SIZES, Scene, ShapeObject
+from .scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, RADIUS, SHAPES, SIZES, Scene, ShapeObject
 
 MAX_OBJECTS = 3
 

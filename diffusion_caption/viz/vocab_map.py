@@ -3,7 +3,7 @@
 The map is a UMAP projection (``method="umap"``; ``"pca"`` is the instant alternative) of the token
 embedding table E [V, d] that rounding is tied to. It is fitted once per checkpoint and stored as JSON
 (tokens, 2-D coordinates, method and the SHA-256 of E), looked up by that hash: first as
-``<checkpoint>/vocab_map.json`` (ship it there with ``python -m diffusion_caption.vocab_map CHECKPOINT``),
+``<checkpoint>/vocab_map.json`` (ship it there with ``python -m diffusion_caption.viz.vocab_map CHECKPOINT``),
 then in ``<cache_dir>/vocab_maps/<hash>-<method>.json``. A map whose hash does not match the weights is ignored.
 
 Placing a point (a predicted x0 or a noisy x_t) needs no UMAP call at all: ``VocabMap.place`` puts it
@@ -238,9 +238,9 @@ class VocabMapJob:
         out = cache_path(self.cache_dir, embedding_hash(self.E), self.method)
         env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffusion_caption.vocab_map", "--from-npz", self._npz,
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffusion_caption.viz.vocab_map", "--from-npz", self._npz,
                                       "--out", out, "--method", self.method], stdout=self._log, stderr=self._log,
-                                     env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                                     env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
     def poll(self) -> VocabMap | None:
         if self.map is not None or self.proc is None or self.error:
@@ -289,7 +289,7 @@ class VocabMapJob:
 
 # ---------------------------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion_caption.vocab_map",
+    p = argparse.ArgumentParser(prog="python -m diffusion_caption.viz.vocab_map",
                                 description="Fit and store the 2-D vocabulary map of a diffusion-caption checkpoint.")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default output: CHECKPOINT/vocab_map.json)")
     p.add_argument("--out", help="where to write the map (JSON)")
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
             os.remove(args.from_npz)  # the job's hand-over file: read once, then gone
             out = args.out
         elif args.checkpoint:
-            from .captioner import Captioner
+            from ..captioner import Captioner
 
             cap = Captioner.from_pretrained(args.checkpoint)
             E = cap.denoiser.embeddings

@@ -17,16 +17,16 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from . import counterfactuals as cf
-from .attributes import (TWO_OBJECT_OUTCOMES, attribute_scores, parse_caption, single_object_accuracy,
+from .. import checkpoint as ckpt
+from ..world import counterfactuals as cf
+from ..world.attributes import (TWO_OBJECT_OUTCOMES, attribute_scores, parse_caption, single_object_accuracy,
                          two_object_outcomes)
-from .data import ImageRecord
-from .features import image_features
-from .images import load_image
+from ..data import ImageRecord
+from ..features import image_features
+from ..images import load_image
 from .metrics import caption_metrics
-from .whole_caption import whole_caption_errors, whole_caption_report
-from .world import SHAPE_BACKGROUND, Scene
+from ..world.whole_caption import whole_caption_errors, whole_caption_report
+from ..world.scenes import SHAPE_BACKGROUND, Scene
 
 ATTRIBUTES = ("color", "shape", "binding", "size", "count", "relation", "background")
 DIFFUSION_FORMAT = "diffusion-caption/1"
@@ -38,11 +38,11 @@ def load_model(path_or_hub_id: str, device: str = "cpu"):
     path = ckpt.resolve(path_or_hub_id)
     fmt = ckpt.read_json(os.path.join(path, ckpt.CONFIG_NAME)).get("format")
     if fmt == DIFFUSION_FORMAT:
-        from .captioner import Captioner
+        from ..captioner import Captioner
 
         return Captioner.from_pretrained(path, device=device)
     if fmt == BASELINE_FORMAT:
-        from .baseline import BaselineCaptioner
+        from ..baseline.captioner import BaselineCaptioner
 
         return BaselineCaptioner.from_pretrained(path, device=device)
     raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.CONFIG_NAME)}: unknown checkpoint format {fmt!r}; "
@@ -50,7 +50,7 @@ def load_model(path_or_hub_id: str, device: str = "cpu"):
 
 
 def model_kind(model) -> str:
-    from .captioner import Captioner
+    from ..captioner import Captioner
 
     return "diffusion" if isinstance(model, Captioner) else "baseline"
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .decoding import beam_search, greedy
-from .image_encoder import ImageEncoder
+from ..image_encoder import ImageEncoder
 from .mapping import MAPPERS, build_mapper
-from .tokenizer import CaptionTokenizer
+from ..tokenizer import CaptionTokenizer
 
 FORMAT = "diffusion-caption-baseline/1"
 TOKENIZER_KINDS = ("wordpiece", "gpt2")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from .world import BACKGROUND_RGB, BACKGROUNDS, COLORS, Scene, render_scene
+from .scenes import BACKGROUND_RGB, BACKGROUNDS, COLORS, Scene, render_scene
 
 HUE_ROTATIONS = (90, 180, 270)
 

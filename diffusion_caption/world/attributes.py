@@ -32,7 +32,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .world import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, relation
+from .scenes import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, relation
 
 NUMBER_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 GENERIC_NOUNS = {"shape", "shapes", "object", "objects"}

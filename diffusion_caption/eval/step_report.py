@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .attributes import attribute_scores, parse_caption
-from .world import Scene
+from ..world.attributes import attribute_scores, parse_caption
+from ..world.scenes import Scene
 
 
 def changed_positions(prev: list[int], cur: list[int], pad_id: int) -> int:
@@ -24,7 +24,7 @@ def step_report(model, records, settings: dict, batch_size: int = 128, features:
     all objects), ``changed`` (mean positions changed since the previous step) and ``any_changed``
     (share of captions that changed at all). The last row is the caption the call returns (after any
     candidate choice)."""
-    from .whole_caption import whole_caption_report
+    from ..world.whole_caption import whole_caption_report
 
     if features is None:
         features = model.encode_images([r.image_path for r in records])

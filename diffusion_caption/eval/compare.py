@@ -13,8 +13,8 @@ import difflib
 import html
 from dataclasses import dataclass
 
-from .attributes import attribute_scores, parse_caption
-from .world import Scene
+from ..world.attributes import attribute_scores, parse_caption
+from ..world.scenes import Scene
 
 ATTRIBUTE_NAMES = {"color": "colour", "shape": "shape", "size": "size", "count": "count", "relation": "relation",
                    "background": "background"}

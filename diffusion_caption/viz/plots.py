@@ -16,7 +16,7 @@ from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .trace import DenoisingStep
+from ..trace import DenoisingStep
 
 CONFIDENCE_CMAP = "RdYlGn"  # red: unsure, yellow: half-sure, green: sure
 STEP_CMAP = "viridis"  # trajectories: dark (noisy, early) to bright (clean, late)

@@ -69,7 +69,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .world import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, ShapeObject, article, relation
+from .scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, ShapeObject, article, relation
 
 ARTICLES = {"a": 1, "an": 1, "the": 1}
 NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}

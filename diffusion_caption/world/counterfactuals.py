@@ -27,7 +27,7 @@ from PIL import Image
 
 from .attributes import ParsedCaption, attribute_scores, parse_caption, single_object_accuracy
 from .variants import HUE_ROTATIONS, grayscale, hue_rotate
-from .world import BACKGROUNDS, SHAPE_BACKGROUND, Scene, render_scene
+from .scenes import BACKGROUNDS, SHAPE_BACKGROUND, Scene, render_scene
 
 SETS = ("background", "hue", "grayscale")
 BLIND_ATTRIBUTES = ("shape", "size", "count", "relation")

@@ -1,7 +1,7 @@
 """Choosing among candidate captions by CLIP score: the image encoder's own image-text similarity.
 
 A one- or two-step diffusion captioner denoises K noise draws of an image in one batch. MBR
-(``diffusion_caption.mbr``) keeps the caption the draws agree on; when they agree on a mistake, as
+(``diffusion_caption.selection.mbr``) keeps the caption the draws agree on; when they agree on a mistake, as
 parallel decoders do when two positions each pick the likelier of two words ("a purple square and a red
 square" for a purple star and a red square), consensus keeps it. Ranking by CLIP score instead keeps
 the candidate whose text embedding lies nearest the image feature (cosine similarity; Hessel et al.'s
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .image_encoder import ImageEncoder
+from ..image_encoder import ImageEncoder
 from .text_scorer import TextScorer
 
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .world import COLORS, SHAPES, Scene, caption_candidates
+from .scenes import COLORS, SHAPES, Scene, caption_candidates
 
 KINDS = ("swap", "repeat_shape", "repeat_color", "recolor", "reshape")
 

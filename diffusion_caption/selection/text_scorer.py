@@ -1,6 +1,6 @@
 """A small convolutional text encoder that ranks candidate captions against a CLIP's image features.
 
-Ranking a one-step diffusion captioner's candidate roundings by CLIP score (``diffusion_caption.rerank``)
+Ranking a one-step diffusion captioner's candidate roundings by CLIP score (``diffusion_caption.selection.rerank``)
 fixes most of its colour-shape binding errors, but only with a text tower that reads binding
 (``training.tune_clip_text``), and that tower's passes cost more than the captioner: a 3-block
 transformer over every distinct candidate. What decides between the candidates is local: which colour
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 
 SCORER_CONFIG = "text_scorer.json"
 SCORER_WEIGHTS = "text_scorer.safetensors"
@@ -227,7 +227,7 @@ class TextScorer:
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu") -> "TextScorer":
-        from .tokenizer import CaptionTokenizer
+        from ..tokenizer import CaptionTokenizer
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"text scorer directory not found: {path}")
