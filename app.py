@@ -117,11 +117,12 @@ class Models:
 def model_summary(cap) -> str:
     """One line on what a checkpoint is, from its config (extra.summary), else from its sampling defaults."""
     cfg = cap.config
+    smp = cap.sampling
     summary = (cfg.extra or {}).get("summary")
     if summary:
         return summary
-    return (f"{cfg.n_layers}-layer denoiser, {cfg.sample_steps} {cfg.sampler.upper()} steps"
-            + (f", guidance {cfg.sample_guidance:g}" if cfg.sample_guidance != 1 else ""))
+    return (f"{cfg.n_layers}-layer denoiser, {smp.steps} {smp.sampler.upper()} steps"
+            + (f", guidance {smp.guidance:g}" if smp.guidance != 1 else ""))
 
 
 def load_models(args) -> Models:
@@ -249,9 +250,9 @@ class Handlers:
             steps = int(steps) if steps is not None and float(steps) == int(float(steps)) else steps
             # the page shows one caption forming: a model that ranks the roundings of its last step keeps
             # them (the last step lists the candidates), one that compares K noise draws shows a single draw
-            candidates = None if cap.config.sample_propose == "rounding" else 1
-            return cap.check_settings(steps, str(sampler).lower(), float(guidance), seed, bool(clamp),
-                                      spacing=spacing or None, candidates=candidates)
+            candidates = None if cap.sampling.propose == "rounding" else 1
+            return cap.settings(seed, steps=steps, sampler=str(sampler).lower(), guidance=float(guidance),
+                                clamp=bool(clamp), spacing=spacing or None, candidates=candidates)
         except (TypeError, ValueError) as e:
             raise _user_error(f"Settings: {e}") from None
 
@@ -391,10 +392,10 @@ class Handlers:
         import gradio as gr
 
         cap = self.m.caps[self.m.name(model)]
-        cfg = cap.config
-        return (gr.Slider(value=min(cfg.sample_steps, MAX_UI_STEPS)), gr.Radio(value=cfg.sampler),
-                gr.Slider(value=cfg.sample_guidance), gr.Checkbox(value=cfg.sample_clamp),
-                gr.Dropdown(choices=spacing_choices(cfg.sample_spacing), value=cfg.sample_spacing),
+        smp = cap.sampling
+        return (gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), gr.Radio(value=smp.sampler),
+                gr.Slider(value=smp.guidance), gr.Checkbox(value=smp.clamp),
+                gr.Dropdown(choices=spacing_choices(smp.spacing), value=smp.spacing),
                 model_note(cap))
 
     # ------------------------------------------------------------------ the step viewer
@@ -574,8 +575,8 @@ def about_markdown(m: Models) -> str:
               f"(the last argument names the model: {', '.join(f'`{n}`' for n in m.caps)}):",
               "```python\nfrom gradio_client import Client, handle_file\n"
               "client = Client(\"http://127.0.0.1:7860/\")   # this server's address\n"
-              f"job = client.submit(handle_file(\"scene.png\"), {m.cap.config.sample_steps}, \"{m.cap.config.sampler}\", "
-              f"{m.cap.config.sample_guidance:g}, {m.cap.config.sample_clamp}, 0, \"{m.cap.config.sample_spacing}\", "
+              f"job = client.submit(handle_file(\"scene.png\"), {m.cap.sampling.steps}, \"{m.cap.sampling.sampler}\", "
+              f"{m.cap.sampling.guidance:g}, {m.cap.sampling.clamp}, 0, \"{m.cap.sampling.spacing}\", "
               f"\"{m.default}\", api_name=\"/caption\")\n"
               "trace = job.result()   # {'done': True, 'text': ..., 'steps': [{'text', 'tokens', 'confidence', ...}]}\n```",
               "", f"Models loaded in {m.load_seconds:.1f} s at start-up."]
@@ -584,6 +585,7 @@ def about_markdown(m: Models) -> str:
 
 def _about_model(name: str, cap, checkpoint: str, checkpoint_dir: str, default: bool) -> list[str]:
     cfg = cap.config
+    smp = cap.sampling
     n_params = sum(p.numel() for p in cap.denoiser.parameters())
     extra = cfg.extra or {}
     train = extra.get("train_config", {})
@@ -594,17 +596,17 @@ def _about_model(name: str, cap, checkpoint: str, checkpoint_dir: str, default: 
              f"parameters; {cfg.emb_dim}-d token embeddings, vocabulary of {cfg.vocab_size} tokens, "
              f"{cfg.seq_len} caption positions",
              f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
-             f"CLIP fusion `{cfg.fusion}`; default {cfg.sample_steps} {cfg.sampler.upper()} steps, "
-             f"{cfg.sample_spacing} spacing, guidance {cfg.sample_guidance:g}"
-             + (", clamped to tokens" if cfg.sample_clamp else ""),
+             f"CLIP fusion `{cfg.fusion}`; default {smp.steps} {smp.sampler.upper()} steps, "
+             f"{smp.spacing} spacing, guidance {smp.guidance:g}"
+             + (", clamped to tokens" if smp.clamp else ""),
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
-    if cfg.sample_candidates > 1:
-        rule = (f"the scorer `{cfg.sample_scorer or 'its own CLIP'}`" if cfg.sample_select == "clip"
+    if smp.candidates > 1:
+        rule = (f"the scorer `{smp.scorer or 'its own CLIP'}`" if smp.select == "clip"
                 else "consensus (MBR)")
-        what = "likeliest roundings of the last step" if cfg.sample_propose == "rounding" else "noise draws"
-        lines.append(f"- candidates: the {cfg.sample_candidates} {what}, one kept by {rule}")
+        what = "likeliest roundings of the last step" if smp.propose == "rounding" else "noise draws"
+        lines.append(f"- candidates: the {smp.candidates} {what}, one kept by {rule}")
     if cfg.self_cond:
         lines.append("- self-conditioned: every step also reads the previous step's predicted x0")
     return lines + _evaluations(checkpoint_dir) + [""]
@@ -641,6 +643,7 @@ def build(m: Models):
 
     h = Handlers(m)
     cfg = m.cap.config
+    smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
         gr.Markdown("# Watch a caption being denoised\n"
                     "A CLIP-conditioned diffusion language model starts every caption position from Gaussian noise "
@@ -668,19 +671,19 @@ def build(m: Models):
                                             interactive=len(m.caps) > 1)
                         model_line = gr.HTML(model_note(m.cap), elem_id="model-note")
                         with gr.Accordion("Sampling settings", open=True):
-                            steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(cfg.sample_steps, MAX_UI_STEPS),
+                            steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(smp.steps, MAX_UI_STEPS),
                                               step=1, label="Denoising steps")
-                            sampler = gr.Radio(list(SAMPLERS), value=cfg.sampler, label="Sampler",
+                            sampler = gr.Radio(list(SAMPLERS), value=smp.sampler, label="Sampler",
                                                info="DDIM: deterministic; DDPM: adds fresh noise every step; reveal: "
                                                     "the words decided left to right, a group per step (for models "
                                                     "trained to reveal; spacing and clamping do not apply)")
-                            guidance = gr.Slider(0, 10, value=cfg.sample_guidance, step=0.5, label="Guidance scale",
+                            guidance = gr.Slider(0, 10, value=smp.guidance, step=0.5, label="Guidance scale",
                                                  info="classifier-free guidance; 1 = none")
                             with gr.Row():
-                                clamp = gr.Checkbox(cfg.sample_clamp, label="Clamp to tokens",
+                                clamp = gr.Checkbox(smp.clamp, label="Clamp to tokens",
                                                     info="snap each predicted x0 to its nearest token embeddings")
                                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                            spacing = gr.Dropdown(spacing_choices(cfg.sample_spacing), value=cfg.sample_spacing,
+                            spacing = gr.Dropdown(spacing_choices(smp.spacing), value=smp.spacing,
                                                   allow_custom_value=True, label="Timestep spacing",
                                                   info="which timesteps the steps visit: linspace ends at t = 0; "
                                                        "trailing^k packs them towards the noisy end")
@@ -784,12 +787,12 @@ def build(m: Models):
         # and its own settings inputs, so it accepts what the library accepts (steps up to T) and not
         # only what the sliders offer
         api_image = gr.File(visible=False, type="filepath", label="image")
-        api_settings = [gr.Number(cfg.sample_steps, precision=0, visible=False, label="steps"),
-                        gr.Textbox(cfg.sampler, visible=False, label="sampler"),
-                        gr.Number(cfg.sample_guidance, visible=False, label="guidance"),
-                        gr.Checkbox(cfg.sample_clamp, visible=False, label="clamp"),
+        api_settings = [gr.Number(smp.steps, precision=0, visible=False, label="steps"),
+                        gr.Textbox(smp.sampler, visible=False, label="sampler"),
+                        gr.Number(smp.guidance, visible=False, label="guidance"),
+                        gr.Checkbox(smp.clamp, visible=False, label="clamp"),
                         gr.Number(0, precision=0, visible=False, label="seed"),
-                        gr.Textbox(cfg.sample_spacing, visible=False, label="spacing"),
+                        gr.Textbox(smp.spacing, visible=False, label="spacing"),
                         gr.Textbox(m.default, visible=False, label="model")]
         api_out = gr.JSON(visible=False)
         api_btn = gr.Button(visible=False)

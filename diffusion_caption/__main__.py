@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help="clamp each predicted x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
+                   help="clamp each predicted x0 to its nearest tokens (default: the checkpoint's)")
     p.add_argument("--spacing", default=None,
                    help="linspace | trailing | trailing^k: which timesteps the sampler keeps (default: the checkpoint's)")
     p.add_argument("--candidates", type=int, default=None,
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--scorer", default=None, metavar="DIR",
                    help="rank candidates (--select clip) with this CLIP's text tower (its image tower must be "
                         "the checkpoint's), e.g. assets/checkpoints/shapes-clip-binding, or with a text scorer "
-                        "trained against that image tower (training.train_text_scorer)")
+                        "trained against that image tower (research.train_text_scorer)")
     p.add_argument("--trace", action="store_true", help="print the caption at every step")
     p.add_argument("--json", action="store_true", help="print each trace as JSON")
     p.add_argument("--device", default="cpu")
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # bad settings are one mistake, said once, before any image is read
-        cap.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp, spacing=args.spacing,
-                           candidates=args.candidates, select=args.select, propose=args.propose)
+        cap.settings(args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, clamp=args.clamp,
+                     spacing=args.spacing, candidates=args.candidates, select=args.select, propose=args.propose)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

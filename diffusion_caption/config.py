@@ -1,4 +1,6 @@
-"""One configuration dataclass for the captioner: denoiser, diffusion and loss. Stored as config.json."""
+"""The captioner's network and training objective: denoiser, conditioning, diffusion and loss, stored as
+config.json's ``captioner`` section. How it samples is apart (``sampling.SamplingConfig``, the ``sampling``
+section)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,9 +8,6 @@ from dataclasses import dataclass, field
 
 FUSIONS = ("concat", "add")
 PREDICTIONS = ("x0", "eps")
-SELECTIONS = ("mbr", "clip")  # how one of several candidates is kept: consensus, or CLIP score
-# where the candidates come from: K noise draws, or the K likeliest roundings of one draw's final x0
-PROPOSALS = ("noise", "rounding")
 
 
 @dataclass
@@ -56,27 +55,11 @@ class CaptionerConfig:
     # step-unrolled training: a fraction p_unroll of each batch at the focus sampler's second timestep,
     # its input made from the network's own first-step prediction (needs focus_steps >= 2); 0 = off
     p_unroll: float = 0.0
-    # sampling defaults
-    sample_steps: int = 20
-    sampler: str = "ddim"
-    sample_guidance: float = 1.0  # classifier-free guidance scale used when a call gives none (1 = none)
-    sample_clamp: bool = False  # clamp each predicted x0 to its nearest token embeddings, when a call does not say
-    sample_spacing: str = "linspace"  # which timesteps a few-step sampler keeps (samplers.spaced_timesteps)
-    sample_candidates: int = 1  # samples per image to choose among; 1 = none
-    sample_select: str = "mbr"  # how: "mbr" (diffusion_caption.selection.mbr) or "clip" (diffusion_caption.selection.rerank)
-    sample_propose: str = "noise"  # from what: "noise" (K draws) or "rounding" (K roundings of one draw)
-    # what ranks candidates under select="clip": "" (the captioner's own CLIP) or a scorer folder (a text
-    # scorer or a CLIP of the same image tower), relative to the checkpoint's folder ("../shapes-text-scorer")
-    sample_scorer: str = ""
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.sample_select not in SELECTIONS:
-            raise ValueError(f"sample_select must be one of {SELECTIONS}, got {self.sample_select!r}")
-        if self.sample_propose not in PROPOSALS:
-            raise ValueError(f"sample_propose must be one of {PROPOSALS}, got {self.sample_propose!r}")
         if self.predict not in PREDICTIONS:
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
         if self.cond_mlp < 0:

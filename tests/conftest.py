@@ -42,15 +42,21 @@ def clip_encoder(tokenizer):
 
 @pytest.fixture
 def make_captioner(tokenizer, clip_encoder):
-    """A randomly initialised tiny captioner (config overrides as keyword arguments)."""
+    """A randomly initialised tiny captioner: config overrides as keyword arguments, its sampling defaults as
+    ``sampling`` (a ``SamplingConfig.parse`` form or a dict of settings)."""
     from diffusion_caption import Captioner
     from diffusion_caption.config import preset
     from diffusion_caption.denoiser import Denoiser
+    from diffusion_caption.sampling import SamplingConfig
 
-    def make(**overrides):
+    def make(sampling=None, **overrides):
         torch.manual_seed(overrides.pop("init_seed", 0))
         cfg = preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim, **overrides)
-        return Captioner(cfg, Denoiser(cfg), clip_encoder, tokenizer)
+        if isinstance(sampling, str):
+            sampling = SamplingConfig.parse(sampling)
+        elif isinstance(sampling, dict):
+            sampling = SamplingConfig(**sampling)
+        return Captioner(cfg, Denoiser(cfg), clip_encoder, tokenizer, sampling=sampling)
 
     return make
 

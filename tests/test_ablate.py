@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from training import ablate, common, train_clip, train_diffusion
+from research import ablate
+from training import common, train_clip, train_diffusion
 
 TINY = "--preset tiny --dim 32 --n-layers 1 --hidden-dim 64 --warmup 1"
 

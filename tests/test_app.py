@@ -274,9 +274,9 @@ def test_the_app_offers_several_models_each_with_its_own_defaults(app_files, tok
                  text_tokenizer=tokenizer).save_pretrained(str(tmp_path / "scorer-clip"))
     with open(os.path.join(other, "config.json")) as f:
         meta = json.load(f)
-    meta["captioner"].update(sample_steps=3, sampler="ddpm", sample_guidance=2.0, sample_candidates=8,
-                             sample_select="clip", sample_propose="rounding", sample_scorer="../scorer-clip",
-                             extra={"summary": "a tiny model that ranks its roundings"})
+    meta["sampling"].update(steps=3, sampler="ddpm", guidance=2.0, candidates=8, select="clip", propose="rounding",
+                            scorer="../scorer-clip")
+    meta["captioner"].update(extra={"summary": "a tiny model that ranks its roundings"})
     with open(os.path.join(other, "config.json"), "w") as f:
         json.dump(meta, f)
     args = app.parse_args(["--checkpoint", app_files["checkpoint"], "--checkpoint", other, "--baseline", "",

@@ -8,7 +8,7 @@ import torch
 from diffusion_caption import BaselineCaptioner
 from diffusion_caption.baseline.captioner import PrefixCaptioner, baseline_preset
 from diffusion_caption.world.scenes import Scene, ShapeObject
-from training import attribute_errors
+from research import attribute_errors
 
 
 def test_clopper_pearson_matches_known_intervals():
@@ -45,7 +45,7 @@ def test_count_per_draw_distinct_and_every_draw():
 def test_command_counts_a_baseline_and_a_diffusion_checkpoint(make_captioner, tokenizer, clip_encoder, world_dir,
                                                               tmp_path):
     diff_dir, base_dir = str(tmp_path / "diffusion"), str(tmp_path / "baseline")
-    make_captioner(sample_steps=1).save_pretrained(diff_dir)
+    make_captioner(sampling=dict(steps=1)).save_pretrained(diff_dir)
     torch.manual_seed(0)
     cfg = baseline_preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim,
                           bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id)

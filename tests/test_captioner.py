@@ -288,12 +288,12 @@ def test_broken_checkpoints_have_clear_errors(make_captioner, tmp_path):
 
 
 def test_config_sampling_defaults_apply_when_a_call_gives_none(make_captioner, scene_image):
-    cap = make_captioner(sample_guidance=3.0, sample_steps=4)
+    cap = make_captioner(sampling=dict(guidance=3.0, steps=4))
     tr = cap.caption(scene_image)
     assert tr.settings["guidance"] == 3.0 and len(tr.steps) == 4
     assert cap.caption(scene_image, guidance=1.0).settings["guidance"] == 1.0
     # the clamp default comes from the config too, and changes the captioning: x0 snapped to token embeddings
-    cc = make_captioner(sample_clamp=True, sample_steps=4, sampler="ddpm")
+    cc = make_captioner(sampling=dict(clamp=True, steps=4, sampler="ddpm"))
     tr = cc.caption(scene_image)
     assert tr.settings["clamp"] is True and tr.settings["sampler"] == "ddpm"
     off = cc.caption(scene_image, clamp=False)
@@ -306,7 +306,7 @@ def test_config_sampling_defaults_apply_when_a_call_gives_none(make_captioner, s
 def test_spacing_picks_the_timesteps_and_defaults_to_the_checkpoints(make_captioner, scene_image, tmp_path):
     from diffusion_caption.samplers import spaced_timesteps
 
-    cap = make_captioner(sample_steps=5)
+    cap = make_captioner(sampling=dict(steps=5))
     T = cap.config.T
     lin = cap.caption(scene_image, seed=1)
     assert lin.settings["spacing"] == "linspace"
@@ -321,11 +321,11 @@ def test_spacing_picks_the_timesteps_and_defaults_to_the_checkpoints(make_captio
     # the fast path and streaming use the same timesteps
     fast = cap.caption(scene_image, seed=1, spacing="trailing^2", record="final")
     assert fast.steps[-1].text == tr.steps[-1].text and fast.steps[-1].t == tr.steps[-1].t
-    # a checkpoint's sample_spacing is its default and survives a save and load
-    cap.config.sample_spacing = "trailing"
+    # a checkpoint's sampling spacing is its default and survives a save and load
+    cap.sampling = cap.sampling.replace(spacing="trailing")
     cap.save_pretrained(str(tmp_path / "ck"))
     back = type(cap).from_pretrained(str(tmp_path / "ck"))
-    assert back.config.sample_spacing == "trailing"
+    assert back.sampling.spacing == "trailing"
     assert [s.t for s in back.caption(scene_image).steps] == spaced_timesteps(T, 5, "trailing")
     for bad in ("leading", 2, "trailing^0"):
         with pytest.raises(ValueError, match="spacing must be"):

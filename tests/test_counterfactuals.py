@@ -69,7 +69,7 @@ def test_counterfactual_report_and_command(make_captioner, world_dir, tmp_path):
 
     model = make_captioner()
     records = load_datasets("shapes", world_dir, splits=["test"])[:6]
-    settings = model.check_settings(2, "ddim", 1.0, 0, False)
+    settings = model.settings(0, steps=2, sampler="ddim", guidance=1.0, clamp=False)
     rep = counterfactual_report(model, records, settings, batch_size=4)
     bg = rep["background"]
     assert 1 <= bg["n_pairs"] <= 6 and bg["typical"]["n"] == bg["counterfactual"]["n"] == bg["n_pairs"]

@@ -37,7 +37,7 @@ def test_consensus_is_sentence_bleu_against_the_others():
 
 
 def test_captioner_candidates_pick_one_of_the_samples(make_captioner, scene_image):
-    cap = make_captioner(sample_steps=3)
+    cap = make_captioner(sampling=dict(steps=3))
     tr = cap.caption(scene_image, candidates=4, seed=5, sampler="ddpm")
     assert tr.settings["candidates"] == 4 and len(tr.candidates) == 4 and 0 <= tr.chosen < 4
     assert tr.text == tr.candidates[tr.chosen] == tr.candidates[mbr_select(tr.candidates)]

@@ -84,7 +84,7 @@ def _clip_dir(tmp_path, clip_encoder, tokenizer) -> str:
 def _straight_and_resumed(common: list[str], tmp_path, steps: int) -> None:
     """``tune_clip_text`` run straight for ``steps`` steps into ``a``, and the same run killed halfway and resumed
     into ``b``."""
-    from training import tune_clip_text
+    from research import tune_clip_text
 
     tune_clip_text.main(common + ["--steps", str(steps), "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "run-a")])
     tune_clip_text.main(common + ["--steps", str(steps // 2), "--out", str(tmp_path / "b0"),
@@ -95,7 +95,7 @@ def _straight_and_resumed(common: list[str], tmp_path, steps: int) -> None:
 
 def test_tune_clip_text_changes_only_the_text_tower_and_resumes_exactly(world_dir, clip_encoder, tokenizer, tmp_path):
     from diffusion_caption.image_encoder import ImageEncoder
-    from training import tune_clip_text
+    from research import tune_clip_text
 
     clip = _clip_dir(tmp_path, clip_encoder, tokenizer)
     common = ["--clip", clip, "--data-dir", world_dir, "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
@@ -126,7 +126,7 @@ def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_
     rankings as soft labels; the result loads as a CLIP of N text blocks with the same image tower, and a
     killed run resumes to the same weights."""
     from diffusion_caption.image_encoder import ImageEncoder
-    from training import tune_clip_text
+    from research import tune_clip_text
 
     clip = _clip_dir(tmp_path, clip_encoder, tokenizer)
     common = ["--clip", clip, "--data-dir", world_dir, "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8",
@@ -154,7 +154,7 @@ def test_tune_clip_text_cuts_the_text_tower_and_learns_from_the_whole_one(world_
 def test_tune_clip_text_refuses_a_world_without_scenes(tmp_path, clip_encoder, tokenizer):
     import json
 
-    from training import tune_clip_text
+    from research import tune_clip_text
 
     d = tmp_path / "flat"
     (d / "images").mkdir(parents=True)

@@ -6,7 +6,7 @@ import torch
 
 from diffusion_caption.data import ImageRecord
 from diffusion_caption.world.scenes import COLORS, SHAPES
-from training import probe_binding
+from research import probe_binding
 
 
 def _record(objects):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from diffusion_caption.image_encoder import ImageEncoder
+from diffusion_caption.sampling import SamplingConfig
+from diffusion_caption.selection import candidates
 from diffusion_caption.selection.rerank import clip_scores, clip_select
 
 
@@ -50,7 +52,7 @@ def test_the_text_tokenizer_travels_with_the_clip_folder(clip_with_text, clip_en
 
 
 def test_captioner_keeps_the_candidate_with_the_best_clip_score(make_captioner, clip_with_text, scene_image):
-    cap = make_captioner(sample_steps=2)
+    cap = make_captioner(sampling=dict(steps=2))
     with pytest.raises(ValueError, match="no text tokenizer"):  # the fixture's CLIP was built without one
         cap.caption(scene_image, candidates=4, select="clip")
     cap.image_encoder = clip_with_text
@@ -64,7 +66,7 @@ def test_captioner_keeps_the_candidate_with_the_best_clip_score(make_captioner, 
     assert mbr.candidates == tr.candidates and mbr.settings["select"] == "mbr"
     with pytest.raises(ValueError, match="select must be one of"):
         cap.caption(scene_image, candidates=2, select="longest")
-    cap.config.sample_select = "clip"  # a checkpoint's default, used when a call does not say
+    cap.sampling = cap.sampling.replace(select="clip")  # a checkpoint's default, used when a call does not say
     assert cap.caption(scene_image, candidates=6, seed=3, sampler="ddpm").chosen == tr.chosen
 
 
@@ -72,7 +74,7 @@ def test_rounding_proposals_are_one_draws_likeliest_roundings_kept_by_clip(make_
                                                                             scene_image):
     from diffusion_caption.rounding import likeliest_roundings, token_logits
 
-    cap = make_captioner(sample_steps=2)
+    cap = make_captioner(sampling=dict(steps=2))
     cap.image_encoder = clip_with_text
     plain = cap.caption(scene_image, seed=3)
     tr = cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding")
@@ -102,15 +104,17 @@ def test_rounding_proposals_are_one_draws_likeliest_roundings_kept_by_clip(make_
     # as their re-tokenised text would be; with a continuation piece among them the text is tokenised instead
     texts = ["a red circle on a gray background", "two green squares and a blue star"]
     rows = [r + [cap.tokenizer.pad_id] * 3 for r in cap.tokenizer.encode(texts, 16).tolist()]
-    ids = cap._scorer_ids([rows])
+    ids = candidates.scorer_ids(cap, [rows])
     assert ids is not None and torch.equal(ids[0], clip_with_text.text_tokenizer.encode(texts, 24))
     pieces = [i for t, i in cap.tokenizer.hf.get_vocab().items() if t.startswith("##")]
     if pieces:
-        assert cap._scorer_ids([[rows[0][:3] + pieces[:1] + rows[0][3:]]]) is None
-    route = cap._scorer_ids
-    cap._scorer_ids = lambda roundings: None  # always the text
-    assert cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding").chosen == tr.chosen
-    cap._scorer_ids = route
+        assert candidates.scorer_ids(cap, [[rows[0][:3] + pieces[:1] + rows[0][3:]]]) is None
+    route = candidates.scorer_ids
+    candidates.scorer_ids = lambda cap, roundings: None  # always the text
+    try:
+        assert cap.caption(scene_image, candidates=8, seed=3, select="clip", propose="rounding").chosen == tr.chosen
+    finally:
+        candidates.scorer_ids = route
     # batched, each image its own: the same as one at a time
     two = cap.caption_batch([scene_image, scene_image], candidates=8, seed=3, select="clip", propose="rounding")
     assert two[0].candidates == tr.candidates and two[0].text == tr.text
@@ -130,12 +134,10 @@ def test_rounding_proposals_are_one_draws_likeliest_roundings_kept_by_clip(make_
 
 
 def test_config_rejects_an_unknown_selection():
-    from diffusion_caption.config import preset
-
-    with pytest.raises(ValueError, match="sample_select"):
-        preset("tiny", sample_select="random")
-    with pytest.raises(ValueError, match="sample_propose"):
-        preset("tiny", sample_propose="beam")
+    with pytest.raises(ValueError, match="select must be one of"):
+        SamplingConfig(select="random")
+    with pytest.raises(ValueError, match="propose must be one of"):
+        SamplingConfig(propose="beam")
 
 
 def test_the_text_pass_stops_at_the_batchs_longest_caption_and_agrees_with_open_clip(clip_with_text, tokenizer):
@@ -206,7 +208,7 @@ def _with_changed(clip, prefix: str) -> ImageEncoder:
 
 def test_a_scorer_with_the_same_image_tower_ranks_the_candidates(make_captioner, clip_with_text, clip_encoder,
                                                                    scene_image, tmp_path):
-    cap = make_captioner(sample_steps=2)
+    cap = make_captioner(sampling=dict(steps=2))
     cap.image_encoder = clip_with_text
     assert cap.scorer is clip_with_text  # by default the captioner's own CLIP
     torch.manual_seed(1)

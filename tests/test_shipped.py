@@ -51,8 +51,8 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
     path = os.path.join(CKPT, "shapes-diffusion-reveal")
     assert os.path.abspath(app.DEFAULT_CHECKPOINTS[0]) == path == os.path.abspath(DEFAULT_CHECKPOINT)
     cap = Captioner.from_pretrained(path)
-    c = cap.config
-    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_candidates, c.self_cond) == ("reveal", 6, 1.0, 1, True)
+    s = cap.sampling
+    assert (s.sampler, s.steps, s.guidance, s.candidates, cap.config.self_cond) == ("reveal", 6, 1.0, 1, True)
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["image_encoder"] == {"kind": "local-dir", "path": "../shapes-clip"}  # the one shared CLIP
     traces = cap.caption_batch(EXAMPLES, seed=0)
@@ -76,9 +76,8 @@ def test_shipped_diffusion_defaults_are_the_documented_ones():
     from diffusion_caption import Captioner
 
     cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion"))
-    c = cap.config
-    assert (c.sampler, c.sample_steps, c.sample_guidance, c.sample_clamp, c.sample_spacing) == (
-        "ddpm", 20, 5.0, True, "trailing^2")
+    c, s = cap.config, cap.sampling
+    assert (s.sampler, s.steps, s.guidance, s.clamp, s.spacing) == ("ddpm", 20, 5.0, True, "trailing^2")
     tr = cap.caption(EXAMPLES[0], seed=0)
     assert len(tr.steps) == 20 and tr.settings["clamp"] is True and tr.settings["spacing"] == "trailing^2" and tr.text
     assert tr.steps[0].t == c.T - 1 and tr.steps[-1].t > 0
@@ -86,7 +85,7 @@ def test_shipped_diffusion_defaults_are_the_documented_ones():
 
 def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
     """shapes-diffusion-fast-small: layers 0 and 2 of a four-layer one-step student's (--init-layers), then
-    fine-tuned twice (training/README.md, section 7) and once more on the canonical phrasings (section 8);
+    fine-tuned twice and once more on the canonical phrasings (training/README.md, section 5);
     its lineage is in extra.init, nested."""
     from safetensors.torch import load_file
 
@@ -95,9 +94,9 @@ def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
     cap = Captioner.from_pretrained(os.path.join(CKPT, "shapes-diffusion-fast-small"))
     c = cap.config
     assert c.n_layers == 2 and cap.denoiser.encoder.config.n_layers == 2
-    assert (c.sampler, c.sample_steps, c.sample_guidance) == ("ddim", 1, 1.0)
+    assert (cap.sampling.sampler, cap.sampling.steps, cap.sampling.guidance) == ("ddim", 1, 1.0)
     assert c.extra["sampling_choice"]["chosen"] == "DDIM 1, guidance 1" and c.extra["sampling_choice"]["split"] == "val"
-    last = c.extra["init"]  # the previous shapes-diffusion-fast-small (section 7, stage b)
+    last = c.extra["init"]  # the previous shapes-diffusion-fast-small (before the canonical phrasings)
     assert last["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast-small" and last["steps"] == 8000
     first = last["init"]["init"]  # the first stage: where the layers came from
     assert first["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and first["layers"] == [0, 2]
@@ -124,14 +123,14 @@ def test_shipped_diffusion_checkpoints_can_rank_candidates_by_clip_score(name):
     from diffusion_caption.selection.rerank import clip_scores
 
     cap = Captioner.from_pretrained(os.path.join(CKPT, name))
-    assert cap.config.sample_select == "mbr" and cap.config.sample_candidates == 1  # the defaults are unchanged
+    assert cap.sampling.select == "mbr" and cap.sampling.candidates == 1  # the defaults are unchanged
     tr = cap.caption(EXAMPLES[0], candidates=4, select="clip", seed=0, steps=2, record="final")
     scores = clip_scores(cap.image_encoder, cap.encode_images([EXAMPLES[0]]), [tr.candidates])[0]
     assert scores[tr.chosen] == max(scores) and tr.text == tr.candidates[tr.chosen]
 
 
 def test_shipped_binding_clip_shares_the_image_tower_and_tokenizer():
-    """shapes-clip-binding (training.tune_clip_text) may replace a student's clip/ folder: only its text
+    """shapes-clip-binding (research.tune_clip_text) may replace a student's clip/ folder: only its text
     tower differs from shapes-clip's, so every image feature the students were trained on is unchanged."""
     from safetensors.torch import load_file
 
@@ -146,7 +145,7 @@ def test_shipped_binding_clip_shares_the_image_tower_and_tokenizer():
 
 
 def test_shipped_text_scorer_serves_the_students_and_reads_binding():
-    """shapes-text-scorer (training.train_text_scorer) was trained against the shapes CLIP's image tower, so
+    """shapes-text-scorer (research.train_text_scorer) was trained against the shapes CLIP's image tower, so
     the captioners on that tower accept it; on the example scenes it ranks each correct caption above the same
     caption with two objects' colours swapped, or one object's shape or colour repeated from another."""
     import numpy as np

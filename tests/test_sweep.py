@@ -6,10 +6,10 @@ import os
 def test_sweep_writes_table_plot_and_json(make_captioner, world_dir, tmp_path, capsys):
     from PIL import Image
 
-    from training import sweep
+    from research import sweep
 
     ckpt_dir = str(tmp_path / "ckpt")
-    make_captioner(sample_guidance=2.0).save_pretrained(ckpt_dir)
+    make_captioner(sampling=dict(guidance=2.0)).save_pretrained(ckpt_dir)
     out = str(tmp_path / "sweep" / "s")
     sweep.main(["--checkpoint", ckpt_dir, "--data-dir", world_dir, "--split", "test", "--limit", "4",
                 "--steps", "1,3", "--samplers", "ddim,ddpm", "--guidance", "1,3", "--guidance-steps", "2",

@@ -143,7 +143,7 @@ def test_a_text_scorer_of_another_image_tower_is_refused(tmp_path, make_captione
 
 
 def _train(args: list[str]) -> None:
-    from training import train_text_scorer
+    from research import train_text_scorer
 
     train_text_scorer.main(args)
 

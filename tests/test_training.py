@@ -137,7 +137,7 @@ def test_distilled_captions_replace_the_training_references_and_train(world_dir,
     typical = str(tmp_path / "kd-typical")
     distill_captions.main(common + ["--out", typical, "--select", "typical", "--margin", "0.5"])
     hyps = distill_captions.teacher_hypotheses(teacher, clip_encoder.encode([r.image_path for r in train]),
-                                               teacher.check_settings(beam=2))
+                                               teacher.settings(beam=2))
     chosen = [r.captions for r in load_karpathy("shapes", typical, "train")]
     for (c,), r in zip(chosen, hyps):
         assert c in {tokenizer.decode(ids) for s, ids in r if s >= r[0][0] - 0.5}

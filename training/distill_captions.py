@@ -30,7 +30,7 @@ white circle) twice as often as greedy decoding. ``left-to-right`` keeps, among 
 hypotheses, only those naming their objects left to right (by the x of the scene objects they name),
 ``by-shape`` those naming them in the order of ``world.SHAPES``, when there is one, before the
 typicality choice; an image with no such hypothesis keeps the usual choice. The captions stay the
-teacher's own. Neither is used by a shipped checkpoint: training/README.md, section 9, has what they
+teacher's own. Neither is used by a shipped checkpoint: research/README.md (finding 4) has what they
 did to a student.
 
 ``--reference-weight`` is Kim & Rush's *sequence-level interpolation*: among the near-best
@@ -39,7 +39,7 @@ references, times the weight. The teacher's captions stay the teacher's (so the 
 predictable for the student), but where the teacher's beam holds a caption the references support
 better -- the colours with the right shapes, say -- that one is kept. It needs only the references,
 so it works on any dataset, not only where ground-truth scenes exist. No shipped checkpoint uses it
-either: training/README.md, section 11, has what it did to a student (its captions bind far better,
+either: research/README.md (finding 4) has what it did to a student (its captions bind far better,
 the student trained on them did not).
 
 The new folder holds only ``dataset_<name>.json``: the chosen splits' sentences are replaced by the
@@ -251,7 +251,7 @@ def distill(args) -> dict:
         teacher = BaselineCaptioner.from_pretrained(args.teacher, device=args.device)
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         raise SystemExit(f"could not load the teacher {args.teacher}: {e}") from None
-    settings = teacher.check_settings(beam=args.beam)
+    settings = teacher.settings(beam=args.beam)
     if args.select == "typical" and (settings["beam"] < 2 or not args.margin >= 0 or not args.typicality_weight >= 0):
         raise SystemExit("--select typical chooses among beam hypotheses: it needs --beam >= 2, --margin >= 0 "
                          "and --typicality-weight >= 0")

@@ -44,7 +44,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", default=None, choices=list(SAMPLERS))
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help="clamp each x0 to its nearest tokens (default: the checkpoint's sample_clamp)")
+                   help="clamp each x0 to its nearest tokens (default: the checkpoint's)")
     g.add_argument("--spacing", default=None,
                    help="linspace | trailing | trailing^k: which timesteps are kept (default: the checkpoint's)")
     g.add_argument("--candidates", type=int, default=None,
@@ -58,7 +58,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scorer", default=None, metavar="DIR",
                    help="rank candidates (--select clip) with this CLIP's text tower, e.g. "
                         "assets/checkpoints/shapes-clip-binding (its image tower must be the checkpoint's), or "
-                        "with a text scorer trained against that image tower (training.train_text_scorer)")
+                        "with a text scorer trained against that image tower (research.train_text_scorer)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
@@ -78,9 +78,9 @@ def settings_from_args(model, args) -> dict:
         try:
             if getattr(args, "scorer", None):
                 model.use_scorer(args.scorer)
-            return model.check_settings(args.steps, args.sampler, args.guidance, args.seed, args.clamp,
-                                        spacing=args.spacing, candidates=args.candidates, select=args.select,
-                                        propose=args.propose)
+            return model.settings(args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                                  clamp=args.clamp, spacing=args.spacing, candidates=args.candidates,
+                                  select=args.select, propose=args.propose)
         except (ValueError, CheckpointError) as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}

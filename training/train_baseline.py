@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from diffusion_caption.world.attributes import single_object_accuracy
 from diffusion_caption.baseline.captioner import (BASELINE_PRESETS, BaselineCaptioner, BaselineConfig, PrefixCaptioner,
@@ -30,6 +29,7 @@ from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import BASE_MODEL, BASE_PRETRAINED
 from diffusion_caption.world.scenes import Scene
 from training import common
+from training.loop import Loop, shuffled_batches
 from training.train_diffusion import load_clip
 
 
@@ -148,15 +148,7 @@ def main(argv=None) -> None:
         print(f"{len(train)} train images, {len(pairs)} captions; GPT-2 {mcfg.gpt!r} + {mcfg.mapper} mapper: "
               f"{n_params / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trained); device {device}, world size {world}")
 
-    P = len(pairs)
-    per_epoch = max(P // tcfg.batch_size, 1)
-    local_bs = tcfg.batch_size // world
-
-    def batch_indices(s: int) -> torch.Tensor:
-        epoch, j = divmod(s, per_epoch)
-        perm = torch.randperm(P, generator=torch.Generator().manual_seed(tcfg.seed * 100003 + epoch))
-        idx = perm[j * tcfg.batch_size:(j + 1) * tcfg.batch_size]
-        return idx[rank * local_bs:(rank + 1) * local_bs]
+    batch_indices = shuffled_batches(len(pairs), tcfg.batch_size, tcfg.seed, rank, world)
 
     @torch.no_grad()
     def validate() -> dict:
@@ -179,43 +171,24 @@ def main(argv=None) -> None:
         net.train()
         return rec
 
-    def save_state():
+    def save_state(step: int) -> None:
         common.save_train_state(tcfg.run_dir, net, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict()})
 
-    t0 = time.time()
-    net.train()
-    bar = tqdm(total=tcfg.steps, initial=step, desc="train_baseline", disable=not is_main)
-    while step < tcfg.steps:
+    def loss(step: int) -> dict:
         idx = batch_indices(step)
         ids = pair_ids[idx].to(device)
         cond = feats[pair_img[idx]].to(device)
-        for g_ in opt.param_groups:
-            g_["lr"] = common.linear_lr(step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
         with common.autocast(device):
-            losses = model(cond, ids)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", acc=f"{losses['token_acc'].item():.2f}")
-        if is_main and (step % tcfg.val_every == 0 or step == tcfg.steps):
-            rec = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, **validate(),
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-            common.write_log(tcfg.run_dir, rec)
-        if is_main and (step % tcfg.ckpt_every == 0 or step == tcfg.steps):
-            save_state()
-        if tcfg.stop_at and step >= tcfg.stop_at:
-            if is_main:
-                save_state()
-            bar.close()
-            print(f"stopped at step {step} (--stop-at); continue with --resume")
-            return
-    bar.close()
+            return model(cond, ids)
+
+    t0 = time.time()
+    net.train()
+    loop = Loop(opt, params, loss, lambda s: common.linear_lr(s, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup),
+                save_state, validate, tcfg.run_dir, tcfg.steps, tcfg.val_every, tcfg.ckpt_every, tcfg.grad_clip,
+                tcfg.stop_at, is_main=is_main, desc="train_baseline", shown=("loss", "token_acc"))
+    step, finished = loop.run(step)
+    if not finished:
+        return
     if is_main:
         with common.fail_clearly(f"save the trained baseline to {tcfg.out} (the training state in {tcfg.run_dir} "
                                  "is complete: fix this and rerun with --resume to write it)"):

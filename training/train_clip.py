@@ -25,6 +25,7 @@ from diffusion_caption.images import load_image
 from diffusion_caption.tokenizer import CaptionTokenizer
 from diffusion_caption.world.scenes import COLORS, SHAPES, article
 from training import common
+from training.loop import Loop, shuffled_batches
 
 
 @dataclass
@@ -156,13 +157,7 @@ def main(argv=None) -> None:
         step = common.load_train_state(cfg.run_dir, model, opt, gen)["step"]
         print(f"resumed from {cfg.run_dir} at step {step}")
 
-    N = len(tr_records)
-    per_epoch = N // cfg.batch_size
-
-    def batch_indices(s: int) -> torch.Tensor:
-        epoch, j = divmod(s, per_epoch)
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        return perm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+    batch_indices = shuffled_batches(len(tr_records), cfg.batch_size, cfg.seed)
 
     # zero-shot probe: single-object val images (uncorrelated backgrounds) against "a {colour} {shape}"
     combos = [(c, s) for c in COLORS for s in SHAPES]
@@ -185,33 +180,25 @@ def main(argv=None) -> None:
         model.train()
         return out
 
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train_clip")
-    while step < cfg.steps:
+    def loss(step: int) -> dict:
         idx = batch_indices(step)
         k = (torch.rand(len(idx), generator=gen) * tr_counts[idx]).long()
         text = tr_ids[idx, k].to(device)
         pix = tr_pix[idx].to(device)
-        for g in opt.param_groups:
-            g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
         negatives = swap_words(text, swaps, gen) if cfg.hard_negatives else None
         with common.autocast(device):
-            loss = contrastive_loss(model, pix, text, negatives)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, 4.6052)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": loss.item(), **validate(), "elapsed_s": time.time() - t0}
-            tqdm.write(str(rec))
-            common.write_log(cfg.run_dir, rec)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            common.save_train_state(cfg.run_dir, model, opt, step, gen, {"config": asdict(cfg)})
-    bar.close()
+            return {"loss": contrastive_loss(model, pix, text, negatives)}
+
+    def clamp_scale() -> None:
+        model.logit_scale.clamp_(0, 4.6052)
+
+    t0 = time.time()
+    loop = Loop(opt, list(model.parameters()), loss,
+                lambda s: common.linear_lr(s, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup),
+                lambda s: common.save_train_state(cfg.run_dir, model, opt, s, gen, {"config": asdict(cfg)}),
+                validate, cfg.run_dir, cfg.steps, cfg.val_every, cfg.ckpt_every, after_step=clamp_scale,
+                desc="train_clip")
+    step, _ = loop.run(step)
     model.eval()
     from diffusion_caption import checkpoint as ckpt
     with ckpt.atomic_directory(cfg.out) as tmp:

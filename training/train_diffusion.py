@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from diffusion_caption.captioner import Captioner
 from diffusion_caption.config import PRESETS, CaptionerConfig, preset
+from diffusion_caption.sampling import SamplingConfig, split_legacy
 from diffusion_caption.data import caption_pairs, load_datasets
 from diffusion_caption.denoiser import Denoiser
 from diffusion_caption.diffusion import GaussianDiffusion
@@ -32,6 +32,7 @@ from diffusion_caption.samplers import spaced_timesteps
 from diffusion_caption.schedule import NoiseSchedule
 from diffusion_caption.tokenizer import CaptionTokenizer
 from training import common
+from training.loop import Loop, shuffled_batches
 
 
 @dataclass
@@ -66,6 +67,9 @@ class DiffusionTrainConfig:
     # keep only these transformer layers of the --init checkpoint, in order (e.g. "0,3" of 4): a shallower
     # student initialised from its teacher's layers, as DistilBERT was from every other layer of BERT
     init_layers: str = ""
+    # the saved checkpoint's sampling defaults, in SamplingConfig.parse's form ("reveal:6:1:trailing^2");
+    # default: the --init checkpoint's, else DDIM 20 without guidance
+    sampling: str = ""
 
 
 # the fields that fix the denoiser's tensors: a fine-tune (--init) may not change them
@@ -111,7 +115,7 @@ def init_config(path: str) -> CaptionerConfig:
     from diffusion_caption import checkpoint as ckpt
     try:
         meta = ckpt.read_json(os.path.join(ckpt.resolve(path), ckpt.CONFIG_NAME))
-        return CaptionerConfig.from_dict(meta["captioner"], source=path)
+        return CaptionerConfig.from_dict(split_legacy(meta["captioner"])[0], source=path)
     except (ckpt.CheckpointError, OSError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"--init {path}: not a readable diffusion-caption checkpoint ({type(e).__name__}: {e})") from None
 
@@ -175,6 +179,11 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
     elif tcfg.init_layers:
         raise SystemExit("--init-layers selects layers of the --init checkpoint; give --init too")
     mcfg = common.dataclass_from_args(CaptionerConfig, args, base_model)
+    if tcfg.sampling:
+        try:
+            SamplingConfig.parse(tcfg.sampling)
+        except ValueError as e:
+            raise SystemExit(f"--sampling: {e}") from None
     if tcfg.optimizer not in common.OPTIMIZERS:
         raise SystemExit(f"unknown --optimizer {tcfg.optimizer!r}; expected one of {common.OPTIMIZERS}")
     if tcfg.lr_schedule not in common.LR_SCHEDULES:
@@ -238,8 +247,9 @@ def main(argv=None) -> None:
     # a fine-tune builds the encoder from the checkpoint's own encoder config (no DistilBERT download: the
     # pretrained weights would be overwritten anyway); the architecture fields are the checkpoint's, so
     # the tensors match exactly
-    start_state, encoder_config = None, None
+    start_state, encoder_config, start_sampling = None, None, None
     if start is not None:
+        start_sampling = start.sampling
         start_state, encoder_config = start.denoiser.state_dict(), start.denoiser.encoder_config
         if tcfg.init_layers:
             keep = extra["init"]["layers"]
@@ -275,15 +285,7 @@ def main(argv=None) -> None:
         print(f"{len(train)} train images, {len(pairs)} captions; denoiser {n_params / 1e6:.2f} M parameters; "
               f"device {device}, world size {world}")
 
-    P = len(pairs)
-    per_epoch = max(P // tcfg.batch_size, 1)
-    local_bs = tcfg.batch_size // world
-
-    def batch_indices(s: int) -> torch.Tensor:
-        epoch, j = divmod(s, per_epoch)
-        perm = torch.randperm(P, generator=torch.Generator().manual_seed(tcfg.seed * 100003 + epoch))
-        idx = perm[j * tcfg.batch_size:(j + 1) * tcfg.batch_size]
-        return idx[rank * local_bs:(rank + 1) * local_bs]
+    batch_indices = shuffled_batches(len(pairs), tcfg.batch_size, tcfg.seed, rank, world)
 
     @torch.no_grad()
     def validate() -> dict:
@@ -303,55 +305,40 @@ def main(argv=None) -> None:
             n += len(ids)
         return {f"val_{k}": v / n for k, v in tot.items()}
 
-    def save_state():
+    def save_state(step: int) -> None:
         common.save_train_state(tcfg.run_dir, denoiser, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict()},
                                 extra_modules={"ema": ema})
 
-    t0 = time.time()
-    denoiser.train()
-    bar = tqdm(total=tcfg.steps, initial=step, desc="train_diffusion", disable=not is_main)
-    while step < tcfg.steps:
+    def loss(step: int) -> dict:
         idx = batch_indices(step)
         ids = pair_ids[idx].to(device)
         cond = feats[pair_img[idx]].to(device)
-        for g_ in opt.param_groups:
-            g_["lr"] = common.scheduled_lr(tcfg.lr_schedule, step, tcfg.steps, tcfg.lr, tcfg.lr_end, tcfg.warmup)
         with common.autocast(device):
-            losses = diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
-                                               mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
-                                               mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond,
-                                               p_reveal=mcfg.p_reveal, pad_id=tokenizer.pad_id)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), denoiser.parameters()):
-                pe.lerp_(pm, 1 - tcfg.ema)
-        step += 1
-        bar.update(1)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", mse=f"{losses['mse'].item():.3f}",
-                            ce=f"{losses['round'].item():.3f}", acc=f"{losses['token_acc'].item():.2f}")
-        if is_main and (step % tcfg.val_every == 0 or step == tcfg.steps):
-            rec = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, **validate(),
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-            common.write_log(tcfg.run_dir, rec)
-        if is_main and (step % tcfg.ckpt_every == 0 or step == tcfg.steps):
-            save_state()
-        if tcfg.stop_at and step >= tcfg.stop_at:
-            if is_main:
-                save_state()
-            bar.close()
-            print(f"stopped at step {step} (--stop-at); continue with --resume")
-            return
-    bar.close()
+            return diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
+                                             mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
+                                             mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond,
+                                             p_reveal=mcfg.p_reveal, pad_id=tokenizer.pad_id)
+
+    def update_ema() -> None:
+        for pe, pm in zip(ema.parameters(), denoiser.parameters()):
+            pe.lerp_(pm, 1 - tcfg.ema)
+
+    t0 = time.time()
+    denoiser.train()
+    loop = Loop(opt, params, loss, lambda s: common.scheduled_lr(tcfg.lr_schedule, s, tcfg.steps, tcfg.lr, tcfg.lr_end,
+                                                                 tcfg.warmup),
+                save_state, validate, tcfg.run_dir, tcfg.steps, tcfg.val_every, tcfg.ckpt_every, tcfg.grad_clip,
+                tcfg.stop_at, after_step=update_ema, is_main=is_main, desc="train_diffusion",
+                shown=("loss", "mse", "round", "token_acc"))
+    step, finished = loop.run(step)
+    if not finished:
+        return
     if is_main:
         with common.fail_clearly(f"save the trained captioner to {tcfg.out} (the training state in {tcfg.run_dir} "
                                  "is complete: fix this and rerun with --resume to write it)"):
-            Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
+            sampling = (SamplingConfig.parse(tcfg.sampling) if tcfg.sampling
+                        else start_sampling)
+            Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer, sampling=sampling).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
         torch.distributed.destroy_process_group()

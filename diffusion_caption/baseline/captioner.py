@@ -27,6 +27,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .decoding import beam_search, greedy
 from ..image_encoder import ImageEncoder
+from ..pretrained import PretrainedCaptioner
 from .mapping import MAPPERS, build_mapper
 from ..tokenizer import CaptionTokenizer
 
@@ -323,40 +324,25 @@ class BaselineCaption:
                 "seconds": self.seconds}
 
 
-class BaselineCaptioner:
+class BaselineCaptioner(PretrainedCaptioner):
     """A CLIP image encoder, the prefix mapper + GPT-2, and the tokenizer, with decoding settings."""
+    FORMAT = FORMAT
+    SECTIONS = ("baseline", "gpt_config", "image_encoder")
+    KIND = "baseline"
 
     def __init__(self, config: BaselineConfig, model: PrefixCaptioner, image_encoder: ImageEncoder, tokenizer,
                  device: str | torch.device = "cpu"):
         self.config = config
-        self.model = model.eval()
+        self.model = self.network = model.eval()
         self.image_encoder = image_encoder
         self.tokenizer = tokenizer
         self.to(device)
 
-    def to(self, device) -> "BaselineCaptioner":
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.image_encoder.to(self.device)
-        return self
-
     # ---------------------------------------------------------------------------------------- files
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu") -> "BaselineCaptioner":
-        path = ckpt.resolve(path_or_hub_id)
-        cfg_file = os.path.join(path, ckpt.CONFIG_NAME)
-        meta = ckpt.read_json(cfg_file)
-        if meta.get("format") != FORMAT:
-            hint = " (a diffusion checkpoint: load it with Captioner)" if meta.get("format") == "diffusion-caption/1" \
-                else " (is this a diffusion-caption baseline checkpoint?)"
-            raise ckpt.CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}{hint}")
-        for key in ("baseline", "gpt_config", "image_encoder"):
-            if key not in meta:
-                raise ckpt.CheckpointError(f"{cfg_file}: missing the {key!r} section")
-        try:
-            config = BaselineConfig.from_dict(meta["baseline"], source=cfg_file)
-        except (TypeError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{cfg_file}: bad baseline config: {e}") from None
+        path, cfg_file, meta = cls.read_checkpoint(path_or_hub_id)
+        config = cls.read_config(BaselineConfig, meta["baseline"], cfg_file, "baseline")
         try:
             tokenizer = load_tokenizer(config.tokenizer_kind, path)
         except (OSError, ValueError) as e:
@@ -372,28 +358,14 @@ class BaselineCaptioner:
         except (TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{cfg_file}: the model it describes cannot be built: {e}") from None
         ckpt.load_into(model, os.path.join(path, ckpt.WEIGHTS_NAME))
-        try:
-            image_encoder = ImageEncoder.load(meta["image_encoder"], base_dir=path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path}: image encoder: {e}") from None
-        if image_encoder.feature_dim != config.cond_dim:
-            raise ckpt.CheckpointError(f"{path}: the image encoder gives {image_encoder.feature_dim}-d features "
-                                       f"but {cfg_file} says cond_dim={config.cond_dim}")
+        image_encoder = cls.load_image_encoder(meta, path, cfg_file, config.cond_dim)
         return cls(config, model, image_encoder, tokenizer, device)
 
-    def save_pretrained(self, path: str, clip_reference: str | None = None) -> None:
-        """Write config.json, model.safetensors, the tokenizer and (for local CLIPs) the CLIP in ``clip/``,
-        or, with ``clip_reference`` (a folder holding this very CLIP), a relative reference to it instead."""
-        with ckpt.atomic_directory(path) as tmp:
-            source = self.image_encoder.save_with(tmp, path, clip_reference)
-            meta = {"format": FORMAT, "baseline": self.config.to_dict(), "gpt_config": self.model.gpt_config,
-                    "image_encoder": source}
-            ckpt.write_json(os.path.join(tmp, ckpt.CONFIG_NAME), meta)
-            ckpt.save_tensors(self.model.state_dict(), os.path.join(tmp, ckpt.WEIGHTS_NAME))
-            self.tokenizer.save_pretrained(tmp)
+    def _sections(self) -> dict:
+        return {"baseline": self.config.to_dict(), "gpt_config": self.model.gpt_config}
 
     # ---------------------------------------------------------------------------------------- decoding
-    def check_settings(self, beam=None, max_len=None, length_penalty=None) -> dict:
+    def settings(self, beam=None, max_len=None, length_penalty=None) -> dict:
         """Validated decoding settings, or a ValueError naming the parameter and its range."""
         beam = self.config.beam if beam is None else beam
         if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
@@ -406,21 +378,14 @@ class BaselineCaptioner:
             raise ValueError(f"length_penalty must be a number from 0 to 5, got {lp!r}")
         return {"beam": beam, "max_len": max_len, "length_penalty": float(lp)}
 
-    def encode_images(self, images: list) -> torch.Tensor:
-        return self.image_encoder.encode(images).to(self.device)
-
     @torch.no_grad()
     def caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                       beam: int | None = None, max_len: int | None = None, length_penalty: float | None = None,
                       use_cache: bool = True) -> list[BaselineCaption]:
         """One ``BaselineCaption`` per image, all decoded together. Give images or their features."""
         t0 = time.perf_counter()
-        s = self.check_settings(beam, max_len, length_penalty)
-        if features is None:
-            if not images:
-                raise ValueError("give at least one image (or precomputed features)")
-            features = self.encode_images(list(images))
-        features = features.to(self.device).float()
+        s = self.settings(beam, max_len, length_penalty)
+        features = self.features_of(images, features)
         if features.ndim != 2 or features.shape[1] != self.config.cond_dim:
             raise ValueError(f"features must be [N, {self.config.cond_dim}], got {tuple(features.shape)}")
         prefix = self.model.prefix(features)
@@ -434,9 +399,3 @@ class BaselineCaptioner:
                                 confidence=[round(min(max(p, 0.0), 1.0), 6) for p in h.probs],
                                 token_ids=h.token_ids, log_prob=h.log_prob, settings=dict(s), seconds=seconds)
                 for h in hyps]
-
-    def caption(self, image, beam: int | None = None, max_len: int | None = None,
-                length_penalty: float | None = None) -> BaselineCaption:
-        """Caption one image (a path, PIL image, array or bytes)."""
-        return self.caption_batch([image], beam=beam, max_len=max_len, length_penalty=length_penalty)[0]
-

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import re
 
-from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -30,6 +28,8 @@ def consensus_scores(candidates: list[str]) -> list[float]:
     """``U(y_j; others)`` for every candidate of one image: mean sentence BLEU-1..4 against the rest."""
     if len(candidates) < 2:
         return [1.0] * len(candidates)
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer  # the COCO protocol's BLEU, only when MBR runs
+
     toks = [_tokens(c) for c in candidates]
     scorer = BleuScorer(n=4)
     for j, hyp in enumerate(toks):

@@ -2,13 +2,13 @@
 
 Ranking a one-step diffusion captioner's candidate roundings by CLIP score (``diffusion_caption.selection.rerank``)
 fixes most of its colour-shape binding errors, but only with a text tower that reads binding
-(``training.tune_clip_text``), and that tower's passes cost more than the captioner: a 3-block
+(``research.tune_clip_text``), and that tower's passes cost more than the captioner: a 3-block
 transformer over every distinct candidate. What decides between the candidates is local: which colour
 word stands before which shape word, and how many. A stack of 1-D convolutions over the token
 embeddings sees exactly such n-grams; pooled over the caption (mean and max) and projected into the
 image features' space, it is a text tower in CLIP's sense (Kim, 2014's convolutional sentence encoder,
 trained contrastively against a frozen image tower, as LiT trains a text tower against a locked one) at
-a fraction of the cost. ``training.train_text_scorer`` trains it against binding hard negatives and the
+a fraction of the cost. ``research.train_text_scorer`` trains it against binding hard negatives and the
 full text tower's rankings.
 
 It reads captions as its tokenizer's ids ([CLS] words [SEP] then [PAD]) and only pairs with the image

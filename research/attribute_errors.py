@@ -1,7 +1,7 @@
 """Count single-object colour and shape misses on a large held-out set, with confidence intervals.
 
     python -m training.make_world --out data/shapes-fresh2 --seed 2 --n-train 0 --n-val 0 --n-test 10000
-    python -m training.attribute_errors --data-dir data/shapes-fresh2 --split test --seeds 0,1,2 \\
+    python -m research.attribute_errors --data-dir data/shapes-fresh2 --split test --seeds 0,1,2 \\
         --checkpoints assets/checkpoints/shapes-baseline,assets/checkpoints/shapes-diffusion-fast-small \\
         --out docs/results/attribute_errors_fresh2.md
 
@@ -34,8 +34,7 @@ from diffusion_caption.data import load_datasets
 from diffusion_caption.eval.evaluation import generate, load_model, markdown_table, model_kind
 from diffusion_caption.features import image_features
 from diffusion_caption.world.scenes import Scene
-from training.choose_sampling import name as setting_name
-from training.choose_sampling import parse_setting
+from research.choose_sampling import parse_settings
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -127,7 +126,7 @@ def main(argv=None) -> dict:
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
-    settings = [parse_setting(x) for x in args.settings.split(",") if x.strip()]
+    settings = parse_settings(args.settings)
     records = [r for r in load_datasets("shapes", args.data_dir, splits=[args.split])
                if r.scene and len(r.scene["objects"]) == 1]
     if not records:
@@ -148,16 +147,11 @@ def main(argv=None) -> dict:
             draws = []
             for seed in tqdm(seeds, desc=f"{label} draws", leave=False):
                 try:
-                    st = (model.check_settings(None, None, None, seed, None) if s is None else
-                          model.check_settings(s["steps"], s["sampler"], s["guidance"], seed, s["clamp"],
-                                               spacing=s["spacing"]))
+                    st = model.settings(seed, s)
                 except ValueError as e:
-                    raise SystemExit(f"--settings {setting_name(s)}: {e}") from None
+                    raise SystemExit(f"--settings {s.spec}: {e}") from None
                 draws.append(generate(model, feats, dict(st, record="final"), args.batch_size))
-            c = model.config
-            shown = s or {"sampler": c.sampler, "steps": c.sample_steps, "guidance": c.sample_guidance,
-                          "clamp": c.sample_clamp, "spacing": c.sample_spacing}
-            results.append({"model": label, "setting": setting_name(shown) + ("" if s else " (its default)"),
+            results.append({"model": label, "setting": (s or model.sampling).describe() + ("" if s else " (its default)"),
                             **count(draws, scenes, args.examples)})
         del model
     head = (f"{len(records)} single-object images of {args.data_dir} ({args.split}); diffusion seeds {args.seeds}; "

@@ -1,6 +1,6 @@
 """Caption quality against sampling steps, sampler and guidance scale, as a table and a plot.
 
-    python -m training.sweep --checkpoint assets/checkpoints/shapes-diffusion --split test --out docs/sweep
+    python -m research.sweep --checkpoint assets/checkpoints/shapes-diffusion --split test --out docs/sweep
 
 Runs the evaluation of ``training.evaluate`` (same protocol, same seeds) once per setting: every
 ``--steps`` value with every ``--samplers`` entry and every ``--spacings`` entry (at ``--steps-guidance``,
@@ -9,7 +9,7 @@ DDIM at ``--guidance-steps`` steps. Writes ``OUT.json`` (all results), ``OUT.md`
 ``OUT.png`` (the plot); with more than one spacing also ``OUT_spacing.png``, one line per sampler and
 spacing for each of BLEU-4 and the single-object colour and shape accuracies.
 
-    python -m training.sweep --split val --steps 1,2,3,5,10,20 --spacings linspace,trailing,trailing^2,trailing^3 \
+    python -m research.sweep --split val --steps 1,2,3,5,10,20 --spacings linspace,trailing,trailing^2,trailing^3 \
         --guidance "" --out docs/results/spacing_val
 """
 from __future__ import annotations
@@ -137,14 +137,14 @@ def main(argv=None) -> None:
     p.add_argument("--samplers", default="ddim,ddpm")
     p.add_argument("--spacings", default=None,
                    help="comma-separated timestep spacings of the steps sweep: linspace, trailing, trailing^k "
-                        "(default: the checkpoint's own, sample_spacing)")
+                        "(default: the checkpoint's own)")
     p.add_argument("--steps-guidance", type=float, default=None,
-                   help="guidance scale of the steps sweep (default: the checkpoint's own, sample_guidance)")
+                   help="guidance scale of the steps sweep (default: the checkpoint's own)")
     p.add_argument("--guidance", type=floats, default=floats("0,1,1.5,2,3,5"),
                    help='guidance scales of the guidance sweep ("" for none)')
     p.add_argument("--guidance-steps", type=int, default=20)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help="clamp each x0 to its nearest tokens in every setting (default: the checkpoint's sample_clamp)")
+                   help="clamp each x0 to its nearest tokens in every setting (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--cache-dir", default="cache")
@@ -159,22 +159,21 @@ def main(argv=None) -> None:
         raise SystemExit("the sweep varies diffusion sampling settings; give a diffusion checkpoint")
     records = load_records(args)
     image_features(model.image_encoder, [r.image_path for r in records], args.cache_dir)  # encode once, cached
-    g_steps = model.config.sample_guidance if args.steps_guidance is None else args.steps_guidance
-    spacings = [x.strip() for x in (args.spacings or model.config.sample_spacing).split(",") if x.strip()]
+    g_steps = model.sampling.guidance if args.steps_guidance is None else args.steps_guidance
+    spacings = [x.strip() for x in (args.spacings or model.sampling.spacing).split(",") if x.strip()]
     plan = [("steps", dict(steps=s, sampler=smp, guidance=g_steps, spacing=sp))
             for smp in args.samplers.split(",") for sp in spacings for s in args.steps]
     plan += [("guidance", dict(steps=args.guidance_steps, sampler="ddim", guidance=g, spacing=spacings[0]))
              for g in args.guidance]
     try:  # every setting checked before the first evaluation
         for _, kw in plan:
-            model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp, spacing=kw["spacing"])
+            model.settings(args.seed, clamp=args.clamp, **kw)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     rows, results = [], []
     for sweep, kw in tqdm(plan, desc="sweep"):
         torch.manual_seed(args.seed)
-        settings = model.check_settings(kw["steps"], kw["sampler"], kw["guidance"], args.seed, args.clamp,
-                                        spacing=kw["spacing"])
+        settings = model.settings(args.seed, clamp=args.clamp, **kw)
         res = evaluate(model, records, settings, args.batch_size, args.cache_dir, tokenizer=args.tokenizer,
                        meteor=args.meteor)
         res.pop("captions")

@@ -1,11 +1,11 @@
 """Train a small convolutional text scorer (``diffusion_caption.selection.text_scorer``) to rank candidate captions
 as a binding-aware CLIP text tower does, at a fraction of its cost.
 
-    python -m training.train_text_scorer --teacher assets/checkpoints/shapes-clip-binding \
+    python -m research.train_text_scorer --teacher assets/checkpoints/shapes-clip-binding \
         --candidates-from assets/checkpoints/shapes-diffusion-fast-small --data-dir data/shapes-aug \
         --out runs/text-scorer/final --run-dir runs/text-scorer
 
-The teacher is a CLIP whose text tower reads binding (``training.tune_clip_text``). Its image tower is
+The teacher is a CLIP whose text tower reads binding (``research.tune_clip_text``). Its image tower is
 frozen and shared: the scorer learns a text embedding in that tower's feature space, so a captioner with
 the same image tower can use it (``Captioner.use_scorer``). Each step has three terms:
 
@@ -36,14 +36,14 @@ from tqdm import tqdm
 from diffusion_caption import checkpoint as ckpt
 from diffusion_caption.selection.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
 from training import common
-from training.tune_clip_text import binding_batch, binding_data, load_text_clip, ranking_accuracy
+from research.tune_clip_text import binding_batch, binding_data, load_text_clip, ranking_accuracy
 
 
 @dataclass
 class TrainTextScorerConfig:
     teacher: str = "assets/checkpoints/shapes-clip-binding"
     candidates_from: str = ""  # a captioner whose candidate roundings of train images are distilled ("": none)
-    candidate_setting: str = "ddim:1:1:k32:mbr:rounding"  # SAMPLER:STEPS:GUIDANCE[...]:kK[:rounding]
+    candidate_setting: str = "ddim:1:1:k32:clip:rounding"  # SAMPLER:STEPS:GUIDANCE[...]:kK[:rounding]
     candidate_seeds: int = 2  # noise draws per image for the candidate sets
     candidate_images: int = 8000  # training images whose candidate sets are made
     candidate_batch: int = 64  # candidate sets per step
@@ -123,9 +123,13 @@ def main(argv=None) -> None:
     tr_sets, tr_soft, va_sets, va_teacher = [], [], [], []
     if cfg.candidates_from:
         from diffusion_caption.captioner import Captioner
-        from training.choose_sampling import parse_setting
+        from diffusion_caption.sampling import SamplingConfig
 
-        setting = parse_setting(cfg.candidate_setting)
+        try:
+            setting = SamplingConfig.parse(cfg.candidate_setting).to_dict()
+        except ValueError as e:
+            raise SystemExit(f"--candidate-setting: {e}") from None
+        setting.pop("scorer")
         if setting["candidates"] < 2:
             raise SystemExit(f"--candidate-setting {cfg.candidate_setting!r}: give kK with K >= 2 candidates")
         try:

@@ -1,9 +1,9 @@
 """The seed paper's experiments, one named grid per question, on the shapes world.
 
-    python -m training.ablate --list                      # the grids, their runs and the paper's direction
-    python -m training.ablate --grid fusion               # concat vs add: train, evaluate, append results
-    python -m training.ablate --grid lambda-round --steps 6000 --seeds 0,1,2   # a larger budget, three seeds
-    python -m training.ablate --report                    # rewrite the tables and plots of docs/ABLATIONS.md
+    python -m research.ablate --list                      # the grids, their runs and the paper's direction
+    python -m research.ablate --grid fusion               # concat vs add: train, evaluate, append results
+    python -m research.ablate --grid lambda-round --steps 6000 --seeds 0,1,2   # a larger budget, three seeds
+    python -m research.ablate --report                    # rewrite the tables and plots of research/ABLATIONS.md
 
 Every run is a short training of the ``shapes`` preset from one shared config (``SHARED_FLAGS``, a smaller
 denoiser so a run takes minutes on 2 CPU cores) plus the one change its grid is about, with the same
@@ -291,9 +291,9 @@ def run_grid(grid: Grid, budget: Budget, results_path: str, stop_after: int = 0)
             records = load_datasets("shapes", budget.data_dir, splits=[budget.split])
             records = records[:budget.eval_limit] if budget.eval_limit else records
             for settings, _ in missing:
-                s = model.check_settings(settings["steps"], settings["sampler"], settings["guidance"],
-                                         settings["seed"], settings["clamp"],
-                                         spacing=settings.get("spacing", "linspace"))  # as every record so far
+                s = model.settings(settings["seed"], steps=settings["steps"], sampler=settings["sampler"],
+                                   guidance=settings["guidance"], clamp=settings["clamp"],
+                                   spacing=settings.get("spacing", "linspace"))  # as every record so far
                 torch.manual_seed(s["seed"])
                 t0 = time.time()
                 res = evaluate(model, records, s, budget.eval_batch_size, budget.cache_dir, tokenizer=budget.tokenizer)
@@ -438,7 +438,7 @@ def plot_grid(grid: Grid, budget: Budget, records: list[dict], path: str) -> boo
 
 def command_line(grid: Grid, budget: Budget) -> str:
     default = Budget()
-    parts = ["python -m training.ablate --grid", grid.name]
+    parts = ["python -m research.ablate --grid", grid.name]
     for flag, name in (("--steps", "steps"), ("--batch-size", "batch_size"), ("--eval-limit", "eval_limit"),
                        ("--eval-steps", "eval_steps"), ("--tokenizer", "tokenizer")):
         if getattr(budget, name) != getattr(default, name):
@@ -532,9 +532,9 @@ def main(argv=None) -> dict | None:
     p.add_argument("--eval-steps", type=int, default=d.eval_steps, help="DDIM sampling steps in evaluation")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--tokenizer", default=d.tokenizer, choices=["ptb", "simple"])
-    p.add_argument("--results", default="docs/ablations/results.json")
-    p.add_argument("--doc", default="docs/ABLATIONS.md")
-    p.add_argument("--plots-dir", default="docs/ablations")
+    p.add_argument("--results", default="research/ablations/results.json")
+    p.add_argument("--doc", default="research/ABLATIONS.md")
+    p.add_argument("--plots-dir", default="research/ablations")
     p.add_argument("--no-report", action="store_true", help="do not rewrite the doc after the grid")
     p.add_argument("--stop-after", type=int, default=0, help="stop after N runs as if killed (to test resuming)")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Fine-tune a CLIP's text tower against binding hard negatives, its image tower frozen.
 
-    python -m training.tune_clip_text --clip assets/checkpoints/shapes-clip --data-dir data/shapes-aug \
+    python -m research.tune_clip_text --clip assets/checkpoints/shapes-clip --data-dir data/shapes-aug \
         --out runs/clip-binding/final --run-dir runs/clip-binding
 
 Choosing among candidate captions by CLIP score (``diffusion_caption.selection.rerank``) can only pick the

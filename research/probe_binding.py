@@ -21,7 +21,7 @@ Features probed:
 - ``tokens``: the attention pool's outputs at every spatial position of the last feature map (CLIP's
   patch tokens, for the ModifiedResNet image towers the shapes preset uses), concatenated.
 
-    python -m training.probe_binding --clip assets/checkpoints/shapes-clip --data-dir data/shapes-aug
+    python -m research.probe_binding --clip assets/checkpoints/shapes-clip --data-dir data/shapes-aug
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Time the app's captioning path on this machine: start-up, first step, full trace with all plots.
 
-    python -m training.benchmark_app                               # the shipped shapes checkpoints
-    python -m training.benchmark_app --checkpoint DIR --baseline DIR --steps 50 --repeats 10
-    python -m training.benchmark_app --no-server                   # in-process handlers only
+    python -m research.benchmark_app                               # the shipped shapes checkpoints
+    python -m research.benchmark_app --checkpoint DIR --baseline DIR --steps 50 --repeats 10
+    python -m research.benchmark_app --no-server                   # in-process handlers only
 
 Measured (medians over ``--repeats`` captions of the example images, each with a new seed so nothing is
 replayed from the app's memo):
@@ -103,16 +103,16 @@ def through_server(args, images: list[str]) -> dict:
 def main(argv=None) -> int:
     import app
 
-    p = argparse.ArgumentParser(prog="python -m training.benchmark_app", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m research.benchmark_app", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=app.DEFAULT_CHECKPOINT)
     p.add_argument("--baseline", default=app.DEFAULT_BASELINE)
     p.add_argument("--examples", default=app.EXAMPLES_DIR)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--sampler", default=None, choices=["ddim", "ddpm"], help="default: the checkpoint's")
-    p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's sample_guidance")
+    p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: the checkpoint's sample_clamp")
+                   help="default: the checkpoint's")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"])
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "cache"))
@@ -143,11 +143,11 @@ def main(argv=None) -> int:
     if vmap is None:
         print(f"error: {m.vocab_job.error or 'the vocabulary map was not ready in 600 s'}", file=sys.stderr)
         return 1
-    cfg = m.cap.config
-    args.steps = args.steps or cfg.sample_steps
-    args.sampler = args.sampler or cfg.sampler
-    args.guidance = cfg.sample_guidance if args.guidance is None else args.guidance
-    args.clamp = cfg.sample_clamp if args.clamp is None else args.clamp
+    smp = m.cap.sampling
+    args.steps = args.steps or smp.steps
+    args.sampler = args.sampler or smp.sampler
+    args.guidance = smp.guidance if args.guidance is None else args.guidance
+    args.clamp = smp.clamp if args.clamp is None else args.clamp
     images = [e for e in m.examples if os.path.basename(e).startswith("shapes")] or m.examples
     if not images:
         print(f"error: no example images in {args.examples}", file=sys.stderr)

@@ -1,0 +1,112 @@
+"""SamplingConfig: one typed, validated set of sampling settings, its one text form, and its checkpoint section."""
+import json
+
+import pytest
+
+from diffusion_caption.sampling import SamplingConfig, split_legacy
+
+
+def test_parse_reads_the_one_text_form():
+    s = SamplingConfig.parse("ddpm:50:5:clamp")
+    assert s == SamplingConfig(sampler="ddpm", steps=50, guidance=5.0, clamp=True, spacing="linspace",
+                               candidates=1, select="mbr", propose="noise")
+    assert SamplingConfig.parse("DDIM:20:1").clamp is False
+    s = SamplingConfig.parse("ddpm:10:5:clamp:trailing^2")
+    assert s.clamp is True and s.spacing == "trailing^2"
+    assert SamplingConfig.parse("ddim:5:1:trailing") == SamplingConfig(sampler="ddim", steps=5, spacing="trailing")
+    assert s.describe() == "DDPM 10, guidance 5, clamp, trailing^2"
+    # K candidates per image, kept by consensus unless CLIP score is named
+    k = SamplingConfig.parse("ddpm:2:1:clamp:trailing^2:k8:clip")
+    assert (k.candidates, k.select, k.spacing, k.clamp) == (8, "clip", "trailing^2", True)
+    assert k.describe() == "DDPM 2, guidance 1, clamp, trailing^2, 8 candidates by CLIP"
+    assert SamplingConfig.parse("ddim:1:1:k4").select == "mbr"
+    # ...from the likeliest roundings of one draw when named
+    r = SamplingConfig.parse("ddim:1:1:k8:clip:rounding")
+    assert (r.candidates, r.select, r.propose, r.spacing) == (8, "clip", "rounding", "linspace")
+    assert r.describe() == "DDIM 1, guidance 1, 8 roundings by CLIP"
+    assert SamplingConfig.parse("reveal:6:1:trailing^2").sampler == "reveal"
+    for bad in ("ddim:20", "ddim:x:1", "ddim:20:1:yes", "ddim:20:1:clamp:clamp", "ddim:5:1:trailing:linspace",
+                "ddim:5:1:trailing^0", "ddim:1:1:clip", "ddim:1:1:k2:k4", "ddim:1:1:k4:clip:mbr",
+                "ddim:1:1:rounding", "ddim:1:1:k4:clip:rounding:noise", "ddim:0:1", "euler:4:1",
+                "ddim:1:1:k8:mbr:rounding", "ddim:4:99"):
+        with pytest.raises(ValueError):
+            SamplingConfig.parse(bad)
+
+
+def test_spec_and_parse_are_inverse():
+    for text in ("ddim:20:5", "ddpm:10:5:clamp:trailing^2", "ddim:1:1:k8:clip:rounding", "reveal:6:1:trailing^2",
+                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3"):
+        assert SamplingConfig.parse(text).spec == text
+        s = SamplingConfig.parse(text)
+        assert SamplingConfig.parse(s.spec) == s
+    assert SamplingConfig.parse("ddim:20:5").calls == 40 and SamplingConfig.parse("ddim:20:1").calls == 20
+
+
+def test_values_are_checked_once_when_made_and_replace_checks_again():
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        SamplingConfig(steps=0)
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        SamplingConfig(steps=2.5)
+    with pytest.raises(ValueError, match="guidance must be a number from 0"):
+        SamplingConfig(guidance=float("nan"))
+    with pytest.raises(ValueError, match="clamp must be true or false"):
+        SamplingConfig(clamp="yes")
+    with pytest.raises(ValueError, match="spacing must be"):
+        SamplingConfig(spacing="sideways")
+    with pytest.raises(ValueError, match="candidates must be"):
+        SamplingConfig(candidates=65)
+    with pytest.raises(ValueError, match="select='clip'"):
+        SamplingConfig(candidates=4, propose="rounding")
+    s = SamplingConfig(steps=20.0, sampler="DDPM", spacing=" Trailing^2 ")
+    assert (s.steps, type(s.steps), s.sampler, s.spacing) == (20, int, "ddpm", "trailing^2")
+    assert s.replace(steps=None, guidance=None) is s  # None leaves a setting as it is
+    assert s.replace(guidance=3).guidance == 3.0 and s.guidance == 1.0  # a new one; frozen
+    with pytest.raises(ValueError, match="steps must be"):
+        s.replace(steps=-1)
+    with pytest.raises(TypeError, match="unknown sampling settings"):
+        s.replace(stpes=4)
+    with pytest.raises(ValueError, match="unknown sampling keys"):
+        SamplingConfig.from_dict({"steps": 3, "temperature": 1})
+    assert SamplingConfig.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_a_checkpoint_stores_sampling_apart_and_old_checkpoints_still_load(make_captioner, tmp_path, scene_image):
+    from diffusion_caption import Captioner
+
+    cap = make_captioner()
+    cap.sampling = SamplingConfig.parse("ddpm:3:2:clamp:trailing")
+    d = tmp_path / "ckpt"
+    cap.save_pretrained(str(d))
+    meta = json.loads((d / "config.json").read_text())
+    assert meta["sampling"]["sampler"] == "ddpm" and meta["sampling"]["steps"] == 3
+    assert not any(k.startswith("sample") for k in meta["captioner"])  # the network's config holds none
+    back = Captioner.from_pretrained(str(d))
+    assert back.sampling == cap.sampling
+    want = back.caption(scene_image, seed=1)
+    # a checkpoint written before the sampling section: its sample_* keys inside the captioner section
+    old = dict(meta)
+    old["captioner"] = {**meta["captioner"], "sampler": "ddpm", "sample_steps": 3, "sample_guidance": 2.0,
+                        "sample_clamp": True, "sample_spacing": "trailing"}
+    del old["sampling"]
+    (d / "config.json").write_text(json.dumps(old))
+    legacy = Captioner.from_pretrained(str(d))
+    assert legacy.sampling == cap.sampling
+    assert legacy.caption(scene_image, seed=1).text == want.text and want.settings["steps"] == 3
+    net, smp = split_legacy(old["captioner"])
+    assert smp == {"sampler": "ddpm", "steps": 3, "guidance": 2.0, "clamp": True, "spacing": "trailing"}
+    assert "sample_steps" not in net and net["n_layers"] == meta["captioner"]["n_layers"]
+
+
+def test_a_call_overrides_the_checkpoint_defaults_by_name(make_captioner, scene_image):
+    cap = make_captioner()
+    cap.sampling = SamplingConfig.parse("ddim:3:1")
+    tr = cap.caption(scene_image)
+    assert len(tr.steps) == 3 and tr.settings["sampler"] == "ddim"
+    tr = cap.caption(scene_image, steps=2, sampler="ddpm")
+    assert len(tr.steps) == 2 and tr.settings["sampler"] == "ddpm"
+    tr2 = cap.caption(scene_image, sampling=SamplingConfig.parse("ddpm:2:1"))
+    assert tr2.text == tr.text and tr2.settings == tr.settings
+    with pytest.raises(ValueError, match=f"steps must be an integer from 1 to {cap.config.T}"):
+        cap.caption(scene_image, steps=cap.config.T + 1)
+    with pytest.raises(TypeError, match="unknown sampling settings"):
+        cap.caption(scene_image, stpes=2)
