@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="append", default=None,
                    help="diffusion checkpoint directory or hub id; repeat it to offer several (the first is the default; "
                         "default: the shipped shapes-diffusion-reveal, shapes-diffusion and shapes-diffusion-fast-small)")
-    p.add_argument("--baseline", default=DEFAULT_BASELINE,
-                   help="autoregressive baseline checkpoint directory or hub id ('' for none)")
+    p.add_argument("--baseline", default=None,
+                   help="autoregressive baseline checkpoint directory or hub id ('' for none; default: the shipped "
+                        "shapes-baseline, unless a --checkpoint was trained on other data: then none)")
     p.add_argument("--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"],
@@ -124,6 +125,21 @@ def model_summary(cap) -> str:
             + (f", guidance {cfg.sample_guidance:g}" if cfg.sample_guidance != 1 else ""))
 
 
+def default_baseline(caps: dict) -> tuple[str, str]:
+    """The baseline to pair with ``caps`` when no --baseline is given, and why: the shipped shapes baseline for
+    shapes-world models, none for a model trained on other data (photographs), which it would only mislead."""
+    other = {name: cap.config.extra.get("data") for name, cap in caps.items()
+             if (cap.config.extra or {}).get("data") not in (None, "", "shapes")}
+    if not other:
+        return DEFAULT_BASELINE, ""
+    name, data = next(iter(other.items()))
+    note = (f"No baseline loaded: {name} was trained on {data}, and the shipped baseline knows only the shapes "
+            "world; start the app with --baseline DIR_OR_HUB_ID (a baseline trained on the same data, e.g. the "
+            "recipe's baseline/) to see one beside it.")
+    print(note, file=sys.stderr)
+    return "", note
+
+
 def load_models(args) -> Models:
     from diffusion_caption import Captioner, CheckpointError
     from diffusion_caption.baseline import BaselineCaptioner
@@ -151,23 +167,24 @@ def load_models(args) -> Models:
         jobs[name] = VocabMapJob(cap.denoiser.embeddings, tokens, cache_dir=args.cache_dir, checkpoint_dir=dirs[name],
                                  method=args.vocab_map)
         atexit.register(jobs[name].close)
-    baseline, note = None, ""
-    if not args.baseline:
-        note = "No baseline loaded: the app was started with --baseline ''."
+    baseline = None
+    baseline_path, note = default_baseline(caps) if args.baseline is None else (args.baseline, "")
+    if not baseline_path:
+        note = note or "No baseline loaded: the app was started with --baseline ''."
     else:
         try:
-            baseline = BaselineCaptioner.from_pretrained(args.baseline)
-            note = f"Baseline: {os.path.basename(os.path.normpath(args.baseline))}"
+            baseline = BaselineCaptioner.from_pretrained(baseline_path)
+            note = f"Baseline: {os.path.basename(os.path.normpath(baseline_path))}"
         except (CheckpointError, OSError, ValueError) as e:
             hint = (" Train it with `python -m training.train_baseline --preset shapes`, or start the app "
-                    "with --baseline DIR." if os.path.abspath(args.baseline) == DEFAULT_BASELINE else "")
+                    "with --baseline DIR." if os.path.abspath(baseline_path) == DEFAULT_BASELINE else "")
             note = f"No baseline loaded: {e}.{hint}"
     examples = []
     if os.path.isdir(args.examples):
         examples = [os.path.join(args.examples, f) for f in sorted(os.listdir(args.examples))
                     if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
     return Models(caps=caps, checkpoints=checkpoints, checkpoint_dirs=dirs, vocab_jobs=jobs, baseline=baseline,
-                  baseline_path=args.baseline, baseline_note=note, scenes=known_scenes(args.examples),
+                  baseline_path=baseline_path, baseline_note=note, scenes=known_scenes(args.examples),
                   examples=examples, load_seconds=time.perf_counter() - t0)
 
 

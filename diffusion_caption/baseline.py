@@ -138,6 +138,9 @@ class GPT2CaptionTokenizer:
     def from_pretrained(cls, path: str) -> "GPT2CaptionTokenizer":
         from transformers import GPT2TokenizerFast
 
+        from . import hub
+
+        hub.require([hub.Need(path, "GPT-2 tokenizer", "--tokenizer DIR", files=("tokenizer.json", "vocab.json"))])
         return cls(GPT2TokenizerFast.from_pretrained(path))
 
     def save_pretrained(self, path: str) -> None:
@@ -186,6 +189,9 @@ def build_gpt(cfg: BaselineConfig, gpt_config: dict | None = None):
             vocab_size=cfg.vocab_size, n_positions=max(64, cfg.prefix_len + cfg.max_len), n_embd=cfg.n_embd,
             n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id))
+    from . import hub
+
+    hub.require([hub.Need(cfg.gpt, "GPT-2", "--gpt DIR (a folder saved with save_pretrained)")])
     try:
         return GPT2LMHeadModel.from_pretrained(cfg.gpt)
     except OSError as e:
@@ -199,6 +205,9 @@ def pretrained_architecture(cfg: BaselineConfig) -> BaselineConfig:
         return cfg
     from transformers import GPT2Config
 
+    from . import hub
+
+    hub.require([hub.Need(cfg.gpt, "GPT-2", "--gpt DIR (a folder saved with save_pretrained)")])
     try:
         g = GPT2Config.from_pretrained(cfg.gpt)
     except OSError as e:

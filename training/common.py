@@ -141,6 +141,39 @@ def start_command(cls, argv, description: str):
     return cfg, device, rank, world
 
 
+# ------------------------------------------------------------------------------------------------ models from the hub
+def clip_need(spec: str):
+    """What loading the ``--clip`` spec needs from the hub (a ``hub.Need``), or None for a local CLIP folder."""
+    from diffusion_caption import hub
+
+    if not spec.startswith("open_clip:"):
+        if not os.path.isdir(spec):
+            raise SystemExit(f"error: --clip {spec}: no such CLIP folder; give a folder saved by training.train_clip, "
+                             "or open_clip:MODEL:TAG (a hub download) or open_clip:MODEL:FILE (a local weights file)")
+        return None
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[1]:
+        raise SystemExit(f"error: --clip {spec}: expected open_clip:MODEL:TAG_OR_FILE, e.g. "
+                         "open_clip:ViT-B-32-quickgelu:openai or open_clip:ViT-B-32-quickgelu:/path/to/weights.safetensors")
+    _, name, pretrained = parts
+    try:
+        return hub.open_clip_need(name, pretrained, flag=f"--clip open_clip:{name}:FILE (a local weights file)")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --clip {spec}: {e}") from None
+
+
+def require_models(needs: list) -> None:
+    """Exit at once, with the models and the flags for local copies, if any of ``needs`` (``hub.Need``)
+    would have to come from a hub this machine cannot reach; a local path that does not exist, an unknown
+    open_clip tag, likewise."""
+    from diffusion_caption import hub
+
+    try:
+        hub.require(needs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 # ------------------------------------------------------------------------------------------------ losses
 def clip_loss(scale: torch.Tensor, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's symmetric InfoNCE for unit image features ``img`` [B, D] against unit text features ``txt``

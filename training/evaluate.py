@@ -64,11 +64,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--cache-dir", default="cache")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cuda | cpu | auto (default: cuda when available)")
     p.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"],
                    help="ptb: the COCO protocol (needs Java); simple: pure Python, close but not identical")
     p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
                    help="score METEOR (--no-meteor: skip it; it starts a Java process and is the slowest metric)")
+
+
+def device_from_args(args) -> str:
+    """``--device``, with ``auto`` meaning cuda when this machine has it (the base model is ~1 s an image on CPU)."""
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} was asked for, but CUDA is not available on this machine")
+    return args.device
 
 
 def settings_from_args(model, args) -> dict:
@@ -119,7 +128,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        model = load_model(args.checkpoint, device=args.device)
+        model = load_model(args.checkpoint, device=device_from_args(args))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
