@@ -19,6 +19,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+try:  # a ZeroGPU Space: a GPU is attached while a function wrapped by spaces.GPU runs (see on_gpu)
+    import spaces
+except ImportError:
+    spaces = None
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # the models the app offers, the first one the default: what each is, is read from its config.json (extra.summary)
 DEFAULT_CHECKPOINTS = [os.path.join(ROOT, "assets", "checkpoints", name)
@@ -125,6 +130,27 @@ def model_summary(cap) -> str:
             + (f", guidance {cfg.sample_guidance:g}" if cfg.sample_guidance != 1 else ""))
 
 
+# the handlers that run the models: on a ZeroGPU Space each gets the GPU for the length of a call
+GPU_HANDLERS = ("caption_stream", "api_caption", "variants")
+
+
+def model_device() -> str:
+    """Where the models live: CUDA on a ZeroGPU Space (the ``spaces`` package present), else the CPU."""
+    if spaces is None:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_gpu(h: "Handlers") -> "Handlers":
+    """Wrap ``h``'s model-running handlers in ``spaces.GPU`` when the ``spaces`` package is present; else nothing."""
+    if spaces is not None:
+        for name in GPU_HANDLERS:
+            setattr(h, name, spaces.GPU(getattr(h, name)))
+    return h
+
+
 def default_baseline(caps: dict) -> tuple[str, str]:
     """The baseline to pair with ``caps`` when no --baseline is given, and why: the shipped shapes baseline for
     shapes-world models, none for a model trained on other data (photographs), which it would only mislead."""
@@ -148,11 +174,12 @@ def load_models(args) -> Models:
     from diffusion_caption.vocab_map import VocabMapJob
 
     t0 = time.perf_counter()
+    device = model_device()
     caps, checkpoints, dirs, jobs = {}, {}, {}, {}
     for path in getattr(args, "checkpoints", None) or [args.checkpoint]:
         name = os.path.basename(os.path.normpath(path))
         try:
-            cap = Captioner.from_pretrained(path)
+            cap = Captioner.from_pretrained(path, device=device)
         except (CheckpointError, OSError) as e:
             hint = ""
             if os.path.abspath(path) in DEFAULT_CHECKPOINTS:
@@ -173,7 +200,7 @@ def load_models(args) -> Models:
         note = note or "No baseline loaded: the app was started with --baseline ''."
     else:
         try:
-            baseline = BaselineCaptioner.from_pretrained(baseline_path)
+            baseline = BaselineCaptioner.from_pretrained(baseline_path, device=device)
             note = f"Baseline: {os.path.basename(os.path.normpath(baseline_path))}"
         except (CheckpointError, OSError, ValueError) as e:
             hint = (" Train it with `python -m training.train_baseline --preset shapes`, or start the app "
@@ -656,7 +683,7 @@ def build(m: Models):
     from diffusion_caption.samplers import SAMPLERS
     from diffusion_caption.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
 
-    h = Handlers(m)
+    h = on_gpu(Handlers(m))
     cfg = m.cap.config
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
         gr.Markdown("# Watch a caption being denoised\n"

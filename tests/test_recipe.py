@@ -335,3 +335,30 @@ def test_the_recipe_refuses_what_would_fail_later(tmp_path):
                             "--hub-clip", "ViT-B-16:openai"])
     with pytest.raises(SystemExit, match="flickr8k, flickr30k or flickr8k\\+flickr30k"):
         recipe.main(base + ["--data", "coco"])
+
+
+def test_on_a_zerogpu_space_the_model_handlers_run_under_spaces_gpu(monkeypatch):
+    import types
+
+    import app
+
+    assert app.spaces is None and app.model_device() == "cpu"  # no spaces package here: nothing changes
+    h = app.Handlers(None)
+    assert app.on_gpu(h).api_caption.__func__ is app.Handlers.api_caption
+    calls = []
+
+    def gpu(fn):
+        def wrapped(*a, **kw):
+            calls.append(fn.__name__)
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(app, "spaces", types.SimpleNamespace(GPU=gpu))
+
+    def api_caption(self, *a):
+        return "captioned", a
+
+    monkeypatch.setattr(app.Handlers, "api_caption", api_caption)
+    h = app.on_gpu(app.Handlers(None))
+    assert h.api_caption("img.png", 4) == ("captioned", ("img.png", 4)) and calls == ["api_caption"]
+    assert all(getattr(h, n) is not getattr(app.Handlers(None), n) for n in app.GPU_HANDLERS)
