@@ -3,6 +3,7 @@
     python app.py                                   # http://127.0.0.1:7860, the shipped shapes checkpoints
     python app.py --checkpoint DIR --baseline DIR   # other checkpoints (local directories or hub ids)
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py
+    DIFFUSION_CAPTION_CHECKPOINT=USER/NAME DIFFUSION_CAPTION_BASELINE=USER/NAME-baseline python app.py   # a Space's variables
 
 UI only: captioning, plots, the vocabulary map, variants and scene composition all live in the
 ``diffusion_caption`` library; this file lays them out and wires the events. The named API endpoint
@@ -67,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads per request (1: the small models gain nothing from more, and concurrent "
                         "requests would oversubscribe the cores)")
     args = p.parse_args(argv)
+    # a Space runs app.py without arguments: its variables name the models instead (docs/REAL_DATA.md)
+    env_checkpoints = [c.strip() for c in os.environ.get("DIFFUSION_CAPTION_CHECKPOINT", "").split(",") if c.strip()]
+    args.checkpoint = args.checkpoint or env_checkpoints or None
+    if args.baseline is None and "DIFFUSION_CAPTION_BASELINE" in os.environ:
+        args.baseline = os.environ["DIFFUSION_CAPTION_BASELINE"].strip()
     args.checkpoints = args.checkpoint or list(DEFAULT_CHECKPOINTS)
     args.checkpoint = args.checkpoints[0]
     return args

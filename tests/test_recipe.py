@@ -362,3 +362,18 @@ def test_on_a_zerogpu_space_the_model_handlers_run_under_spaces_gpu(monkeypatch)
     h = app.on_gpu(app.Handlers(None))
     assert h.api_caption("img.png", 4) == ("captioned", ("img.png", 4)) and calls == ["api_caption"]
     assert all(getattr(h, n) is not getattr(app.Handlers(None), n) for n in app.GPU_HANDLERS)
+
+
+def test_a_space_names_its_models_by_variables(monkeypatch):
+    import app
+
+    monkeypatch.setenv("DIFFUSION_CAPTION_CHECKPOINT", "someone/f8k, someone/f8k-fast")
+    monkeypatch.setenv("DIFFUSION_CAPTION_BASELINE", "someone/f8k-baseline")
+    args = app.parse_args([])
+    assert args.checkpoints == ["someone/f8k", "someone/f8k-fast"] and args.baseline == "someone/f8k-baseline"
+    args = app.parse_args(["--checkpoint", "mine", "--baseline", ""])  # flags win
+    assert args.checkpoints == ["mine"] and args.baseline == ""
+    monkeypatch.delenv("DIFFUSION_CAPTION_CHECKPOINT")
+    monkeypatch.delenv("DIFFUSION_CAPTION_BASELINE")
+    args = app.parse_args([])
+    assert args.checkpoints == app.DEFAULT_CHECKPOINTS and args.baseline is None
