@@ -377,3 +377,23 @@ def test_a_space_names_its_models_by_variables(monkeypatch):
     monkeypatch.delenv("DIFFUSION_CAPTION_BASELINE")
     args = app.parse_args([])
     assert args.checkpoints == app.DEFAULT_CHECKPOINTS and args.baseline is None
+
+
+def test_the_recipe_under_torchrun_shares_one_process_group_between_its_trainers(recipe_run):
+    """Two gloo ranks: both trainers join one process group (made again, it would reach stale addresses)."""
+    import subprocess
+    import sys
+
+    fx, out = recipe_run["fx"], os.path.join(recipe_run["root"], "out-ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "training.recipe", "--data-dir", fx["data"], "--out", out, "--clip", fx["clip"], "--encoder", fx["bert"],
+           "--tokenizer", fx["bert"], "--gpt2", fx["gpt2"], "--device", "cpu", "--diffusion-steps", "4",
+           "--diffusion-batch", "8", "--baseline-steps", "4", "--baseline-batch", "8", "--sampling-grid",
+           "ddim:2:1:trailing^2", "--baseline-beams", "1", "--no-meteor"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("world size 2") >= 2  # both trainers ran with DDP
+    assert proc.stdout.count("[recipe] done") == 1  # the stages after training ran on rank 0 only
+    for name in ("diffusion-flickr8k.json", "baseline-beam1-flickr8k.json"):
+        assert os.path.isfile(os.path.join(out, "eval", name))

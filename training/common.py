@@ -51,8 +51,14 @@ def dataclass_from_args(cls, args: argparse.Namespace, base=None):
 
 
 # ------------------------------------------------------------------------------------------------ devices
+_group_users = 0  # setup_device calls not yet ended by end_distributed: one process group serves them all
+
+
 def setup_device(requested: str = "auto") -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). Under torchrun, initialises DDP (NCCL on CUDA, gloo on CPU)."""
+    """(device, rank, world_size). Under torchrun, initialises DDP (NCCL on CUDA, gloo on CPU), or joins the
+    process group already made by an enclosing command (``training.recipe`` runs several trainers in one
+    process: a group destroyed and made again would reach the ranks' stale addresses)."""
+    global _group_users
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if requested == "auto":
@@ -63,12 +69,28 @@ def setup_device(requested: str = "auto") -> tuple[torch.device, int, int]:
         import torch.distributed as dist
 
         backend = "nccl" if requested.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        _group_users += 1
         if requested.startswith("cuda"):
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             requested = f"cuda:{local}"
     return torch.device(requested), rank, world
+
+
+def end_distributed() -> None:
+    """The end of a ``setup_device`` under torchrun: waits for every rank, and destroys the process group
+    when no enclosing command still uses it."""
+    global _group_users
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    _group_users = max(_group_users - 1, 0)
+    if _group_users == 0:
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -698,12 +698,8 @@ def main(argv=None, hub_api=None) -> dict | None:
     args.out = paths.out
     if is_main:
         common.check_writable(paths.out)
-    device_name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but CUDA is not available on this machine")
-    if device_name == "cuda" and world > 1:
-        device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    device = torch.device(device_name)
+    # under torchrun: one process group for both trainers (each joins it), ended after the training stages
+    device, rank, world = common.setup_device(args.device)
     names = args.data.split("+")
     records = {s: load_datasets(args.data, args.data_dir, splits=[s]) for s in ("train", "val")}
     if not records["train"] or not records["val"]:
@@ -748,6 +744,8 @@ def main(argv=None, hub_api=None) -> dict | None:
         mod = __import__(f"training.{run}", fromlist=["main"])
         mod.main(argv_of(args, paths, steps))
         plan.done(stage)
+    if world > 1:
+        common.end_distributed()  # every rank past training, rank 0's checkpoints written
     if not is_main:  # the rest runs once
         return None
     plan.start("sampling")

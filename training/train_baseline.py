@@ -225,7 +225,7 @@ def main(argv=None) -> None:
             BaselineCaptioner(mcfg, net.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        common.end_distributed()
 
 
 if __name__ == "__main__":
