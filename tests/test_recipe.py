@@ -397,3 +397,33 @@ def test_the_recipe_under_torchrun_shares_one_process_group_between_its_trainers
     assert proc.stdout.count("[recipe] done") == 1  # the stages after training ran on rank 0 only
     for name in ("diffusion-flickr8k.json", "baseline-beam1-flickr8k.json"):
         assert os.path.isfile(os.path.join(out, "eval", name))
+
+
+def test_a_published_checkpoint_loads_its_clip_by_tag_from_the_hub_cache_offline(recipe_run, tmp_path):
+    """What a user of the pushed repository gets: the config names ViT-B-32-quickgelu:openai, which open_clip
+    fetches through the hub; here the hub cache holds that file (the fixture's weights) and HF_HUB_OFFLINE is set."""
+    import subprocess
+    import sys
+
+    from diffusion_caption import Captioner
+
+    uploaded = next(kw["copy"] for k, kw in recipe_run["api"].calls
+                    if k == "upload_folder" and kw["repo_id"] == "someone/f8k-test")
+    repo = tmp_path / "hf" / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    weights = recipe_run["fx"]["clip"].split(":", 2)[2]
+    shutil.copyfile(weights, repo / "snapshots" / ("0" * 40) / "open_clip_model.safetensors")
+    photo = os.path.join(ROOT, "assets", "examples", "photo_cat.jpg")
+    code = ("import sys; from diffusion_caption import Captioner; cap = Captioner.from_pretrained(sys.argv[1]); "
+            "print(cap.image_encoder.source); print(cap.image_encoder.encode([sys.argv[2]])[0, :4].tolist())")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code, uploaded, photo], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, feats = proc.stdout.strip().splitlines()[-2:]
+    assert "'pretrained': 'openai'" in source
+    local = Captioner.from_pretrained(os.path.join(recipe_run["out"], "diffusion")).image_encoder.encode([photo])[0, :4]
+    assert torch.allclose(torch.tensor(json.loads(feats)), local, atol=1e-5)  # the same weights, by tag

@@ -710,9 +710,11 @@ def main(argv=None, hub_api=None) -> dict | None:
     for n, recs in test_sets.items():
         if not recs:
             raise SystemExit(f"{n}: its test split is empty")
-        missing = [r.image_path for r in recs + records["train"] + records["val"] if not os.path.isfile(r.image_path)]
-        if missing:  # before hours of training, not at the evaluation
-            raise SystemExit(f"{len(missing)} images of {args.data}/{n} not found, e.g. {missing[0]}")
+    every = records["train"] + records["val"] + [r for recs in test_sets.values() for r in recs]
+    missing = [r.image_path for r in every if not os.path.isfile(r.image_path)]
+    if missing:  # before hours of training, not at the evaluation
+        raise SystemExit(f"{len(missing)} of the {len(every)} images of {args.data}"
+                         f"{' and coco' if args.eval_coco else ''} not found, e.g. {missing[0]}")
     n_captions = len(caption_pairs(records["train"]))
     data_sizes = {"train": len(records["train"]), "captions": n_captions}
     steps_d = args.diffusion_steps or steps_for(args.diffusion_epochs, n_captions, args.diffusion_batch)
