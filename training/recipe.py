@@ -128,16 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Paths:
+    """Where the recipe writes, all under ``out``."""
+
     out: str
 
-    def __getattr__(self, name):  # cache, runs, diffusion, baseline, eval
-        if name in ("cache", "diffusion", "baseline", "eval"):
-            return os.path.join(self.out, name)
-        if name in ("diffusion_run", "baseline_run"):
-            return os.path.join(self.out, "runs", name.split("_")[0])
-        raise AttributeError(name)
+    @property
+    def cache(self) -> str:
+        return os.path.join(self.out, "cache")
+
+    @property
+    def diffusion(self) -> str:
+        return os.path.join(self.out, "diffusion")
+
+    @property
+    def baseline(self) -> str:
+        return os.path.join(self.out, "baseline")
+
+    @property
+    def eval(self) -> str:
+        return os.path.join(self.out, "eval")
+
+    @property
+    def diffusion_run(self) -> str:
+        return os.path.join(self.out, "runs", "diffusion")
+
+    @property
+    def baseline_run(self) -> str:
+        return os.path.join(self.out, "runs", "baseline")
 
 
 def is_hub_name(name: str) -> bool:
@@ -692,14 +711,13 @@ def main(argv=None, hub_api=None) -> dict | None:
     if args.benchmark_step:
         return benchmark(args)
     check_args(args)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    is_main = rank == 0
     paths = Paths(os.path.abspath(args.out))
     args.out = paths.out
-    if is_main:
-        common.check_writable(paths.out)
     # under torchrun: one process group for both trainers (each joins it), ended after the training stages
     device, rank, world = common.setup_device(args.device)
+    is_main = rank == 0
+    if is_main:
+        common.check_writable(paths.out)
     names = args.data.split("+")
     records = {s: load_datasets(args.data, args.data_dir, splits=[s]) for s in ("train", "val")}
     if not records["train"] or not records["val"]:
