@@ -3,6 +3,7 @@
     python app.py                                   # http://127.0.0.1:7860, the shipped shapes checkpoints
     python app.py --checkpoint DIR --baseline DIR   # other checkpoints (local directories or hub ids)
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py
+    DIFFUSION_CAPTION_CHECKPOINT=USER/NAME DIFFUSION_CAPTION_BASELINE=USER/NAME-baseline python app.py   # a Space's variables
 
 UI only: captioning, plots, the vocabulary map, variants and scene composition all live in the
 ``diffusion_caption`` library; this file lays them out and wires the events. The named API endpoint
@@ -18,6 +19,11 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+try:  # a ZeroGPU Space: a GPU is attached while a function wrapped by spaces.GPU runs (see on_gpu)
+    import spaces
+except ImportError:
+    spaces = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # the models the app offers, the first one the default: what each is, is read from its config.json (extra.summary)
@@ -48,8 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="append", default=None,
                    help="diffusion checkpoint directory or hub id; repeat it to offer several (the first is the default; "
                         "default: the shipped shapes-diffusion-reveal, shapes-diffusion and shapes-diffusion-fast-small)")
-    p.add_argument("--baseline", default=DEFAULT_BASELINE,
-                   help="autoregressive baseline checkpoint directory or hub id ('' for none)")
+    p.add_argument("--baseline", default=None,
+                   help="autoregressive baseline checkpoint directory or hub id ('' for none; default: the shipped "
+                        "shapes-baseline, unless a --checkpoint was trained on other data: then none)")
+    p.add_argument("--clip", default=None, metavar="SPEC",
+                   help="load the models' CLIP from this copy instead of the one their checkpoints name: a CLIP folder "
+                        "or open_clip:MODEL:FILE (a local weights file, for offline use)")
     p.add_argument("--host", default=None, help="address to serve on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--vocab-map", default="umap", choices=["umap", "pca"],
@@ -61,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads per request (1: the small models gain nothing from more, and concurrent "
                         "requests would oversubscribe the cores)")
     args = p.parse_args(argv)
+    # a Space runs app.py without arguments: its variables name the models instead (docs/REAL_DATA.md)
+    env_checkpoints = [c.strip() for c in os.environ.get("DIFFUSION_CAPTION_CHECKPOINT", "").split(",") if c.strip()]
+    args.checkpoint = args.checkpoint or env_checkpoints or None
+    if args.baseline is None and "DIFFUSION_CAPTION_BASELINE" in os.environ:
+        args.baseline = os.environ["DIFFUSION_CAPTION_BASELINE"].strip()
     args.checkpoints = args.checkpoint or list(DEFAULT_CHECKPOINTS)
     args.checkpoint = args.checkpoints[0]
     return args
@@ -125,6 +140,42 @@ def model_summary(cap) -> str:
             + (f", guidance {smp.guidance:g}" if smp.guidance != 1 else ""))
 
 
+# the handlers that run the models: on a ZeroGPU Space each gets the GPU for the length of a call
+GPU_HANDLERS = ("caption_stream", "api_caption", "variants")
+
+
+def model_device() -> str:
+    """Where the models live: CUDA on a ZeroGPU Space (the ``spaces`` package present), else the CPU."""
+    if spaces is None:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_gpu(h: "Handlers") -> "Handlers":
+    """Wrap ``h``'s model-running handlers in ``spaces.GPU`` when the ``spaces`` package is present; else nothing."""
+    if spaces is not None:
+        for name in GPU_HANDLERS:
+            setattr(h, name, spaces.GPU(getattr(h, name)))
+    return h
+
+
+def default_baseline(caps: dict) -> tuple[str, str]:
+    """The baseline to pair with ``caps`` when no --baseline is given, and why: the shipped shapes baseline for
+    shapes-world models, none for a model trained on other data (photographs), which it would only mislead."""
+    other = {name: cap.config.extra.get("data") for name, cap in caps.items()
+             if (cap.config.extra or {}).get("data") not in (None, "", "shapes")}
+    if not other:
+        return DEFAULT_BASELINE, ""
+    name, data = next(iter(other.items()))
+    note = (f"No baseline loaded: {name} was trained on {data}, and the shipped baseline knows only the shapes "
+            "world; start the app with --baseline DIR_OR_HUB_ID (a baseline trained on the same data, e.g. the "
+            "recipe's baseline/) to see one beside it.")
+    print(note, file=sys.stderr)
+    return "", note
+
+
 def load_models(args) -> Models:
     from diffusion_caption import Captioner, CheckpointError
     from diffusion_caption.baseline.captioner import BaselineCaptioner
@@ -133,11 +184,12 @@ def load_models(args) -> Models:
     from diffusion_caption.viz.vocab_map import VocabMapJob
 
     t0 = time.perf_counter()
+    device = model_device()
     caps, checkpoints, dirs, jobs = {}, {}, {}, {}
     for path in getattr(args, "checkpoints", None) or [args.checkpoint]:
         name = os.path.basename(os.path.normpath(path))
         try:
-            cap = Captioner.from_pretrained(path)
+            cap = Captioner.from_pretrained(path, device=device, clip=getattr(args, "clip", None))
         except (CheckpointError, OSError) as e:
             hint = ""
             if os.path.abspath(path) in DEFAULT_CHECKPOINTS:
@@ -152,23 +204,24 @@ def load_models(args) -> Models:
         jobs[name] = VocabMapJob(cap.denoiser.embeddings, tokens, cache_dir=args.cache_dir, checkpoint_dir=dirs[name],
                                  method=args.vocab_map)
         atexit.register(jobs[name].close)
-    baseline, note = None, ""
-    if not args.baseline:
-        note = "No baseline loaded: the app was started with --baseline ''."
+    baseline = None
+    baseline_path, note = default_baseline(caps) if args.baseline is None else (args.baseline, "")
+    if not baseline_path:
+        note = note or "No baseline loaded: the app was started with --baseline ''."
     else:
         try:
-            baseline = BaselineCaptioner.from_pretrained(args.baseline)
-            note = f"Baseline: {os.path.basename(os.path.normpath(args.baseline))}"
+            baseline = BaselineCaptioner.from_pretrained(baseline_path, device=device, clip=getattr(args, "clip", None))
+            note = f"Baseline: {os.path.basename(os.path.normpath(baseline_path))}"
         except (CheckpointError, OSError, ValueError) as e:
             hint = (" Train it with `python -m training.train_baseline --preset shapes`, or start the app "
-                    "with --baseline DIR." if os.path.abspath(args.baseline) == DEFAULT_BASELINE else "")
+                    "with --baseline DIR." if os.path.abspath(baseline_path) == DEFAULT_BASELINE else "")
             note = f"No baseline loaded: {e}.{hint}"
     examples = []
     if os.path.isdir(args.examples):
         examples = [os.path.join(args.examples, f) for f in sorted(os.listdir(args.examples))
                     if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
     return Models(caps=caps, checkpoints=checkpoints, checkpoint_dirs=dirs, vocab_jobs=jobs, baseline=baseline,
-                  baseline_path=args.baseline, baseline_note=note, scenes=known_scenes(args.examples),
+                  baseline_path=baseline_path, baseline_note=note, scenes=known_scenes(args.examples),
                   examples=examples, load_seconds=time.perf_counter() - t0)
 
 
@@ -641,7 +694,7 @@ def build(m: Models):
     from diffusion_caption.samplers import SAMPLERS
     from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
 
-    h = Handlers(m)
+    h = on_gpu(Handlers(m))
     cfg = m.cap.config
     smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:

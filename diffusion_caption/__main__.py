@@ -25,6 +25,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint directory or hub id")
+    p.add_argument("--clip", default=None, metavar="SPEC", help="load the checkpoint's CLIP from this copy instead of "
+                   "the one it names: a CLIP folder or open_clip:MODEL:FILE (a local weights file, for offline use)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, scorer=args.scorer)
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, scorer=args.scorer, clip=args.clip)
     except (CheckpointError, OSError, RuntimeError, ValueError) as e:  # RuntimeError: an open_clip model that cannot load
         print(f"error: {e}", file=sys.stderr)
         return 2

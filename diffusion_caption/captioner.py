@@ -98,9 +98,10 @@ class Captioner(PretrainedCaptioner):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu",
-                        scorer: str | None = None) -> "Captioner":
+                        scorer: str | None = None, clip: str | None = None) -> "Captioner":
         """Load a checkpoint folder (or hub id). ``scorer`` (a folder) ranks candidates instead of the
-        checkpoint's own ``sampling.scorer`` (a folder relative to the checkpoint's), or of its CLIP."""
+        checkpoint's own ``sampling.scorer`` (a folder relative to the checkpoint's), or of its CLIP.
+        ``clip`` loads the CLIP from another copy (``PretrainedCaptioner.load_image_encoder``)."""
         path, cfg_file, meta = cls.read_checkpoint(path_or_hub_id)
         net, sampling = split_legacy(meta["captioner"])  # checkpoints with sampling inside the captioner's
         sampling.update(meta.get("sampling", {}))
@@ -117,7 +118,7 @@ class Captioner(PretrainedCaptioner):
                                        f"says vocab_size={config.vocab_size}")
         denoiser = ckpt.build_and_load(lambda: Denoiser(config, encoder_config=meta["encoder_config"]),
                                        os.path.join(path, ckpt.WEIGHTS_NAME), cfg_file)
-        image_encoder = cls.load_image_encoder(meta, path, cfg_file, config.cond_dim)
+        image_encoder = cls.load_image_encoder(meta, path, cfg_file, config.cond_dim, clip)
         if scorer is None and sampling.scorer:  # the checkpoint's own default scorer
             scorer = sampling.scorer if os.path.isabs(sampling.scorer) else os.path.join(path, sampling.scorer)
             if not os.path.isdir(scorer):

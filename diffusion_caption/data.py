@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 
 DATASETS = ("shapes", "flickr8k", "flickr30k", "coco")
 
-# Image folders tried, in order, for entries without a "filepath" (Flickr8k / Flickr30k downloads).
+# Image folders tried for entries without a "filepath" (Flickr8k / Flickr30k downloads): a dataset's own
+# folders first (OWN_IMAGE_FOLDERS), then the rest in this order. Both datasets may share one data dir.
 IMAGE_FOLDERS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images")
+OWN_IMAGE_FOLDERS = {"flickr8k": ("Flicker8k_Dataset", "Flickr8k_Dataset"),
+                     "flickr30k": ("flickr30k-images", "flickr30k_images")}
 
 # Entry keys that become ImageRecord fields; every other key goes to ImageRecord.extra.
 _CONSUMED_KEYS = ("filename", "split", "sentences", "scene")
 
-_image_folder_cache: dict[str, str] = {}
+_image_folder_cache: dict[tuple[str, str], str] = {}
 
 
 @dataclass
@@ -78,26 +81,31 @@ def resolve_image_path(entry: dict, name: str, data_dir: str, image_dir: str | N
     """Path of the image of one Karpathy entry.
 
     ``image_dir/filename`` if ``image_dir`` is given; else ``data_dir/filepath/filename`` if the entry has a
-    ``"filepath"`` (COCO, shapes); else ``data_dir/<folder>/filename`` with the first of
-    :data:`IMAGE_FOLDERS` that exists under ``data_dir`` (the choice is cached per ``data_dir``).
-    Raises FileNotFoundError naming the tried folders when none exists.
+    ``"filepath"`` (COCO, shapes); else ``data_dir/<folder>/filename`` with the first folder under ``data_dir``
+    that holds the file, trying the dataset's own folders (:data:`OWN_IMAGE_FOLDERS`) before
+    :data:`IMAGE_FOLDERS`; when none holds it, the first of them that exists. The folder found is cached per
+    ``data_dir`` and dataset, so Flickr8k and Flickr30k can share one data dir (``Images/`` and
+    ``flickr30k-images/``). Raises FileNotFoundError naming the tried folders when none exists.
     """
     filename = entry["filename"]
     if image_dir:
         return os.path.normpath(os.path.join(image_dir, filename))
     if entry.get("filepath"):  # normalised: "kd/../shapes/images/x.png" is the same image (and feature cache entry)
         return os.path.normpath(os.path.join(data_dir, entry["filepath"], filename))
-    key = os.path.abspath(data_dir)
+    key = (os.path.abspath(data_dir), name)
     folder = _image_folder_cache.get(key)
     if folder is None:
-        for cand in IMAGE_FOLDERS:
-            if os.path.isdir(os.path.join(data_dir, cand)):
-                folder = _image_folder_cache[key] = cand
-                break
-        else:
+        own = OWN_IMAGE_FOLDERS.get(name, ())
+        existing = [c for c in own + tuple(f for f in IMAGE_FOLDERS if f not in own)
+                    if os.path.isdir(os.path.join(data_dir, c))]
+        if not existing:
             raise FileNotFoundError(
                 f"no image folder for {name} under {data_dir}: tried {', '.join(IMAGE_FOLDERS)}; "
                 f"put the images in one of them or pass image_dir")
+        holding = [c for c in existing if os.path.isfile(os.path.join(data_dir, c, filename))]
+        if not holding:  # this image is missing; the next entry decides the folder
+            return os.path.normpath(os.path.join(data_dir, existing[0], filename))
+        folder = _image_folder_cache[key] = holding[0]
     return os.path.normpath(os.path.join(data_dir, folder, filename))
 
 

@@ -43,6 +43,9 @@ def build_encoder(cfg: CaptionerConfig, encoder_config: dict | None = None):
         return DistilBertModel(DistilBertConfig(
             vocab_size=1, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, hidden_dim=cfg.hidden_dim,
             dropout=cfg.dropout, attention_dropout=cfg.dropout, max_position_embeddings=max(64, n_positions)))
+    from . import hub
+
+    hub.require([hub.Need(cfg.encoder, "DistilBERT", "--encoder DIR (a folder saved with save_pretrained)")])
     try:
         model = DistilBertModel.from_pretrained(cfg.encoder)
     except OSError as e:

@@ -1,7 +1,8 @@
 """The frozen CLIP image encoder, through open_clip.
 
 Presets:
-- ``base``: ViT-B-32 with a pretrained tag (downloads when online) or a local weights file.
+- ``base``: ViT-B-32 with OpenAI's weights (``ViT-B-32-quickgelu``, tag ``openai``; downloads when online), or any
+  open_clip model with a tag or a local weights file (the training commands' ``--clip open_clip:MODEL:TAG_OR_FILE``).
 - ``shapes``: a small open_clip CLIP trained from scratch on the shapes world (``training.train_clip``),
   saved as an open_clip ``local-dir:`` folder (open_clip_config.json + open_clip_model.safetensors) with
   the shapes tokenizer beside it.
@@ -36,7 +37,8 @@ SHAPES_CLIP_CFG = {
 }
 SHAPES_PREPROCESS_CFG = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
                          "interpolation": "bicubic", "resize_mode": "shortest"}
-BASE_MODEL, BASE_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
+# the seed paper's CLIP: OpenAI's ViT-B/32 weights, whose architecture open_clip names ViT-B-32-quickgelu
+BASE_MODEL, BASE_PRETRAINED = "ViT-B-32-quickgelu", "openai"
 
 
 class ImageEncoder:
@@ -135,12 +137,17 @@ class ImageEncoder:
         """The ``base`` preset: an open_clip architecture with a pretrained tag or a local weights file."""
         import open_clip
 
+        from . import hub
+
+        try:  # before open_clip's minute of retries: a missing file, an unknown tag, an unreachable hub
+            hub.require([hub.open_clip_need(model_name, pretrained)])
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"could not load open_clip {model_name!r} with pretrained={pretrained!r}: {e}") from None
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         except Exception as e:  # noqa: BLE001 - re-raised with the reason a person can act on
-            offline = any(w in repr(e) for w in ("Connection", "resolve", "offline", "Offline", "LocalEntryNotFound"))
-            hint = (" This machine seems to be offline: pass a local weights file as `pretrained` "
-                    "(open_clip accepts a path) or run where the hub is reachable.") if offline else ""
+            hint = (f" This machine seems to be offline: give a local weights file (the training commands' --clip "
+                    f"open_clip:{model_name}:FILE) or run where the hub is reachable.") if hub.looks_offline(e) else ""
             raise RuntimeError(f"could not load open_clip {model_name!r} with pretrained={pretrained!r}: "
                                f"{type(e).__name__}: {e}.{hint}") from None
         return cls(model, preprocess, {"kind": "open_clip", "model_name": model_name, "pretrained": pretrained}, device,
@@ -157,6 +164,17 @@ class ImageEncoder:
         if source.get("kind") == "open_clip":
             return cls.from_open_clip(source["model_name"], source["pretrained"], device)
         raise ValueError(f"unknown image encoder source {source!r}")
+
+    @classmethod
+    def from_spec(cls, spec: str, device="cpu") -> "ImageEncoder":
+        """A CLIP named as the commands name one: a CLIP folder, or ``open_clip:MODEL:TAG_OR_FILE`` (an
+        open_clip architecture with a pretrained tag, or a local weights file)."""
+        if spec.startswith("open_clip:"):
+            parts = spec.split(":", 2)
+            if len(parts) != 3 or not parts[1] or not parts[2]:
+                raise ValueError(f"{spec!r} is not open_clip:MODEL:TAG_OR_FILE (e.g. open_clip:ViT-B-32-quickgelu:openai)")
+            return cls.from_open_clip(parts[1], parts[2], device=device)
+        return cls.from_pretrained(spec, device=device)
 
     def same_weights(self, other: "ImageEncoder") -> bool:
         """Whether two CLIPs hold the same tensors (both towers), name for name."""

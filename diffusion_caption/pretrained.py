@@ -61,12 +61,23 @@ class PretrainedCaptioner:
             raise ckpt.CheckpointError(f"{cfg_file}: bad {what} config: {e}") from None
 
     @staticmethod
-    def load_image_encoder(meta: dict, path: str, cfg_file: str, cond_dim: int) -> ImageEncoder:
-        """The checkpoint's CLIP, checked to give the features the network was trained on."""
+    def load_image_encoder(meta: dict, path: str, cfg_file: str, cond_dim: int, clip: str | None = None) -> ImageEncoder:
+        """The checkpoint's CLIP, checked to give the features the network was trained on. ``clip`` (a CLIP
+        folder or ``open_clip:MODEL:TAG_OR_FILE``) loads another copy of it instead of the one the checkpoint
+        names: a local weights file for a checkpoint that refers to its CLIP by hub tag, say. Its
+        architecture must be the recorded one."""
+        source = meta["image_encoder"]
         try:
-            image_encoder = ImageEncoder.load(meta["image_encoder"], base_dir=path)
+            if clip:
+                image_encoder = ImageEncoder.from_spec(clip)
+                want, got = source.get("model_name"), image_encoder.source.get("model_name")
+                if want and got and want != got:
+                    raise ValueError(f"--clip {clip} is a {got}, but the checkpoint was trained on features of a {want}")
+            else:
+                image_encoder = ImageEncoder.load(source, base_dir=path)
         except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-            raise ckpt.CheckpointError(f"{path}: image encoder: {e}") from None
+            hint = "" if clip else " (give another copy of it with clip=... / --clip)"
+            raise ckpt.CheckpointError(f"{path}: image encoder: {e}{hint}") from None
         if image_encoder.feature_dim != cond_dim:
             raise ckpt.CheckpointError(f"{path}: the image encoder gives {image_encoder.feature_dim}-d features "
                                        f"but {cfg_file} says cond_dim={cond_dim}")

@@ -49,6 +49,9 @@ class CaptionTokenizer:
     def from_pretrained(cls, path: str) -> "CaptionTokenizer":
         from transformers import DistilBertTokenizerFast
 
+        from . import hub
+
+        hub.require([hub.Need(path, "tokenizer", "--tokenizer DIR", files=("tokenizer.json", "vocab.txt"))])
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")) \
                 and not os.path.isfile(os.path.join(path, "vocab.txt")):
             raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this directory")

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion_caption import checkpoint as ckpt
+from training import common
 from diffusion_caption.world.attributes import single_object_accuracy
 from diffusion_caption.data import load_datasets
 from diffusion_caption.eval.evaluation import generate, load_model, markdown_table, model_kind
@@ -48,11 +49,7 @@ def parse_settings(text: str, flag: str = "--settings") -> list[SamplingConfig]:
     return out
 
 
-def choose(rows: list[dict], tie: float) -> dict:
-    """The row with the best ``score``, or among rows within ``tie`` of it the one with the fewest calls."""
-    best = max(r["score"] for r in rows)
-    near = [r for r in rows if r["score"] >= best - tie]
-    return min(near, key=lambda r: (r["calls"], -r["score"]))
+choose = common.cheapest_near_best  # best score, else the fewest network calls among near ties
 
 
 def main(argv=None) -> dict:

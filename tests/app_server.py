@@ -81,12 +81,13 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(checkpoint: str, examples: str, cache_dir: str, startup_timeout: float = 120.0,
-                processes: list | None = None):
-    """Serve ``app.py`` on a free port (PCA vocabulary map, no baseline) and yield its URL.
+                processes: list | None = None, baseline: str = ""):
+    """Serve ``app.py`` on a free port (PCA vocabulary map, no baseline unless ``baseline``) and yield its URL.
 
-    ``processes``, when given, receives the server's ``subprocess.Popen`` (to read its memory, say)."""
+    ``processes``, when given, receives the server's ``subprocess.Popen`` (to read its memory, say); the
+    server's output is in ``cache_dir/app-PORT.log``."""
     port = free_port()
-    cmd = [sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint", checkpoint, "--baseline", "",
+    cmd = [sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint", checkpoint, "--baseline", baseline,
            "--port", str(port), "--vocab-map", "pca", "--cache-dir", cache_dir, "--examples", examples]
     log = open(os.path.join(cache_dir, f"app-{port}.log"), "w+")
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")

@@ -283,3 +283,25 @@ def test_no_pickle_loading_anywhere_in_the_project():
     assert len(sources) > 20
     offenders = {str(p.relative_to(ROOT)): uses for p in sources if (uses := pickle_uses(p.read_text(encoding="utf-8")))}
     assert offenders == {}, offenders
+
+
+def test_a_checkpoint_loads_its_clip_from_another_copy_when_told(make_captioner, scene_image, tmp_path, capsys):
+    """A checkpoint whose CLIP is not where it says (moved, or a hub tag offline) names the way out, and
+    ``clip=`` / ``--clip`` loads another copy of it: the same captions."""
+    import shutil
+
+    from diffusion_caption import Captioner, CheckpointError
+    from diffusion_caption.__main__ import main as cli
+
+    d = tmp_path / "ckpt"
+    make_captioner().save_pretrained(str(d))
+    want = Captioner.from_pretrained(str(d)).caption(scene_image, seed=3).text
+    shutil.move(str(d / "clip"), str(tmp_path / "elsewhere"))
+    with pytest.raises(CheckpointError, match=r"image encoder: .*give another copy of it with clip=\.\.\. / --clip"):
+        Captioner.from_pretrained(str(d))
+    cap = Captioner.from_pretrained(str(d), clip=str(tmp_path / "elsewhere"))
+    assert cap.caption(scene_image, seed=3).text == want
+    assert cli([scene_image, "--checkpoint", str(d), "--clip", str(tmp_path / "elsewhere"), "--seed", "3"]) == 0
+    assert want in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="open_clip:MODEL:TAG_OR_FILE"):
+        Captioner.from_pretrained(str(d), clip="open_clip:ViT-B-32")

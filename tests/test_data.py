@@ -141,10 +141,31 @@ def test_resolve_image_path_rules(tmp_path):
         resolve_image_path({"filename": "x.jpg"}, "flickr30k", d)
     for folder in data.IMAGE_FOLDERS:
         assert folder in str(ei.value)
-    # first existing folder in the documented order wins
+    # an image in no folder: the dataset's own folder first, then the documented order
     os.makedirs(os.path.join(d, "flickr30k_images"))
     os.makedirs(os.path.join(d, "Flickr8k_Dataset"))
-    assert resolve_image_path({"filename": "x.jpg"}, "flickr30k", d) == os.path.join(d, "Flickr8k_Dataset", "x.jpg")
+    assert resolve_image_path({"filename": "x.jpg"}, "flickr30k", d) == os.path.join(d, "flickr30k_images", "x.jpg")
+    assert resolve_image_path({"filename": "x.jpg"}, "flickr8k", d) == os.path.join(d, "Flickr8k_Dataset", "x.jpg")
+    # the folder that holds the image wins, even a generic one
+    _png(os.path.join(d, "images", "y.jpg"))
+    assert resolve_image_path({"filename": "y.jpg"}, "flickr30k", d) == os.path.join(d, "images", "y.jpg")
+
+
+def test_flickr8k_and_flickr30k_share_one_data_dir(tmp_path):
+    """Both Karpathy JSONs in one folder, each dataset's images in its own download folder."""
+    d = tmp_path / "both"
+    for name, folder, n in (("flickr8k", "Images", 2), ("flickr30k", "flickr30k-images", 3)):
+        images = []
+        for i in range(n):
+            fn = f"{name}_{i}.jpg"
+            _png(str(d / folder / fn))
+            images.append({"filename": fn, "imgid": i, "split": "train", "sentences": [{"raw": f"{name} {i}"}]})
+        (d / f"dataset_{name}.json").write_text(json.dumps({"dataset": name, "images": images}))
+    recs = data.load_datasets("flickr8k+flickr30k", str(d), splits=["train"], check_images=True)
+    assert [os.path.relpath(r.image_path, d) for r in recs] == [
+        os.path.join("Images", "flickr8k_0.jpg"), os.path.join("Images", "flickr8k_1.jpg"),
+        os.path.join("flickr30k-images", "flickr30k_0.jpg"), os.path.join("flickr30k-images", "flickr30k_1.jpg"),
+        os.path.join("flickr30k-images", "flickr30k_2.jpg")]
 
 
 def test_image_dir_override_and_check_images_names_missing_file(flickr_dir, tmp_path):

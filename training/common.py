@@ -50,9 +50,23 @@ def dataclass_from_args(cls, args: argparse.Namespace, base=None):
     return dataclasses.replace(base, **changes)
 
 
+def cheapest_near_best(rows: list[dict], tie: float) -> dict:
+    """The row with the best ``score``, or among rows within ``tie`` of it the one with the fewest ``calls``
+    (how a sampling setting is chosen on val)."""
+    best = max(r["score"] for r in rows)
+    near = [r for r in rows if r["score"] >= best - tie]
+    return min(near, key=lambda r: (r["calls"], -r["score"]))
+
+
 # ------------------------------------------------------------------------------------------------ devices
+_group_users = 0  # setup_device calls not yet ended by end_distributed: one process group serves them all
+
+
 def setup_device(requested: str = "auto") -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). Under torchrun, initialises DDP (NCCL on CUDA, gloo on CPU)."""
+    """(device, rank, world_size). Under torchrun, initialises DDP (NCCL on CUDA, gloo on CPU), or joins the
+    process group already made by an enclosing command (``training.recipe`` runs several trainers in one
+    process: a group destroyed and made again would reach the ranks' stale addresses)."""
+    global _group_users
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if requested == "auto":
@@ -63,12 +77,28 @@ def setup_device(requested: str = "auto") -> tuple[torch.device, int, int]:
         import torch.distributed as dist
 
         backend = "nccl" if requested.startswith("cuda") else "gloo"
-        dist.init_process_group(backend)
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        _group_users += 1
         if requested.startswith("cuda"):
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             requested = f"cuda:{local}"
     return torch.device(requested), rank, world
+
+
+def end_distributed() -> None:
+    """The end of a ``setup_device`` under torchrun: waits for every rank, and destroys the process group
+    when no enclosing command still uses it."""
+    global _group_users
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    _group_users = max(_group_users - 1, 0)
+    if _group_users == 0:
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
@@ -139,6 +169,39 @@ def start_command(cls, argv, description: str):
     check_writable(cfg.run_dir)
     seed_everything(cfg.seed)
     return cfg, device, rank, world
+
+
+# ------------------------------------------------------------------------------------------------ models from the hub
+def clip_need(spec: str):
+    """What loading the ``--clip`` spec needs from the hub (a ``hub.Need``), or None for a local CLIP folder."""
+    from diffusion_caption import hub
+
+    if not spec.startswith("open_clip:"):
+        if not os.path.isdir(spec):
+            raise SystemExit(f"error: --clip {spec}: no such CLIP folder; give a folder saved by training.train_clip, "
+                             "or open_clip:MODEL:TAG (a hub download) or open_clip:MODEL:FILE (a local weights file)")
+        return None
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[1]:
+        raise SystemExit(f"error: --clip {spec}: expected open_clip:MODEL:TAG_OR_FILE, e.g. "
+                         "open_clip:ViT-B-32-quickgelu:openai or open_clip:ViT-B-32-quickgelu:/path/to/weights.safetensors")
+    _, name, pretrained = parts
+    try:
+        return hub.open_clip_need(name, pretrained, flag=f"--clip open_clip:{name}:FILE (a local weights file)")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --clip {spec}: {e}") from None
+
+
+def require_models(needs: list) -> None:
+    """Exit at once, with the models and the flags for local copies, if any of ``needs`` (``hub.Need``)
+    would have to come from a hub this machine cannot reach; a local path that does not exist, an unknown
+    open_clip tag, likewise."""
+    from diffusion_caption import hub
+
+    try:
+        hub.require(needs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ losses

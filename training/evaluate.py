@@ -34,6 +34,8 @@ from diffusion_caption.eval.evaluation import (counterfactual_report, counterfac
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a diffusion or baseline checkpoint directory (or hub id)")
+    p.add_argument("--clip", default="", metavar="SPEC", help="load the checkpoint's CLIP from this copy instead of the "
+                   "one it names: a CLIP folder or open_clip:MODEL:FILE (a local weights file, for offline use)")
     p.add_argument("--data", default="shapes", help="shapes | flickr8k | flickr30k | coco (or a+b)")
     p.add_argument("--data-dir", default="data/shapes")
     p.add_argument("--image-dir", default=None)
@@ -64,11 +66,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--cache-dir", default="cache")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cuda | cpu | auto (default: cuda when available)")
     p.add_argument("--tokenizer", default="ptb", choices=["ptb", "simple"],
                    help="ptb: the COCO protocol (needs Java); simple: pure Python, close but not identical")
     p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
                    help="score METEOR (--no-meteor: skip it; it starts a Java process and is the slowest metric)")
+
+
+def device_from_args(args) -> str:
+    """``--device``, with ``auto`` meaning cuda when this machine has it (the base model is ~1 s an image on CPU)."""
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} was asked for, but CUDA is not available on this machine")
+    return args.device
 
 
 def settings_from_args(model, args) -> dict:
@@ -119,7 +130,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
-        model = load_model(args.checkpoint, device=args.device)
+        model = load_model(args.checkpoint, device=device_from_args(args), clip=args.clip or None)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

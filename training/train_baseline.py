@@ -103,11 +103,14 @@ def main(argv=None) -> None:
     if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
         from diffusion_caption.world.scenes import WorldConfig, write_dataset
         write_dataset(tcfg.data_dir, WorldConfig())
-    encoder = load_clip(tcfg.clip, device)
     if mcfg.tokenizer_kind == "gpt2":
         tok_src = tcfg.tokenizer or mcfg.gpt
     else:
         tok_src = tcfg.tokenizer or (tcfg.clip if not tcfg.clip.startswith("open_clip:") else "distilbert-base-uncased")
+    from diffusion_caption.hub import Need  # before any loading: what the hub cannot give ends the run now
+    common.require_models([common.clip_need(tcfg.clip), Need(tok_src, "tokenizer", "--tokenizer DIR")]
+                          + ([Need(mcfg.gpt, "GPT-2", "--gpt DIR")] if mcfg.gpt != "tiny" else []))
+    encoder = load_clip(tcfg.clip, device)
     tokenizer = load_tokenizer(mcfg.tokenizer_kind, tok_src)
     mcfg = dataclasses.replace(mcfg, vocab_size=tokenizer.vocab_size)
     mcfg = pretrained_architecture(mcfg)  # a pretrained GPT-2 fixes width, depth, heads and vocabulary
@@ -195,7 +198,7 @@ def main(argv=None) -> None:
             BaselineCaptioner(mcfg, net.cpu(), encoder.to("cpu"), tokenizer).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        common.end_distributed()
 
 
 if __name__ == "__main__":

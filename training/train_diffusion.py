@@ -30,7 +30,7 @@ from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import BASE_MODEL, BASE_PRETRAINED, ImageEncoder
 from diffusion_caption.samplers import spaced_timesteps
 from diffusion_caption.schedule import NoiseSchedule
-from diffusion_caption.tokenizer import CaptionTokenizer
+from diffusion_caption.tokenizer import SPECIAL_TOKENS, CaptionTokenizer
 from training import common
 from training.loop import Loop, shuffled_batches
 
@@ -92,10 +92,7 @@ PRESET_TRAINING = {
 
 
 def load_clip(spec: str, device) -> ImageEncoder:
-    if spec.startswith("open_clip:"):
-        _, name, pretrained = spec.split(":", 2)
-        return ImageEncoder.from_open_clip(name, pretrained, device=device)
-    return ImageEncoder.from_pretrained(spec, device=device)
+    return ImageEncoder.from_spec(spec, device=device)
 
 
 def distillation_of(data: str, data_dir: str) -> dict | None:
@@ -184,6 +181,11 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
             SamplingConfig.parse(tcfg.sampling)
         except ValueError as e:
             raise SystemExit(f"--sampling: {e}") from None
+    tok_src = tcfg.tokenizer or (tcfg.clip if not tcfg.clip.startswith("open_clip:") else "distilbert-base-uncased")
+    if mcfg.encoder != "tiny" and os.path.isdir(mcfg.encoder) and not os.path.isdir(tok_src):
+        raise SystemExit(f"--encoder {mcfg.encoder} is a local DistilBERT but its tokenizer would be {tok_src!r}: give "
+                         "the tokenizer too, --tokenizer DIR (a folder with tokenizer.json or vocab.txt; the same folder "
+                         "if the tokenizer was saved there), so that captions are tokenized by its own vocabulary")
     if tcfg.optimizer not in common.OPTIMIZERS:
         raise SystemExit(f"unknown --optimizer {tcfg.optimizer!r}; expected one of {common.OPTIMIZERS}")
     if tcfg.lr_schedule not in common.LR_SCHEDULES:
@@ -205,9 +207,16 @@ def main(argv=None) -> None:
     if tcfg.data == "shapes" and not os.path.isfile(os.path.join(tcfg.data_dir, "dataset_shapes.json")):
         from diffusion_caption.world.scenes import WorldConfig, write_dataset
         write_dataset(tcfg.data_dir, WorldConfig())
-    encoder = load_clip(tcfg.clip, device)
     tok_src = tcfg.tokenizer or (tcfg.clip if not tcfg.clip.startswith("open_clip:") else "distilbert-base-uncased")
+    if not tcfg.init:  # before any loading: a model the hub cannot give ends the run now, naming its flag
+        from diffusion_caption.hub import Need
+        common.require_models([common.clip_need(tcfg.clip), Need(tok_src, "tokenizer", "--tokenizer DIR")]
+                              + ([Need(mcfg.encoder, "DistilBERT", "--encoder DIR")] if mcfg.encoder != "tiny" else []))
+    encoder = load_clip(tcfg.clip, device)
     tokenizer = CaptionTokenizer.from_pretrained(tok_src)
+    if tokenizer.vocab_size <= len(SPECIAL_TOKENS):  # transformers' empty tokenizer: every word would be [UNK]
+        raise SystemExit(f"the tokenizer of {tok_src} has {tokenizer.vocab_size} tokens, only special ones; give a "
+                         "real one with --tokenizer DIR")
     extra = {"data": tcfg.data, "clip": tcfg.clip, "train_config": asdict(tcfg)}
     kd = distillation_of(tcfg.data, tcfg.data_dir)
     if kd:  # trained on a teacher's captions (training.distill_captions): the checkpoint says so
@@ -341,7 +350,7 @@ def main(argv=None) -> None:
             Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer, sampling=sampling).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        common.end_distributed()
 
 
 if __name__ == "__main__":

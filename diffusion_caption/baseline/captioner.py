@@ -139,6 +139,9 @@ class GPT2CaptionTokenizer:
     def from_pretrained(cls, path: str) -> "GPT2CaptionTokenizer":
         from transformers import GPT2TokenizerFast
 
+        from .. import hub
+
+        hub.require([hub.Need(path, "GPT-2 tokenizer", "--tokenizer DIR", files=("tokenizer.json", "vocab.json"))])
         return cls(GPT2TokenizerFast.from_pretrained(path))
 
     def save_pretrained(self, path: str) -> None:
@@ -187,6 +190,9 @@ def build_gpt(cfg: BaselineConfig, gpt_config: dict | None = None):
             vocab_size=cfg.vocab_size, n_positions=max(64, cfg.prefix_len + cfg.max_len), n_embd=cfg.n_embd,
             n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id))
+    from .. import hub
+
+    hub.require([hub.Need(cfg.gpt, "GPT-2", "--gpt DIR (a folder saved with save_pretrained)")])
     try:
         return GPT2LMHeadModel.from_pretrained(cfg.gpt)
     except OSError as e:
@@ -200,6 +206,9 @@ def pretrained_architecture(cfg: BaselineConfig) -> BaselineConfig:
         return cfg
     from transformers import GPT2Config
 
+    from .. import hub
+
+    hub.require([hub.Need(cfg.gpt, "GPT-2", "--gpt DIR (a folder saved with save_pretrained)")])
     try:
         g = GPT2Config.from_pretrained(cfg.gpt)
     except OSError as e:
@@ -340,7 +349,10 @@ class BaselineCaptioner(PretrainedCaptioner):
 
     # ---------------------------------------------------------------------------------------- files
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu") -> "BaselineCaptioner":
+    def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu",
+                        clip: str | None = None) -> "BaselineCaptioner":
+        """Load a checkpoint folder (or hub id); ``clip`` loads its CLIP from another copy
+        (``PretrainedCaptioner.load_image_encoder``)."""
         path, cfg_file, meta = cls.read_checkpoint(path_or_hub_id)
         config = cls.read_config(BaselineConfig, meta["baseline"], cfg_file, "baseline")
         try:
@@ -358,7 +370,7 @@ class BaselineCaptioner(PretrainedCaptioner):
         except (TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{cfg_file}: the model it describes cannot be built: {e}") from None
         ckpt.load_into(model, os.path.join(path, ckpt.WEIGHTS_NAME))
-        image_encoder = cls.load_image_encoder(meta, path, cfg_file, config.cond_dim)
+        image_encoder = cls.load_image_encoder(meta, path, cfg_file, config.cond_dim, clip)
         return cls(config, model, image_encoder, tokenizer, device)
 
     def _sections(self) -> dict:

@@ -33,18 +33,19 @@ DIFFUSION_FORMAT = "diffusion-caption/1"
 BASELINE_FORMAT = "diffusion-caption-baseline/1"
 
 
-def load_model(path_or_hub_id: str, device: str = "cpu"):
-    """The diffusion ``Captioner`` or the ``BaselineCaptioner`` a checkpoint holds (by its config's format)."""
+def load_model(path_or_hub_id: str, device: str = "cpu", clip: str | None = None):
+    """The diffusion ``Captioner`` or the ``BaselineCaptioner`` a checkpoint holds (by its config's format);
+    ``clip``: another copy of its CLIP (a folder or open_clip:MODEL:TAG_OR_FILE)."""
     path = ckpt.resolve(path_or_hub_id)
     fmt = ckpt.read_json(os.path.join(path, ckpt.CONFIG_NAME)).get("format")
     if fmt == DIFFUSION_FORMAT:
         from ..captioner import Captioner
 
-        return Captioner.from_pretrained(path, device=device)
+        return Captioner.from_pretrained(path, device=device, clip=clip)
     if fmt == BASELINE_FORMAT:
         from ..baseline.captioner import BaselineCaptioner
 
-        return BaselineCaptioner.from_pretrained(path, device=device)
+        return BaselineCaptioner.from_pretrained(path, device=device, clip=clip)
     raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.CONFIG_NAME)}: unknown checkpoint format {fmt!r}; "
                                f"expected {DIFFUSION_FORMAT!r} or {BASELINE_FORMAT!r}")
 
