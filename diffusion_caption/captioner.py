@@ -19,10 +19,11 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import CaptionerConfig
+from .config import CaptionerConfig, ObjectiveConfig, split_objective
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
 from .image_encoder import ImageEncoder
+from .ood import FeatureDensity
 from .pretrained import PretrainedCaptioner
 from .rounding import round_to_tokens
 from .samplers import make_sampler
@@ -43,9 +44,10 @@ class Captioner(PretrainedCaptioner):
 
     def __init__(self, config: CaptionerConfig, denoiser: Denoiser, image_encoder: ImageEncoder,
                  tokenizer: CaptionTokenizer, device: str | torch.device = "cpu",
-                 sampling: SamplingConfig | None = None):
+                 sampling: SamplingConfig | None = None, objective: ObjectiveConfig | None = None):
         self.config = config
         self.sampling = sampling or SamplingConfig()
+        self.objective = objective or ObjectiveConfig()  # what it was trained with (a record; sampling ignores it)
         self.denoiser = self.network = denoiser.eval()
         self.image_encoder = image_encoder
         self._scorer = None  # another CLIP's text tower or a TextScorer to rank candidates; ``use_scorer``
@@ -54,6 +56,7 @@ class Captioner(PretrainedCaptioner):
         self.schedule = NoiseSchedule(config.schedule, config.T)
         self.diffusion = GaussianDiffusion(self.schedule, config.predict, config.self_cond)
         self._net = self.denoiser  # what sampling calls: the denoiser, or its compiled graph
+        self.density: FeatureDensity | None = None  # how unlike the training images an input is (ood.py)
         self.to(device)
 
     def to(self, device) -> "Captioner":
@@ -103,10 +106,14 @@ class Captioner(PretrainedCaptioner):
         checkpoint's own ``sampling.scorer`` (a folder relative to the checkpoint's), or of its CLIP.
         ``clip`` loads the CLIP from another copy (``PretrainedCaptioner.load_image_encoder``)."""
         path, cfg_file, meta = cls.read_checkpoint(path_or_hub_id)
-        net, sampling = split_legacy(meta["captioner"])  # checkpoints with sampling inside the captioner's
+        # checkpoints written before the sampling and objective sections kept both inside the captioner's
+        net, sampling = split_legacy(meta["captioner"])
+        net, objective = split_objective(net)
         sampling.update(meta.get("sampling", {}))
+        objective.update(meta.get("objective", {}))
         config = cls.read_config(CaptionerConfig, net, cfg_file, "captioner")
         sampling = cls.read_config(SamplingConfig, sampling, cfg_file, "sampling")
+        objective = cls.read_config(ObjectiveConfig, objective, cfg_file, "objective")
         if sampling.steps > config.T:
             raise ckpt.CheckpointError(f"{cfg_file}: sampling steps {sampling.steps} exceed T={config.T}")
         try:
@@ -124,11 +131,14 @@ class Captioner(PretrainedCaptioner):
             if not os.path.isdir(scorer):
                 raise ckpt.CheckpointError(f"{cfg_file}: its sampling scorer {sampling.scorer!r} is not a folder "
                                            f"({os.path.normpath(scorer)} not found); give scorer= to use another")
-        return cls(config, denoiser, image_encoder, tokenizer, device, sampling).use_scorer(scorer)
+        cap = cls(config, denoiser, image_encoder, tokenizer, device, sampling, objective).use_scorer(scorer)
+        if FeatureDensity.is_in(path):
+            cap.density = FeatureDensity.load(path, image_encoder.feature_dim)
+        return cap
 
     def _sections(self) -> dict:
-        return {"captioner": self.config.to_dict(), "sampling": self.sampling.to_dict(),
-                "encoder_config": self.denoiser.encoder_config}
+        return {"captioner": self.config.to_dict(), "objective": self.objective.to_dict(),
+                "sampling": self.sampling.to_dict(), "encoder_config": self.denoiser.encoder_config}
 
     # ---------------------------------------------------------------------------------------- sampling
     def resolve(self, sampling: SamplingConfig | None = None, **overrides) -> SamplingConfig:
@@ -251,17 +261,27 @@ class Captioner(PretrainedCaptioner):
         settings = self.settings(seed, s)
         if record != "all":
             settings["record"] = record
+        if features is None and images and self.density is not None:  # the verdict reads the raw embeddings
+            raw = self.image_encoder.encode(list(images), normalize=False)
+            ood = self.density.assess(raw)
+            features = torch.nn.functional.normalize(raw, dim=-1).to(self.device)
+        else:  # precomputed features carry no verdict
+            features = self.features_of(images, features)
+            ood = [None] * features.shape[0]
         if s.candidates > 1 and s.propose != "rounding":
-            return self._caption_candidates(images, features, s, seed, record, settings, t0)
-        n = len(images) if features is None else features.shape[0]
-        per_image: list[list[DenoisingStep]] = [[] for _ in range(n)]
-        for batch in self.iter_caption_batch(images, features=features, sampling=s, seed=seed, record=record):
-            for b, step in enumerate(batch):
-                if step is not None:
-                    per_image[b].append(step)
-        seconds = time.perf_counter() - t0
-        return [Trace(steps, dict(settings), seconds, candidates=steps[-1].candidates, chosen=steps[-1].chosen)
-                for steps in per_image]
+            traces = self._caption_candidates(None, features, s, seed, record, settings, t0)
+        else:
+            per_image: list[list[DenoisingStep]] = [[] for _ in range(features.shape[0])]
+            for batch in self.iter_caption_batch(features=features, sampling=s, seed=seed, record=record):
+                for b, step in enumerate(batch):
+                    if step is not None:
+                        per_image[b].append(step)
+            seconds = time.perf_counter() - t0
+            traces = [Trace(steps, dict(settings), seconds, candidates=steps[-1].candidates, chosen=steps[-1].chosen)
+                      for steps in per_image]
+        for tr, verdict in zip(traces, ood):
+            tr.ood = verdict
+        return traces
 
     def _caption_candidates(self, images, features, s: SamplingConfig, seed: int, record: str, settings: dict,
                             t0: float) -> list[Trace]:

@@ -1,6 +1,8 @@
-"""The captioner's network and training objective: denoiser, conditioning, diffusion and loss, stored as
-config.json's ``captioner`` section. How it samples is apart (``sampling.SamplingConfig``, the ``sampling``
-section)."""
+"""The captioner's configuration in two parts, as the checkpoint stores them: the network (``CaptionerConfig``,
+config.json's ``captioner`` section: denoiser, conditioning, diffusion process) and the objective it was
+trained with (``ObjectiveConfig``, the ``objective`` section: loss weights, condition dropout, the timestep
+curriculum, self-conditioning and reveal training). How it samples is a third (``sampling.SamplingConfig``).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +12,27 @@ FUSIONS = ("concat", "add")
 PREDICTIONS = ("x0", "eps")
 
 
+class _Dict:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.SECTION} config keys {unknown}")
+        return cls(**d)
+
+
 @dataclass
-class CaptionerConfig:
+class CaptionerConfig(_Dict):
+    SECTION = "captioner"
     # text
     seq_len: int = 24  # caption positions, [CLS] ... [SEP] [PAD]... (the seed paper used 16)
     vocab_size: int = 512
     emb_dim: int = 64  # token embedding size: the space diffusion runs in
+    freeze_embeddings: bool = False  # keep the token embeddings fixed (the seed froze DistilBERT's)
     # DistilBERT denoiser
     encoder: str = "tiny"  # "tiny" (built from the fields below) or a DistilBERT name/path for its weights
     dim: int = 192
@@ -30,31 +47,13 @@ class CaptionerConfig:
     # hidden width of a residual MLP from the image feature to the conditioning, beside the linear
     # projection (ClipCap's mapping network); 0 = the linear projection alone
     cond_mlp: int = 0
-    p_uncond: float = 0.1  # condition dropout in training, for classifier-free guidance
     predict_feature: bool = False  # an extra head predicting the image feature from the text positions
-    # self-conditioning (Chen et al. 2022, "Analog Bits"): the network also reads its own previous x0
-    # estimate; in training, a fraction p_self_cond of each batch gets one made by a first, gradient-free pass
+    # self-conditioning (Chen et al. 2022, "Analog Bits"): the network also reads its own previous x0 estimate
     self_cond: bool = False
-    p_self_cond: float = 0.5
-    # reveal training (for the "reveal" sampler): a fraction p_reveal of each batch has a random share of
-    # its positions clean at t = 0 and the rest pure noise at T-1, the loss on the noisy ones only
-    p_reveal: float = 0.0
     # diffusion
     schedule: str = "sqrt"
     T: int = 1000
     predict: str = "x0"  # what the network outputs: "x0" or "eps"
-    # loss = x0 MSE + lambda_round * rounding CE (+ lambda_feature * feature loss)
-    lambda_round: float = 0.3
-    lambda_feature: float = 0.1
-    freeze_embeddings: bool = False
-    # few-step training: a fraction p_focus of each batch is drawn from the focus_steps timesteps that a
-    # focus_steps-step sampler with focus_spacing visits (the rest uniformly); 0 = uniform t only
-    focus_steps: int = 0
-    focus_spacing: str = "trailing^2"
-    p_focus: float = 0.5
-    # step-unrolled training: a fraction p_unroll of each batch at the focus sampler's second timestep,
-    # its input made from the network's own first-step prediction (needs focus_steps >= 2); 0 = off
-    p_unroll: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, commands)
 
     def __post_init__(self):
@@ -66,11 +65,37 @@ class CaptionerConfig:
             raise ValueError(f"cond_mlp must be >= 0 (0: no MLP), got {self.cond_mlp}")
         if self.n_prefix < 1:
             raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
+
+
+@dataclass
+class ObjectiveConfig(_Dict):
+    """What ``GaussianDiffusion.training_losses`` optimises: loss = x0 MSE + prior + lambda_round x rounding
+    cross-entropy (+ lambda_feature x feature loss), over a batch whose timesteps and inputs the fields
+    below draw."""
+    SECTION = "objective"
+    lambda_round: float = 0.3
+    lambda_feature: float = 0.1
+    p_uncond: float = 0.1  # condition dropout, for classifier-free guidance
+    # self-conditioning: a fraction p_self_cond of each batch gets an x0 estimate made by a first,
+    # gradient-free pass (the network must have self_cond)
+    p_self_cond: float = 0.5
+    # reveal training (for the "reveal" sampler): a fraction p_reveal of each batch has a prefix of its
+    # caption clean at t = 0 and the rest pure noise at T-1, the loss on the noisy positions only
+    p_reveal: float = 0.0
+    # few-step training: a fraction p_focus of each batch is drawn from the focus_steps timesteps that a
+    # focus_steps-step sampler with focus_spacing visits (the rest uniformly); 0 = uniform t only
+    focus_steps: int = 0
+    focus_spacing: str = "trailing^2"
+    p_focus: float = 0.5
+    # step-unrolled training: a fraction p_unroll of each batch at the focus sampler's second timestep,
+    # its input made from the network's own first-step prediction (needs focus_steps >= 2); 0 = off
+    p_unroll: float = 0.0
+
+    def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        if not 0 <= self.focus_steps <= self.T or not 0.0 <= self.p_focus <= 1.0:
-            raise ValueError(f"focus_steps must be in [0, T={self.T}] and p_focus in [0, 1], "
-                             f"got {self.focus_steps}, {self.p_focus}")
+        if self.focus_steps < 0 or not 0.0 <= self.p_focus <= 1.0:
+            raise ValueError(f"focus_steps must be >= 0 and p_focus in [0, 1], got {self.focus_steps}, {self.p_focus}")
         if not 0.0 <= self.p_unroll <= 1.0 or (self.p_unroll > 0 and self.focus_steps < 2):
             raise ValueError(f"p_unroll must be in [0, 1] and needs focus_steps >= 2 (it trains the second "
                              f"step), got p_unroll={self.p_unroll}, focus_steps={self.focus_steps}")
@@ -84,16 +109,27 @@ class CaptionerConfig:
         if self.lambda_round < 0 or self.lambda_feature < 0:
             raise ValueError("loss weights lambda_round and lambda_feature must be >= 0")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "CaptionerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown captioner config keys {unknown}")
-        return cls(**d)
+    def plain(cls, **overrides) -> "ObjectiveConfig":
+        """The plain objective: MSE + prior + 0.3 x rounding cross-entropy, no condition dropout, no
+        feature loss, no self-conditioning pass, uniform timesteps; ``overrides`` change any of it."""
+        return cls(**{"lambda_feature": 0.0, "p_uncond": 0.0, "p_self_cond": 0.0, "p_focus": 0.0, **overrides})
+
+    def check(self, config: CaptionerConfig) -> "ObjectiveConfig":
+        """This objective checked against the network it trains; returns itself."""
+        if self.focus_steps > config.T:
+            raise ValueError(f"focus_steps must be in [0, T={config.T}], got {self.focus_steps}")
+        return self
+
+
+OBJECTIVE_KEYS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig))
+
+
+def split_objective(captioner: dict) -> tuple[dict, dict]:
+    """A captioner section with the objective's keys inside (checkpoints before the objective section)
+    split into the network's keys and the objective's."""
+    return ({k: v for k, v in captioner.items() if k not in OBJECTIVE_KEYS},
+            {k: v for k, v in captioner.items() if k in OBJECTIVE_KEYS})
 
 
 PRESETS = {
@@ -112,3 +148,11 @@ def preset(name: str, **overrides) -> CaptionerConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return CaptionerConfig(**{**PRESETS[name], **overrides})
+
+
+# the objective each preset trains with when no flag says otherwise
+OBJECTIVE_PRESETS = {"shapes": dict(), "base": dict(), "tiny": dict()}
+
+
+def objective_preset(name: str, **overrides) -> ObjectiveConfig:
+    return ObjectiveConfig(**{**OBJECTIVE_PRESETS.get(name, {}), **overrides})

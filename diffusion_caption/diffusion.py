@@ -6,14 +6,16 @@ trained model.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .config import ObjectiveConfig
 from .rounding import clamp_to_embeddings, token_logits
-from .samplers import RevealSampler, Sampler
+from .samplers import RevealSampler, Sampler, spaced_timesteps
 from .schedule import NoiseSchedule
 
 
@@ -42,13 +44,12 @@ class GaussianDiffusion:
         return out if self.predict == "x0" else self.schedule.predict_start_from_noise(x_t, t, out)
 
     # ------------------------------------------------------------------------------------------ training
-    def training_losses(self, model, tokens: torch.Tensor, cond: torch.Tensor, lambda_round: float = 0.3,
-                        lambda_feature: float = 0.0, p_uncond: float = 0.0,
-                        generator: torch.Generator | None = None, t_focus: list[int] | None = None,
-                        p_focus: float = 0.0, p_unroll: float = 0.0,
-                        focus_spacing: str = "trailing^2", p_self_cond: float = 0.0,
-                        p_reveal: float = 0.0, pad_id: int | None = None) -> dict[str, torch.Tensor]:
-        """Losses for a batch of token ids [B, L] and image features [B, D].
+    def training_losses(self, model, tokens: torch.Tensor, cond: torch.Tensor, objective: ObjectiveConfig | None = None,
+                        generator: torch.Generator | None = None, pad_id: int | None = None,
+                        t_focus: list[int] | None = None, **overrides) -> dict[str, torch.Tensor]:
+        """Losses for a batch of token ids [B, L] and image features [B, D] under ``objective`` (default:
+        ``ObjectiveConfig.plain()``; keyword ``overrides`` change its fields for this call; ``t_focus``, when
+        given, replaces the focus timesteps it would draw from its ``focus_steps``).
 
         x_0 = E(w) (Diffusion-LM's embedding step, with its small N(0, 1 - alpha_bar_0) jitter);
         x_t ~ q(x_t | x_0) at uniform t (with ``t_focus``, a fraction ``p_focus`` of the batch at one of
@@ -68,6 +69,11 @@ class GaussianDiffusion:
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
         """
+        o = dataclasses.replace(objective or ObjectiveConfig.plain(), **overrides)
+        if t_focus is None and o.focus_steps:
+            t_focus = spaced_timesteps(self.schedule.T, o.focus_steps, o.focus_spacing)
+        lambda_round, lambda_feature, p_uncond, p_focus = o.lambda_round, o.lambda_feature, o.p_uncond, o.p_focus
+        p_unroll, focus_spacing, p_self_cond, p_reveal = o.p_unroll, o.focus_spacing, o.p_self_cond, o.p_reveal
         B, L = tokens.shape
         dev = tokens.device
         E = getattr(model, "module", model).embeddings  # the table itself, also under DistributedDataParallel

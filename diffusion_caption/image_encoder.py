@@ -221,9 +221,9 @@ class ImageEncoder:
         return torch.stack([self.preprocess(load_image(im)) for im in images])
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.model.encode_image(pixels.to(self.device))
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+    def encode_pixels(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        feats = self.model.encode_image(pixels.to(self.device)).float()
+        return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
@@ -276,8 +276,10 @@ class ImageEncoder:
             return x
         return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
-    def encode(self, images: list, batch_size: int = 64) -> torch.Tensor:
-        """[N, D] L2-normalised image features."""
-        out = [self.encode_pixels(self.pixels(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    def encode(self, images: list, batch_size: int = 64, normalize: bool = True) -> torch.Tensor:
+        """[N, D] L2-normalised image features (``normalize=False``: the image tower's raw embeddings, whose
+        length is part of what says how unlike the training images an input is; ``ood.py``)."""
+        out = [self.encode_pixels(self.pixels(images[i:i + batch_size]), normalize)
+               for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.feature_dim)
 

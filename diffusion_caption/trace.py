@@ -38,6 +38,9 @@ class Trace:
     seconds: float | None = None  # wall time of the whole denoising, image encoding included
     candidates: list[str] | None = None  # with settings["candidates"] = K > 1: the K sampled captions...
     chosen: int | None = None  # ...and which of them this trace is (kept by settings["select"]: MBR or CLIP score)
+    # how unlike the training images the input is, when the checkpoint has the statistics (``ood.py``):
+    # {"score", "threshold", "unlike_training"}
+    ood: dict | None = None
 
     @property
     def final(self) -> DenoisingStep:
@@ -68,6 +71,8 @@ class Trace:
                "steps": [s.to_json() for s in self.steps]}
         if self.candidates is not None:
             out.update(candidates=self.candidates, chosen=self.chosen)
+        if self.ood is not None:
+            out["ood"] = self.ood
         return out
 
     def x_t(self) -> torch.Tensor:

@@ -133,7 +133,7 @@ def test_train_keys_depend_on_the_change_budget_and_seed():
     assert len({b.train_key(concat, 0), b.train_key(add, 0), b.train_key(concat, 1),
                 ablate.Budget(steps=10).train_key(concat, 0)}) == 4
     # the last flag wins in argparse: the run's change overrides the shared config and --train-args
-    tcfg, mcfg = train_diffusion.configs_from_args(ablate.Budget(train_args=("--fusion", "concat")).train_flags(add, 3))
+    tcfg, mcfg, _ = train_diffusion.configs_from_args(ablate.Budget(train_args=("--fusion", "concat")).train_flags(add, 3))
     assert mcfg.fusion == "add" and tcfg.seed == 3 and mcfg.dim == 128 and tcfg.steps == 6000
 
 

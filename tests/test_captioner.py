@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion_caption import Captioner, CheckpointError
+from diffusion_caption.config import ObjectiveConfig
 from diffusion_caption.diffusion import GaussianDiffusion
 from diffusion_caption.schedule import NoiseSchedule
 
@@ -90,11 +91,11 @@ def test_focus_training_draws_the_few_step_samplers_timesteps(make_captioner, to
     assert 0.4 < in_focus < 0.65 and len(set(half.tolist())) > 30
     assert ((uniform == 99) | (uniform == 60)).float().mean().item() < 0.1
     with pytest.raises(ValueError, match="p_focus"):
-        make_captioner(p_focus=1.5)
+        ObjectiveConfig(p_focus=1.5)
     with pytest.raises(ValueError, match="focus_steps"):
-        make_captioner(focus_steps=cap.config.T + 1)
+        ObjectiveConfig(focus_steps=cap.config.T + 1).check(cap.config)
     with pytest.raises(ValueError, match="spacing must be"):
-        make_captioner(focus_steps=3, focus_spacing="leading")
+        ObjectiveConfig(focus_steps=3, focus_spacing="leading")
 
 
 def test_unrolled_training_feeds_the_second_step_the_networks_own_first_draft(make_captioner, tokenizer):
@@ -120,7 +121,7 @@ def test_unrolled_training_feeds_the_second_step_the_networks_own_first_draft(ma
     diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, T), cap.config.predict)
     with torch.no_grad():
         diff.training_losses(Spy(), ids, cond, generator=torch.Generator().manual_seed(0), t_focus=t_focus,
-                             p_focus=0.0, p_unroll=0.5, focus_spacing="trailing^2")
+                             p_focus=0.0, p_unroll=0.5, focus_spacing="trailing^2", focus_steps=2)
     (x_T, t_draft, cond_draft), (x_t, t, _) = calls  # the no-grad draft, then the training call
     assert set(t_draft.tolist()) == {t_focus[0]}
     unrolled = t == t_focus[1]
@@ -133,9 +134,9 @@ def test_unrolled_training_feeds_the_second_step_the_networks_own_first_draft(ma
     assert torch.allclose(x_t[unrolled], expected, atol=1e-5)
     assert (t[~unrolled] != t_focus[1]).float().mean() > 0.9  # uniform t elsewhere (p_focus 0)
     with pytest.raises(ValueError, match="two focus timesteps"):
-        diff.training_losses(cap.denoiser, ids, cond, t_focus=[T - 1], p_unroll=0.5)
+        diff.training_losses(cap.denoiser, ids, cond, t_focus=[T - 1], p_unroll=0.5, focus_steps=2)
     with pytest.raises(ValueError, match="p_unroll"):
-        make_captioner(p_unroll=0.5, focus_steps=1)
+        ObjectiveConfig(p_unroll=0.5, focus_steps=1)
 
 
 def test_trace_structure_and_determinism(make_captioner, scene_image):

@@ -39,7 +39,7 @@ def test_encoder_dir_without_tokenizer_is_refused(tmp_path):
     enc.mkdir()
     with pytest.raises(SystemExit, match="--tokenizer DIR"):
         train_diffusion.configs_from_args(["--preset", "base", "--encoder", str(enc)])
-    tcfg, mcfg = train_diffusion.configs_from_args(["--preset", "base", "--encoder", str(enc), "--tokenizer", str(enc)])
+    tcfg, mcfg, _ = train_diffusion.configs_from_args(["--preset", "base", "--encoder", str(enc), "--tokenizer", str(enc)])
     assert mcfg.encoder == str(enc) and tcfg.tokenizer == str(enc)
 
 
@@ -239,8 +239,9 @@ def test_the_recipe_trains_chooses_evaluates_and_documents_both_models(recipe_ru
     cap = Captioner.from_pretrained(os.path.join(out, "diffusion"))
     c = cap.config
     # the seed's choices, and what the shapes default proved
-    assert (c.seq_len, c.predict, c.lambda_round, c.p_uncond, c.fusion) == (16, "x0", 0.3, 0.2, "concat")
-    assert c.self_cond and c.focus_steps == 4 and c.dim == 64 and c.n_layers == 2
+    o = cap.objective
+    assert (c.seq_len, c.predict, o.lambda_round, o.p_uncond, c.fusion) == (16, "x0", 0.3, 0.2, "concat")
+    assert c.self_cond and o.focus_steps == 4 and c.dim == 64 and c.n_layers == 2
     assert c.extra["train_config"]["steps"] == 4 and c.extra["clip"] == recipe_run["fx"]["clip"]
     assert cap.image_encoder.source["model_name"] == "ViT-B-32-quickgelu" and cap.image_encoder.feature_dim == 512
     # the sampling stage chose one of the grid on val and stored it as the default

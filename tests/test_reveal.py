@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from diffusion_caption.config import ObjectiveConfig
+
 from diffusion_caption.diffusion import GaussianDiffusion
 from diffusion_caption.samplers import RevealSampler, make_sampler
 from diffusion_caption.schedule import NoiseSchedule
@@ -105,4 +107,4 @@ def test_reveal_training_draws_clean_and_pure_noise_positions_and_scores_the_noi
     mse = ((out - E[ids]).pow(2).mean(-1) * w).sum() / w.sum()
     assert losses["mse"] == pytest.approx(float(mse), rel=1e-5)
     with pytest.raises(ValueError, match="p_reveal"):
-        make_captioner(p_reveal=2.0)
+        ObjectiveConfig(p_reveal=2.0)

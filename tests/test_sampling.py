@@ -110,3 +110,23 @@ def test_a_call_overrides_the_checkpoint_defaults_by_name(make_captioner, scene_
         cap.caption(scene_image, steps=cap.config.T + 1)
     with pytest.raises(TypeError, match="unknown sampling settings"):
         cap.caption(scene_image, stpes=2)
+
+
+def test_the_objective_is_its_own_section_and_old_checkpoints_split_into_it(make_captioner, tmp_path):
+    """config.json keeps the network (captioner), the objective it was trained with, and the sampling apart;
+    a checkpoint with the objective's keys inside its captioner section loads into the same three."""
+    from diffusion_caption import Captioner
+    from diffusion_caption.config import OBJECTIVE_KEYS, ObjectiveConfig
+
+    cap = make_captioner()
+    cap.objective = ObjectiveConfig(p_uncond=0.0, p_reveal=0.8, lambda_round=1.0, focus_steps=1)
+    d = tmp_path / "ckpt"
+    cap.save_pretrained(str(d))
+    meta = json.loads((d / "config.json").read_text())
+    assert meta["objective"]["p_reveal"] == 0.8 and not set(OBJECTIVE_KEYS) & set(meta["captioner"])
+    assert Captioner.from_pretrained(str(d)).objective == cap.objective
+    old = {**meta, "captioner": {**meta["captioner"], **meta["objective"]}}
+    del old["objective"]
+    (d / "config.json").write_text(json.dumps(old))
+    back = Captioner.from_pretrained(str(d))
+    assert back.objective == cap.objective and back.config == cap.config

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from diffusion_caption.config import ObjectiveConfig
+
 from diffusion_caption import Captioner
 from diffusion_caption.diffusion import GaussianDiffusion
 from diffusion_caption.schedule import NoiseSchedule
@@ -43,7 +45,7 @@ def test_self_cond_input_starts_at_zero_and_then_changes_the_prediction(make_cap
     with torch.no_grad():
         assert torch.equal(other(x_t, t, cond)[0], other(x_t, t, cond, None, sc)[0])
     with pytest.raises(ValueError, match="p_self_cond"):
-        make_captioner(self_cond=True, p_self_cond=1.5)
+        ObjectiveConfig(p_self_cond=1.5)
 
 
 def test_training_feeds_a_fraction_of_the_batch_its_own_estimate(make_captioner, tokenizer):
@@ -79,7 +81,7 @@ def test_unrolled_rows_get_the_first_steps_estimate(make_captioner, tokenizer):
     diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, T), cap.config.predict, self_cond=True)
     with torch.no_grad():
         diff.training_losses(spy, ids, cond, generator=torch.Generator().manual_seed(0), t_focus=t_focus,
-                             p_unroll=0.5, focus_spacing="trailing^2", p_self_cond=0.0)
+                             p_unroll=0.5, focus_spacing="trailing^2", p_self_cond=0.0, focus_steps=2)
     (_, t_draft, _, draft), (_, t, sc, _) = spy.calls
     unrolled = t == t_focus[1]
     assert set(t_draft.tolist()) == {t_focus[0]} and int(unrolled.sum()) == draft.shape[0]

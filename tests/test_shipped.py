@@ -100,7 +100,7 @@ def test_shipped_two_layer_checkpoint_is_the_one_step_model_cut_to_two_layers():
     assert last["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast-small" and last["steps"] == 8000
     first = last["init"]["init"]  # the first stage: where the layers came from
     assert first["checkpoint"] == "assets/checkpoints/shapes-diffusion-fast" and first["layers"] == [0, 2]
-    assert "--margin 0.5" in c.extra["distilled"]["command"] and c.p_uncond == 0.0
+    assert "--margin 0.5" in c.extra["distilled"]["command"] and cap.objective.p_uncond == 0.0
     # half the transformer: the denoiser has the tensors of 2 layers
     small = load_file(os.path.join(CKPT, "shapes-diffusion-fast-small", "model.safetensors"))
     layer = "encoder.transformer.layer."

@@ -206,8 +206,9 @@ def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip
                      "--focus-steps", "1", "--p-focus", "0.8")
     a, b = load_file(str(start / "model.safetensors")), load_file(str(same / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    cfg = Captioner.from_pretrained(str(same)).config
-    assert (cfg.n_layers, cfg.seq_len, cfg.focus_steps, cfg.p_focus) == (1, 12, 1, 0.8)
+    same_cap = Captioner.from_pretrained(str(same))
+    cfg, obj = same_cap.config, same_cap.objective
+    assert (cfg.n_layers, cfg.seq_len, obj.focus_steps, obj.p_focus) == (1, 12, 1, 0.8)
     assert cfg.extra["init"] == {"checkpoint": str(start), "steps": 6}
 
     # a few steps move the weights away from the start
@@ -217,7 +218,7 @@ def test_init_fine_tunes_from_a_checkpoint_with_its_architecture(world_dir, clip
     # ...and so do a few of step-unrolled training, which the saved config records
     unrolled, _ = _train(world_dir, clip_dir, tmp_path / "unrolled", "--init", str(start), "--steps", "2",
                          "--focus-steps", "2", "--p-unroll", "0.5")
-    assert Captioner.from_pretrained(str(unrolled)).config.p_unroll == 0.5
+    assert Captioner.from_pretrained(str(unrolled)).objective.p_unroll == 0.5
     u = load_file(str(unrolled / "model.safetensors"))
     assert any(not torch.equal(a[k], u[k]) for k in a)
 

@@ -302,13 +302,13 @@ def diffusion_step(mcfg, encoder_config: dict, batch: int, device: torch.device)
 
     from diffusion_caption.denoiser import Denoiser
     from diffusion_caption.diffusion import GaussianDiffusion
-    from diffusion_caption.samplers import spaced_timesteps
+    from diffusion_caption.config import ObjectiveConfig, split_objective
     from diffusion_caption.schedule import NoiseSchedule
 
+    objective = ObjectiveConfig(**split_objective(RECIPE_DIFFUSION)[1])
     net = Denoiser(mcfg, encoder_config=encoder_config).to(device).train()
     ema = copy.deepcopy(net).requires_grad_(False)
     diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict, mcfg.self_cond)
-    t_focus = spaced_timesteps(mcfg.T, mcfg.focus_steps, mcfg.focus_spacing) if mcfg.focus_steps else None
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -317,9 +317,7 @@ def diffusion_step(mcfg, encoder_config: dict, batch: int, device: torch.device)
 
     def step():
         with common.autocast(device):
-            losses = diffusion.training_losses(net, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, mcfg.p_uncond,
-                                               gen, t_focus, mcfg.p_focus, mcfg.p_unroll, mcfg.focus_spacing,
-                                               p_self_cond=mcfg.p_self_cond, p_reveal=mcfg.p_reveal, pad_id=0)
+            losses = diffusion.training_losses(net, ids, cond, objective, gen, pad_id=0)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -362,7 +360,7 @@ def real_size_configs(args, vocab: int | None = None, gpt_vocab: int | None = No
     from transformers import DistilBertConfig, GPT2Config
 
     from diffusion_caption.baseline.captioner import GPT_CONFIG_KEYS, baseline_preset
-    from diffusion_caption.config import preset
+    from diffusion_caption.config import preset, split_objective
 
     enc = encoder_config or {k: v for k, v in DistilBertConfig().to_dict().items()
                              if k in ("vocab_size", "max_position_embeddings", "sinusoidal_pos_embds", "n_layers",
@@ -375,7 +373,7 @@ def real_size_configs(args, vocab: int | None = None, gpt_vocab: int | None = No
         w = args.bench_width
         enc = {**enc, "dim": w, "hidden_dim": 4 * w, "n_heads": max(1, w // 64)}
         gpt = {**gpt, "n_embd": w, "n_head": max(1, w // 64)}
-    mcfg = preset("base", **{**RECIPE_DIFFUSION, "vocab_size": vocab or enc["vocab_size"], "cond_dim": cond_dim,
+    mcfg = preset("base", **{**split_objective(RECIPE_DIFFUSION)[0], "vocab_size": vocab or enc["vocab_size"], "cond_dim": cond_dim,
                              "dim": enc["dim"], "emb_dim": enc["dim"], "n_layers": enc["n_layers"],
                              "n_heads": enc["n_heads"], "hidden_dim": enc["hidden_dim"]})
     bcfg = baseline_preset("base", cond_dim=cond_dim, vocab_size=gpt_vocab or gpt["vocab_size"], n_embd=gpt["n_embd"],

@@ -14,7 +14,7 @@ import os
 
 from diffusion_caption.eval.evaluation import load_model
 
-CARRIED = ("vocab_map.json", "README.md")  # the vocabulary map the app reads; the model card
+CARRIED = ("vocab_map.json", "README.md", "ood.json", "ood.safetensors")  # the app's vocabulary map; the model card; the out-of-domain statistics
 
 
 def ship(src: str, dest: str, clip: str, summary: str | None = None) -> None:

@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from diffusion_caption.captioner import Captioner
-from diffusion_caption.config import PRESETS, CaptionerConfig, preset
+from diffusion_caption.config import PRESETS, CaptionerConfig, ObjectiveConfig, objective_preset, preset, split_objective
 from diffusion_caption.sampling import SamplingConfig, split_legacy
 from diffusion_caption.data import caption_pairs, load_datasets
 from diffusion_caption.denoiser import Denoiser
 from diffusion_caption.diffusion import GaussianDiffusion
 from diffusion_caption.features import image_features
 from diffusion_caption.image_encoder import BASE_MODEL, BASE_PRETRAINED, ImageEncoder
-from diffusion_caption.samplers import spaced_timesteps
 from diffusion_caption.schedule import NoiseSchedule
 from diffusion_caption.tokenizer import SPECIAL_TOKENS, CaptionTokenizer
 from training import common
@@ -107,12 +106,14 @@ def distillation_of(data: str, data_dir: str) -> dict | None:
     return {k: kd[k] for k in ("teacher", "decoding", "selection", "splits", "command") if k in kd} if kd else None
 
 
-def init_config(path: str) -> CaptionerConfig:
-    """The captioner config of the checkpoint a fine-tune starts from (``--init``), with a clear error."""
+def init_config(path: str) -> tuple[CaptionerConfig, ObjectiveConfig]:
+    """The network and objective configs of the checkpoint a fine-tune starts from (``--init``), with a clear error."""
     from diffusion_caption import checkpoint as ckpt
     try:
         meta = ckpt.read_json(os.path.join(ckpt.resolve(path), ckpt.CONFIG_NAME))
-        return CaptionerConfig.from_dict(split_legacy(meta["captioner"])[0], source=path)
+        net, objective = split_objective(split_legacy(meta["captioner"])[0])
+        return (CaptionerConfig.from_dict(net, source=path),
+                ObjectiveConfig.from_dict({**objective, **meta.get("objective", {})}, source=path))
     except (ckpt.CheckpointError, OSError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"--init {path}: not a readable diffusion-caption checkpoint ({type(e).__name__}: {e})") from None
 
@@ -150,19 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_dataclass_args(p, DiffusionTrainConfig)
     common.add_dataclass_args(p, CaptionerConfig)
+    common.add_dataclass_args(p, ObjectiveConfig)
     return p
 
 
-def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]:
+def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig, ObjectiveConfig]:
+    """The run's training, network and objective configs: the preset's (or the --init checkpoint's),
+    changed by the flags given."""
     args = build_parser().parse_args(argv)
     name = args.preset or "shapes"
     if name not in PRESETS:
         raise SystemExit(f"unknown --preset {name!r}; expected one of {sorted(PRESETS)}")
     base_train = DiffusionTrainConfig(**{**PRESET_TRAINING.get(name, {}), "preset": name})
     tcfg = common.dataclass_from_args(DiffusionTrainConfig, args, base_train)
-    base_model = preset(name)
-    if tcfg.init:  # a fine-tune: the starting checkpoint's config, changed only by the flags given
-        base_model = dataclasses.replace(init_config(tcfg.init), extra={})
+    base_model, base_objective = preset(name), objective_preset(name)
+    if tcfg.init:  # a fine-tune: the starting checkpoint's configs, changed only by the flags given
+        base_model, base_objective = init_config(tcfg.init)
+        base_model = dataclasses.replace(base_model, extra={})
         if tcfg.init_layers:
             keep = parse_init_layers(tcfg.init_layers, base_model.n_layers)
             base_model = dataclasses.replace(base_model, n_layers=len(keep))
@@ -176,6 +181,10 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
     elif tcfg.init_layers:
         raise SystemExit("--init-layers selects layers of the --init checkpoint; give --init too")
     mcfg = common.dataclass_from_args(CaptionerConfig, args, base_model)
+    try:
+        ocfg = common.dataclass_from_args(ObjectiveConfig, args, base_objective).check(mcfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if tcfg.sampling:
         try:
             SamplingConfig.parse(tcfg.sampling)
@@ -192,11 +201,11 @@ def configs_from_args(argv=None) -> tuple[DiffusionTrainConfig, CaptionerConfig]
         raise SystemExit(f"unknown --lr-schedule {tcfg.lr_schedule!r}; expected one of {common.LR_SCHEDULES}")
     if tcfg.lr_schedule == "log" and not (tcfg.lr > 0 and tcfg.lr_end > 0):
         raise SystemExit("--lr-schedule log needs --lr and --lr-end > 0")
-    return tcfg, mcfg
+    return tcfg, mcfg, ocfg
 
 
 def main(argv=None) -> None:
-    tcfg, mcfg = configs_from_args(argv)
+    tcfg, mcfg, ocfg = configs_from_args(argv)
     device, rank, world = common.setup_device(tcfg.device)
     is_main = rank == 0
     if is_main:
@@ -277,10 +286,10 @@ def main(argv=None) -> None:
     if world > 1:
         # without condition dropout the null condition gets no gradient, and DDP must be told
         model = torch.nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None,
-                                                          find_unused_parameters=mcfg.p_uncond == 0)
+                                                          find_unused_parameters=ocfg.p_uncond == 0)
     diffusion = GaussianDiffusion(NoiseSchedule(mcfg.schedule, mcfg.T), mcfg.predict, mcfg.self_cond)
-    # few-step training: part of each batch at the timesteps the few-step sampler visits
-    t_focus = spaced_timesteps(mcfg.T, mcfg.focus_steps, mcfg.focus_spacing) if mcfg.focus_steps else None
+    # validation: the same objective at uniform timesteps, without condition dropout or step unrolling
+    val_objective = dataclasses.replace(ocfg, p_uncond=0.0, focus_steps=0, p_unroll=0.0)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     opt = common.make_optimizer(tcfg.optimizer, params, tcfg.lr, tcfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(tcfg.seed * 7919 + rank)
@@ -306,16 +315,15 @@ def main(argv=None) -> None:
             ids = val_ids[i:i + 256].to(device)
             cond = val_feats[val_img[i:i + 256]].to(device)
             with common.autocast(device):
-                losses = diffusion.training_losses(ema, ids, cond, mcfg.lambda_round, mcfg.lambda_feature, 0.0, g,
-                                                   p_self_cond=mcfg.p_self_cond, p_reveal=mcfg.p_reveal,
-                                                   pad_id=tokenizer.pad_id)
+                losses = diffusion.training_losses(ema, ids, cond, val_objective, g, pad_id=tokenizer.pad_id)
             for k, v in losses.items():
                 tot[k] = tot.get(k, 0.0) + float(v) * len(ids)
             n += len(ids)
         return {f"val_{k}": v / n for k, v in tot.items()}
 
     def save_state(step: int) -> None:
-        common.save_train_state(tcfg.run_dir, denoiser, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict()},
+        common.save_train_state(tcfg.run_dir, denoiser, opt, step, gen, {"config": asdict(tcfg), "model": mcfg.to_dict(),
+                                                                  "objective": ocfg.to_dict()},
                                 extra_modules={"ema": ema})
 
     def loss(step: int) -> dict:
@@ -323,10 +331,7 @@ def main(argv=None) -> None:
         ids = pair_ids[idx].to(device)
         cond = feats[pair_img[idx]].to(device)
         with common.autocast(device):
-            return diffusion.training_losses(model, ids, cond, mcfg.lambda_round, mcfg.lambda_feature,
-                                             mcfg.p_uncond, gen, t_focus, mcfg.p_focus, mcfg.p_unroll,
-                                             mcfg.focus_spacing, p_self_cond=mcfg.p_self_cond,
-                                             p_reveal=mcfg.p_reveal, pad_id=tokenizer.pad_id)
+            return diffusion.training_losses(model, ids, cond, ocfg, gen, pad_id=tokenizer.pad_id)
 
     def update_ema() -> None:
         for pe, pm in zip(ema.parameters(), denoiser.parameters()):
@@ -347,7 +352,8 @@ def main(argv=None) -> None:
                                  "is complete: fix this and rerun with --resume to write it)"):
             sampling = (SamplingConfig.parse(tcfg.sampling) if tcfg.sampling
                         else start_sampling)
-            Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer, sampling=sampling).save_pretrained(tcfg.out)
+            Captioner(mcfg, ema.cpu(), encoder.to("cpu"), tokenizer, sampling=sampling,
+                      objective=ocfg).save_pretrained(tcfg.out)
         print(f"saved {tcfg.out} after {step} steps ({time.time() - t0:.0f} s)")
     if world > 1:
         common.end_distributed()
