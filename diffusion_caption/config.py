@@ -12,7 +12,10 @@ FUSIONS = ("concat", "add")
 PREDICTIONS = ("x0", "eps")
 
 
-class _Dict:
+class ConfigDict:
+    """To and from a config.json section (a dataclass's fields), refusing keys it does not know."""
+    SECTION = "config"  # the section's name in messages
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -21,13 +24,13 @@ class _Dict:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown {cls.SECTION} config keys {unknown}")
+            raise ValueError(f"{source}: unknown {cls.SECTION} keys {unknown}")
         return cls(**d)
 
 
 @dataclass
-class CaptionerConfig(_Dict):
-    SECTION = "captioner"
+class CaptionerConfig(ConfigDict):
+    SECTION = "captioner config"
     # text
     seq_len: int = 24  # caption positions, [CLS] ... [SEP] [PAD]... (the seed paper used 16)
     vocab_size: int = 512
@@ -68,11 +71,11 @@ class CaptionerConfig(_Dict):
 
 
 @dataclass
-class ObjectiveConfig(_Dict):
+class ObjectiveConfig(ConfigDict):
     """What ``GaussianDiffusion.training_losses`` optimises: loss = x0 MSE + prior + lambda_round x rounding
     cross-entropy (+ lambda_feature x feature loss), over a batch whose timesteps and inputs the fields
     below draw."""
-    SECTION = "objective"
+    SECTION = "objective config"
     lambda_round: float = 0.3
     lambda_feature: float = 0.1
     p_uncond: float = 0.1  # condition dropout, for classifier-free guidance

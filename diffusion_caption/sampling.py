@@ -17,6 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .config import ConfigDict
 from .samplers import SAMPLERS, spacing_power
 
 SELECTIONS = ("mbr", "clip")  # how one of several candidates is kept: consensus, or CLIP score
@@ -32,8 +33,9 @@ def _is_int(v) -> bool:
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(ConfigDict):
     """Every setting of one sampling run but the seed. Validated when made; ``replace`` makes a new one."""
+    SECTION = "sampling"
     steps: int = 20  # network calls (of T diffusion steps); checked against T by the captioner
     sampler: str = "ddim"  # one of samplers.SAMPLERS
     spacing: str = "linspace"  # which timesteps a few-step sampler keeps (samplers.spaced_timesteps)
@@ -92,17 +94,6 @@ class SamplingConfig:
                             f"{[f.name for f in dataclasses.fields(self)]}")
         changes = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "sampling") -> "SamplingConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown sampling keys {unknown}")
-        return cls(**d)
 
     @property
     def calls(self) -> int:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .decoding import beam_search, greedy
+from ..config import ConfigDict
 from ..image_encoder import ImageEncoder
 from ..pretrained import PretrainedCaptioner
 from .mapping import MAPPERS, build_mapper
@@ -42,7 +43,8 @@ GPT_CONFIG_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
-class BaselineConfig:
+class BaselineConfig(ConfigDict):
+    SECTION = "baseline config"
     # text
     vocab_size: int = 512
     max_len: int = 24  # caption positions BOS ... EOS, as the diffusion model's seq_len
@@ -86,16 +88,6 @@ class BaselineConfig:
         if not 1 <= self.beam <= MAX_BEAM:
             raise ValueError(f"beam must be from 1 to {MAX_BEAM}, got {self.beam}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "BaselineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown baseline config keys {unknown}")
-        return cls(**d)
 
 
 BASELINE_PRESETS = {

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .attributes import ParsedCaption, attribute_scores, parse_caption, single_object_accuracy
-from .variants import HUE_ROTATIONS, grayscale, hue_rotate
+from .variants import HUE_ROTATIONS, grayscale, hue_rotate  # noqa: F401 - re-exported for the evaluation
 from .scenes import BACKGROUNDS, SHAPE_BACKGROUND, Scene, render_scene
 
 SETS = ("background", "hue", "grayscale")
