@@ -141,6 +141,17 @@ class Captioner(PretrainedCaptioner):
                 "sampling": self.sampling.to_dict(), "encoder_config": self.denoiser.encoder_config}
 
     # ---------------------------------------------------------------------------------------- sampling
+    def encode_and_assess(self, images: list) -> tuple[torch.Tensor, list[dict | None]]:
+        """The images' [N, D] features, and for each how unlike the training images it is (``ood.py``; None
+        for all when the checkpoint has no statistics), from one pass of the image tower."""
+        if not images:
+            raise ValueError("give at least one image (or precomputed features)")
+        if self.density is None:
+            features = self.encode_images(list(images))
+            return features, [None] * features.shape[0]
+        raw = self.image_encoder.encode(list(images), normalize=False)
+        return torch.nn.functional.normalize(raw, dim=-1).to(self.device), self.density.assess(raw)
+
     def resolve(self, sampling: SamplingConfig | None = None, **overrides) -> SamplingConfig:
         """``sampling`` (default: the checkpoint's) with ``overrides``, checked against this checkpoint:
         a ValueError names the setting and its range."""
@@ -261,12 +272,10 @@ class Captioner(PretrainedCaptioner):
         settings = self.settings(seed, s)
         if record != "all":
             settings["record"] = record
-        if features is None and images and self.density is not None:  # the verdict reads the raw embeddings
-            raw = self.image_encoder.encode(list(images), normalize=False)
-            ood = self.density.assess(raw)
-            features = torch.nn.functional.normalize(raw, dim=-1).to(self.device)
-        else:  # precomputed features carry no verdict
-            features = self.features_of(images, features)
+        if features is None:
+            features, ood = self.encode_and_assess(images)
+        else:  # precomputed features carry no verdict: it reads the raw embeddings
+            features = self.features_of(None, features)
             ood = [None] * features.shape[0]
         if s.candidates > 1 and s.propose != "rounding":
             traces = self._caption_candidates(None, features, s, seed, record, settings, t0)
