@@ -17,8 +17,23 @@ import html
 import os
 import sys
 import time
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import gradio as gr
+import torch
+
+from diffusion_caption import BaselineCaptioner, Captioner, CheckpointError, ImageLoadError, Trace, load_image
+from diffusion_caption.checkpoint import resolve
+from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
+from diffusion_caption.samplers import SAMPLERS
+from diffusion_caption.viz.html_views import VariantRow, candidates_list, confidence_legend, token_chips, variants_table
+from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
+from diffusion_caption.viz.vocab_map import VocabMapJob
+from diffusion_caption.world.composer import ObjectSpec, compose_scene
+from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES, Scene, render_scene
+from diffusion_caption.world.variants import known_scenes, scene_key, variants_for
 
 try:  # a ZeroGPU Space: a GPU is attached while a function wrapped by spaces.GPU runs (see on_gpu)
     import spaces
@@ -148,8 +163,6 @@ def model_device() -> str:
     """Where the models live: CUDA on a ZeroGPU Space (the ``spaces`` package present), else the CPU."""
     if spaces is None:
         return "cpu"
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -177,12 +190,6 @@ def default_baseline(caps: dict) -> tuple[str, str]:
 
 
 def load_models(args) -> Models:
-    from diffusion_caption import Captioner, CheckpointError
-    from diffusion_caption.baseline.captioner import BaselineCaptioner
-    from diffusion_caption.checkpoint import resolve
-    from diffusion_caption.world.variants import known_scenes
-    from diffusion_caption.viz.vocab_map import VocabMapJob
-
     t0 = time.perf_counter()
     device = model_device()
     caps, checkpoints, dirs, jobs = {}, {}, {}, {}
@@ -251,8 +258,6 @@ rounding probabilities, so a position that rounds with confidence 0.95 sits on i
 
 
 def _user_error(msg: str):
-    import gradio as gr
-
     return gr.Error(msg, print_exception=False)
 
 
@@ -263,10 +268,6 @@ def upload_image(*args, **kw):
 
     The instance's ``preprocess`` is replaced rather than subclassing ``gr.Image``: a subclass would make
     gradio write a type-stub file next to this one at import time."""
-    import types
-
-    import gradio as gr
-
     box = gr.Image(*args, **kw)
     default = box.preprocess
 
@@ -287,8 +288,6 @@ class Handlers:
 
     # ------------------------------------------------------------------ helpers (formatting only)
     def _load(self, image):
-        from diffusion_caption import ImageLoadError, load_image
-
         if image is None or image == "":
             raise _user_error("Pick an example, upload an image or paste one from the clipboard first.")
         try:
@@ -316,15 +315,11 @@ class Handlers:
         if vmap is None:
             return job.status
         if view.points is None:
-            import torch
-
             view.points = {"predicted x0": vmap.place(torch.stack([s.x0_pred for s in view.steps])),
                            "noisy x_t": vmap.place(torch.stack([s.x_t for s in view.steps]))}
         return ""
 
     def _chips(self, step) -> str:
-        from diffusion_caption.viz.html_views import candidates_list, confidence_legend, token_chips
-
         out = token_chips(step.tokens, step.confidence) + confidence_legend()
         if step.candidates:
             out += candidates_list(step.candidates, step.scores, step.chosen)
@@ -345,8 +340,6 @@ class Handlers:
         return rows
 
     def _baseline_html(self, view: View | None) -> str:
-        from diffusion_caption.viz.html_views import confidence_legend, token_chips
-
         if self.m.baseline is None:
             return f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
         if view is None or view.baseline is None:
@@ -374,10 +367,6 @@ class Handlers:
     # ------------------------------------------------------------------ the caption stream
     def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
         """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
-        import gradio as gr
-
-        from diffusion_caption.world.variants import scene_key
-
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
@@ -433,8 +422,6 @@ class Handlers:
 
     def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
-        import gradio as gr
-
         if image is None or image == "":
             yield tuple(gr.skip() for _ in range(12))
             return
@@ -442,8 +429,6 @@ class Handlers:
 
     def choose_model(self, model):
         """A model picked: its own sampling defaults in the settings, and the line on what it is."""
-        import gradio as gr
-
         cap = self.m.caps[self.m.name(model)]
         smp = cap.sampling
         return (gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), gr.Radio(value=smp.sampler),
@@ -454,10 +439,6 @@ class Handlers:
     # ------------------------------------------------------------------ the step viewer
     def show(self, view: View | None, k, kind):
         """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
-        import gradio as gr
-
-        from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
-
         if view is None:
             return (gr.skip(),) * 6 + (view,)
         S = len(view.steps)
@@ -479,8 +460,6 @@ class Handlers:
     # already queued when "pause" (or a scrub, or a new caption) cleared the flag does nothing, so a pause
     # is never undone by a late tick.
     def goto(self, view, k, kind):
-        import gradio as gr
-
         return self.show(view, k, kind) + (gr.Timer(active=False), False)
 
     def step_by(self, delta):
@@ -494,21 +473,15 @@ class Handlers:
         return fn
 
     def play(self, view, k, kind):
-        import gradio as gr
-
         if view is None or len(view.steps) < 2:
             return self.goto(view, k, kind)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
         return self.show(view, start, kind) + (gr.Timer(active=True), True)
 
     def pause(self):
-        import gradio as gr
-
         return gr.Timer(active=False), False
 
     def tick(self, view, k, kind, playing):
-        import gradio as gr
-
         if view is None or not playing:
             return (gr.skip(),) * 7 + (gr.Timer(active=False), False)
         S = len(view.steps)
@@ -518,8 +491,6 @@ class Handlers:
     # ------------------------------------------------------------------ the API endpoint
     def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
         """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...})."""
-        from diffusion_caption import Trace
-
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
@@ -536,11 +507,6 @@ class Handlers:
 
     # ------------------------------------------------------------------ error analysis
     def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
-        from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
-        from diffusion_caption.viz.html_views import VariantRow, variants_table
-        from diffusion_caption.world.variants import scene_key, variants_for
-        from diffusion_caption.world.scenes import Scene
-
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
@@ -581,10 +547,6 @@ class Handlers:
 
     def compose(self, background, *obj_fields):
         """Render the composed scene with the world's own renderer; returns image, scene state, warnings."""
-        from diffusion_caption.world.composer import ObjectSpec, compose_scene
-        from diffusion_caption.world.variants import scene_key
-        from diffusion_caption.world.scenes import render_scene
-
         specs = []
         for i in range(0, len(obj_fields), 6):
             on, shape, color, size, x, y = obj_fields[i:i + 6]
@@ -689,11 +651,6 @@ CSS = """
 
 
 def build(m: Models):
-    import gradio as gr
-
-    from diffusion_caption.samplers import SAMPLERS
-    from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
-
     h = on_gpu(Handlers(m))
     cfg = m.cap.config
     smp = m.cap.sampling
@@ -870,8 +827,6 @@ def build(m: Models):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
     m = load_models(args)
