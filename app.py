@@ -257,6 +257,69 @@ from pure noise to the final embeddings. Points are placed between their nearest
 rounding probabilities, so a position that rounds with confidence 0.95 sits on its token."""
 
 
+@dataclass(eq=False)
+class UI:
+    """The components the handlers update, made by ``build()``. A handler returns ``{component: value}`` for
+    those it changes; gradio leaves the other outputs of its event as they are (a missing key is a skip)."""
+
+    # the Caption tab: the step viewer, the plots, the table, the baseline and the timing line
+    chips: gr.HTML
+    status: gr.Markdown
+    slider: gr.Slider
+    heat: gr.Plot
+    traj: gr.Plot
+    map_note: gr.Markdown
+    table: gr.Dataframe
+    base_html: gr.HTML
+    timing: gr.Markdown
+    view: gr.State  # the session's View
+    timer: gr.Timer  # playback
+    playing: gr.State
+    # the settings a model's choice resets, and the line on what the model is
+    steps: gr.Slider
+    sampler: gr.Radio
+    guidance: gr.Slider
+    clamp: gr.Checkbox
+    spacing: gr.Dropdown
+    model_line: gr.HTML
+    # the Error analysis tab
+    a_image: gr.Image
+    scene_state: gr.State
+    compose_note: gr.Markdown
+    variants_html: gr.HTML
+
+    @classmethod
+    def detached(cls) -> "UI":
+        """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
+        kinds = dict(chips=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
+                     map_note=gr.Markdown, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
+                     timer=gr.Timer, playing=gr.State, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
+                     clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
+                     scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
+        return cls(**{name: kind(render=False) for name, kind in kinds.items()})
+
+    # what each kind of event may update: its outputs
+    @property
+    def step_outputs(self) -> set:
+        """A step shown (scrub, step buttons, play, tick)."""
+        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer,
+                self.playing}
+
+    @property
+    def stream_outputs(self) -> set:
+        """An image captioned: every step streamed, then the plots, the table, the baseline and the timing."""
+        return self.step_outputs | {self.table, self.base_html, self.timing}
+
+    @property
+    def model_outputs(self) -> set:
+        """A model chosen: its sampling defaults in the settings, and the line on what it is."""
+        return {self.steps, self.sampler, self.guidance, self.clamp, self.spacing, self.model_line}
+
+    @property
+    def compose_outputs(self) -> set:
+        return {self.a_image, self.scene_state, self.compose_note}
+
+
 def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
 
@@ -282,9 +345,24 @@ def upload_image(*args, **kw):
     return box
 
 
+def baseline_html(m: Models, view: View | None) -> str:
+    """The baseline's caption of the view's image as chips, or why there is no baseline."""
+    if m.baseline is None:
+        return f"<div style='color:#8a5a00'>{html.escape(m.baseline_note)}</div>"
+    if view is None or view.baseline is None:
+        return ""
+    b = view.baseline
+    return (f"<div style='font-size:1.05em;margin-bottom:4px'>{html.escape(b.text) or '<i>(empty)</i>'}</div>"
+            + token_chips(b.tokens, b.confidence, end_token="\x00", label="probability")
+            + confidence_legend("token probability"))
+
+
 class Handlers:
-    def __init__(self, m: Models):
+    """The page's event handlers; each returns (or yields) ``{component of ui: value}``."""
+
+    def __init__(self, m: Models, ui: UI | None = None):
         self.m = m
+        self.ui = ui if ui is not None else UI.detached()
 
     # ------------------------------------------------------------------ helpers (formatting only)
     def _load(self, image):
@@ -339,16 +417,6 @@ class Handlers:
             rows.append([s.index + 1, s.t, s.text, round(sum(c) / len(c), 3), round(min(c), 3)])
         return rows
 
-    def _baseline_html(self, view: View | None) -> str:
-        if self.m.baseline is None:
-            return f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
-        if view is None or view.baseline is None:
-            return ""
-        b = view.baseline
-        return (f"<div style='font-size:1.05em;margin-bottom:4px'>{html.escape(b.text) or '<i>(empty)</i>'}</div>"
-                + token_chips(b.tokens, b.confidence, end_token="\x00", label="probability")
-                + confidence_legend("token probability"))
-
     def _timing(self, view: View, settings: dict) -> str:
         spacing = "" if settings["sampler"] == "reveal" else f", {settings['spacing']} spacing"
         parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps"
@@ -371,7 +439,7 @@ class Handlers:
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         key = (name, scene_key(img), tuple(sorted(s.items())))
-        skip = gr.skip()
+        u = self.ui
         memo = self.m.traces.get(key)
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
@@ -380,7 +448,7 @@ class Handlers:
         else:
             view = None
             step_iter = self.m.caps[name].iter_caption(img, **s)
-        done, first, busy = [], None, 0.0  # busy: time spent computing, not waiting for the browser
+        done, first, busy, shown = [], None, 0.0, time.perf_counter()  # busy: time spent computing, not waiting
         total = s["steps"]
         while True:
             tc = time.perf_counter()
@@ -392,19 +460,19 @@ class Handlers:
                 raise _user_error(str(e)) from None
             busy += time.perf_counter() - tc
             done.append(step)
+            update = {u.chips: self._chips(step), u.status: self._status(done, len(done) - 1, total)}
             if first is None:
                 first = busy
                 # the first update also clears what belonged to the previous image
-                yield (self._chips(step), self._status(done, len(done) - 1, total),
-                       gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False), None, None,
-                       "", [], self._baseline_html(None) if self.m.baseline is None else "", "", skip,
-                       gr.Timer(active=False), False)
+                yield {**update, u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
+                       u.heat: None, u.traj: None, u.map_note: "", u.table: [],
+                       u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
+                       u.timer: gr.Timer(active=False), u.playing: False}
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
                     time.sleep(wait)
-                yield (self._chips(step), self._status(done, len(done) - 1, total), skip, skip, skip, skip, skip,
-                       skip, skip, skip, skip, skip)
+                yield update
             shown = time.perf_counter()
         seconds = busy
         if view is None:
@@ -415,15 +483,14 @@ class Handlers:
                 view.baseline_seconds = time.perf_counter() - tb
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
                                      view.baseline_seconds, model=name))
-        out = self.show(view, len(view.steps), kind)
-        slider, chips, status, heat, traj, note, _ = out
-        yield (chips, status, slider, heat, traj, note, self._table(view.steps), self._baseline_html(view),
-               self._timing(view, s), view, gr.Timer(active=False), False)
+        yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
+               u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
+               u.timer: gr.Timer(active=False), u.playing: False}
 
     def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         if image is None or image == "":
-            yield tuple(gr.skip() for _ in range(12))
+            yield gr.skip()  # one skip for all of the event's outputs
             return
         yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
 
@@ -431,16 +498,18 @@ class Handlers:
         """A model picked: its own sampling defaults in the settings, and the line on what it is."""
         cap = self.m.caps[self.m.name(model)]
         smp = cap.sampling
-        return (gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), gr.Radio(value=smp.sampler),
-                gr.Slider(value=smp.guidance), gr.Checkbox(value=smp.clamp),
-                gr.Dropdown(choices=spacing_choices(smp.spacing), value=smp.spacing),
-                model_note(cap))
+        u = self.ui
+        return {u.steps: gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), u.sampler: gr.Radio(value=smp.sampler),
+                u.guidance: gr.Slider(value=smp.guidance), u.clamp: gr.Checkbox(value=smp.clamp),
+                u.spacing: gr.Dropdown(choices=spacing_choices(smp.spacing), value=smp.spacing),
+                u.model_line: model_note(cap)}
 
     # ------------------------------------------------------------------ the step viewer
     def show(self, view: View | None, k, kind):
         """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
+        u = self.ui
         if view is None:
-            return (gr.skip(),) * 6 + (view,)
+            return {u.view: None}
         S = len(view.steps)
         k = int(min(max(1, S if k is None else int(k)), S))
         i = k - 1
@@ -454,13 +523,14 @@ class Handlers:
                                   method=vmap.method.upper())
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
-        return slider, self._chips(view.steps[i]), self._status(view.steps, i), heat, traj, note, view
+        return {u.slider: slider, u.chips: self._chips(view.steps[i]), u.status: self._status(view.steps, i),
+                u.heat: heat, u.traj: traj, u.map_note: note, u.view: view}
 
     # Playback: the timer ticks while the session's ``playing`` flag (server-side state) is set. A tick
     # already queued when "pause" (or a scrub, or a new caption) cleared the flag does nothing, so a pause
     # is never undone by a late tick.
     def goto(self, view, k, kind):
-        return self.show(view, k, kind) + (gr.Timer(active=False), False)
+        return {**self.show(view, k, kind), self.ui.timer: gr.Timer(active=False), self.ui.playing: False}
 
     def step_by(self, delta):
         def fn(view, k, kind):
@@ -476,17 +546,18 @@ class Handlers:
         if view is None or len(view.steps) < 2:
             return self.goto(view, k, kind)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
-        return self.show(view, start, kind) + (gr.Timer(active=True), True)
+        return {**self.show(view, start, kind), self.ui.timer: gr.Timer(active=True), self.ui.playing: True}
 
     def pause(self):
-        return gr.Timer(active=False), False
+        return {self.ui.timer: gr.Timer(active=False), self.ui.playing: False}
 
     def tick(self, view, k, kind, playing):
+        u = self.ui
         if view is None or not playing:
-            return (gr.skip(),) * 7 + (gr.Timer(active=False), False)
+            return {u.timer: gr.Timer(active=False), u.playing: False}
         S = len(view.steps)
         nxt = min(int(k or 1) + 1, S)
-        return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S), nxt < S)
+        return {**self.show(view, nxt, kind), u.timer: gr.Timer(active=nxt < S), u.playing: nxt < S}
 
     # ------------------------------------------------------------------ the API endpoint
     def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
@@ -543,10 +614,10 @@ class Handlers:
                    "below it. " + " · ".join(f"<b>{m}</b>: caption changed in {changed[m]} of {n}" for m in models))
         if self.m.baseline is None:
             summary += f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
-        return f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)
+        return {self.ui.variants_html: f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)}
 
     def compose(self, background, *obj_fields):
-        """Render the composed scene with the world's own renderer; returns image, scene state, warnings."""
+        """Render the composed scene with the world's own renderer: the image, its scene (state), warnings."""
         specs = []
         for i in range(0, len(obj_fields), 6):
             on, shape, color, size, x, y = obj_fields[i:i + 6]
@@ -558,7 +629,8 @@ class Handlers:
             raise _user_error(str(e)) from None
         img = render_scene(scene)
         note = " ".join(f"⚠ {w}." for w in warnings) or "Rendered by the shapes world's own renderer."
-        return img, {"key": scene_key(img), "scene": scene.to_json()}, note
+        u = self.ui
+        return {u.a_image: img, u.scene_state: {"key": scene_key(img), "scene": scene.to_json()}, u.compose_note: note}
 
 
 # ---------------------------------------------------------------------------------------------- about
@@ -651,7 +723,6 @@ CSS = """
 
 
 def build(m: Models):
-    h = on_gpu(Handlers(m))
     cfg = m.cap.config
     smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
@@ -713,7 +784,7 @@ def build(m: Models):
                             next_b = gr.Button("forward ▶", size="sm", min_width=60)
                             last_b = gr.Button("last ▶|", size="sm", min_width=60)
                         gr.Markdown("#### Autoregressive baseline (same image; each token coloured by its probability)")
-                        base_html = gr.HTML(h._baseline_html(None), elem_id="baseline")
+                        base_html = gr.HTML(baseline_html(m, None), elem_id="baseline")
                         timing = gr.Markdown("", elem_id="timing")
                 heat = gr.Plot(label="Confidence: tokens × steps", show_label=False, elem_id="heatmap", format="png")
                 with gr.Row(equal_height=False):
@@ -769,16 +840,20 @@ def build(m: Models):
                 about = gr.Markdown(about_markdown(m))
 
         # ------------------------------------------------------------------ events
+        ui = UI(chips=chips, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
+                base_html=base_html, timing=timing, view=view, timer=timer, playing=playing, steps=steps,
+                sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
+                a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
+        h = on_gpu(Handlers(m, ui))
         settings = [steps, sampler, guidance, clamp, seed]
-        stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer, playing]
-        step_out = [slider, chips, status, heat, traj, map_note, view, timer, playing]
+        stream_out, step_out = ui.stream_outputs, ui.step_outputs
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
         run.click(h.caption_stream, [image] + settings + [kind, spacing, model], stream_out,
                   api_visibility="undocumented", api_name="caption_ui", **model_events)
         image.change(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out,
                      api_visibility="undocumented", trigger_mode="always_last", **model_events)
         # another model: its own defaults in the settings, then the same image captioned by it
-        model.input(h.choose_model, model, [steps, sampler, guidance, clamp, spacing, model_line],
+        model.input(h.choose_model, model, ui.model_outputs,
                     api_visibility="undocumented").then(
             h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
             **model_events)
@@ -788,7 +863,7 @@ def build(m: Models):
             b.click(h.step_by(delta), [view, slider, kind], step_out, api_visibility="undocumented")
         play_b.click(h.play, [view, slider, kind], step_out, api_visibility="undocumented")
         # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
-        pause_b.click(h.pause, None, [timer, playing], api_visibility="undocumented", queue=False)
+        pause_b.click(h.pause, None, {timer, playing}, api_visibility="undocumented", queue=False)
         timer.tick(h.tick, [view, slider, kind, playing], step_out, api_visibility="undocumented",
                    trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
 
@@ -812,11 +887,11 @@ def build(m: Models):
                                       "trace ({done: true, text, settings, seconds, steps}).", **model_events)
 
         copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
-        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing, model], variants_html,
+        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html},
                          api_visibility="undocumented", **model_events)
-        compose_b.click(h.compose, [background] + obj_inputs, [a_image, scene_state, compose_note],
+        compose_b.click(h.compose, [background] + obj_inputs, ui.compose_outputs,
                         api_visibility="undocumented").then(
-            h.variants, [a_image, scene_state] + settings + [spacing, model], variants_html, api_visibility="undocumented",
+            h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
             **model_events)
         demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
