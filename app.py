@@ -273,8 +273,7 @@ class UI:
     base_html: gr.HTML
     timing: gr.Markdown
     view: gr.State  # the session's View
-    timer: gr.Timer  # playback
-    playing: gr.State
+    timer: gr.Timer  # playback's ticks (its Playback is an input of the step events, changed in place)
     # the settings a model's choice resets, and the line on what the model is
     steps: gr.Slider
     sampler: gr.Radio
@@ -293,7 +292,7 @@ class UI:
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
         kinds = dict(chips=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
                      map_note=gr.Markdown, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
-                     timer=gr.Timer, playing=gr.State, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
+                     timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
         return cls(**{name: kind(render=False) for name, kind in kinds.items()})
@@ -302,8 +301,7 @@ class UI:
     @property
     def step_outputs(self) -> set:
         """A step shown (scrub, step buttons, play, tick)."""
-        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer,
-                self.playing}
+        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer}
 
     @property
     def stream_outputs(self) -> set:
@@ -318,6 +316,29 @@ class UI:
     @property
     def compose_outputs(self) -> set:
         return {self.a_image, self.scene_state, self.compose_note}
+
+
+@dataclass
+class Playback:
+    """A session's playback, one object per browser session (``gr.State`` keeps it server-side and hands every
+    event of the session the same object). Every start and stop begins a new run; a tick draws its step and
+    then shows it only if its run is still the current one, so a pause, a scrub or a new caption that comes
+    while a tick is being drawn is not undone by that tick."""
+
+    playing: bool = False
+    run: int = 0
+
+    def start(self) -> int:
+        self.run += 1
+        self.playing = True
+        return self.run
+
+    def stop(self) -> None:
+        self.run += 1
+        self.playing = False
+
+    def current(self, run: int) -> bool:
+        return self.playing and self.run == run
 
 
 def _user_error(msg: str):
@@ -433,13 +454,17 @@ class Handlers:
             self.m.traces.popitem(last=False)
 
     # ------------------------------------------------------------------ the caption stream
-    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
-        """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
+                       playback: Playback | None = None):
+        """Yield the caption at every denoising step; the last yield adds plots, table and baseline. A new
+        caption stops the session's playback."""
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         key = (name, scene_key(img), tuple(sorted(s.items())))
         u = self.ui
+        if playback is not None:
+            playback.stop()
         memo = self.m.traces.get(key)
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
@@ -467,7 +492,7 @@ class Handlers:
                 yield {**update, u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
                        u.heat: None, u.traj: None, u.map_note: "", u.table: [],
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
-                       u.timer: gr.Timer(active=False), u.playing: False}
+                       u.timer: gr.Timer(active=False)}
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
@@ -485,14 +510,15 @@ class Handlers:
                                      view.baseline_seconds, model=name))
         yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
                u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
-               u.timer: gr.Timer(active=False), u.playing: False}
+               u.timer: gr.Timer(active=False)}
 
-    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
+                     playback: Playback | None = None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         if image is None or image == "":
             yield gr.skip()  # one skip for all of the event's outputs
             return
-        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback)
 
     def choose_model(self, model):
         """A model picked: its own sampling defaults in the settings, and the line on what it is."""
@@ -526,38 +552,49 @@ class Handlers:
         return {u.slider: slider, u.chips: self._chips(view.steps[i]), u.status: self._status(view.steps, i),
                 u.heat: heat, u.traj: traj, u.map_note: note, u.view: view}
 
-    # Playback: the timer ticks while the session's ``playing`` flag (server-side state) is set. A tick
-    # already queued when "pause" (or a scrub, or a new caption) cleared the flag does nothing, so a pause
-    # is never undone by a late tick.
-    def goto(self, view, k, kind):
-        return {**self.show(view, k, kind), self.ui.timer: gr.Timer(active=False), self.ui.playing: False}
+    # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
+    # caption stops it (a new run); a tick that sees it stopped, or stopped while it drew its step, shows
+    # nothing and turns the timer off, so a pause is never undone by a tick in flight.
+    def goto(self, view, k, kind, playback: Playback | None = None):
+        if playback is not None:
+            playback.stop()
+        return {**self.show(view, k, kind), self.ui.timer: gr.Timer(active=False)}
 
     def step_by(self, delta):
-        def fn(view, k, kind):
+        def fn(view, k, kind, playback: Playback | None = None):
             if view is None:
-                return self.goto(view, k, kind)
+                return self.goto(view, k, kind, playback)
             S = len(view.steps)
             target = 1 if delta == "first" else S if delta == "last" else (S if k is None else int(k)) + delta
-            return self.goto(view, target, kind)
+            return self.goto(view, target, kind, playback)
 
         return fn
 
-    def play(self, view, k, kind):
+    def play(self, view, k, kind, playback: Playback):
         if view is None or len(view.steps) < 2:
-            return self.goto(view, k, kind)
+            return self.goto(view, k, kind, playback)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
-        return {**self.show(view, start, kind), self.ui.timer: gr.Timer(active=True), self.ui.playing: True}
+        run = playback.start()
+        out = self.show(view, start, kind)
+        return {**out, self.ui.timer: gr.Timer(active=playback.current(run))}
 
-    def pause(self):
-        return {self.ui.timer: gr.Timer(active=False), self.ui.playing: False}
+    def pause(self, playback: Playback):
+        playback.stop()
+        return {self.ui.timer: gr.Timer(active=False)}
 
-    def tick(self, view, k, kind, playing):
-        u = self.ui
-        if view is None or not playing:
-            return {u.timer: gr.Timer(active=False), u.playing: False}
+    def tick(self, view, k, kind, playback: Playback):
+        off = {self.ui.timer: gr.Timer(active=False)}
+        if view is None or not playback.playing:
+            return off
+        run = playback.run
         S = len(view.steps)
         nxt = min(int(k or 1) + 1, S)
-        return {**self.show(view, nxt, kind), u.timer: gr.Timer(active=nxt < S), u.playing: nxt < S}
+        out = self.show(view, nxt, kind)
+        if not playback.current(run):  # paused (or scrubbed, or captioned anew) while this step was drawn
+            return off
+        if nxt >= S:
+            playback.stop()
+        return {**out, self.ui.timer: gr.Timer(active=nxt < S)}
 
     # ------------------------------------------------------------------ the API endpoint
     def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
@@ -731,7 +768,7 @@ def build(m: Models):
                     "and removes the noise step by step; each position is rounded to its nearest token, with a "
                     "confidence. Pick an image, then scrub through the steps.")
         view = gr.State(None)
-        playing = gr.State(False)
+        playback = gr.State(Playback())
         scene_state = gr.State(None)
         timer = gr.Timer(PLAY_INTERVAL_S, active=False)
         with gr.Tabs():
@@ -780,7 +817,7 @@ def build(m: Models):
                             first_b = gr.Button("|◀ first", size="sm", min_width=60)
                             prev_b = gr.Button("◀ back", size="sm", min_width=60)
                             play_b = gr.Button("▶ play", size="sm", min_width=60, elem_id="play-button")
-                            pause_b = gr.Button("❚❚ pause", size="sm", min_width=60)
+                            pause_b = gr.Button("❚❚ pause", size="sm", min_width=60, elem_id="pause-button")
                             next_b = gr.Button("forward ▶", size="sm", min_width=60)
                             last_b = gr.Button("last ▶|", size="sm", min_width=60)
                         gr.Markdown("#### Autoregressive baseline (same image; each token coloured by its probability)")
@@ -841,30 +878,30 @@ def build(m: Models):
 
         # ------------------------------------------------------------------ events
         ui = UI(chips=chips, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
-                base_html=base_html, timing=timing, view=view, timer=timer, playing=playing, steps=steps,
+                base_html=base_html, timing=timing, view=view, timer=timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
         h = on_gpu(Handlers(m, ui))
         settings = [steps, sampler, guidance, clamp, seed]
         stream_out, step_out = ui.stream_outputs, ui.step_outputs
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
-        run.click(h.caption_stream, [image] + settings + [kind, spacing, model], stream_out,
+        run.click(h.caption_stream, [image] + settings + [kind, spacing, model, playback], stream_out,
                   api_visibility="undocumented", api_name="caption_ui", **model_events)
-        image.change(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out,
+        image.change(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out,
                      api_visibility="undocumented", trigger_mode="always_last", **model_events)
         # another model: its own defaults in the settings, then the same image captioned by it
         model.input(h.choose_model, model, ui.model_outputs,
                     api_visibility="undocumented").then(
-            h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+            h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
             **model_events)
-        slider.input(h.goto, [view, slider, kind], step_out, trigger_mode="always_last", api_visibility="undocumented")
-        kind.change(h.goto, [view, slider, kind], step_out, api_visibility="undocumented")
+        slider.input(h.goto, [view, slider, kind, playback], step_out, trigger_mode="always_last", api_visibility="undocumented")
+        kind.change(h.goto, [view, slider, kind, playback], step_out, api_visibility="undocumented")
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
-            b.click(h.step_by(delta), [view, slider, kind], step_out, api_visibility="undocumented")
-        play_b.click(h.play, [view, slider, kind], step_out, api_visibility="undocumented")
+            b.click(h.step_by(delta), [view, slider, kind, playback], step_out, api_visibility="undocumented")
+        play_b.click(h.play, [view, slider, kind, playback], step_out, api_visibility="undocumented")
         # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
-        pause_b.click(h.pause, None, {timer, playing}, api_visibility="undocumented", queue=False)
-        timer.tick(h.tick, [view, slider, kind, playing], step_out, api_visibility="undocumented",
+        pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
+        timer.tick(h.tick, [view, slider, kind, playback], step_out, api_visibility="undocumented",
                    trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
@@ -895,7 +932,7 @@ def build(m: Models):
             **model_events)
         demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
-        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
                   **model_events)
     return demo
 

@@ -23,7 +23,7 @@ def got(update, component):
 
 def step_view(ui):
     """The components a step's view updates (the order the old positional tuples had)."""
-    return ui.slider, ui.chips, ui.status, ui.heat, ui.traj, ui.map_note, ui.view, ui.timer, ui.playing
+    return ui.slider, ui.chips, ui.status, ui.heat, ui.traj, ui.map_note, ui.view, ui.timer
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,10 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
     assert all(set(u) <= ui.stream_outputs for u in out)  # only what the caption events list as their outputs
     first_chips, first_status = got(out[0], ui.chips), got(out[0], ui.status)
     assert "Step 1 of 5" in first_status and "confidence" in first_chips
-    chips, status, slider, heat, traj, note, table, base, timing, view, timer, playing = (
+    chips, status, slider, heat, traj, note, table, base, timing, view, timer = (
         got(out[-1], c) for c in (ui.chips, ui.status, ui.slider, ui.heat, ui.traj, ui.map_note, ui.table,
-                                  ui.base_html, ui.timing, ui.view, ui.timer, ui.playing))
-    assert playing is False and timer.active is False
+                                  ui.base_html, ui.timing, ui.view, ui.timer))
+    assert timer.active is False
     assert isinstance(view, View) and len(view.steps) == STEPS
     assert "Step 5 of 5" in status
     assert isinstance(heat, Figure) and isinstance(traj, Figure) and note == ""
@@ -130,12 +130,16 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
 
 
 def test_step_viewer_scrubs_and_plays(handlers, app_files):
-    ui = handlers.ui
+    from app import Playback
+
+    ui, pb = handlers.ui, Playback()
     out = list(handlers.caption_stream(app_files["examples"][1], STEPS, "ddpm", 2.0, True, 1, "predicted x0"))
     view = got(out[-1], ui.view)
-    shown = handlers.goto(view, 2, "noisy x_t")
+    pb.start()
+    shown = handlers.goto(view, 2, "noisy x_t", pb)
     assert set(shown) <= ui.step_outputs
-    slider, chips, status, heat, traj, note, v, timer, playing = (got(shown, c) for c in step_view(ui))
+    slider, chips, status, heat, traj, note, v, timer = (got(shown, c) for c in step_view(ui))
+    playing = pb.playing
     assert slider.value == 2 and "Step 2 of 5" in status and v is view and playing is False
     assert "step 2 of 5" in traj.axes[0].get_title() and traj.axes[0].get_title().startswith("noisy x_t")
     assert got(handlers.step_by("first")(view, 4, "predicted x0"), ui.slider).value == 1
@@ -143,21 +147,51 @@ def test_step_viewer_scrubs_and_plays(handlers, app_files):
     assert got(handlers.step_by(-1)(view, 1, "predicted x0"), ui.slider).value == 1  # clamped at the first step
     assert got(handlers.step_by(1)(view, 3, "predicted x0"), ui.slider).value == 4
     # play from the end restarts at step 1; ticks advance while playing and stop at the last step
-    played = handlers.play(view, STEPS, "predicted x0")
-    assert got(played, ui.slider).value == 1 and got(played, ui.timer).active is True and got(played, ui.playing) is True
-    tick = handlers.tick(view, 2, "predicted x0", True)
-    assert got(tick, ui.slider).value == 3 and got(tick, ui.playing) is True
-    tick = handlers.tick(view, STEPS - 1, "predicted x0", True)
-    assert got(tick, ui.slider).value == STEPS and got(tick, ui.timer).active is False and got(tick, ui.playing) is False
+    played = handlers.play(view, STEPS, "predicted x0", pb)
+    assert got(played, ui.slider).value == 1 and got(played, ui.timer).active is True and pb.playing is True
+    tick = handlers.tick(view, 2, "predicted x0", pb)
+    assert got(tick, ui.slider).value == 3 and pb.playing is True
+    tick = handlers.tick(view, STEPS - 1, "predicted x0", pb)
+    assert got(tick, ui.slider).value == STEPS and got(tick, ui.timer).active is False and pb.playing is False
     # after a pause, a tick that was already queued changes nothing and keeps the timer off
-    paused = handlers.pause()
-    timer, playing = got(paused, ui.timer), got(paused, ui.playing)
+    handlers.play(view, 1, "predicted x0", pb)
+    paused = handlers.pause(pb)
+    timer, playing = got(paused, ui.timer), pb.playing
     assert timer.active is False and playing is False
-    late = handlers.tick(view, 2, "predicted x0", False)
+    late = handlers.tick(view, 2, "predicted x0", pb)
     assert all(isinstance(got(late, c), type(gr.skip())) for c in step_view(ui)[:7])
     assert got(late, ui.timer).active is False
     # nothing captioned yet in this session: nothing to show, no error
     assert got(handlers.goto(None, 3, "predicted x0"), ui.view) is None
+
+
+def test_a_pause_during_a_tick_is_not_undone_by_it(handlers, app_files, monkeypatch):
+    """A tick takes a while to draw its step; pause, a step button or a new caption pressed meanwhile stops
+    playback, and the tick then shows nothing and leaves the timer off (issue 30: pause that pauses)."""
+    from app import Playback
+
+    ui, pb = handlers.ui, Playback()
+    image = app_files["examples"][1]
+    view = got(list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0"))[-1], ui.view)
+    show = handlers.show
+    for interrupt in (lambda: handlers.pause(pb), lambda: handlers.step_by("first")(view, 3, "predicted x0", pb),
+                      lambda: list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0",
+                                                           None, None, pb))):
+        assert got(handlers.play(view, 1, "predicted x0", pb), ui.timer).active is True and pb.playing
+
+        def drawn_while_interrupted(*a, _interrupt=interrupt):
+            monkeypatch.setattr(handlers, "show", show)
+            _interrupt()  # pressed while this tick draws its step
+            return show(*a)
+
+        monkeypatch.setattr(handlers, "show", drawn_while_interrupted)
+        late = handlers.tick(view, 1, "predicted x0", pb)
+        assert late == {ui.timer: late[ui.timer]} and late[ui.timer].active is False and pb.playing is False
+        # and the next tick, already queued, does nothing either
+        assert set(handlers.tick(view, 2, "predicted x0", pb)) == {ui.timer}
+    # a tick left alone still plays on
+    handlers.play(view, 1, "predicted x0", pb)
+    assert got(handlers.tick(view, 1, "predicted x0", pb), ui.slider).value == 2 and pb.playing
 
 
 def test_user_errors_are_messages(handlers, app_files):
