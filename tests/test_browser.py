@@ -199,8 +199,9 @@ def test_pause_and_the_step_buttons_stop_playback(tmp_path, tokenizer, clip_enco
             if stop == "◀ back":  # its own update: the step before the one shown when it was pressed
                 _wait(d, "the step before", lambda: _step(d) == before - 1, timeout=30)
             stopped = _settled(d)
-            # pause: at most the one tick already drawn when the press reached the server lands after it
-            assert stopped <= before + 1 if stop == "❚❚ pause" else stopped == before - 1, (stop, before, stopped)
+            # pause: what lands after the press is at most the step the page was still drawing (it shows a step
+            # a few tenths of a second after the server sent it) and the one tick drawn as the press arrived
+            assert stopped <= before + 2 if stop == "❚❚ pause" else stopped == before - 1, (stop, before, stopped)
             seen = set()
             t0 = time.time()
             while time.time() - t0 < 2.0:
