@@ -625,7 +625,10 @@ class Handlers:
         scene = scene or self.m.scenes.get(key)
         vs = variants_for(img, scene)
         images = [v.image for v in vs]
-        traces = self.m.caps[name].caption_batch(images, **s)
+        # each variant captioned on its own from the seed's noise, as the Caption tab captions one image: in one
+        # batch every row would get other noise, and a changed word could be the noise's doing, not the edit's
+        cap = self.m.caps[name]
+        traces = [cap.caption(im, **s) for im in images]
         models = ["diffusion"]
         captions = {"diffusion": [t.text for t in traces]}
         if self.m.baseline is not None:
@@ -646,7 +649,8 @@ class Handlers:
         n = len(vs) - 1
         kind = ("exact re-renders of a known shapes scene (✓/✗ checks against the ground truth)" if scene is not None
                 else "pixel-level edits (no ground truth for this image)")
-        summary = (f"{n} variants, {kind}. Words new in a variant's caption are "
+        summary = (f"{n} variants, {kind}, each captioned from the same noise (seed {s['seed']}) as the Caption "
+                   "tab's caption of the original. Words new in a variant's caption are "
                    f"<mark style='background:#ffe08a'>highlighted</mark>, the original's words it lost are listed "
                    "below it. " + " · ".join(f"<b>{m}</b>: caption changed in {changed[m]} of {n}" for m in models))
         if self.m.baseline is None:

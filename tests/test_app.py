@@ -1,5 +1,6 @@
 """The app: its ``/caption`` API through gradio_client against a running server, and its event handlers."""
 import os
+import re
 
 import gradio as gr
 import pytest
@@ -261,6 +262,38 @@ def test_error_analysis_variants_and_composer(handlers, app_files):
     assert "exact re-renders" in composed and "colours swapped" in composed
     with pytest.raises(gr.Error, match="1 to 3 objects"):
         handlers.compose("beige", *([False, "star", "red", "large", 40, 64] * 3))
+
+
+def _original_caption(table_html: str) -> str:
+    """The diffusion caption of the variants table's first row (the original image), as its cell shows it."""
+    first_row = table_html.split("<tbody>")[1].split("</tr>")[0]
+    cells = re.findall(r"<td style='[^']*'>(.*?)</td>", first_row)  # image, variant, diffusion[, baseline]
+    return cells[2].split("<div")[0]
+
+
+def test_the_variants_original_row_is_the_caption_tabs_caption(tmp_path):
+    """Every variant starts from the Caption tab's noise for the seed (DDPM's fresh noise at every step
+    included), so the original row is the caption the Caption tab shows, and a changed word is the edit's.
+    The shipped shapes-diffusion (DDPM, guidance 5), whose captions do depend on the noise: in one batch of
+    variants, the original's caption differed from the Caption tab's for every example scene tried."""
+    from html import escape
+
+    import app
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = app.parse_args(["--checkpoint", os.path.join(root, "assets", "checkpoints", "shapes-diffusion"),
+                           "--baseline", "", "--vocab-map", "pca", "--cache-dir", str(tmp_path)])
+    h = app.Handlers(app.load_models(args))
+    smp = h.m.cap.sampling
+    settings = (smp.steps, smp.sampler, smp.guidance, smp.clamp)
+    assert settings[1:3] == ("ddpm", 5.0)
+    image = os.path.join(root, "assets", "examples", "shapes_00.png")
+    for seed in (0, 1):
+        stream = list(h.caption_stream(image, *settings, seed, "predicted x0", smp.spacing))
+        caption_tab = got(stream[-1], h.ui.view).steps[-1].text
+        table = got(h.variants(image, None, *settings, seed, smp.spacing), h.ui.variants_html)
+        assert "exact re-renders" in table and f"same noise (seed {seed})" in table
+        assert _original_caption(table) == (escape(caption_tab) or "<i>(empty)</i>")
 
 
 def test_start_up_reports_a_missing_checkpoint(tmp_path):
