@@ -17,8 +17,23 @@ import html
 import os
 import sys
 import time
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import gradio as gr
+import torch
+
+from diffusion_caption import BaselineCaptioner, Captioner, CheckpointError, ImageLoadError, Trace, load_image
+from diffusion_caption.checkpoint import resolve
+from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
+from diffusion_caption.samplers import SAMPLERS
+from diffusion_caption.viz.html_views import VariantRow, candidates_list, confidence_legend, token_chips, variants_table
+from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
+from diffusion_caption.viz.vocab_map import VocabMapJob
+from diffusion_caption.world.composer import ObjectSpec, compose_scene
+from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES, Scene, render_scene
+from diffusion_caption.world.variants import known_scenes, scene_key, variants_for
 
 try:  # a ZeroGPU Space: a GPU is attached while a function wrapped by spaces.GPU runs (see on_gpu)
     import spaces
@@ -148,8 +163,6 @@ def model_device() -> str:
     """Where the models live: CUDA on a ZeroGPU Space (the ``spaces`` package present), else the CPU."""
     if spaces is None:
         return "cpu"
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -177,12 +190,6 @@ def default_baseline(caps: dict) -> tuple[str, str]:
 
 
 def load_models(args) -> Models:
-    from diffusion_caption import Captioner, CheckpointError
-    from diffusion_caption.baseline.captioner import BaselineCaptioner
-    from diffusion_caption.checkpoint import resolve
-    from diffusion_caption.world.variants import known_scenes
-    from diffusion_caption.viz.vocab_map import VocabMapJob
-
     t0 = time.perf_counter()
     device = model_device()
     caps, checkpoints, dirs, jobs = {}, {}, {}, {}
@@ -250,9 +257,91 @@ from pure noise to the final embeddings. Points are placed between their nearest
 rounding probabilities, so a position that rounds with confidence 0.95 sits on its token."""
 
 
-def _user_error(msg: str):
-    import gradio as gr
+@dataclass(eq=False)
+class UI:
+    """The components the handlers update, made by ``build()``. A handler returns ``{component: value}`` for
+    those it changes; gradio leaves the other outputs of its event as they are (a missing key is a skip)."""
 
+    # the Caption tab: the step viewer, the plots, the table, the baseline and the timing line
+    chips: gr.HTML
+    status: gr.Markdown
+    slider: gr.Slider
+    heat: gr.Plot
+    traj: gr.Plot
+    map_note: gr.Markdown
+    table: gr.Dataframe
+    base_html: gr.HTML
+    timing: gr.Markdown
+    view: gr.State  # the session's View
+    timer: gr.Timer  # playback's ticks (its Playback is an input of the step events, changed in place)
+    # the settings a model's choice resets, and the line on what the model is
+    steps: gr.Slider
+    sampler: gr.Radio
+    guidance: gr.Slider
+    clamp: gr.Checkbox
+    spacing: gr.Dropdown
+    model_line: gr.HTML
+    # the Error analysis tab
+    a_image: gr.Image
+    scene_state: gr.State
+    compose_note: gr.Markdown
+    variants_html: gr.HTML
+
+    @classmethod
+    def detached(cls) -> "UI":
+        """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
+        kinds = dict(chips=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
+                     map_note=gr.Markdown, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
+                     timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
+                     clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
+                     scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
+        return cls(**{name: kind(render=False) for name, kind in kinds.items()})
+
+    # what each kind of event may update: its outputs
+    @property
+    def step_outputs(self) -> set:
+        """A step shown (scrub, step buttons, play, tick)."""
+        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer}
+
+    @property
+    def stream_outputs(self) -> set:
+        """An image captioned: every step streamed, then the plots, the table, the baseline and the timing."""
+        return self.step_outputs | {self.table, self.base_html, self.timing}
+
+    @property
+    def model_outputs(self) -> set:
+        """A model chosen: its sampling defaults in the settings, and the line on what it is."""
+        return {self.steps, self.sampler, self.guidance, self.clamp, self.spacing, self.model_line}
+
+    @property
+    def compose_outputs(self) -> set:
+        return {self.a_image, self.scene_state, self.compose_note}
+
+
+@dataclass
+class Playback:
+    """A session's playback, one object per browser session (``gr.State`` keeps it server-side and hands every
+    event of the session the same object). Every start and stop begins a new run; a tick draws its step and
+    then shows it only if its run is still the current one, so a pause, a scrub or a new caption that comes
+    while a tick is being drawn is not undone by that tick."""
+
+    playing: bool = False
+    run: int = 0
+
+    def start(self) -> int:
+        self.run += 1
+        self.playing = True
+        return self.run
+
+    def stop(self) -> None:
+        self.run += 1
+        self.playing = False
+
+    def current(self, run: int) -> bool:
+        return self.playing and self.run == run
+
+
+def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
 
 
@@ -263,10 +352,6 @@ def upload_image(*args, **kw):
 
     The instance's ``preprocess`` is replaced rather than subclassing ``gr.Image``: a subclass would make
     gradio write a type-stub file next to this one at import time."""
-    import types
-
-    import gradio as gr
-
     box = gr.Image(*args, **kw)
     default = box.preprocess
 
@@ -281,14 +366,27 @@ def upload_image(*args, **kw):
     return box
 
 
+def baseline_html(m: Models, view: View | None) -> str:
+    """The baseline's caption of the view's image as chips, or why there is no baseline."""
+    if m.baseline is None:
+        return f"<div style='color:#8a5a00'>{html.escape(m.baseline_note)}</div>"
+    if view is None or view.baseline is None:
+        return ""
+    b = view.baseline
+    return (f"<div style='font-size:1.05em;margin-bottom:4px'>{html.escape(b.text) or '<i>(empty)</i>'}</div>"
+            + token_chips(b.tokens, b.confidence, end_token="\x00", label="probability")
+            + confidence_legend("token probability"))
+
+
 class Handlers:
-    def __init__(self, m: Models):
+    """The page's event handlers; each returns (or yields) ``{component of ui: value}``."""
+
+    def __init__(self, m: Models, ui: UI | None = None):
         self.m = m
+        self.ui = ui if ui is not None else UI.detached()
 
     # ------------------------------------------------------------------ helpers (formatting only)
     def _load(self, image):
-        from diffusion_caption import ImageLoadError, load_image
-
         if image is None or image == "":
             raise _user_error("Pick an example, upload an image or paste one from the clipboard first.")
         try:
@@ -316,15 +414,11 @@ class Handlers:
         if vmap is None:
             return job.status
         if view.points is None:
-            import torch
-
             view.points = {"predicted x0": vmap.place(torch.stack([s.x0_pred for s in view.steps])),
                            "noisy x_t": vmap.place(torch.stack([s.x_t for s in view.steps]))}
         return ""
 
     def _chips(self, step) -> str:
-        from diffusion_caption.viz.html_views import candidates_list, confidence_legend, token_chips
-
         out = token_chips(step.tokens, step.confidence) + confidence_legend()
         if step.candidates:
             out += candidates_list(step.candidates, step.scores, step.chosen)
@@ -344,18 +438,6 @@ class Handlers:
             rows.append([s.index + 1, s.t, s.text, round(sum(c) / len(c), 3), round(min(c), 3)])
         return rows
 
-    def _baseline_html(self, view: View | None) -> str:
-        from diffusion_caption.viz.html_views import confidence_legend, token_chips
-
-        if self.m.baseline is None:
-            return f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
-        if view is None or view.baseline is None:
-            return ""
-        b = view.baseline
-        return (f"<div style='font-size:1.05em;margin-bottom:4px'>{html.escape(b.text) or '<i>(empty)</i>'}</div>"
-                + token_chips(b.tokens, b.confidence, end_token="\x00", label="probability")
-                + confidence_legend("token probability"))
-
     def _timing(self, view: View, settings: dict) -> str:
         spacing = "" if settings["sampler"] == "reveal" else f", {settings['spacing']} spacing"
         parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps"
@@ -372,17 +454,17 @@ class Handlers:
             self.m.traces.popitem(last=False)
 
     # ------------------------------------------------------------------ the caption stream
-    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
-        """Yield the caption at every denoising step; the last yield adds plots, table and baseline."""
-        import gradio as gr
-
-        from diffusion_caption.world.variants import scene_key
-
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
+                       playback: Playback | None = None):
+        """Yield the caption at every denoising step; the last yield adds plots, table and baseline. A new
+        caption stops the session's playback."""
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         key = (name, scene_key(img), tuple(sorted(s.items())))
-        skip = gr.skip()
+        u = self.ui
+        if playback is not None:
+            playback.stop()
         memo = self.m.traces.get(key)
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
@@ -391,7 +473,7 @@ class Handlers:
         else:
             view = None
             step_iter = self.m.caps[name].iter_caption(img, **s)
-        done, first, busy = [], None, 0.0  # busy: time spent computing, not waiting for the browser
+        done, first, busy, shown = [], None, 0.0, time.perf_counter()  # busy: time spent computing, not waiting
         total = s["steps"]
         while True:
             tc = time.perf_counter()
@@ -403,19 +485,19 @@ class Handlers:
                 raise _user_error(str(e)) from None
             busy += time.perf_counter() - tc
             done.append(step)
+            update = {u.chips: self._chips(step), u.status: self._status(done, len(done) - 1, total)}
             if first is None:
                 first = busy
                 # the first update also clears what belonged to the previous image
-                yield (self._chips(step), self._status(done, len(done) - 1, total),
-                       gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False), None, None,
-                       "", [], self._baseline_html(None) if self.m.baseline is None else "", "", skip,
-                       gr.Timer(active=False), False)
+                yield {**update, u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
+                       u.heat: None, u.traj: None, u.map_note: "", u.table: [],
+                       u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
+                       u.timer: gr.Timer(active=False)}
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
                     time.sleep(wait)
-                yield (self._chips(step), self._status(done, len(done) - 1, total), skip, skip, skip, skip, skip,
-                       skip, skip, skip, skip, skip)
+                yield update
             shown = time.perf_counter()
         seconds = busy
         if view is None:
@@ -426,40 +508,34 @@ class Handlers:
                 view.baseline_seconds = time.perf_counter() - tb
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
                                      view.baseline_seconds, model=name))
-        out = self.show(view, len(view.steps), kind)
-        slider, chips, status, heat, traj, note, _ = out
-        yield (chips, status, slider, heat, traj, note, self._table(view.steps), self._baseline_html(view),
-               self._timing(view, s), view, gr.Timer(active=False), False)
+        yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
+               u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
+               u.timer: gr.Timer(active=False)}
 
-    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
+                     playback: Playback | None = None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
-        import gradio as gr
-
         if image is None or image == "":
-            yield tuple(gr.skip() for _ in range(12))
+            yield gr.skip()  # one skip for all of the event's outputs
             return
-        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback)
 
     def choose_model(self, model):
         """A model picked: its own sampling defaults in the settings, and the line on what it is."""
-        import gradio as gr
-
         cap = self.m.caps[self.m.name(model)]
         smp = cap.sampling
-        return (gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), gr.Radio(value=smp.sampler),
-                gr.Slider(value=smp.guidance), gr.Checkbox(value=smp.clamp),
-                gr.Dropdown(choices=spacing_choices(smp.spacing), value=smp.spacing),
-                model_note(cap))
+        u = self.ui
+        return {u.steps: gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), u.sampler: gr.Radio(value=smp.sampler),
+                u.guidance: gr.Slider(value=smp.guidance), u.clamp: gr.Checkbox(value=smp.clamp),
+                u.spacing: gr.Dropdown(choices=spacing_choices(smp.spacing), value=smp.spacing),
+                u.model_line: model_note(cap)}
 
     # ------------------------------------------------------------------ the step viewer
     def show(self, view: View | None, k, kind):
         """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
-        import gradio as gr
-
-        from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
-
+        u = self.ui
         if view is None:
-            return (gr.skip(),) * 6 + (view,)
+            return {u.view: None}
         S = len(view.steps)
         k = int(min(max(1, S if k is None else int(k)), S))
         i = k - 1
@@ -473,53 +549,56 @@ class Handlers:
                                   method=vmap.method.upper())
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
-        return slider, self._chips(view.steps[i]), self._status(view.steps, i), heat, traj, note, view
+        return {u.slider: slider, u.chips: self._chips(view.steps[i]), u.status: self._status(view.steps, i),
+                u.heat: heat, u.traj: traj, u.map_note: note, u.view: view}
 
-    # Playback: the timer ticks while the session's ``playing`` flag (server-side state) is set. A tick
-    # already queued when "pause" (or a scrub, or a new caption) cleared the flag does nothing, so a pause
-    # is never undone by a late tick.
-    def goto(self, view, k, kind):
-        import gradio as gr
-
-        return self.show(view, k, kind) + (gr.Timer(active=False), False)
+    # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
+    # caption stops it (a new run); a tick that sees it stopped, or stopped while it drew its step, shows
+    # nothing and turns the timer off, so a pause is never undone by a tick in flight.
+    def goto(self, view, k, kind, playback: Playback | None = None):
+        if playback is not None:
+            playback.stop()
+        return {**self.show(view, k, kind), self.ui.timer: gr.Timer(active=False)}
 
     def step_by(self, delta):
-        def fn(view, k, kind):
+        def fn(view, k, kind, playback: Playback | None = None):
             if view is None:
-                return self.goto(view, k, kind)
+                return self.goto(view, k, kind, playback)
             S = len(view.steps)
             target = 1 if delta == "first" else S if delta == "last" else (S if k is None else int(k)) + delta
-            return self.goto(view, target, kind)
+            return self.goto(view, target, kind, playback)
 
         return fn
 
-    def play(self, view, k, kind):
-        import gradio as gr
-
+    def play(self, view, k, kind, playback: Playback):
         if view is None or len(view.steps) < 2:
-            return self.goto(view, k, kind)
+            return self.goto(view, k, kind, playback)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
-        return self.show(view, start, kind) + (gr.Timer(active=True), True)
+        run = playback.start()
+        out = self.show(view, start, kind)
+        return {**out, self.ui.timer: gr.Timer(active=playback.current(run))}
 
-    def pause(self):
-        import gradio as gr
+    def pause(self, playback: Playback):
+        playback.stop()
+        return {self.ui.timer: gr.Timer(active=False)}
 
-        return gr.Timer(active=False), False
-
-    def tick(self, view, k, kind, playing):
-        import gradio as gr
-
-        if view is None or not playing:
-            return (gr.skip(),) * 7 + (gr.Timer(active=False), False)
+    def tick(self, view, k, kind, playback: Playback):
+        off = {self.ui.timer: gr.Timer(active=False)}
+        if view is None or not playback.playing:
+            return off
+        run = playback.run
         S = len(view.steps)
         nxt = min(int(k or 1) + 1, S)
-        return self.show(view, nxt, kind) + (gr.Timer(active=nxt < S), nxt < S)
+        out = self.show(view, nxt, kind)
+        if not playback.current(run):  # paused (or scrubbed, or captioned anew) while this step was drawn
+            return off
+        if nxt >= S:
+            playback.stop()
+        return {**out, self.ui.timer: gr.Timer(active=nxt < S)}
 
     # ------------------------------------------------------------------ the API endpoint
     def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
         """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...})."""
-        from diffusion_caption import Trace
-
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
@@ -536,11 +615,6 @@ class Handlers:
 
     # ------------------------------------------------------------------ error analysis
     def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
-        from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
-        from diffusion_caption.viz.html_views import VariantRow, variants_table
-        from diffusion_caption.world.variants import scene_key, variants_for
-        from diffusion_caption.world.scenes import Scene
-
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
@@ -551,7 +625,10 @@ class Handlers:
         scene = scene or self.m.scenes.get(key)
         vs = variants_for(img, scene)
         images = [v.image for v in vs]
-        traces = self.m.caps[name].caption_batch(images, **s)
+        # each variant captioned on its own from the seed's noise, as the Caption tab captions one image: in one
+        # batch every row would get other noise, and a changed word could be the noise's doing, not the edit's
+        cap = self.m.caps[name]
+        traces = [cap.caption(im, **s) for im in images]
         models = ["diffusion"]
         captions = {"diffusion": [t.text for t in traces]}
         if self.m.baseline is not None:
@@ -572,19 +649,16 @@ class Handlers:
         n = len(vs) - 1
         kind = ("exact re-renders of a known shapes scene (✓/✗ checks against the ground truth)" if scene is not None
                 else "pixel-level edits (no ground truth for this image)")
-        summary = (f"{n} variants, {kind}. Words new in a variant's caption are "
+        summary = (f"{n} variants, {kind}, each captioned from the same noise (seed {s['seed']}) as the Caption "
+                   "tab's caption of the original. Words new in a variant's caption are "
                    f"<mark style='background:#ffe08a'>highlighted</mark>, the original's words it lost are listed "
                    "below it. " + " · ".join(f"<b>{m}</b>: caption changed in {changed[m]} of {n}" for m in models))
         if self.m.baseline is None:
             summary += f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
-        return f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)
+        return {self.ui.variants_html: f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)}
 
     def compose(self, background, *obj_fields):
-        """Render the composed scene with the world's own renderer; returns image, scene state, warnings."""
-        from diffusion_caption.world.composer import ObjectSpec, compose_scene
-        from diffusion_caption.world.variants import scene_key
-        from diffusion_caption.world.scenes import render_scene
-
+        """Render the composed scene with the world's own renderer: the image, its scene (state), warnings."""
         specs = []
         for i in range(0, len(obj_fields), 6):
             on, shape, color, size, x, y = obj_fields[i:i + 6]
@@ -596,7 +670,8 @@ class Handlers:
             raise _user_error(str(e)) from None
         img = render_scene(scene)
         note = " ".join(f"⚠ {w}." for w in warnings) or "Rendered by the shapes world's own renderer."
-        return img, {"key": scene_key(img), "scene": scene.to_json()}, note
+        u = self.ui
+        return {u.a_image: img, u.scene_state: {"key": scene_key(img), "scene": scene.to_json()}, u.compose_note: note}
 
 
 # ---------------------------------------------------------------------------------------------- about
@@ -689,12 +764,6 @@ CSS = """
 
 
 def build(m: Models):
-    import gradio as gr
-
-    from diffusion_caption.samplers import SAMPLERS
-    from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES
-
-    h = on_gpu(Handlers(m))
     cfg = m.cap.config
     smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
@@ -703,7 +772,7 @@ def build(m: Models):
                     "and removes the noise step by step; each position is rounded to its nearest token, with a "
                     "confidence. Pick an image, then scrub through the steps.")
         view = gr.State(None)
-        playing = gr.State(False)
+        playback = gr.State(Playback())
         scene_state = gr.State(None)
         timer = gr.Timer(PLAY_INTERVAL_S, active=False)
         with gr.Tabs():
@@ -752,11 +821,11 @@ def build(m: Models):
                             first_b = gr.Button("|◀ first", size="sm", min_width=60)
                             prev_b = gr.Button("◀ back", size="sm", min_width=60)
                             play_b = gr.Button("▶ play", size="sm", min_width=60, elem_id="play-button")
-                            pause_b = gr.Button("❚❚ pause", size="sm", min_width=60)
+                            pause_b = gr.Button("❚❚ pause", size="sm", min_width=60, elem_id="pause-button")
                             next_b = gr.Button("forward ▶", size="sm", min_width=60)
                             last_b = gr.Button("last ▶|", size="sm", min_width=60)
                         gr.Markdown("#### Autoregressive baseline (same image; each token coloured by its probability)")
-                        base_html = gr.HTML(h._baseline_html(None), elem_id="baseline")
+                        base_html = gr.HTML(baseline_html(m, None), elem_id="baseline")
                         timing = gr.Markdown("", elem_id="timing")
                 heat = gr.Plot(label="Confidence: tokens × steps", show_label=False, elem_id="heatmap", format="png")
                 with gr.Row(equal_height=False):
@@ -812,27 +881,31 @@ def build(m: Models):
                 about = gr.Markdown(about_markdown(m))
 
         # ------------------------------------------------------------------ events
+        ui = UI(chips=chips, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
+                base_html=base_html, timing=timing, view=view, timer=timer, steps=steps,
+                sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
+                a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
+        h = on_gpu(Handlers(m, ui))
         settings = [steps, sampler, guidance, clamp, seed]
-        stream_out = [chips, status, slider, heat, traj, map_note, table, base_html, timing, view, timer, playing]
-        step_out = [slider, chips, status, heat, traj, map_note, view, timer, playing]
+        stream_out, step_out = ui.stream_outputs, ui.step_outputs
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
-        run.click(h.caption_stream, [image] + settings + [kind, spacing, model], stream_out,
+        run.click(h.caption_stream, [image] + settings + [kind, spacing, model, playback], stream_out,
                   api_visibility="undocumented", api_name="caption_ui", **model_events)
-        image.change(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out,
+        image.change(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out,
                      api_visibility="undocumented", trigger_mode="always_last", **model_events)
         # another model: its own defaults in the settings, then the same image captioned by it
-        model.input(h.choose_model, model, [steps, sampler, guidance, clamp, spacing, model_line],
+        model.input(h.choose_model, model, ui.model_outputs,
                     api_visibility="undocumented").then(
-            h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+            h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
             **model_events)
-        slider.input(h.goto, [view, slider, kind], step_out, trigger_mode="always_last", api_visibility="undocumented")
-        kind.change(h.goto, [view, slider, kind], step_out, api_visibility="undocumented")
+        slider.input(h.goto, [view, slider, kind, playback], step_out, trigger_mode="always_last", api_visibility="undocumented")
+        kind.change(h.goto, [view, slider, kind, playback], step_out, api_visibility="undocumented")
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
-            b.click(h.step_by(delta), [view, slider, kind], step_out, api_visibility="undocumented")
-        play_b.click(h.play, [view, slider, kind], step_out, api_visibility="undocumented")
+            b.click(h.step_by(delta), [view, slider, kind, playback], step_out, api_visibility="undocumented")
+        play_b.click(h.play, [view, slider, kind, playback], step_out, api_visibility="undocumented")
         # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
-        pause_b.click(h.pause, None, [timer, playing], api_visibility="undocumented", queue=False)
-        timer.tick(h.tick, [view, slider, kind, playing], step_out, api_visibility="undocumented",
+        pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
+        timer.tick(h.tick, [view, slider, kind, playback], step_out, api_visibility="undocumented",
                    trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
@@ -855,23 +928,21 @@ def build(m: Models):
                                       "trace ({done: true, text, settings, seconds, steps}).", **model_events)
 
         copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
-        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing, model], variants_html,
+        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html},
                          api_visibility="undocumented", **model_events)
-        compose_b.click(h.compose, [background] + obj_inputs, [a_image, scene_state, compose_note],
+        compose_b.click(h.compose, [background] + obj_inputs, ui.compose_outputs,
                         api_visibility="undocumented").then(
-            h.variants, [a_image, scene_state] + settings + [spacing, model], variants_html, api_visibility="undocumented",
+            h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
             **model_events)
         demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
-        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
                   **model_events)
     return demo
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
     m = load_models(args)

@@ -48,9 +48,9 @@ def run_handler(h, image: str, steps: int, seed: int, sampler: str, guidance: fl
             first = now
         last = out
     total = time.perf_counter() - t0
-    view = last[9]
+    view = last[h.ui.view]
     return {"first": first, "total": total, "model": view.seconds, "baseline": view.baseline_seconds,
-            "has_map": last[4] is not None}
+            "has_map": last[h.ui.traj] is not None}
 
 
 def through_server(args, images: list[str]) -> dict:
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         paced.append(run_handler(h, images[r % len(images)], args.steps, 100 + r, args.sampler, args.guidance,
                                  args.clamp))
     view = h.caption_stream(images[0], args.steps, args.sampler, args.guidance, args.clamp, 0, "predicted x0")
-    v = list(view)[-1][9]
+    v = list(view)[-1][h.ui.view]
     scrub = []
     for k in range(1, min(len(v.steps), 6) + 1):
         t = time.perf_counter()

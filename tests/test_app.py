@@ -1,13 +1,30 @@
 """The app: its ``/caption`` API through gradio_client against a running server, and its event handlers."""
 import os
+import re
 
+import gradio as gr
 import pytest
 import torch
+from gradio.blocks import Block
 from matplotlib.figure import Figure
 
 from app_server import running_app, save_tiny_baseline, save_tiny_checkpoint, write_examples
 
 STEPS = 5
+
+
+def got(update, component):
+    """What a handler's update sets ``component`` to, read as gradio reads it: a non-empty dict keyed by
+    components (a component it leaves out is skipped), or one ``gr.skip()`` for all of the event's outputs."""
+    if update == gr.skip():
+        return gr.skip()
+    assert update and all(isinstance(k, Block) for k in update), update
+    return update.get(component, gr.skip())
+
+
+def step_view(ui):
+    """The components a step's view updates (the order the old positional tuples had)."""
+    return ui.slider, ui.chips, ui.status, ui.heat, ui.traj, ui.map_note, ui.view, ui.timer
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +99,16 @@ def test_caption_api_through_gradio_client(app_files):
 def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
     from app import View
 
+    ui = handlers.ui
     out = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
     assert len(out) == STEPS + 1  # one update per step, then the final one with plots
-    first_chips, first_status = out[0][0], out[0][1]
+    assert all(set(u) <= ui.stream_outputs for u in out)  # only what the caption events list as their outputs
+    first_chips, first_status = got(out[0], ui.chips), got(out[0], ui.status)
     assert "Step 1 of 5" in first_status and "confidence" in first_chips
-    chips, status, slider, heat, traj, note, table, base, timing, view, timer, playing = out[-1]
-    assert playing is False and timer.active is False
+    chips, status, slider, heat, traj, note, table, base, timing, view, timer = (
+        got(out[-1], c) for c in (ui.chips, ui.status, ui.slider, ui.heat, ui.traj, ui.map_note, ui.table,
+                                  ui.base_html, ui.timing, ui.view, ui.timer))
+    assert timer.active is False
     assert isinstance(view, View) and len(view.steps) == STEPS
     assert "Step 5 of 5" in status
     assert isinstance(heat, Figure) and isinstance(traj, Figure) and note == ""
@@ -96,49 +117,85 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
     assert "first step after" in timing and "replayed" not in timing
     # the same image and settings again: replayed from the memo, same steps
     again = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "noisy x_t"))
-    assert "replayed" in again[-1][8]
-    assert [s.text for s in again[-1][9].steps] == [s.text for s in view.steps]
-    assert torch.equal(again[-1][9].steps[-1].x0_pred, view.steps[-1].x0_pred)
+    assert "replayed" in got(again[-1], ui.timing)
+    assert [s.text for s in got(again[-1], ui.view).steps] == [s.text for s in view.steps]
+    assert torch.equal(got(again[-1], ui.view).steps[-1].x0_pred, view.steps[-1].x0_pred)
     # the spacing dropdown: other timesteps, a trace of its own (not the memo's), named in the timing line
     from diffusion_caption.samplers import spaced_timesteps
 
     tr = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0",
                                       "trailing"))[-1]
-    assert [s.t for s in tr[9].steps] == spaced_timesteps(handlers.m.cap.config.T, STEPS, "trailing")
-    assert "replayed" not in tr[8] and "trailing spacing" in tr[8] and "linspace spacing" in timing
+    assert [s.t for s in got(tr, ui.view).steps] == spaced_timesteps(handlers.m.cap.config.T, STEPS, "trailing")
+    assert ("replayed" not in got(tr, ui.timing) and "trailing spacing" in got(tr, ui.timing)
+            and "linspace spacing" in timing)
 
 
 def test_step_viewer_scrubs_and_plays(handlers, app_files):
+    from app import Playback
+
+    ui, pb = handlers.ui, Playback()
     out = list(handlers.caption_stream(app_files["examples"][1], STEPS, "ddpm", 2.0, True, 1, "predicted x0"))
-    view = out[-1][9]
-    slider, chips, status, heat, traj, note, v, timer, playing = handlers.goto(view, 2, "noisy x_t")
+    view = got(out[-1], ui.view)
+    pb.start()
+    shown = handlers.goto(view, 2, "noisy x_t", pb)
+    assert set(shown) <= ui.step_outputs
+    slider, chips, status, heat, traj, note, v, timer = (got(shown, c) for c in step_view(ui))
+    playing = pb.playing
     assert slider.value == 2 and "Step 2 of 5" in status and v is view and playing is False
     assert "step 2 of 5" in traj.axes[0].get_title() and traj.axes[0].get_title().startswith("noisy x_t")
-    assert handlers.step_by("first")(view, 4, "predicted x0")[0].value == 1
-    assert handlers.step_by("last")(view, 2, "predicted x0")[0].value == STEPS
-    assert handlers.step_by(-1)(view, 1, "predicted x0")[0].value == 1  # clamped at the first step
-    assert handlers.step_by(1)(view, 3, "predicted x0")[0].value == 4
+    assert got(handlers.step_by("first")(view, 4, "predicted x0"), ui.slider).value == 1
+    assert got(handlers.step_by("last")(view, 2, "predicted x0"), ui.slider).value == STEPS
+    assert got(handlers.step_by(-1)(view, 1, "predicted x0"), ui.slider).value == 1  # clamped at the first step
+    assert got(handlers.step_by(1)(view, 3, "predicted x0"), ui.slider).value == 4
     # play from the end restarts at step 1; ticks advance while playing and stop at the last step
-    played = handlers.play(view, STEPS, "predicted x0")
-    assert played[0].value == 1 and played[-2].active is True and played[-1] is True
-    tick = handlers.tick(view, 2, "predicted x0", True)
-    assert tick[0].value == 3 and tick[-1] is True
-    tick = handlers.tick(view, STEPS - 1, "predicted x0", True)
-    assert tick[0].value == STEPS and tick[-2].active is False and tick[-1] is False
+    played = handlers.play(view, STEPS, "predicted x0", pb)
+    assert got(played, ui.slider).value == 1 and got(played, ui.timer).active is True and pb.playing is True
+    tick = handlers.tick(view, 2, "predicted x0", pb)
+    assert got(tick, ui.slider).value == 3 and pb.playing is True
+    tick = handlers.tick(view, STEPS - 1, "predicted x0", pb)
+    assert got(tick, ui.slider).value == STEPS and got(tick, ui.timer).active is False and pb.playing is False
     # after a pause, a tick that was already queued changes nothing and keeps the timer off
-    timer, playing = handlers.pause()
+    handlers.play(view, 1, "predicted x0", pb)
+    paused = handlers.pause(pb)
+    timer, playing = got(paused, ui.timer), pb.playing
     assert timer.active is False and playing is False
-    late = handlers.tick(view, 2, "predicted x0", False)
-    import gradio as gr
-
-    assert all(isinstance(x, type(gr.skip())) for x in late[:7]) and late[-2].active is False
+    late = handlers.tick(view, 2, "predicted x0", pb)
+    assert all(isinstance(got(late, c), type(gr.skip())) for c in step_view(ui)[:7])
+    assert got(late, ui.timer).active is False
     # nothing captioned yet in this session: nothing to show, no error
-    assert handlers.goto(None, 3, "predicted x0")[6] is None
+    assert got(handlers.goto(None, 3, "predicted x0"), ui.view) is None
+
+
+def test_a_pause_during_a_tick_is_not_undone_by_it(handlers, app_files, monkeypatch):
+    """A tick takes a while to draw its step; pause, a step button or a new caption pressed meanwhile stops
+    playback, and the tick then shows nothing and leaves the timer off (issue 30: pause that pauses)."""
+    from app import Playback
+
+    ui, pb = handlers.ui, Playback()
+    image = app_files["examples"][1]
+    view = got(list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0"))[-1], ui.view)
+    show = handlers.show
+    for interrupt in (lambda: handlers.pause(pb), lambda: handlers.step_by("first")(view, 3, "predicted x0", pb),
+                      lambda: list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0",
+                                                           None, None, pb))):
+        assert got(handlers.play(view, 1, "predicted x0", pb), ui.timer).active is True and pb.playing
+
+        def drawn_while_interrupted(*a, _interrupt=interrupt):
+            monkeypatch.setattr(handlers, "show", show)
+            _interrupt()  # pressed while this tick draws its step
+            return show(*a)
+
+        monkeypatch.setattr(handlers, "show", drawn_while_interrupted)
+        late = handlers.tick(view, 1, "predicted x0", pb)
+        assert late == {ui.timer: late[ui.timer]} and late[ui.timer].active is False and pb.playing is False
+        # and the next tick, already queued, does nothing either
+        assert set(handlers.tick(view, 2, "predicted x0", pb)) == {ui.timer}
+    # a tick left alone still plays on
+    handlers.play(view, 1, "predicted x0", pb)
+    assert got(handlers.tick(view, 1, "predicted x0", pb), ui.slider).value == 2 and pb.playing
 
 
 def test_user_errors_are_messages(handlers, app_files):
-    import gradio as gr
-
     with pytest.raises(gr.Error, match="Pick an example"):
         list(handlers.caption_stream(None, STEPS, "ddim", 1.0, False, 0, "predicted x0"))
     with pytest.raises(gr.Error, match="steps must be an integer"):
@@ -150,13 +207,13 @@ def test_user_errors_are_messages(handlers, app_files):
     with pytest.raises(gr.Error, match="spacing must be"):
         list(handlers.caption_stream(app_files["examples"][0], 3, "ddim", 1.0, False, 0, "predicted x0", "trailing^0"))
     # a cleared image does nothing at all
-    assert all(isinstance(x, type(gr.skip())) for x in next(handlers.auto_caption(None, 3, "ddim", 1, False, 0, "x")))
+    cleared = next(handlers.auto_caption(None, 3, "ddim", 1, False, 0, "x"))
+    assert all(isinstance(got(cleared, c), type(gr.skip())) for c in handlers.ui.stream_outputs)
 
 
 def test_uploads_gradio_cannot_open_get_the_loaders_message(handlers, app_files, tmp_path):
     """The image box hands even an unreadable upload to the library's loader, whose message names the problem
     (gradio's own Image would try PIL first and show a generic error)."""
-    import gradio as gr
     from gradio.data_classes import FileData
     from PIL import Image
 
@@ -182,28 +239,61 @@ def test_error_analysis_variants_and_composer(handlers, app_files):
     from diffusion_caption.world.variants import known_scenes, scene_key, variants_for
     from diffusion_caption.images import load_image
 
+    ui = handlers.ui
     scene_png = app_files["examples"][1]
-    html = handlers.variants(scene_png, None, 3, "ddim", 1.0, False, 0)
+    html = got(handlers.variants(scene_png, None, 3, "ddim", 1.0, False, 0), ui.variants_html)
     img = load_image(scene_png)
     n = len(variants_for(img, known_scenes(app_files["examples_dir"])[scene_key(img)]))
     assert html.count("<tr>") == n + 1 and "exact re-renders" in html
     assert ("✓ right on" in html) or ("✗ wrong" in html) or ("states nothing" in html)
-    photo = handlers.variants(app_files["examples"][2], None, 3, "ddim", 1.0, False, 0)
+    photo = got(handlers.variants(app_files["examples"][2], None, 3, "ddim", 1.0, False, 0), ui.variants_html)
     assert "pixel-level edits" in photo and "✓" not in photo
     # the composer renders with the world's renderer and the variants use its exact scene
     fields = [True, "star", "red", "large", 40, 64, True, "circle", "blue", "small", 95, 64,
               False, "square", "green", "small", 64, 100]
-    image, state, note = handlers.compose("beige", *fields)
+    composed = handlers.compose("beige", *fields)
+    assert set(composed) == ui.compose_outputs
+    image, state, note = (got(composed, c) for c in (ui.a_image, ui.scene_state, ui.compose_note))
     assert state["key"] == scene_key(image) and state["scene"]["background"] == "beige"
     assert "own renderer" in note
     path = os.path.join(app_files["cache"], "composed.png")
     image.save(path)
-    composed = handlers.variants(path, state, 3, "ddim", 1.0, False, 0)
+    composed = got(handlers.variants(path, state, 3, "ddim", 1.0, False, 0), ui.variants_html)
     assert "exact re-renders" in composed and "colours swapped" in composed
-    import gradio as gr
-
     with pytest.raises(gr.Error, match="1 to 3 objects"):
         handlers.compose("beige", *([False, "star", "red", "large", 40, 64] * 3))
+
+
+def _original_caption(table_html: str) -> str:
+    """The diffusion caption of the variants table's first row (the original image), as its cell shows it."""
+    first_row = table_html.split("<tbody>")[1].split("</tr>")[0]
+    cells = re.findall(r"<td style='[^']*'>(.*?)</td>", first_row)  # image, variant, diffusion[, baseline]
+    return cells[2].split("<div")[0]
+
+
+def test_the_variants_original_row_is_the_caption_tabs_caption(tmp_path):
+    """Every variant starts from the Caption tab's noise for the seed (DDPM's fresh noise at every step
+    included), so the original row is the caption the Caption tab shows, and a changed word is the edit's.
+    The shipped shapes-diffusion (DDPM, guidance 5), whose captions do depend on the noise: in one batch of
+    variants, the original's caption differed from the Caption tab's for every example scene tried."""
+    from html import escape
+
+    import app
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = app.parse_args(["--checkpoint", os.path.join(root, "assets", "checkpoints", "shapes-diffusion"),
+                           "--baseline", "", "--vocab-map", "pca", "--cache-dir", str(tmp_path)])
+    h = app.Handlers(app.load_models(args))
+    smp = h.m.cap.sampling
+    settings = (smp.steps, smp.sampler, smp.guidance, smp.clamp)
+    assert settings[1:3] == ("ddpm", 5.0)
+    image = os.path.join(root, "assets", "examples", "shapes_00.png")
+    for seed in (0, 1):
+        stream = list(h.caption_stream(image, *settings, seed, "predicted x0", smp.spacing))
+        caption_tab = got(stream[-1], h.ui.view).steps[-1].text
+        table = got(h.variants(image, None, *settings, seed, smp.spacing), h.ui.variants_html)
+        assert "exact re-renders" in table and f"same noise (seed {seed})" in table
+        assert _original_caption(table) == (escape(caption_tab) or "<i>(empty)</i>")
 
 
 def test_start_up_reports_a_missing_checkpoint(tmp_path):
@@ -243,12 +333,12 @@ def test_baseline_beside_the_diffusion_caption(app_files, tokenizer, clip_encode
     h = app.Handlers(m)
     image = app_files["examples"][0]
     last = list(h.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0"))[-1]
-    view, base_html, timing = last[9], last[7], last[8]
+    view, base_html, timing = got(last, h.ui.view), got(last, h.ui.base_html), got(last, h.ui.timing)
     expected = m.baseline.caption(image)
     assert view.baseline.text == expected.text and view.baseline.token_ids == expected.token_ids
     assert "token probability" in base_html and base_html.count("title='position") == len(expected.tokens)
     assert "baseline" in timing and "greedy" in timing
-    table = h.variants(image, None, 3, "ddim", 1.0, False, 0)
+    table = got(h.variants(image, None, 3, "ddim", 1.0, False, 0), h.ui.variants_html)
     assert ">baseline</th>" in table and "baseline</b>: caption changed in" in table
     assert base in app.about_markdown(m)
     # a baseline directory that is not one: the app starts anyway and says why there is no baseline
@@ -284,19 +374,22 @@ def test_the_app_offers_several_models_each_with_its_own_defaults(app_files, tok
     m = app.load_models(args)
     assert list(m.caps) == ["ckpt", "ranked"] and m.default == "ckpt"
     h = app.Handlers(m)
-    steps, sampler, guidance, clamp, spacing, note = h.choose_model("ranked")
+    chosen = h.choose_model("ranked")
+    assert set(chosen) == h.ui.model_outputs
+    steps, sampler, guidance, clamp, spacing, note = (
+        got(chosen, c) for c in (h.ui.steps, h.ui.sampler, h.ui.guidance, h.ui.clamp, h.ui.spacing, h.ui.model_line))
     assert (steps.value, sampler.value, guidance.value) == (3, "ddpm", 2.0) and "ranks its roundings" in note
     image = app_files["examples"][0]
     out = list(h.caption_stream(image, 3, "ddpm", 2.0, False, 0, "predicted x0", None, "ranked"))
-    view = out[-1][9]
+    view = got(out[-1], h.ui.view)
     assert view.model == "ranked" and len(view.steps) == 3
     # exactly the library's caption with the checkpoint's defaults, candidates and scores included
     direct = Captioner.from_pretrained(other).caption(image, seed=0)
     assert view.steps[-1].text == direct.text and view.steps[-1].candidates == direct.candidates
     assert len(direct.candidates) > 1 and direct.scores is not None  # an untrained model is unsure: many roundings
-    assert "Chosen among" in out[-1][0] and f"{max(direct.scores):.3f}" in out[-1][0]
+    assert "Chosen among" in got(out[-1], h.ui.chips) and f"{max(direct.scores):.3f}" in got(out[-1], h.ui.chips)
     # the default model is another captioner, with its own caption
-    first = list(h.caption_stream(image, 3, "ddpm", 2.0, False, 0, "predicted x0"))[-1][9]
+    first = got(list(h.caption_stream(image, 3, "ddpm", 2.0, False, 0, "predicted x0"))[-1], h.ui.view)
     assert first.model == "ckpt" and first.steps[-1].candidates is None
     with pytest.raises(Exception, match="unknown model"):
         list(h.caption_stream(image, 3, "ddim", 1.0, False, 0, "predicted x0", None, "nope"))

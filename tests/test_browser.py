@@ -4,6 +4,7 @@ Loads the page, captions an example, waits for the final caption and checks that
 then saves a screenshot (to $DC_SCREENSHOT_DIR when set, else the test's temporary directory).
 """
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -149,3 +150,62 @@ def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokeni
               lambda: any(f"Step {STEPS} of {STEPS}" in x for x in d.execute_script("return window.__statuses")),
               timeout=120)
         assert "shapes_01" in d.execute_script("return document.querySelector('#input-image img').src")
+
+
+def _step(driver) -> int | None:
+    """The step the status line shows ("Step k of N"), or None."""
+    found = re.search(r"Step (\d+) of \d+", driver.find_element("id", "step-status").text)
+    return int(found.group(1)) if found else None
+
+
+def _settled(driver, quiet: float = 1.0, timeout: float = 15.0) -> int | None:
+    """The step shown once the status line has not changed for ``quiet`` seconds."""
+    t0 = last_change = time.time()
+    step = _step(driver)
+    while step is None or time.time() - last_change < quiet:
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"the step shown kept changing for {timeout:.0f} s (now {step})")
+        time.sleep(0.1)
+        now = _step(driver)
+        if now != step:
+            step, last_change = now, time.time()
+    return step
+
+
+def _button(driver, label: str):
+    from selenium.webdriver.common.by import By
+
+    return next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == label)
+
+
+def test_pause_and_the_step_buttons_stop_playback(tmp_path, tokenizer, clip_encoder):
+    """Play, then pause: the step stays where it was paused (for 2 s, long past the 0.7 s timer and a tick's
+    drawing). Pressed at several moments after a step lands, so that some presses come while the next tick is
+    being drawn: that tick must not play on. Then play, and press back: the same."""
+    with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        _wait(d, "the last step shown", lambda: _step(d) == STEPS)
+        for stop, delay in (("❚❚ pause", 0.1), ("❚❚ pause", 0.35), ("❚❚ pause", 0.6), ("◀ back", 0.35)):
+            start = _step(d)
+            d.execute_script("arguments[0].click()", _button(d, "▶ play"))
+            # playing: from step 1 (the last step was shown) or on from where it was, a step every 0.7 s
+            _wait(d, "playback to move on", lambda: (lambda k: k is not None and k >= 3 and k != start)(_step(d)),
+                  timeout=60)
+            shown, t0 = _step(d), time.time()
+            while _step(d) == shown and time.time() - t0 < 10:  # the moment the next step lands
+                time.sleep(0.02)
+            time.sleep(delay)
+            before = _step(d)
+            d.execute_script("arguments[0].click()", _button(d, stop))
+            if stop == "◀ back":  # its own update: the step before the one shown when it was pressed
+                _wait(d, "the step before", lambda: _step(d) == before - 1, timeout=30)
+            stopped = _settled(d)
+            # pause: what lands after the press is at most the step the page was still drawing (it shows a step
+            # a few tenths of a second after the server sent it) and the one tick drawn as the press arrived
+            assert stopped <= before + 2 if stop == "❚❚ pause" else stopped == before - 1, (stop, before, stopped)
+            seen = set()
+            t0 = time.time()
+            while time.time() - t0 < 2.0:
+                seen.add(_step(d))
+                time.sleep(0.1)
+            assert seen == {stopped}, f"after {stop!r} at step {stopped} the page went on to {sorted(seen)}"
+            assert stopped < STEPS - 2, f"playback reached step {stopped} of {STEPS} before {stop!r} took effect"

@@ -65,10 +65,12 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
     # the app, with the model's own defaults in its settings, streams exactly the library's caption
     m = app.load_models(app.parse_args(["--baseline", "", "--vocab-map", "pca"]))
     h = app.Handlers(m)
-    steps, sampler, guidance, clamp, spacing, _ = h.choose_model(m.default)
+    chosen = h.choose_model(m.default)
+    steps, sampler, guidance, clamp, spacing = (chosen[c] for c in (h.ui.steps, h.ui.sampler, h.ui.guidance,
+                                                                    h.ui.clamp, h.ui.spacing))
     out = list(h.caption_stream(EXAMPLES[2], steps.value, sampler.value, guidance.value, clamp.value, 0,
                                 "predicted x0", spacing.value, m.default))
-    view = out[-1][9]
+    view = out[-1][h.ui.view]
     assert [st.text for st in view.steps] == [st.text for st in cap.caption(EXAMPLES[2], seed=0).steps]
 
 
