@@ -27,6 +27,7 @@ import torch
 from diffusion_caption import BaselineCaptioner, Captioner, CheckpointError, ImageLoadError, Trace, load_image
 from diffusion_caption.checkpoint import resolve
 from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
+from diffusion_caption.ood import NOTICE
 from diffusion_caption.samplers import SAMPLERS
 from diffusion_caption.viz.html_views import VariantRow, candidates_list, confidence_legend, token_chips, variants_table
 from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
@@ -245,6 +246,7 @@ class View:
     points: dict | None = None  # "predicted x0" / "noisy x_t" -> [S, L, 2] map coordinates
     cached: bool = False
     model: str = ""  # which of the app's models made it (its vocabulary map places the points)
+    ood: dict | None = None  # how unlike the training images the input is (the checkpoint's ood.json), if known
 
 
 TRAJECTORY_KINDS = ("predicted x0", "noisy x_t")
@@ -264,6 +266,7 @@ class UI:
 
     # the Caption tab: the step viewer, the plots, the table, the baseline and the timing line
     chips: gr.HTML
+    ood_note: gr.HTML  # the notice that the image is unlike anything the model was trained on
     status: gr.Markdown
     slider: gr.Slider
     heat: gr.Plot
@@ -290,7 +293,7 @@ class UI:
     @classmethod
     def detached(cls) -> "UI":
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
-        kinds = dict(chips=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
+        kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
                      map_note=gr.Markdown, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
                      timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
@@ -306,7 +309,7 @@ class UI:
     @property
     def stream_outputs(self) -> set:
         """An image captioned: every step streamed, then the plots, the table, the baseline and the timing."""
-        return self.step_outputs | {self.table, self.base_html, self.timing}
+        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note}
 
     @property
     def model_outputs(self) -> set:
@@ -468,11 +471,12 @@ class Handlers:
         memo = self.m.traces.get(key)
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
-                        baseline=memo.baseline, baseline_seconds=memo.baseline_seconds, cached=True, model=name)
-            step_iter = iter(memo.steps)
+                        baseline=memo.baseline, baseline_seconds=memo.baseline_seconds, cached=True, model=name,
+                        ood=memo.ood)
+            step_iter, ood = iter(memo.steps), memo.ood
         else:
             view = None
-            step_iter = self.m.caps[name].iter_caption(img, **s)
+            step_iter, ood = self._steps(name, img, s)
         done, first, busy, shown = [], None, 0.0, time.perf_counter()  # busy: time spent computing, not waiting
         total = s["steps"]
         while True:
@@ -489,7 +493,8 @@ class Handlers:
             if first is None:
                 first = busy
                 # the first update also clears what belonged to the previous image
-                yield {**update, u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
+                yield {**update, u.ood_note: ood_notice(ood),
+                       u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
                        u.heat: None, u.traj: None, u.map_note: "", u.table: [],
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
                        u.timer: gr.Timer(active=False)}
@@ -501,13 +506,13 @@ class Handlers:
             shown = time.perf_counter()
         seconds = busy
         if view is None:
-            view = View(steps=done, seconds=seconds, first_step_seconds=first or seconds, model=name)
+            view = View(steps=done, seconds=seconds, first_step_seconds=first or seconds, model=name, ood=ood)
             if self.m.baseline is not None:
                 tb = time.perf_counter()
                 view.baseline = self.m.baseline.caption(img)
                 view.baseline_seconds = time.perf_counter() - tb
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
-                                     view.baseline_seconds, model=name))
+                                     view.baseline_seconds, model=name, ood=ood))
         yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
                u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
                u.timer: gr.Timer(active=False)}
@@ -597,20 +602,33 @@ class Handlers:
         return {**out, self.ui.timer: gr.Timer(active=nxt < S)}
 
     # ------------------------------------------------------------------ the API endpoint
+    def _steps(self, name: str, img, s: dict):
+        """The image's steps as they are computed, and how unlike the training images it is (one pass of the
+        image tower gives both)."""
+        cap = self.m.caps[name]
+        try:
+            feats, ood = cap.encode_and_assess([img])
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        return (batch[0] for batch in cap.iter_caption_batch(features=feats, **s)), ood[0]
+
     def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
-        """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...})."""
+        """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...},
+        with "ood": how unlike the training images the image is, when the model knows)."""
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         t0 = time.perf_counter()
         done = []
+        steps_iter, ood = self._steps(name, img, s)
         try:
-            for step in self.m.caps[name].iter_caption(img, **s):
+            for step in steps_iter:
                 done.append(step)
                 yield {"done": False, "step": step.to_json(), "of": s["steps"]}
         except ValueError as e:
             raise _user_error(str(e)) from None
-        trace = Trace(done, dict(s), time.perf_counter() - t0, candidates=done[-1].candidates, chosen=done[-1].chosen)
+        trace = Trace(done, dict(s), time.perf_counter() - t0, candidates=done[-1].candidates, chosen=done[-1].chosen,
+                      ood=ood)
         yield {"done": True, "model": name, **trace.to_json()}
 
     # ------------------------------------------------------------------ error analysis
@@ -675,6 +693,15 @@ class Handlers:
 
 
 # ---------------------------------------------------------------------------------------------- about
+def ood_notice(ood: dict | None) -> str:
+    """The notice above the caption when the image is unlike the model's training images (else nothing)."""
+    if not ood or not ood.get("unlike_training"):
+        return ""
+    return (f"<div class='dc-ood' role='alert'><b>{html.escape(NOTICE)}</b> "
+            f"<span class='dc-note'>(out-of-domain score {ood['score']:.1f}, threshold {ood['threshold']:.1f}: "
+            f"95% of the validation scenes score below it)</span></div>")
+
+
 def model_note(cap) -> str:
     """The line under the model choice."""
     return f"<span class='dc-note'>{html.escape(model_summary(cap))}</span>"
@@ -760,6 +787,7 @@ CSS = """
 #step-controls button {min-width: 0 !important; padding-left: 8px; padding-right: 8px}
 #caption-chips {min-height: 64px}
 .dc-note {color: #666; font-size: 0.9em}
+.dc-ood {background: #fff4e5; border-left: 4px solid #e8590c; padding: 6px 10px; margin-bottom: 6px}
 """
 
 
@@ -812,6 +840,7 @@ def build(m: Models):
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Column(scale=8, min_width=420):
                         gr.Markdown("#### Diffusion caption (each token coloured by its rounding confidence)")
+                        ood_note = gr.HTML("", elem_id="ood-note")
                         chips = gr.HTML("<div class='dc-note'>The caption appears here as it is denoised.</div>",
                                         elem_id="caption-chips")
                         status = gr.Markdown("", elem_id="step-status")
@@ -881,7 +910,7 @@ def build(m: Models):
                 about = gr.Markdown(about_markdown(m))
 
         # ------------------------------------------------------------------ events
-        ui = UI(chips=chips, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
+        ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
                 base_html=base_html, timing=timing, view=view, timer=timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)

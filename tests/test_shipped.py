@@ -72,6 +72,16 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
                                 "predicted x0", spacing.value, m.default))
     view = out[-1][h.ui.view]
     assert [st.text for st in view.steps] == [st.text for st in cap.caption(EXAMPLES[2], seed=0).steps]
+    # a shapes scene gets no out-of-domain notice; a photograph does, in the page and in the API's trace
+    assert out[0][h.ui.ood_note] == "" and view.ood == cap.caption(EXAMPLES[2]).ood
+    photo = os.path.join(ROOT, "assets", "examples", "photo_cat.jpg")
+    first = next(h.caption_stream(photo, steps.value, sampler.value, guidance.value, clamp.value, 0,
+                                  "predicted x0", spacing.value, m.default))
+    assert "unlike anything this model was trained on" in first[h.ui.ood_note]
+    final = list(h.api_caption(photo, steps.value, sampler.value, guidance.value, clamp.value, 0, spacing.value,
+                               m.default))[-1]
+    assert final["done"] and final["ood"]["unlike_training"] and final["ood"] == cap.caption(photo).ood
+    assert final["text"] == cap.caption(photo, seed=0).text
 
 
 def test_shipped_diffusion_defaults_are_the_documented_ones():
