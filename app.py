@@ -247,6 +247,9 @@ class View:
     cached: bool = False
     model: str = ""  # which of the app's models made it (its vocabulary map places the points)
     ood: dict | None = None  # how unlike the training images the input is (the checkpoint's ood.json), if known
+    # the calibrated probability that each final token is right (the checkpoint's confidence.json), if known
+    token_confidence: list | None = None
+    caption_confidence: float | None = None
 
 
 TRAJECTORY_KINDS = ("predicted x0", "noisy x_t")
@@ -421,8 +424,15 @@ class Handlers:
                            "noisy x_t": vmap.place(torch.stack([s.x_t for s in view.steps]))}
         return ""
 
-    def _chips(self, step) -> str:
-        out = token_chips(step.tokens, step.confidence) + confidence_legend()
+    def _chips(self, step, calibrated: list | None = None) -> str:
+        """A step's tokens coloured by their rounding probability; the last step's, when the model has a
+        calibrator, by the calibrated probability that each word is right (the heatmap keeps the rounding)."""
+        if calibrated is not None:
+            out = (token_chips(step.tokens, calibrated) + confidence_legend("calibrated confidence that the word is right")
+                   + "<div class='dc-note'>from each word's rounding probability at the step it was decided; the "
+                     "heatmap and earlier steps show the raw rounding probability</div>")
+        else:
+            out = token_chips(step.tokens, step.confidence) + confidence_legend()
         if step.candidates:
             out += candidates_list(step.candidates, step.scores, step.chosen)
         return out
@@ -472,7 +482,7 @@ class Handlers:
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
                         baseline=memo.baseline, baseline_seconds=memo.baseline_seconds, cached=True, model=name,
-                        ood=memo.ood)
+                        ood=memo.ood, token_confidence=memo.token_confidence, caption_confidence=memo.caption_confidence)
             step_iter, ood = iter(memo.steps), memo.ood
         else:
             view = None
@@ -507,12 +517,15 @@ class Handlers:
         seconds = busy
         if view is None:
             view = View(steps=done, seconds=seconds, first_step_seconds=first or seconds, model=name, ood=ood)
+            judged = self.m.caps[name].calibrate(Trace(done, dict(s)))
+            view.token_confidence, view.caption_confidence = judged.token_confidence, judged.caption_confidence
             if self.m.baseline is not None:
                 tb = time.perf_counter()
                 view.baseline = self.m.baseline.caption(img)
                 view.baseline_seconds = time.perf_counter() - tb
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
-                                     view.baseline_seconds, model=name, ood=ood))
+                                     view.baseline_seconds, model=name, ood=ood, token_confidence=view.token_confidence,
+                                     caption_confidence=view.caption_confidence))
         yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
                u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
                u.timer: gr.Timer(active=False)}
@@ -554,7 +567,8 @@ class Handlers:
                                   method=vmap.method.upper())
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
-        return {u.slider: slider, u.chips: self._chips(view.steps[i]), u.status: self._status(view.steps, i),
+        chips = self._chips(view.steps[i], view.token_confidence if k == S else None)
+        return {u.slider: slider, u.chips: chips, u.status: self._status(view.steps, i),
                 u.heat: heat, u.traj: traj, u.map_note: note, u.view: view}
 
     # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
@@ -627,8 +641,8 @@ class Handlers:
                 yield {"done": False, "step": step.to_json(), "of": s["steps"]}
         except ValueError as e:
             raise _user_error(str(e)) from None
-        trace = Trace(done, dict(s), time.perf_counter() - t0, candidates=done[-1].candidates, chosen=done[-1].chosen,
-                      ood=ood)
+        trace = self.m.caps[name].calibrate(Trace(done, dict(s), time.perf_counter() - t0, candidates=done[-1].candidates,
+                                                  chosen=done[-1].chosen, ood=ood))
         yield {"done": True, "model": name, **trace.to_json()}
 
     # ------------------------------------------------------------------ error analysis
@@ -839,7 +853,7 @@ def build(m: Models):
                                                        "trailing^k packs them towards the noisy end")
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Column(scale=8, min_width=420):
-                        gr.Markdown("#### Diffusion caption (each token coloured by its rounding confidence)")
+                        gr.Markdown("#### Diffusion caption (each token coloured by its confidence: the rounding probability while it denoises, at the last step the calibrated probability that the word is right)")
                         ood_note = gr.HTML("", elem_id="ood-note")
                         chips = gr.HTML("<div class='dc-note'>The caption appears here as it is denoised.</div>",
                                         elem_id="caption-chips")

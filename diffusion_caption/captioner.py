@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
+from .confidence import SPECIAL, Calibrator, decision_confidence
 from .config import CaptionerConfig, ObjectiveConfig, split_objective
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, StepOutput
@@ -57,6 +58,7 @@ class Captioner(PretrainedCaptioner):
         self.diffusion = GaussianDiffusion(self.schedule, config.predict, config.self_cond)
         self._net = self.denoiser  # what sampling calls: the denoiser, or its compiled graph
         self.density: FeatureDensity | None = None  # how unlike the training images an input is (ood.py)
+        self.calibrator: Calibrator | None = None  # a token's decision confidence -> P(right) (confidence.py)
         self.to(device)
 
     def to(self, device) -> "Captioner":
@@ -134,6 +136,8 @@ class Captioner(PretrainedCaptioner):
         cap = cls(config, denoiser, image_encoder, tokenizer, device, sampling, objective).use_scorer(scorer)
         if FeatureDensity.is_in(path):
             cap.density = FeatureDensity.load(path, image_encoder.feature_dim)
+        if Calibrator.is_in(path):
+            cap.calibrator = Calibrator.load(path)
         return cap
 
     def _sections(self) -> dict:
@@ -290,7 +294,23 @@ class Captioner(PretrainedCaptioner):
                       for steps in per_image]
         for tr, verdict in zip(traces, ood):
             tr.ood = verdict
+            self.calibrate(tr)
         return traces
+
+    def calibrate(self, trace: Trace) -> Trace:
+        """Fill ``trace.token_confidence`` (each final token's calibrated decision confidence; special tokens
+        keep their raw rounding probability) and ``trace.caption_confidence`` (its least confident word's),
+        when the checkpoint has a calibrator and the trace kept every step (``record="final"`` keeps no
+        decision step); returns the trace."""
+        if self.calibrator is None or not trace.steps or trace.settings.get("record", "all") != "all":
+            return trace
+        raw = decision_confidence(trace)
+        cal = self.calibrator(raw)
+        tokens = trace.final.tokens
+        trace.token_confidence = [r if t in SPECIAL else c for t, r, c in zip(tokens, raw, cal)]
+        words = [c for t, c in zip(tokens, cal) if t not in SPECIAL]
+        trace.caption_confidence = min(words) if words else None
+        return trace
 
     def _caption_candidates(self, images, features, s: SamplingConfig, seed: int, record: str, settings: dict,
                             t0: float) -> list[Trace]:

@@ -41,6 +41,10 @@ class Trace:
     # how unlike the training images the input is, when the checkpoint has the statistics (``ood.py``):
     # {"score", "threshold", "unlike_training"}
     ood: dict | None = None
+    # the calibrated probability that each final token is right (``confidence.py``; None without a
+    # calibrator), and the caption's: its least confident word's
+    token_confidence: list[float] | None = None
+    caption_confidence: float | None = None
 
     @property
     def final(self) -> DenoisingStep:
@@ -73,6 +77,8 @@ class Trace:
             out.update(candidates=self.candidates, chosen=self.chosen)
         if self.ood is not None:
             out["ood"] = self.ood
+        if self.token_confidence is not None:
+            out.update(token_confidence=self.token_confidence, caption_confidence=self.caption_confidence)
         return out
 
     def x_t(self) -> torch.Tensor:
