@@ -98,3 +98,14 @@ def test_the_default_reports_calibrated_confidence_low_where_a_word_is_wrong(tmp
     from diffusion_caption.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="numeric"):
         Calibrator.load(str(tmp_path))
+
+
+def test_the_baseline_carries_its_calibrated_confidence_too():
+    from diffusion_caption import BaselineCaptioner
+
+    base = BaselineCaptioner.from_pretrained(os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline"))
+    assert base.calibrator is not None and base.calibrator.signal == "token"
+    c = base.caption(os.path.join(ROOT, "assets", "examples", "shapes_03.png"))
+    assert len(c.token_confidence) == len(c.tokens) and c.to_json()["caption_confidence"] == c.caption_confidence
+    raw = [r for t, r in zip(c.tokens, c.confidence) if t != "[SEP]"]
+    assert [k for t, k in zip(c.tokens, c.token_confidence) if t != "[SEP]"] == base.calibrator(raw)

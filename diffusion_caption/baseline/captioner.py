@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .decoding import beam_search, greedy
+from ..confidence import SPECIAL, Calibrator
 from ..config import ConfigDict
 from ..image_encoder import ImageEncoder
 from ..pretrained import PretrainedCaptioner
@@ -318,11 +319,18 @@ class BaselineCaption:
     log_prob: float  # sum of the tokens' log probabilities
     settings: dict = field(default_factory=dict)  # beam, max_len, length_penalty
     seconds: float | None = None  # wall time of the batch it was decoded in, image encoding included
+    # with the checkpoint's confidence.json: the calibrated probability that each word is right, and the
+    # caption's (its least confident word's)
+    token_confidence: list[float] | None = None
+    caption_confidence: float | None = None
 
     def to_json(self) -> dict:
-        return {"text": self.text, "tokens": self.tokens, "confidence": self.confidence,
-                "token_ids": self.token_ids, "log_prob": self.log_prob, "settings": self.settings,
-                "seconds": self.seconds}
+        out = {"text": self.text, "tokens": self.tokens, "confidence": self.confidence,
+               "token_ids": self.token_ids, "log_prob": self.log_prob, "settings": self.settings,
+               "seconds": self.seconds}
+        if self.token_confidence is not None:
+            out.update(token_confidence=self.token_confidence, caption_confidence=self.caption_confidence)
+        return out
 
 
 class BaselineCaptioner(PretrainedCaptioner):
@@ -335,6 +343,7 @@ class BaselineCaptioner(PretrainedCaptioner):
                  device: str | torch.device = "cpu"):
         self.config = config
         self.model = self.network = model.eval()
+        self.calibrator: Calibrator | None = None  # token probability -> P(word right) (confidence.py)
         self.image_encoder = image_encoder
         self.tokenizer = tokenizer
         self.to(device)
@@ -363,7 +372,10 @@ class BaselineCaptioner(PretrainedCaptioner):
             raise ckpt.CheckpointError(f"{cfg_file}: the model it describes cannot be built: {e}") from None
         ckpt.load_into(model, os.path.join(path, ckpt.WEIGHTS_NAME))
         image_encoder = cls.load_image_encoder(meta, path, cfg_file, config.cond_dim, clip)
-        return cls(config, model, image_encoder, tokenizer, device)
+        cap = cls(config, model, image_encoder, tokenizer, device)
+        if Calibrator.is_in(path):
+            cap.calibrator = Calibrator.load(path)
+        return cap
 
     def _sections(self) -> dict:
         return {"baseline": self.config.to_dict(), "gpt_config": self.model.gpt_config}
@@ -399,7 +411,14 @@ class BaselineCaptioner(PretrainedCaptioner):
         else:
             hyps = beam_search(*args, beam=s["beam"], length_penalty=s["length_penalty"], use_cache=use_cache)
         seconds = time.perf_counter() - t0
-        return [BaselineCaption(text=self.tokenizer.decode(h.token_ids), tokens=self.tokenizer.token_strings(h.token_ids),
-                                confidence=[round(min(max(p, 0.0), 1.0), 6) for p in h.probs],
-                                token_ids=h.token_ids, log_prob=h.log_prob, settings=dict(s), seconds=seconds)
-                for h in hyps]
+        out = [BaselineCaption(text=self.tokenizer.decode(h.token_ids), tokens=self.tokenizer.token_strings(h.token_ids),
+                               confidence=[round(min(max(p, 0.0), 1.0), 6) for p in h.probs],
+                               token_ids=h.token_ids, log_prob=h.log_prob, settings=dict(s), seconds=seconds)
+               for h in hyps]
+        if self.calibrator is not None:
+            for c in out:
+                cal = self.calibrator(c.confidence) if c.confidence else []
+                c.token_confidence = [r if t in SPECIAL else k for t, r, k in zip(c.tokens, c.confidence, cal)]
+                words = [k for t, k in zip(c.tokens, cal) if t not in SPECIAL]
+                c.caption_confidence = min(words) if words else None
+        return out
