@@ -24,6 +24,15 @@ def _shape(word: str) -> str | None:
     return None
 
 
+def _colour_at(words: list[str], j: int) -> tuple[str | None, int]:
+    """The colour named at ``words[j]`` (one or two words) and the index after it; (None, j) if none."""
+    if j + 1 < len(words) and words[j] == "dark" and words[j + 1] == "blue":
+        return "dark blue", j + 2
+    if j < len(words) and words[j] in COLORS:
+        return words[j], j + 1
+    return None, j
+
+
 def word_truth(words: list[str], scene: Scene) -> list[bool | None]:
     """For each word of a caption (lower case, special tokens removed), True/False when it is judged."""
     objs = [(o.color, o.shape, o.size) for o in scene.objects]
@@ -52,21 +61,11 @@ def word_truth(words: list[str], scene: Scene) -> list[bool | None]:
         if s is not None:
             out[i] = any(sh == s for _, sh, _ in objs)
         elif w in SIZES:
-            j = i + 1
-            colour = None
-            if j + 1 < len(words) and words[j] == "dark" and words[j + 1] == "blue":
-                colour, j = "dark blue", j + 2
-            elif j < len(words) and words[j] in COLORS:
-                colour, j = words[j], j + 1
+            colour, j = _colour_at(words, i + 1)
             s = _shape(words[j]) if j < len(words) else None
             out[i] = s is not None and any(sh == s and sz == w and (colour is None or c == colour) for c, sh, sz in objs)
         elif w in NUMBERS:
-            j = i + 1
-            colour = None
-            if j + 1 < len(words) and words[j] == "dark" and words[j + 1] == "blue":
-                colour, j = "dark blue", j + 2
-            elif j < len(words) and words[j] in COLORS:
-                colour, j = words[j], j + 1
+            colour, j = _colour_at(words, i + 1)
             nxt = words[j] if j < len(words) else ""
             if nxt == "shapes":
                 out[i] = NUMBERS[w] == len(objs)
