@@ -36,6 +36,7 @@ from tqdm import tqdm
 from diffusion_caption import checkpoint as ckpt
 from diffusion_caption.selection.text_scorer import ConvTextEncoder, TextScorer, TextScorerConfig
 from training import common
+from training.loop import Loop
 from research.tune_clip_text import binding_batch, binding_data, load_text_clip, ranking_accuracy
 
 
@@ -186,27 +187,22 @@ def main(argv=None) -> None:
     tqdm.write(str(rec))
     common.write_log(cfg.run_dir, rec)
     kl = torch.nn.functional.kl_div
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train_text_scorer")
-    model.train()
-    while step < cfg.steps:
+    def loss(step: int) -> dict:
         rng = np.random.default_rng([cfg.seed, step])  # per step, so a resumed run draws what it would have
         idx, texts = binding_batch(data.train_scenes, rng, cfg.batch_size, cfg.negatives)
         ids = tok.encode(texts, length).to(device)
-        for g in opt.param_groups:
-            g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
         scale = model.logit_scale.clamp(max=4.6052).exp()  # at most 100, as CLIP clamps
         txt = torch.nn.functional.normalize(model(ids), dim=-1).float()
         img = tr_feats[torch.as_tensor(idx)].float().to(device)
-        loss, i2t = common.clip_loss(scale, img, txt)
-        parts = {"labels": loss.item()}
+        total, i2t = common.clip_loss(scale, img, txt)
+        parts = {"labels": total.detach()}
         if cfg.distill > 0:
             with torch.no_grad():
                 t_txt = torch.nn.functional.normalize(teacher.encode_text_ids(ids), dim=-1).float()
                 soft = (t_scale * img @ t_txt.T).log_softmax(-1)
             d = kl(i2t.log_softmax(-1), soft, log_target=True, reduction="batchmean")
-            parts["distill"] = d.item()
-            loss = loss + cfg.distill * d
+            parts["distill"] = d.detach()
+            total = total + cfg.distill * d
         if tr_sets and cfg.candidate_weight > 0:
             pick = rng.choice(len(tr_sets), min(cfg.candidate_batch, len(tr_sets)), replace=False)
             texts = [c for j in pick for c in tr_sets[j][1]]
@@ -223,21 +219,17 @@ def main(argv=None) -> None:
             live = torch.isfinite(target)
             log_p = logits.log_softmax(-1)
             c_loss = (target.exp() * (target - log_p)).where(live, torch.zeros_like(log_p)).sum() / len(pick)
-            parts["candidates"] = c_loss.item()
-            loss = loss + cfg.candidate_weight * c_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": loss.item(), **parts, **validate(), "elapsed_s": round(time.time() - t0, 1)}
-            tqdm.write(str(rec))
-            common.write_log(cfg.run_dir, rec)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            common.save_train_state(cfg.run_dir, model, opt, step, gen, {"config": asdict(cfg)})
-    bar.close()
+            parts["candidates"] = c_loss.detach()
+            total = total + cfg.candidate_weight * c_loss
+        return {"loss": total, **parts}
+
+    t0 = time.time()
+    model.train()
+    loop = Loop(opt, list(model.parameters()), loss,
+                lambda s: common.linear_lr(s, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup),
+                lambda s: common.save_train_state(cfg.run_dir, model, opt, s, gen, {"config": asdict(cfg)}),
+                validate, cfg.run_dir, cfg.steps, cfg.val_every, cfg.ckpt_every, desc="train_text_scorer")
+    step, _ = loop.run(step)
     model.eval()
     with ckpt.atomic_directory(cfg.out) as tmp:
         TextScorer(model.cpu(), tok).save_pretrained(tmp)

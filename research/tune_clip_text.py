@@ -32,6 +32,7 @@ from diffusion_caption.image_encoder import ImageEncoder
 from diffusion_caption.world.negatives import KINDS, changed_scene, correct_captions, positive_and_negatives
 from diffusion_caption.world.scenes import Scene, caption_candidates
 from training import common
+from training.loop import Loop
 
 
 @dataclass
@@ -197,41 +198,34 @@ def main(argv=None) -> None:
     rec = {"step": step, **ranking_accuracy(model, tok, length, va_feats, va_rows, device)}
     tqdm.write(str(rec))
     common.write_log(cfg.run_dir, rec)
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="tune_clip_text")
-    model.train()
-    while step < cfg.steps:
+    def loss(step: int) -> dict:
         rng = np.random.default_rng([cfg.seed, step])  # per step, so a resumed run draws what it would have
         idx, texts = binding_batch(data.train_scenes, rng, cfg.batch_size, cfg.negatives)
         ids = tok.encode(texts, length).to(device)
-        for g in opt.param_groups:
-            g["lr"] = common.linear_lr(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
         with common.autocast(device):
             txt = torch.nn.functional.normalize(model.encode_text(ids), dim=-1).float()
         img = data.train_features[torch.as_tensor(idx)].float().to(device)
-        loss, i2t = common.clip_loss(scale, img, txt)
+        value, i2t = common.clip_loss(scale, img, txt)
         if teacher is not None:  # the full tower's ranking of the same captions for each image, as soft labels
             with torch.no_grad(), common.autocast(device):
                 t_txt = torch.nn.functional.normalize(teacher.encode_text(ids), dim=-1).float()
             soft = (scale * img @ t_txt.T).log_softmax(-1)
-            loss = loss + cfg.distill * torch.nn.functional.kl_div(i2t.log_softmax(-1), soft, log_target=True,
-                                                                   reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            model.eval()
-            rec = {"step": step, "loss": loss.item(), **ranking_accuracy(model, tok, length, va_feats, va_rows, device),
-                   "elapsed_s": time.time() - t0}
-            model.train()
-            tqdm.write(str(rec))
-            common.write_log(cfg.run_dir, rec)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            common.save_train_state(cfg.run_dir, model, opt, step, gen, {"config": asdict(cfg)})
-    bar.close()
+            value = value + cfg.distill * torch.nn.functional.kl_div(i2t.log_softmax(-1), soft, log_target=True,
+                                                                     reduction="batchmean")
+        return {"loss": value}
+
+    def validate() -> dict:
+        model.eval()
+        out = ranking_accuracy(model, tok, length, va_feats, va_rows, device)
+        model.train()
+        return out
+
+    t0 = time.time()
+    model.train()
+    loop = Loop(opt, [p_ for _, p_ in params], loss, lambda s: common.linear_lr(s, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup),
+                lambda s: common.save_train_state(cfg.run_dir, model, opt, s, gen, {"config": asdict(cfg)}),
+                validate, cfg.run_dir, cfg.steps, cfg.val_every, cfg.ckpt_every, desc="tune_clip_text")
+    step, _ = loop.run(step)
     model.eval()
     with ckpt.atomic_directory(cfg.out) as tmp:
         enc.save_pretrained(tmp)  # with its text tokenizer; the image tower is the one it was given
