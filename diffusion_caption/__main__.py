@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from .ood import NOTICE
 from .samplers import SAMPLERS
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -84,7 +85,10 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps({"image": path, **trace.to_json()}))
             continue
-        print(f"{path}: {trace.text}")
+        extra = f"  (confidence {trace.caption_confidence:.2f})" if trace.caption_confidence is not None else ""
+        print(f"{path}: {trace.text}{extra}")
+        if trace.ood is not None and trace.ood["unlike_training"]:
+            print(f"  note: {NOTICE} (out-of-domain score {trace.ood['score']:.1f} > {trace.ood['threshold']:.1f})")
         if trace.candidates is not None and args.trace:
             how = trace.settings.get("select", "mbr")
             for k, c in enumerate(trace.candidates):

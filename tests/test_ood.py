@@ -116,3 +116,14 @@ def test_the_default_flags_the_shipped_photographs_and_passes_the_shipped_scenes
     traces = cap.caption_batch(photos + scenes, record="final")
     assert [t.ood["unlike_training"] for t in traces] == [True] * len(photos) + [False] * len(scenes)
     assert cap.caption_batch(features=cap.encode_images(scenes[:1]))[0].ood is None
+
+
+def test_the_command_line_notes_an_image_unlike_the_training_images(capsys):
+    from diffusion_caption.__main__ import main
+
+    assert main([os.path.join(ROOT, "assets", "examples", "photo_cat.jpg"),
+                 os.path.join(ROOT, "assets", "examples", "shapes_01.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    cat = next(i for i, line in enumerate(out) if "photo_cat.jpg:" in line)
+    assert "(confidence 0." in out[cat] and "unlike anything this model was trained on" in out[cat + 1]
+    assert not any("unlike" in line for line in out[cat + 2:])  # the shapes scene gets no note
