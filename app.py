@@ -351,6 +351,20 @@ def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
 
 
+def without_folder(message: str, path) -> str:
+    """``message`` with the file's folder left out: an upload's path is the server's temporary copy
+    (/tmp/gradio/<hash>/name.png), which says nothing to the person and is not theirs to see; its base name
+    (the name the file was uploaded under) says which file is meant."""
+    if not isinstance(path, (str, os.PathLike)):
+        return message
+    path = os.fspath(path)
+    folder = os.path.dirname(path)
+    if not folder:
+        return message
+    message = message.replace(path, os.path.basename(path))
+    return message.replace(folder + os.sep, "").replace(folder, "…")
+
+
 def upload_image(*args, **kw):
     """A ``gr.Image`` whose uploads reach the handlers as the file's path without gradio opening it first:
     a file PIL cannot open (corrupt bytes, text named .png, a decompression bomb) then gets the library
@@ -398,7 +412,7 @@ class Handlers:
         try:
             return load_image(image)
         except ImageLoadError as e:
-            raise _user_error(str(e)) from None
+            raise _user_error(without_folder(str(e), image)) from None
 
     def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None, model=None) -> dict:
         cap = self.m.caps[self.m.name(model)]
@@ -470,7 +484,29 @@ class Handlers:
     def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
                        playback: Playback | None = None):
         """Yield the caption at every denoising step; the last yield adds plots, table and baseline. A new
-        caption stops the session's playback."""
+        caption stops the session's playback. When it cannot caption (no image, a broken file, bad settings),
+        it first clears what the page showed of the previous caption, then raises the message."""
+        try:
+            yield from self._caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model,
+                                            playback)
+        except gr.Error as e:
+            if playback is not None:
+                playback.stop()
+            yield self.cleared(e.message)
+            raise
+
+    def cleared(self, why: str = "") -> dict:
+        """The step viewer emptied: no caption, status, plots, table, baseline or timing of an image that is no
+        longer the one asked about; the session's trace forgotten (the step buttons then show nothing)."""
+        u = self.ui
+        note = f"No caption: {html.escape(why)}" if why else "The caption appears here as it is denoised."
+        return {u.chips: f"<div class='dc-note dc-error'>{note}</div>", u.status: "", u.ood_note: "",
+                u.slider: gr.Slider(minimum=1, maximum=2, value=1, interactive=False, label="Step"),
+                u.heat: None, u.traj: None, u.map_note: "", u.table: [],
+                u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
+                u.timer: gr.Timer(active=False)}
+
+    def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback):
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)

@@ -211,6 +211,47 @@ def test_user_errors_are_messages(handlers, app_files):
     assert all(isinstance(got(cleared, c), type(gr.skip())) for c in handlers.ui.stream_outputs)
 
 
+def test_an_error_clears_the_old_caption_and_names_an_upload_by_its_base_name(handlers, app_files, tmp_path):
+    """After a caption, a broken upload: the page is emptied of the previous image's caption (chips, status,
+    plots, table, the session's trace) before the message comes, and the message names the file by the name
+    it was uploaded under, not by the server's temporary copy (/tmp/gradio/<hash>/...)."""
+    from app import Playback, View
+
+    ui, pb = handlers.ui, Playback()
+    shown = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0",
+                                         None, None, pb))
+    assert isinstance(got(shown[-1], ui.view), View) and "title='position" in got(shown[-1], ui.chips)
+    upload_dir = tmp_path / "gradio" / "5f3c0a9e1d"  # where gradio keeps an upload
+    upload_dir.mkdir(parents=True)
+    bad = upload_dir / "holiday.png"
+    bad.write_text("these are not pixels")
+    empty = upload_dir / "empty.png"
+    empty.write_bytes(b"")
+    for path, why in ((bad, "not an image file"), (empty, "is empty")):
+        pb.start()
+        stream = handlers.caption_stream(str(path), STEPS, "ddim", 1.0, False, 0, "predicted x0", None, None, pb)
+        cleared = next(stream)
+        with pytest.raises(gr.Error, match=why) as err:
+            next(stream)
+        message = err.value.message
+        assert path.name in message and str(upload_dir) not in message and "gradio" not in message, message
+        assert set(cleared) <= ui.stream_outputs
+        chips = got(cleared, ui.chips)
+        assert "title='position" not in chips and path.name in chips and str(upload_dir) not in chips
+        assert got(cleared, ui.status) == "" and got(cleared, ui.heat) is None and got(cleared, ui.traj) is None
+        assert got(cleared, ui.table) == [] and got(cleared, ui.view) is None and got(cleared, ui.timing) == ""
+        assert got(cleared, ui.slider).value == 1 and got(cleared, ui.timer).active is False and not pb.playing
+    # the API's message names the file the same way
+    with pytest.raises(gr.Error) as err:
+        list(handlers.api_caption(str(bad), 3, "ddim", 1.0, False, 0))
+    assert "holiday.png" in err.value.message and str(upload_dir) not in err.value.message
+    # bad settings clear the old caption too
+    stream = handlers.caption_stream(app_files["examples"][0], 0, "ddim", 1.0, False, 0, "predicted x0")
+    assert got(next(stream), ui.view) is None
+    with pytest.raises(gr.Error, match="steps must be an integer"):
+        next(stream)
+
+
 def test_uploads_gradio_cannot_open_get_the_loaders_message(handlers, app_files, tmp_path):
     """The image box hands even an unreadable upload to the library's loader, whose message names the problem
     (gradio's own Image would try PIL first and show a generic error)."""

@@ -127,18 +127,27 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
 
 def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokenizer, clip_encoder):
     """A text file named .png, uploaded through the page's image box: the person sees what is wrong with
-    the file (the library's message), and the page keeps working: an example picked next is captioned."""
+    the file (the library's message, naming the file as it was uploaded, not the server's temporary copy),
+    the previous image's caption and plots are gone, and the page keeps working: an example picked next is
+    captioned."""
     from selenium.webdriver.common.by import By
 
     bad = tmp_path / "holiday.png"
     bad.write_text("these are not pixels")
     with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        assert _chip_titles(d) and _step(d) == STEPS  # the first example's caption is on screen
         # the box keeps its (hidden) file input while it shows an image: upload through it
         inp = _wait(d, "the upload input", lambda: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
         inp[0].send_keys(str(bad))
         _wait(d, "the loader's message", lambda: "not an image file" in d.find_element(By.TAG_NAME, "body").text,
               timeout=60)
-        assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
+        body = d.find_element(By.TAG_NAME, "body").text
+        assert "Traceback" not in body
+        assert "holiday.png is not an image file" in body and "/tmp/" not in body and str(tmp_path) not in body, body
+        # the old caption, its status line and its plots are cleared, not left beside the error
+        _wait(d, "the old caption cleared", lambda: not _chip_titles(d) and "No caption" in
+              d.find_element(By.ID, "caption-chips").text, timeout=30)
+        assert _step(d) is None and not _rendered_img(d, "heatmap") and not _rendered_img(d, "trajectories")
         thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
         # status lines shown from now on: a final one proves a new caption arrived after the error
         d.execute_script("""window.__statuses = [];
@@ -150,6 +159,12 @@ def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokeni
               lambda: any(f"Step {STEPS} of {STEPS}" in x for x in d.execute_script("return window.__statuses")),
               timeout=120)
         assert "shapes_01" in d.execute_script("return document.querySelector('#input-image img').src")
+
+
+def _chip_titles(driver) -> list[str]:
+    """The titles of the caption's token chips on screen ("position i: ..."), empty when none are shown."""
+    return driver.execute_script("return [...document.querySelectorAll('#caption-chips span[title]')]"
+                                 ".map(e => e.title)")
 
 
 def _step(driver) -> int | None:
