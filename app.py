@@ -757,7 +757,21 @@ def model_note(cap) -> str:
     return f"<span class='dc-note'>{html.escape(model_summary(cap))}</span>"
 
 
-def about_markdown(m: Models) -> str:
+def served_url(request) -> str | None:
+    """The address this page was opened at, as the browser asked for it (a proxy's X-Forwarded-Host and
+    X-Forwarded-Proto first, as on a Space), from the request of a page event; None when it does not say."""
+    headers = getattr(request, "headers", None) or {}
+    host = (headers.get("x-forwarded-host") or headers.get("host") or "").split(",")[0].strip()
+    if not host:
+        return None
+    url = getattr(request, "url", None)
+    scheme = ((headers.get("x-forwarded-proto") or "").split(",")[0].strip()
+              or getattr(url, "scheme", None) or "http")
+    return f"{scheme}://{host}/"
+
+
+def about_markdown(m: Models, url: str | None = None) -> str:
+    """The About tab; ``url`` is the server's address for the API example (unknown: a placeholder to fill in)."""
     lines = []
     for name, cap in m.caps.items():
         lines += _about_model(name, cap, m.checkpoints[name], m.checkpoint_dirs[name], name == m.default)
@@ -779,7 +793,7 @@ def about_markdown(m: Models) -> str:
               "The named endpoint `/caption` streams one JSON chunk per denoising step, then the whole trace "
               f"(the last argument names the model: {', '.join(f'`{n}`' for n in m.caps)}):",
               "```python\nfrom gradio_client import Client, handle_file\n"
-              "client = Client(\"http://127.0.0.1:7860/\")   # this server's address\n"
+              f"client = Client(\"{url or 'http://HOST:PORT/'}\")   # this server's address\n"
               f"job = client.submit(handle_file(\"scene.png\"), {m.cap.sampling.steps}, \"{m.cap.sampling.sampler}\", "
               f"{m.cap.sampling.guidance:g}, {m.cap.sampling.clamp}, 0, \"{m.cap.sampling.spacing}\", "
               f"\"{m.default}\", api_name=\"/caption\")\n"
@@ -841,7 +855,9 @@ CSS = """
 """
 
 
-def build(m: Models):
+def build(m: Models, url: str | None = None):
+    """The page; ``url``, the address it is served on, goes into the About tab's API example until the page's
+    own request says where it was opened (behind a proxy, that is another address)."""
     cfg = m.cap.config
     smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
@@ -957,7 +973,7 @@ def build(m: Models):
                                         elem_id="variants-table")
 
             with gr.Tab("About", id="about"):
-                about = gr.Markdown(about_markdown(m))
+                about = gr.Markdown(about_markdown(m, url), elem_id="about")
 
         # ------------------------------------------------------------------ events
         ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
@@ -1013,7 +1029,10 @@ def build(m: Models):
                         api_visibility="undocumented").then(
             h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
             **model_events)
-        demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
+        def about_here(request: gr.Request):  # gradio hands the page's request to a parameter typed gr.Request
+            return about_markdown(m, served_url(request) or url)
+
+        demo.load(about_here, None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
         demo.load(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
                   **model_events)
@@ -1026,10 +1045,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     m = load_models(args)
     m.concurrency = max(1, args.concurrency)
-    demo = build(m)
-    demo.queue(default_concurrency_limit=m.concurrency, max_size=64)
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    demo = build(m, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/")
+    demo.queue(default_concurrency_limit=m.concurrency, max_size=64)
     print(f"diffusion-caption app: {', '.join(m.caps)} loaded in {m.load_seconds:.1f} s (default {m.default}), page "
           f"built in {time.perf_counter() - t0 - m.load_seconds:.1f} s; {m.vocab_job.status}; {m.baseline_note}", flush=True)
     try:

@@ -351,6 +351,15 @@ def test_about_names_checkpoints_and_missing_baseline(handlers):
     md = app.about_markdown(handlers.m)
     assert handlers.m.checkpoint in md and "No baseline loaded" in md and "/caption" in md
     assert "evaluation: none stored" in md
+    # the API example names the address the server is served on, never a fixed port
+    assert "7860" not in md and 'Client("http://HOST:PORT/")' in md
+    served = app.about_markdown(handlers.m, "http://10.1.2.3:8123/")
+    assert 'Client("http://10.1.2.3:8123/")' in served and "7860" not in served
+    assert app.served_url(gr.Request(headers={"host": "10.1.2.3:8123"})) == "http://10.1.2.3:8123/"
+    behind_proxy = gr.Request(headers={"host": "10.0.0.7:7860", "x-forwarded-host": "someone-demo.hf.space",
+                                       "x-forwarded-proto": "https"})
+    assert app.served_url(behind_proxy) == "https://someone-demo.hf.space/"
+    assert app.served_url(gr.Request(headers={})) is None
     # an evaluation table stored next to the checkpoint (as training.evaluate --markdown writes it) is shown
     table = "| split | BLEU-4 |\n| --- | --- |\n| test | 0.123 |"
     path = os.path.join(handlers.m.checkpoint_dir, "evaluation.md")

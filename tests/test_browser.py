@@ -123,6 +123,16 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
         path = os.path.join(shots, "app-caption.png")
         d.save_screenshot(path)
         assert os.path.getsize(path) > 50_000
+        # the About tab's API example names the address this page was opened at (a free port, not 7860; and
+        # opened as localhost, localhost: the page's own request says where, not only the address served on)
+        d.get(d.current_url.replace("127.0.0.1", "localhost"))
+        tab = _wait(d, "the About tab's button", lambda: next(
+            (b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == "About"), None))
+        d.execute_script("arguments[0].click()", tab)
+        here = d.current_url.rstrip("/") + "/"
+        about = _wait(d, f"the About tab's API example to name {here}", lambda: (
+            lambda t: t if f'Client("{here}")' in t else None)(d.find_element(By.ID, "about").text), timeout=30)
+        assert ":7860" not in about, about
 
 
 def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokenizer, clip_encoder):
