@@ -852,6 +852,14 @@ CSS = """
 #caption-chips {min-height: 64px}
 .dc-note {color: #666; font-size: 0.9em}
 .dc-ood {background: #fff4e5; border-left: 4px solid #e8590c; padding: 6px 10px; margin-bottom: 6px}
+/* a narrow window (a phone): the plots keep their drawn size, so their text stays readable (a 20-step heatmap is
+   1400 px wide; fitted into 390 px its labels were 2 px tall), and each scrolls sideways in its own box, not the page */
+@media (max-width: 760px) {
+  #heatmap .matplotlib, #trajectories .matplotlib {display: block; overflow-x: auto; max-width: 100%;
+                                                   -webkit-overflow-scrolling: touch}
+  #heatmap .matplotlib img, #trajectories .matplotlib img {max-width: none !important; width: auto !important;
+                                                           height: auto !important}
+}
 """
 
 

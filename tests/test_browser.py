@@ -234,3 +234,54 @@ def test_pause_and_the_step_buttons_stop_playback(tmp_path, tokenizer, clip_enco
                 time.sleep(0.1)
             assert seen == {stopped}, f"after {stop!r} at step {stopped} the page went on to {sorted(seen)}"
             assert stopped < STEPS - 2, f"playback reached step {stopped} of {STEPS} before {stop!r} took effect"
+
+
+# the heatmap's smallest text: plots.confidence_heatmap's 6.5 pt token labels, on its 100 dpi figure, in CSS px
+HEATMAP_SMALLEST_TEXT_PX = 6.5 * 100 / 72
+
+
+def _viewport(driver, width: int, height: int) -> None:
+    """Lay the page out for a ``width`` x ``height`` window (headless Chromium's own windows are 500 px wide at least)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    time.sleep(1.0)
+
+
+def test_a_phone_wide_window_does_not_scroll_sideways_and_the_plots_stay_readable(tmp_path, tokenizer, clip_encoder):
+    """At 390 px (a phone) no tab is wider than the window, and the plots are not shrunk to fit it (a 20-step
+    heatmap is 1400 px wide: shrunk to 390 px its token labels were about 2 px tall); each plot scrolls
+    sideways in its own box instead. Screenshots at 1366x768 and at 390 px wide."""
+    from selenium.webdriver.common.by import By
+
+    shots = os.environ.get("DC_SCREENSHOT_DIR") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))
+        _viewport(d, 1366, 768)
+        d.save_screenshot(os.path.join(shots, "app-1366x768.png"))
+        _viewport(d, 390, 844)
+
+        def tab(label):
+            d.execute_script("arguments[0].click()", next(
+                b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == label))
+            time.sleep(1.0)
+
+        for label in ("Error analysis", "About", "Caption"):
+            tab(label)
+            wide = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+            assert wide[1] == 390 and wide[0] <= wide[1], f"the {label} tab is {wide[0]} px wide in a {wide[1]} px window"
+        for elem_id in ("heatmap", "trajectories"):
+            shown, natural, box, box_inner = d.execute_script(
+                "const i = document.querySelector(arguments[0] + ' img');"
+                "const b = i.parentElement;"
+                "return [i.getBoundingClientRect().width, i.naturalWidth, b.scrollWidth, b.clientWidth];", f"#{elem_id}")
+            scale = shown / natural
+            assert HEATMAP_SMALLEST_TEXT_PX * scale >= 7.0, (
+                f"#{elem_id} drawn at {scale:.2f} of its {natural} px: its smallest text is "
+                f"{HEATMAP_SMALLEST_TEXT_PX * scale:.1f} px tall")
+            if natural > 390:  # wider than the window: the rest of it is in its own box, a swipe away
+                assert box > box_inner, (elem_id, box, box_inner)
+        d.save_screenshot(os.path.join(shots, "app-390.png"))
+        d.execute_script("document.getElementById('heatmap').scrollIntoView()")
+        time.sleep(0.5)
+        d.save_screenshot(os.path.join(shots, "app-390-heatmap.png"))
