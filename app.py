@@ -30,7 +30,7 @@ from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
 from diffusion_caption.ood import NOTICE
 from diffusion_caption.samplers import SAMPLERS
 from diffusion_caption.viz.html_views import VariantRow, candidates_list, confidence_legend, token_chips, variants_table
-from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
+from diffusion_caption.viz.plots import confidence_heatmap, is_special, shown_positions, trajectory_map
 from diffusion_caption.viz.vocab_map import VocabMapJob
 from diffusion_caption.world.composer import ObjectSpec, compose_scene
 from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES, Scene, render_scene
@@ -275,6 +275,7 @@ class UI:
     heat: gr.Plot
     traj: gr.Plot
     map_note: gr.Markdown
+    map_positions: gr.CheckboxGroup  # which caption positions the map draws
     table: gr.Dataframe
     base_html: gr.HTML
     timing: gr.Markdown
@@ -297,7 +298,7 @@ class UI:
     def detached(cls) -> "UI":
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
         kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
-                     map_note=gr.Markdown, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
+                     map_note=gr.Markdown, map_positions=gr.CheckboxGroup, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
                      timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
@@ -312,7 +313,7 @@ class UI:
     @property
     def stream_outputs(self) -> set:
         """An image captioned: every step streamed, then the plots, the table, the baseline and the timing."""
-        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note}
+        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note, self.map_positions}
 
     @property
     def model_outputs(self) -> set:
@@ -502,7 +503,7 @@ class Handlers:
         note = f"No caption: {html.escape(why)}" if why else "The caption appears here as it is denoised."
         return {u.chips: f"<div class='dc-note dc-error'>{note}</div>", u.status: "", u.ood_note: "",
                 u.slider: gr.Slider(minimum=1, maximum=2, value=1, interactive=False, label="Step"),
-                u.heat: None, u.traj: None, u.map_note: "", u.table: [],
+                u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
                 u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
                 u.timer: gr.Timer(active=False)}
 
@@ -541,7 +542,7 @@ class Handlers:
                 # the first update also clears what belonged to the previous image
                 yield {**update, u.ood_note: ood_notice(ood),
                        u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
-                       u.heat: None, u.traj: None, u.map_note: "", u.table: [],
+                       u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
                        u.timer: gr.Timer(active=False)}
             else:
@@ -562,7 +563,10 @@ class Handlers:
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
                                      view.baseline_seconds, model=name, ood=ood, token_confidence=view.token_confidence,
                                      caption_confidence=view.caption_confidence))
+        final = view.steps[-1].tokens
         yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
+               u.map_positions: gr.CheckboxGroup(choices=[(f"{p} {final[p]}", p) for p in shown_positions(final)],
+                                                 value=content_positions(final)),
                u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
                u.timer: gr.Timer(active=False)}
 
@@ -585,8 +589,9 @@ class Handlers:
                 u.model_line: model_note(cap)}
 
     # ------------------------------------------------------------------ the step viewer
-    def show(self, view: View | None, k, kind):
-        """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
+    def show(self, view: View | None, k, kind, positions=None):
+        """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map (of the
+        caption ``positions`` picked; None: the caption's words)."""
         u = self.ui
         if view is None:
             return {u.view: None}
@@ -600,7 +605,7 @@ class Handlers:
             vmap = self.m.vocab_jobs[view.model or self.m.default].map
             kind = kind if kind in TRAJECTORY_KINDS else TRAJECTORY_KINDS[0]
             traj = trajectory_map(vmap.coords, vmap.tokens, view.points[kind], view.steps, current=i, what=kind,
-                                  method=vmap.method.upper())
+                                  method=vmap.method.upper(), positions=picked_positions(view, positions))
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
         chips = self._chips(view.steps[i], view.token_confidence if k == S else None)
@@ -610,41 +615,45 @@ class Handlers:
     # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
     # caption stops it (a new run); a tick that sees it stopped, or stopped while it drew its step, shows
     # nothing and turns the timer off, so a pause is never undone by a tick in flight.
-    def goto(self, view, k, kind, playback: Playback | None = None):
+    def goto(self, view, k, kind, playback: Playback | None = None, positions=None):
         if playback is not None:
             playback.stop()
-        return {**self.show(view, k, kind), self.ui.timer: gr.Timer(active=False)}
+        return {**self.show(view, k, kind, positions), self.ui.timer: gr.Timer(active=False)}
+
+    def redraw(self, view, k, kind, positions=None):
+        """The step shown drawn again (other positions picked for the map); playback, if on, plays on."""
+        return self.show(view, k, kind, positions)
 
     def step_by(self, delta):
-        def fn(view, k, kind, playback: Playback | None = None):
+        def fn(view, k, kind, playback: Playback | None = None, positions=None):
             if view is None:
-                return self.goto(view, k, kind, playback)
+                return self.goto(view, k, kind, playback, positions)
             S = len(view.steps)
             target = 1 if delta == "first" else S if delta == "last" else (S if k is None else int(k)) + delta
-            return self.goto(view, target, kind, playback)
+            return self.goto(view, target, kind, playback, positions)
 
         return fn
 
-    def play(self, view, k, kind, playback: Playback):
+    def play(self, view, k, kind, playback: Playback, positions=None):
         if view is None or len(view.steps) < 2:
-            return self.goto(view, k, kind, playback)
+            return self.goto(view, k, kind, playback, positions)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
         run = playback.start()
-        out = self.show(view, start, kind)
+        out = self.show(view, start, kind, positions)
         return {**out, self.ui.timer: gr.Timer(active=playback.current(run))}
 
     def pause(self, playback: Playback):
         playback.stop()
         return {self.ui.timer: gr.Timer(active=False)}
 
-    def tick(self, view, k, kind, playback: Playback):
+    def tick(self, view, k, kind, playback: Playback, positions=None):
         off = {self.ui.timer: gr.Timer(active=False)}
         if view is None or not playback.playing:
             return off
         run = playback.run
         S = len(view.steps)
         nxt = min(int(k or 1) + 1, S)
-        out = self.show(view, nxt, kind)
+        out = self.show(view, nxt, kind, positions)
         if not playback.current(run):  # paused (or scrubbed, or captioned anew) while this step was drawn
             return off
         if nxt >= S:
@@ -740,6 +749,31 @@ class Handlers:
         note = " ".join(f"⚠ {w}." for w in warnings) or "Rendered by the shapes world's own renderer."
         u = self.ui
         return {u.a_image: img, u.scene_state: {"key": scene_key(img), "scene": scene.to_json()}, u.compose_note: note}
+
+
+def content_positions(tokens) -> list[int]:
+    """The caption's word positions (not [CLS], [SEP] or padding): what the map draws unless others are picked."""
+    return [p for p in shown_positions(tokens) if not is_special(tokens[p])]
+
+
+def picked_positions(view: View, positions) -> list[int] | None:
+    """The positions picked for the map, as valid caption positions of the view's trace (None: not picked)."""
+    if positions is None:
+        return None
+    n = len(view.steps[-1].tokens)
+    out = set()
+    for p in positions:
+        try:
+            p = int(p)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= p < n:
+            out.add(p)
+    return sorted(out)
+
+
+def no_positions():
+    return gr.CheckboxGroup(choices=[], value=[])
 
 
 # ---------------------------------------------------------------------------------------------- about
@@ -937,6 +971,10 @@ def build(m: Models, url: str | None = None):
                                        elem_id="trajectories", format="png")
                     with gr.Column(scale=3, min_width=240):
                         kind = gr.Radio(list(TRAJECTORY_KINDS), value=TRAJECTORY_KINDS[0], label="Trajectories of")
+                        map_positions = gr.CheckboxGroup([], value=[], label="Positions on the map",
+                                                         info="whose paths to draw (position and final token; "
+                                                              "at first the caption's words)",
+                                                         elem_id="map-positions")
                         gr.Markdown(TRAJECTORY_HELP, elem_classes=["dc-note"])
                         map_note = gr.Markdown("", elem_classes=["dc-note"])
                 with gr.Accordion("The caption at every step", open=False):
@@ -984,7 +1022,8 @@ def build(m: Models, url: str | None = None):
                 about = gr.Markdown(about_markdown(m, url), elem_id="about")
 
         # ------------------------------------------------------------------ events
-        ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
+        ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note,
+                map_positions=map_positions, table=table,
                 base_html=base_html, timing=timing, view=view, timer=timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
@@ -1001,14 +1040,16 @@ def build(m: Models, url: str | None = None):
                     api_visibility="undocumented").then(
             h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
             **model_events)
-        slider.input(h.goto, [view, slider, kind, playback], step_out, trigger_mode="always_last", api_visibility="undocumented")
-        kind.change(h.goto, [view, slider, kind, playback], step_out, api_visibility="undocumented")
+        slider.input(h.goto, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last", api_visibility="undocumented")
+        kind.change(h.goto, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
-            b.click(h.step_by(delta), [view, slider, kind, playback], step_out, api_visibility="undocumented")
-        play_b.click(h.play, [view, slider, kind, playback], step_out, api_visibility="undocumented")
+            b.click(h.step_by(delta), [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
+        map_positions.input(h.redraw, [view, slider, kind, map_positions], step_out, trigger_mode="always_last",
+                            api_visibility="undocumented")
+        play_b.click(h.play, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
         # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
         pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
-        timer.tick(h.tick, [view, slider, kind, playback], step_out, api_visibility="undocumented",
+        timer.tick(h.tick, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented",
                    trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's

@@ -166,6 +166,52 @@ def test_step_viewer_scrubs_and_plays(handlers, app_files):
     assert got(handlers.goto(None, 3, "predicted x0"), ui.view) is None
 
 
+def _drawn_positions(fig, points_at_step):
+    """Which caption positions a trajectory map draws: those whose ringed current-step marker (the size-95
+    scatter) sits at the position's point of the current step (``points_at_step``: [L, 2])."""
+    import numpy as np
+    from matplotlib.collections import LineCollection, PathCollection
+
+    ax = fig.axes[0]
+    rings = [c.get_offsets()[0] for c in ax.collections
+             if isinstance(c, PathCollection) and len(c.get_sizes()) and c.get_sizes()[0] == 95]
+    drawn = sorted(p for p in range(len(points_at_step))
+                   if any(np.allclose(r, points_at_step[p], atol=1e-5) for r in rings))
+    assert len(rings) == sum(isinstance(c, LineCollection) for c in ax.collections) == len(drawn)
+    return drawn
+
+
+def test_the_map_draws_the_positions_picked(handlers, app_files):
+    """With many positions the map is a tangle: the person picks which caption positions it draws (at first the
+    caption's words); scrubbing, the step buttons and playback keep the pick; a new caption offers its own."""
+    from app import Playback
+    from diffusion_caption.viz.plots import is_special
+
+    ui, pb = handlers.ui, Playback()
+    out = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
+    view, pick = got(out[-1], ui.view), got(out[-1], ui.map_positions)
+    final = view.steps[-1].tokens
+    words = [p for p in range(len(final)) if final[p] != "[PAD]" and not is_special(final[p])]
+    assert [v for _, v in pick.choices][0] == 0 and pick.value == words
+    assert all(label == f"{p} {final[p]}" for label, p in pick.choices)
+    pts = view.points["predicted x0"]
+    assert _drawn_positions(got(out[-1], ui.traj), pts[STEPS - 1]) == words
+    assert got(out[0], ui.map_positions).choices == []  # while it streams, no positions of the last image
+    chosen = [1, 3]
+    drawn = handlers.redraw(view, 3, "predicted x0", chosen)
+    assert set(drawn) <= ui.step_outputs and got(drawn, ui.slider).value == 3
+    assert _drawn_positions(got(drawn, ui.traj), pts[2]) == chosen
+    assert "of 2 caption positions" in got(drawn, ui.traj).axes[0].get_title()
+    assert _drawn_positions(got(handlers.goto(view, 4, "noisy x_t", pb, [2]), ui.traj),
+                            view.points["noisy x_t"][3]) == [2]
+    assert _drawn_positions(got(handlers.step_by(-1)(view, 4, "predicted x0", pb, chosen), ui.traj), pts[2]) == chosen
+    handlers.play(view, 1, "predicted x0", pb, chosen)
+    assert _drawn_positions(got(handlers.tick(view, 1, "predicted x0", pb, chosen), ui.traj), pts[1]) == chosen
+    # none picked: the vocabulary alone; positions that are not the trace's are left out
+    assert _drawn_positions(got(handlers.redraw(view, 2, "predicted x0", []), ui.traj), pts[1]) == []
+    assert _drawn_positions(got(handlers.redraw(view, 2, "predicted x0", [0, 99, -1, "x"]), ui.traj), pts[1]) == [0]
+
+
 def test_a_pause_during_a_tick_is_not_undone_by_it(handlers, app_files, monkeypatch):
     """A tick takes a while to draw its step; pause, a step button or a new caption pressed meanwhile stops
     playback, and the tick then shows nothing and leaves the timer off (issue 30: pause that pauses)."""
