@@ -30,7 +30,7 @@ from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
 from diffusion_caption.ood import NOTICE
 from diffusion_caption.samplers import SAMPLERS
 from diffusion_caption.viz.html_views import VariantRow, candidates_list, confidence_legend, token_chips, variants_table
-from diffusion_caption.viz.plots import confidence_heatmap, trajectory_map
+from diffusion_caption.viz.plots import confidence_heatmap, is_special, shown_positions, trajectory_map
 from diffusion_caption.viz.vocab_map import VocabMapJob
 from diffusion_caption.world.composer import ObjectSpec, compose_scene
 from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES, Scene, render_scene
@@ -275,6 +275,7 @@ class UI:
     heat: gr.Plot
     traj: gr.Plot
     map_note: gr.Markdown
+    map_positions: gr.CheckboxGroup  # which caption positions the map draws
     table: gr.Dataframe
     base_html: gr.HTML
     timing: gr.Markdown
@@ -297,7 +298,7 @@ class UI:
     def detached(cls) -> "UI":
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
         kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
-                     map_note=gr.Markdown, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
+                     map_note=gr.Markdown, map_positions=gr.CheckboxGroup, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
                      timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
@@ -312,7 +313,7 @@ class UI:
     @property
     def stream_outputs(self) -> set:
         """An image captioned: every step streamed, then the plots, the table, the baseline and the timing."""
-        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note}
+        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note, self.map_positions}
 
     @property
     def model_outputs(self) -> set:
@@ -349,6 +350,20 @@ class Playback:
 
 def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
+
+
+def without_folder(message: str, path) -> str:
+    """``message`` with the file's folder left out: an upload's path is the server's temporary copy
+    (/tmp/gradio/<hash>/name.png), which says nothing to the person and is not theirs to see; its base name
+    (the name the file was uploaded under) says which file is meant."""
+    if not isinstance(path, (str, os.PathLike)):
+        return message
+    path = os.fspath(path)
+    folder = os.path.dirname(path)
+    if not folder:
+        return message
+    message = message.replace(path, os.path.basename(path))
+    return message.replace(folder + os.sep, "").replace(folder, "…")
 
 
 def upload_image(*args, **kw):
@@ -398,7 +413,7 @@ class Handlers:
         try:
             return load_image(image)
         except ImageLoadError as e:
-            raise _user_error(str(e)) from None
+            raise _user_error(without_folder(str(e), image)) from None
 
     def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None, model=None) -> dict:
         cap = self.m.caps[self.m.name(model)]
@@ -470,7 +485,29 @@ class Handlers:
     def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
                        playback: Playback | None = None):
         """Yield the caption at every denoising step; the last yield adds plots, table and baseline. A new
-        caption stops the session's playback."""
+        caption stops the session's playback. When it cannot caption (no image, a broken file, bad settings),
+        it first clears what the page showed of the previous caption, then raises the message."""
+        try:
+            yield from self._caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model,
+                                            playback)
+        except gr.Error as e:
+            if playback is not None:
+                playback.stop()
+            yield self.cleared(e.message)
+            raise
+
+    def cleared(self, why: str = "") -> dict:
+        """The step viewer emptied: no caption, status, plots, table, baseline or timing of an image that is no
+        longer the one asked about; the session's trace forgotten (the step buttons then show nothing)."""
+        u = self.ui
+        note = f"No caption: {html.escape(why)}" if why else "The caption appears here as it is denoised."
+        return {u.chips: f"<div class='dc-note dc-error'>{note}</div>", u.status: "", u.ood_note: "",
+                u.slider: gr.Slider(minimum=1, maximum=2, value=1, interactive=False, label="Step"),
+                u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
+                u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
+                u.timer: gr.Timer(active=False)}
+
+    def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback):
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
@@ -505,7 +542,7 @@ class Handlers:
                 # the first update also clears what belonged to the previous image
                 yield {**update, u.ood_note: ood_notice(ood),
                        u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
-                       u.heat: None, u.traj: None, u.map_note: "", u.table: [],
+                       u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
                        u.timer: gr.Timer(active=False)}
             else:
@@ -526,7 +563,10 @@ class Handlers:
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
                                      view.baseline_seconds, model=name, ood=ood, token_confidence=view.token_confidence,
                                      caption_confidence=view.caption_confidence))
+        final = view.steps[-1].tokens
         yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
+               u.map_positions: gr.CheckboxGroup(choices=[(f"{p} {final[p]}", p) for p in shown_positions(final)],
+                                                 value=content_positions(final)),
                u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
                u.timer: gr.Timer(active=False)}
 
@@ -549,8 +589,9 @@ class Handlers:
                 u.model_line: model_note(cap)}
 
     # ------------------------------------------------------------------ the step viewer
-    def show(self, view: View | None, k, kind):
-        """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map."""
+    def show(self, view: View | None, k, kind, positions=None):
+        """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map (of the
+        caption ``positions`` picked; None: the caption's words)."""
         u = self.ui
         if view is None:
             return {u.view: None}
@@ -564,7 +605,7 @@ class Handlers:
             vmap = self.m.vocab_jobs[view.model or self.m.default].map
             kind = kind if kind in TRAJECTORY_KINDS else TRAJECTORY_KINDS[0]
             traj = trajectory_map(vmap.coords, vmap.tokens, view.points[kind], view.steps, current=i, what=kind,
-                                  method=vmap.method.upper())
+                                  method=vmap.method.upper(), positions=picked_positions(view, positions))
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
         chips = self._chips(view.steps[i], view.token_confidence if k == S else None)
@@ -574,41 +615,45 @@ class Handlers:
     # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
     # caption stops it (a new run); a tick that sees it stopped, or stopped while it drew its step, shows
     # nothing and turns the timer off, so a pause is never undone by a tick in flight.
-    def goto(self, view, k, kind, playback: Playback | None = None):
+    def goto(self, view, k, kind, playback: Playback | None = None, positions=None):
         if playback is not None:
             playback.stop()
-        return {**self.show(view, k, kind), self.ui.timer: gr.Timer(active=False)}
+        return {**self.show(view, k, kind, positions), self.ui.timer: gr.Timer(active=False)}
+
+    def redraw(self, view, k, kind, positions=None):
+        """The step shown drawn again (other positions picked for the map); playback, if on, plays on."""
+        return self.show(view, k, kind, positions)
 
     def step_by(self, delta):
-        def fn(view, k, kind, playback: Playback | None = None):
+        def fn(view, k, kind, playback: Playback | None = None, positions=None):
             if view is None:
-                return self.goto(view, k, kind, playback)
+                return self.goto(view, k, kind, playback, positions)
             S = len(view.steps)
             target = 1 if delta == "first" else S if delta == "last" else (S if k is None else int(k)) + delta
-            return self.goto(view, target, kind, playback)
+            return self.goto(view, target, kind, playback, positions)
 
         return fn
 
-    def play(self, view, k, kind, playback: Playback):
+    def play(self, view, k, kind, playback: Playback, positions=None):
         if view is None or len(view.steps) < 2:
-            return self.goto(view, k, kind, playback)
+            return self.goto(view, k, kind, playback, positions)
         start = 1 if int(k or 1) >= len(view.steps) else int(k)
         run = playback.start()
-        out = self.show(view, start, kind)
+        out = self.show(view, start, kind, positions)
         return {**out, self.ui.timer: gr.Timer(active=playback.current(run))}
 
     def pause(self, playback: Playback):
         playback.stop()
         return {self.ui.timer: gr.Timer(active=False)}
 
-    def tick(self, view, k, kind, playback: Playback):
+    def tick(self, view, k, kind, playback: Playback, positions=None):
         off = {self.ui.timer: gr.Timer(active=False)}
         if view is None or not playback.playing:
             return off
         run = playback.run
         S = len(view.steps)
         nxt = min(int(k or 1) + 1, S)
-        out = self.show(view, nxt, kind)
+        out = self.show(view, nxt, kind, positions)
         if not playback.current(run):  # paused (or scrubbed, or captioned anew) while this step was drawn
             return off
         if nxt >= S:
@@ -706,6 +751,31 @@ class Handlers:
         return {u.a_image: img, u.scene_state: {"key": scene_key(img), "scene": scene.to_json()}, u.compose_note: note}
 
 
+def content_positions(tokens) -> list[int]:
+    """The caption's word positions (not [CLS], [SEP] or padding): what the map draws unless others are picked."""
+    return [p for p in shown_positions(tokens) if not is_special(tokens[p])]
+
+
+def picked_positions(view: View, positions) -> list[int] | None:
+    """The positions picked for the map, as valid caption positions of the view's trace (None: not picked)."""
+    if positions is None:
+        return None
+    n = len(view.steps[-1].tokens)
+    out = set()
+    for p in positions:
+        try:
+            p = int(p)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= p < n:
+            out.add(p)
+    return sorted(out)
+
+
+def no_positions():
+    return gr.CheckboxGroup(choices=[], value=[])
+
+
 # ---------------------------------------------------------------------------------------------- about
 def ood_notice(ood: dict | None) -> str:
     """The notice above the caption when the image is unlike the model's training images (else nothing)."""
@@ -721,7 +791,21 @@ def model_note(cap) -> str:
     return f"<span class='dc-note'>{html.escape(model_summary(cap))}</span>"
 
 
-def about_markdown(m: Models) -> str:
+def served_url(request) -> str | None:
+    """The address this page was opened at, as the browser asked for it (a proxy's X-Forwarded-Host and
+    X-Forwarded-Proto first, as on a Space), from the request of a page event; None when it does not say."""
+    headers = getattr(request, "headers", None) or {}
+    host = (headers.get("x-forwarded-host") or headers.get("host") or "").split(",")[0].strip()
+    if not host:
+        return None
+    url = getattr(request, "url", None)
+    scheme = ((headers.get("x-forwarded-proto") or "").split(",")[0].strip()
+              or getattr(url, "scheme", None) or "http")
+    return f"{scheme}://{host}/"
+
+
+def about_markdown(m: Models, url: str | None = None) -> str:
+    """The About tab; ``url`` is the server's address for the API example (unknown: a placeholder to fill in)."""
     lines = []
     for name, cap in m.caps.items():
         lines += _about_model(name, cap, m.checkpoints[name], m.checkpoint_dirs[name], name == m.default)
@@ -743,7 +827,7 @@ def about_markdown(m: Models) -> str:
               "The named endpoint `/caption` streams one JSON chunk per denoising step, then the whole trace "
               f"(the last argument names the model: {', '.join(f'`{n}`' for n in m.caps)}):",
               "```python\nfrom gradio_client import Client, handle_file\n"
-              "client = Client(\"http://127.0.0.1:7860/\")   # this server's address\n"
+              f"client = Client(\"{url or 'http://HOST:PORT/'}\")   # this server's address\n"
               f"job = client.submit(handle_file(\"scene.png\"), {m.cap.sampling.steps}, \"{m.cap.sampling.sampler}\", "
               f"{m.cap.sampling.guidance:g}, {m.cap.sampling.clamp}, 0, \"{m.cap.sampling.spacing}\", "
               f"\"{m.default}\", api_name=\"/caption\")\n"
@@ -802,10 +886,20 @@ CSS = """
 #caption-chips {min-height: 64px}
 .dc-note {color: #666; font-size: 0.9em}
 .dc-ood {background: #fff4e5; border-left: 4px solid #e8590c; padding: 6px 10px; margin-bottom: 6px}
+/* a narrow window (a phone): the plots keep their drawn size, so their text stays readable (a 20-step heatmap is
+   1400 px wide; fitted into 390 px its labels were 2 px tall), and each scrolls sideways in its own box, not the page */
+@media (max-width: 760px) {
+  #heatmap .matplotlib, #trajectories .matplotlib {display: block; overflow-x: auto; max-width: 100%;
+                                                   -webkit-overflow-scrolling: touch}
+  #heatmap .matplotlib img, #trajectories .matplotlib img {max-width: none !important; width: auto !important;
+                                                           height: auto !important}
+}
 """
 
 
-def build(m: Models):
+def build(m: Models, url: str | None = None):
+    """The page; ``url``, the address it is served on, goes into the About tab's API example until the page's
+    own request says where it was opened (behind a proxy, that is another address)."""
     cfg = m.cap.config
     smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
@@ -877,6 +971,10 @@ def build(m: Models):
                                        elem_id="trajectories", format="png")
                     with gr.Column(scale=3, min_width=240):
                         kind = gr.Radio(list(TRAJECTORY_KINDS), value=TRAJECTORY_KINDS[0], label="Trajectories of")
+                        map_positions = gr.CheckboxGroup([], value=[], label="Positions on the map",
+                                                         info="whose paths to draw (position and final token; "
+                                                              "at first the caption's words)",
+                                                         elem_id="map-positions")
                         gr.Markdown(TRAJECTORY_HELP, elem_classes=["dc-note"])
                         map_note = gr.Markdown("", elem_classes=["dc-note"])
                 with gr.Accordion("The caption at every step", open=False):
@@ -921,10 +1019,11 @@ def build(m: Models):
                                         elem_id="variants-table")
 
             with gr.Tab("About", id="about"):
-                about = gr.Markdown(about_markdown(m))
+                about = gr.Markdown(about_markdown(m, url), elem_id="about")
 
         # ------------------------------------------------------------------ events
-        ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note, table=table,
+        ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note,
+                map_positions=map_positions, table=table,
                 base_html=base_html, timing=timing, view=view, timer=timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
@@ -941,14 +1040,16 @@ def build(m: Models):
                     api_visibility="undocumented").then(
             h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
             **model_events)
-        slider.input(h.goto, [view, slider, kind, playback], step_out, trigger_mode="always_last", api_visibility="undocumented")
-        kind.change(h.goto, [view, slider, kind, playback], step_out, api_visibility="undocumented")
+        slider.input(h.goto, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last", api_visibility="undocumented")
+        kind.change(h.goto, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
-            b.click(h.step_by(delta), [view, slider, kind, playback], step_out, api_visibility="undocumented")
-        play_b.click(h.play, [view, slider, kind, playback], step_out, api_visibility="undocumented")
+            b.click(h.step_by(delta), [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
+        map_positions.input(h.redraw, [view, slider, kind, map_positions], step_out, trigger_mode="always_last",
+                            api_visibility="undocumented")
+        play_b.click(h.play, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
         # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
         pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
-        timer.tick(h.tick, [view, slider, kind, playback], step_out, api_visibility="undocumented",
+        timer.tick(h.tick, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented",
                    trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
@@ -977,7 +1078,10 @@ def build(m: Models):
                         api_visibility="undocumented").then(
             h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
             **model_events)
-        demo.load(lambda: about_markdown(m), None, about, api_visibility="undocumented")
+        def about_here(request: gr.Request):  # gradio hands the page's request to a parameter typed gr.Request
+            return about_markdown(m, served_url(request) or url)
+
+        demo.load(about_here, None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
         demo.load(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
                   **model_events)
@@ -990,10 +1094,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     m = load_models(args)
     m.concurrency = max(1, args.concurrency)
-    demo = build(m)
-    demo.queue(default_concurrency_limit=m.concurrency, max_size=64)
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    demo = build(m, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/")
+    demo.queue(default_concurrency_limit=m.concurrency, max_size=64)
     print(f"diffusion-caption app: {', '.join(m.caps)} loaded in {m.load_seconds:.1f} s (default {m.default}), page "
           f"built in {time.perf_counter() - t0 - m.load_seconds:.1f} s; {m.vocab_job.status}; {m.baseline_note}", flush=True)
     try:

@@ -166,6 +166,52 @@ def test_step_viewer_scrubs_and_plays(handlers, app_files):
     assert got(handlers.goto(None, 3, "predicted x0"), ui.view) is None
 
 
+def _drawn_positions(fig, points_at_step):
+    """Which caption positions a trajectory map draws: those whose ringed current-step marker (the size-95
+    scatter) sits at the position's point of the current step (``points_at_step``: [L, 2])."""
+    import numpy as np
+    from matplotlib.collections import LineCollection, PathCollection
+
+    ax = fig.axes[0]
+    rings = [c.get_offsets()[0] for c in ax.collections
+             if isinstance(c, PathCollection) and len(c.get_sizes()) and c.get_sizes()[0] == 95]
+    drawn = sorted(p for p in range(len(points_at_step))
+                   if any(np.allclose(r, points_at_step[p], atol=1e-5) for r in rings))
+    assert len(rings) == sum(isinstance(c, LineCollection) for c in ax.collections) == len(drawn)
+    return drawn
+
+
+def test_the_map_draws_the_positions_picked(handlers, app_files):
+    """With many positions the map is a tangle: the person picks which caption positions it draws (at first the
+    caption's words); scrubbing, the step buttons and playback keep the pick; a new caption offers its own."""
+    from app import Playback
+    from diffusion_caption.viz.plots import is_special
+
+    ui, pb = handlers.ui, Playback()
+    out = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
+    view, pick = got(out[-1], ui.view), got(out[-1], ui.map_positions)
+    final = view.steps[-1].tokens
+    words = [p for p in range(len(final)) if final[p] != "[PAD]" and not is_special(final[p])]
+    assert [v for _, v in pick.choices][0] == 0 and pick.value == words
+    assert all(label == f"{p} {final[p]}" for label, p in pick.choices)
+    pts = view.points["predicted x0"]
+    assert _drawn_positions(got(out[-1], ui.traj), pts[STEPS - 1]) == words
+    assert got(out[0], ui.map_positions).choices == []  # while it streams, no positions of the last image
+    chosen = [1, 3]
+    drawn = handlers.redraw(view, 3, "predicted x0", chosen)
+    assert set(drawn) <= ui.step_outputs and got(drawn, ui.slider).value == 3
+    assert _drawn_positions(got(drawn, ui.traj), pts[2]) == chosen
+    assert "of 2 caption positions" in got(drawn, ui.traj).axes[0].get_title()
+    assert _drawn_positions(got(handlers.goto(view, 4, "noisy x_t", pb, [2]), ui.traj),
+                            view.points["noisy x_t"][3]) == [2]
+    assert _drawn_positions(got(handlers.step_by(-1)(view, 4, "predicted x0", pb, chosen), ui.traj), pts[2]) == chosen
+    handlers.play(view, 1, "predicted x0", pb, chosen)
+    assert _drawn_positions(got(handlers.tick(view, 1, "predicted x0", pb, chosen), ui.traj), pts[1]) == chosen
+    # none picked: the vocabulary alone; positions that are not the trace's are left out
+    assert _drawn_positions(got(handlers.redraw(view, 2, "predicted x0", []), ui.traj), pts[1]) == []
+    assert _drawn_positions(got(handlers.redraw(view, 2, "predicted x0", [0, 99, -1, "x"]), ui.traj), pts[1]) == [0]
+
+
 def test_a_pause_during_a_tick_is_not_undone_by_it(handlers, app_files, monkeypatch):
     """A tick takes a while to draw its step; pause, a step button or a new caption pressed meanwhile stops
     playback, and the tick then shows nothing and leaves the timer off (issue 30: pause that pauses)."""
@@ -209,6 +255,47 @@ def test_user_errors_are_messages(handlers, app_files):
     # a cleared image does nothing at all
     cleared = next(handlers.auto_caption(None, 3, "ddim", 1, False, 0, "x"))
     assert all(isinstance(got(cleared, c), type(gr.skip())) for c in handlers.ui.stream_outputs)
+
+
+def test_an_error_clears_the_old_caption_and_names_an_upload_by_its_base_name(handlers, app_files, tmp_path):
+    """After a caption, a broken upload: the page is emptied of the previous image's caption (chips, status,
+    plots, table, the session's trace) before the message comes, and the message names the file by the name
+    it was uploaded under, not by the server's temporary copy (/tmp/gradio/<hash>/...)."""
+    from app import Playback, View
+
+    ui, pb = handlers.ui, Playback()
+    shown = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0",
+                                         None, None, pb))
+    assert isinstance(got(shown[-1], ui.view), View) and "title='position" in got(shown[-1], ui.chips)
+    upload_dir = tmp_path / "gradio" / "5f3c0a9e1d"  # where gradio keeps an upload
+    upload_dir.mkdir(parents=True)
+    bad = upload_dir / "holiday.png"
+    bad.write_text("these are not pixels")
+    empty = upload_dir / "empty.png"
+    empty.write_bytes(b"")
+    for path, why in ((bad, "not an image file"), (empty, "is empty")):
+        pb.start()
+        stream = handlers.caption_stream(str(path), STEPS, "ddim", 1.0, False, 0, "predicted x0", None, None, pb)
+        cleared = next(stream)
+        with pytest.raises(gr.Error, match=why) as err:
+            next(stream)
+        message = err.value.message
+        assert path.name in message and str(upload_dir) not in message and "gradio" not in message, message
+        assert set(cleared) <= ui.stream_outputs
+        chips = got(cleared, ui.chips)
+        assert "title='position" not in chips and path.name in chips and str(upload_dir) not in chips
+        assert got(cleared, ui.status) == "" and got(cleared, ui.heat) is None and got(cleared, ui.traj) is None
+        assert got(cleared, ui.table) == [] and got(cleared, ui.view) is None and got(cleared, ui.timing) == ""
+        assert got(cleared, ui.slider).value == 1 and got(cleared, ui.timer).active is False and not pb.playing
+    # the API's message names the file the same way
+    with pytest.raises(gr.Error) as err:
+        list(handlers.api_caption(str(bad), 3, "ddim", 1.0, False, 0))
+    assert "holiday.png" in err.value.message and str(upload_dir) not in err.value.message
+    # bad settings clear the old caption too
+    stream = handlers.caption_stream(app_files["examples"][0], 0, "ddim", 1.0, False, 0, "predicted x0")
+    assert got(next(stream), ui.view) is None
+    with pytest.raises(gr.Error, match="steps must be an integer"):
+        next(stream)
 
 
 def test_uploads_gradio_cannot_open_get_the_loaders_message(handlers, app_files, tmp_path):
@@ -310,6 +397,15 @@ def test_about_names_checkpoints_and_missing_baseline(handlers):
     md = app.about_markdown(handlers.m)
     assert handlers.m.checkpoint in md and "No baseline loaded" in md and "/caption" in md
     assert "evaluation: none stored" in md
+    # the API example names the address the server is served on, never a fixed port
+    assert "7860" not in md and 'Client("http://HOST:PORT/")' in md
+    served = app.about_markdown(handlers.m, "http://10.1.2.3:8123/")
+    assert 'Client("http://10.1.2.3:8123/")' in served and "7860" not in served
+    assert app.served_url(gr.Request(headers={"host": "10.1.2.3:8123"})) == "http://10.1.2.3:8123/"
+    behind_proxy = gr.Request(headers={"host": "10.0.0.7:7860", "x-forwarded-host": "someone-demo.hf.space",
+                                       "x-forwarded-proto": "https"})
+    assert app.served_url(behind_proxy) == "https://someone-demo.hf.space/"
+    assert app.served_url(gr.Request(headers={})) is None
     # an evaluation table stored next to the checkpoint (as training.evaluate --markdown writes it) is shown
     table = "| split | BLEU-4 |\n| --- | --- |\n| test | 0.123 |"
     path = os.path.join(handlers.m.checkpoint_dir, "evaluation.md")

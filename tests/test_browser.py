@@ -123,22 +123,41 @@ def test_page_captions_an_example_and_draws_the_plots(tmp_path, tokenizer, clip_
         path = os.path.join(shots, "app-caption.png")
         d.save_screenshot(path)
         assert os.path.getsize(path) > 50_000
+        # the About tab's API example names the address this page was opened at (a free port, not 7860; and
+        # opened as localhost, localhost: the page's own request says where, not only the address served on)
+        d.get(d.current_url.replace("127.0.0.1", "localhost"))
+        tab = _wait(d, "the About tab's button", lambda: next(
+            (b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == "About"), None))
+        d.execute_script("arguments[0].click()", tab)
+        here = d.current_url.rstrip("/") + "/"
+        about = _wait(d, f"the About tab's API example to name {here}", lambda: (
+            lambda t: t if f'Client("{here}")' in t else None)(d.find_element(By.ID, "about").text), timeout=30)
+        assert ":7860" not in about, about
 
 
 def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokenizer, clip_encoder):
     """A text file named .png, uploaded through the page's image box: the person sees what is wrong with
-    the file (the library's message), and the page keeps working: an example picked next is captioned."""
+    the file (the library's message, naming the file as it was uploaded, not the server's temporary copy),
+    the previous image's caption and plots are gone, and the page keeps working: an example picked next is
+    captioned."""
     from selenium.webdriver.common.by import By
 
     bad = tmp_path / "holiday.png"
     bad.write_text("these are not pixels")
     with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        assert _chip_titles(d) and _step(d) == STEPS  # the first example's caption is on screen
         # the box keeps its (hidden) file input while it shows an image: upload through it
         inp = _wait(d, "the upload input", lambda: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
         inp[0].send_keys(str(bad))
         _wait(d, "the loader's message", lambda: "not an image file" in d.find_element(By.TAG_NAME, "body").text,
               timeout=60)
-        assert "Traceback" not in d.find_element(By.TAG_NAME, "body").text
+        body = d.find_element(By.TAG_NAME, "body").text
+        assert "Traceback" not in body
+        assert "holiday.png is not an image file" in body and "/tmp/" not in body and str(tmp_path) not in body, body
+        # the old caption, its status line and its plots are cleared, not left beside the error
+        _wait(d, "the old caption cleared", lambda: not _chip_titles(d) and "No caption" in
+              d.find_element(By.ID, "caption-chips").text, timeout=30)
+        assert _step(d) is None and not _rendered_img(d, "heatmap") and not _rendered_img(d, "trajectories")
         thumbs = _wait(d, "the example gallery", lambda: d.find_elements(By.CSS_SELECTOR, "#examples img"))
         # status lines shown from now on: a final one proves a new caption arrived after the error
         d.execute_script("""window.__statuses = [];
@@ -150,6 +169,12 @@ def test_uploading_an_unreadable_file_shows_the_loaders_message(tmp_path, tokeni
               lambda: any(f"Step {STEPS} of {STEPS}" in x for x in d.execute_script("return window.__statuses")),
               timeout=120)
         assert "shapes_01" in d.execute_script("return document.querySelector('#input-image img').src")
+
+
+def _chip_titles(driver) -> list[str]:
+    """The titles of the caption's token chips on screen ("position i: ..."), empty when none are shown."""
+    return driver.execute_script("return [...document.querySelectorAll('#caption-chips span[title]')]"
+                                 ".map(e => e.title)")
 
 
 def _step(driver) -> int | None:
@@ -211,3 +236,54 @@ def test_pause_and_the_step_buttons_stop_playback(tmp_path, tokenizer, clip_enco
                 time.sleep(0.1)
             assert seen == {stopped}, f"after {stop!r} at step {stopped} the page went on to {sorted(seen)}"
             assert stopped < STEPS - 2, f"playback reached step {stopped} of {STEPS} before {stop!r} took effect"
+
+
+# the heatmap's smallest text: plots.confidence_heatmap's 6.5 pt token labels, on its 100 dpi figure, in CSS px
+HEATMAP_SMALLEST_TEXT_PX = 6.5 * 100 / 72
+
+
+def _viewport(driver, width: int, height: int) -> None:
+    """Lay the page out for a ``width`` x ``height`` window (headless Chromium's own windows are 500 px wide at least)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    time.sleep(1.0)
+
+
+def test_a_phone_wide_window_does_not_scroll_sideways_and_the_plots_stay_readable(tmp_path, tokenizer, clip_encoder):
+    """At 390 px (a phone) no tab is wider than the window, and the plots are not shrunk to fit it (a 20-step
+    heatmap is 1400 px wide: shrunk to 390 px its token labels were about 2 px tall); each plot scrolls
+    sideways in its own box instead. Screenshots at 1366x768 and at 390 px wide."""
+    from selenium.webdriver.common.by import By
+
+    shots = os.environ.get("DC_SCREENSHOT_DIR") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        _wait(d, "the trajectory map", lambda: _rendered_img(d, "trajectories"))
+        _viewport(d, 1366, 768)
+        d.save_screenshot(os.path.join(shots, "app-1366x768.png"))
+        _viewport(d, 390, 844)
+
+        def tab(label):
+            d.execute_script("arguments[0].click()", next(
+                b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == label))
+            time.sleep(1.0)
+
+        for label in ("Error analysis", "About", "Caption"):
+            tab(label)
+            wide = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+            assert wide[1] == 390 and wide[0] <= wide[1], f"the {label} tab is {wide[0]} px wide in a {wide[1]} px window"
+        for elem_id in ("heatmap", "trajectories"):
+            shown, natural, box, box_inner = d.execute_script(
+                "const i = document.querySelector(arguments[0] + ' img');"
+                "const b = i.parentElement;"
+                "return [i.getBoundingClientRect().width, i.naturalWidth, b.scrollWidth, b.clientWidth];", f"#{elem_id}")
+            scale = shown / natural
+            assert HEATMAP_SMALLEST_TEXT_PX * scale >= 7.0, (
+                f"#{elem_id} drawn at {scale:.2f} of its {natural} px: its smallest text is "
+                f"{HEATMAP_SMALLEST_TEXT_PX * scale:.1f} px tall")
+            if natural > 390:  # wider than the window: the rest of it is in its own box, a swipe away
+                assert box > box_inner, (elem_id, box, box_inner)
+        d.save_screenshot(os.path.join(shots, "app-390.png"))
+        d.execute_script("document.getElementById('heatmap').scrollIntoView()")
+        time.sleep(0.5)
+        d.save_screenshot(os.path.join(shots, "app-390-heatmap.png"))
