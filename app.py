@@ -252,6 +252,7 @@ class View:
     caption_confidence: float | None = None
 
 
+VARIANT_SEEDS = 3  # the error analysis counts changed captions under this many noise seeds
 TRAJECTORY_KINDS = ("predicted x0", "noisy x_t")
 TRAJECTORY_HELP = """**How to read the map.** Grey dots are the vocabulary's token embeddings, laid out in 2-D so that
 tokens with similar embeddings sit close together. Each coloured path is one caption position: an **x** where
@@ -724,12 +725,19 @@ class Handlers:
                     changed[m] += 1
             rows.append(row)
         n = len(vs) - 1
+        # the same count under other noise: an edit that changes the caption under every seed is the edit's doing
+        per_seed = {s["seed"]: changed["diffusion"]}
+        for extra in range(1, VARIANT_SEEDS):
+            other = [cap.caption(im, **{**s, "seed": s["seed"] + extra}).text for im in images]
+            per_seed[s["seed"] + extra] = sum(bool(changed_words(other[0], c)) for c in other[1:])
         kind = ("exact re-renders of a known shapes scene (✓/✗ checks against the ground truth)" if scene is not None
                 else "pixel-level edits (no ground truth for this image)")
         summary = (f"{n} variants, {kind}, each captioned from the same noise (seed {s['seed']}) as the Caption "
                    "tab's caption of the original. Words new in a variant's caption are "
                    f"<mark style='background:#ffe08a'>highlighted</mark>, the original's words it lost are listed "
-                   "below it. " + " · ".join(f"<b>{m}</b>: caption changed in {changed[m]} of {n}" for m in models))
+                   "below it. " + " · ".join(f"<b>{m}</b>: caption changed in {changed[m]} of {n}" for m in models)
+                   + "<div class='dc-note'>diffusion under other noise, each variant again from one seed's noise: "
+                   + ", ".join(f"seed {k}: changed in {v} of {n}" for k, v in per_seed.items()) + "</div>")
         if self.m.baseline is None:
             summary += f"<div style='color:#8a5a00'>{html.escape(self.m.baseline_note)}</div>"
         return {self.ui.variants_html: f"<div style='margin-bottom:8px'>{summary}</div>" + variants_table(rows, models)}

@@ -381,6 +381,21 @@ def test_the_variants_original_row_is_the_caption_tabs_caption(tmp_path):
         table = got(h.variants(image, None, *settings, seed, smp.spacing), h.ui.variants_html)
         assert "exact re-renders" in table and f"same noise (seed {seed})" in table
         assert _original_caption(table) == (escape(caption_tab) or "<i>(empty)</i>")
+        # the count is reported under other seeds too, the table's own seed first and equal to its count
+        counts = re.findall(r"seed (\d+): changed in (\d+) of (\d+)", table)
+        assert [int(k) for k, _, _ in counts] == [seed + i for i in range(app.VARIANT_SEEDS)]
+        shown = re.search(r"<b>diffusion</b>: caption changed in (\d+) of (\d+)", table)
+        assert counts[0][1:] == shown.groups()
+        # the next seed's count is the library's own: each variant captioned from that seed's noise
+        from PIL import Image
+
+        from diffusion_caption.eval.compare import changed_words
+        from diffusion_caption.world.variants import scene_key, variants_for
+
+        img = Image.open(image).convert("RGB")
+        vs = variants_for(img, h.m.scenes.get(scene_key(img)))
+        texts = [h.m.cap.caption(v.image, seed=seed + 1).text for v in vs]
+        assert int(counts[1][1]) == sum(bool(changed_words(texts[0], t)) for t in texts[1:])
 
 
 def test_start_up_reports_a_missing_checkpoint(tmp_path):
