@@ -78,7 +78,7 @@ def test_reliability_ece_and_auroc_on_hand_made_cases():
         auroc([0.5], [True])
 
 
-def test_the_default_reports_calibrated_confidence_low_where_a_word_is_wrong(tmp_path):
+def test_the_default_carries_calibrated_token_and_caption_confidence(tmp_path):
     """The shipped default's confidence.json: every trace that kept its steps carries calibrated token and
     caption confidences; record="final" keeps no decision step, so none."""
     from diffusion_caption import Captioner
@@ -109,3 +109,29 @@ def test_the_baseline_carries_its_calibrated_confidence_too():
     assert len(c.token_confidence) == len(c.tokens) and c.to_json()["caption_confidence"] == c.caption_confidence
     raw = [r for t, r in zip(c.tokens, c.confidence) if t != "[SEP]"]
     assert [k for t, k in zip(c.tokens, c.token_confidence) if t != "[SEP]"] == base.calibrator(raw)
+
+
+def test_fit_confidence_calibrates_on_val_and_reports_test(world_dir, tmp_path):
+    """The command end to end on a small world with the shipped models (written nowhere but its report): both
+    models calibrated on val and reported on test, their reliability bins holding every judged word, the
+    calibrator the one fitted on val's words, the plot and table written."""
+    import json
+
+    from training import fit_confidence
+
+    ck = os.path.join(ROOT, "assets", "checkpoints")
+    out = tmp_path / "conf.json"
+    res = fit_confidence.main(["--diffusion", os.path.join(ck, "shapes-diffusion-reveal"), "--baseline",
+                               os.path.join(ck, "shapes-baseline"), "--data-dir", world_dir, "--threads", "1",
+                               "--no-write", "--out", str(out)])
+    assert set(res) == {"shapes-diffusion-reveal", "shapes-baseline"}
+    r = res["shapes-diffusion-reveal"]
+    assert r["signal"] == "decision" and r["n_words"] > 20 and 0 < r["words_right"] <= 1
+    assert all(0 <= r[k] <= 1 for k in ("ece_last_step", "ece_raw", "ece_calibrated"))
+    assert r["calibrator"]["n"] > 20 and res["shapes-baseline"]["signal"] == "token"
+    # the calibrated bins are the fitted law applied to the test words: recompute one bin's mean confidence
+    cal = Calibrator(r["calibrator"]["a"], r["calibrator"]["b"])
+    assert 0.0 < cal([0.5])[0] < 1.0 and r["reliability_calibrated"][-1]["confidence"] <= cal([0.999999])[0] + 1e-6
+    assert sum(b["n"] for b in r["reliability_calibrated"]) == r["n_words"]
+    assert json.loads(out.read_text())["results"].keys() == res.keys()
+    assert (tmp_path / "conf.png").stat().st_size > 10_000 and "shapes-baseline" in (tmp_path / "conf.md").read_text()

@@ -127,3 +127,24 @@ def test_the_command_line_notes_an_image_unlike_the_training_images(capsys):
     cat = next(i for i, line in enumerate(out) if "photo_cat.jpg:" in line)
     assert "(confidence 0." in out[cat] and "unlike anything this model was trained on" in out[cat + 1]
     assert not any("unlike" in line for line in out[cat + 2:])  # the shapes scene gets no note
+
+
+def test_fit_ood_writes_the_statistics_into_a_checkpoint_and_reports_every_set(make_captioner, world_dir, tmp_path):
+    """training.fit_ood end to end on a small world: the checkpoint then loads them, the val split passes at the
+    asked rate, and the report has the test split and every out-of-domain family."""
+    import json
+
+    from diffusion_caption import Captioner
+    from training import fit_ood
+
+    d = tmp_path / "ckpt"
+    make_captioner().save_pretrained(str(d))
+    rep = fit_ood.main(["--checkpoint", str(d), "--train-data-dir", world_dir, "--data-dir", world_dir,
+                        "--pass-rate", "0.9", "--hue-scenes", "2", "--cache-dir", str(tmp_path / "c"),
+                        "--out", str(tmp_path / "ood.json")])
+    cap = Captioner.from_pretrained(str(d))
+    assert cap.density is not None and cap.density.threshold == pytest.approx(rep["threshold"])
+    assert [r["set"] for r in rep["rows"]] == ["test split (in domain)", "photographs", "noise", "blank", "text",
+                                              "hue-shifted scenes"]
+    assert rep["rows"][-1]["n"] == 6 and all(0 <= r["flagged"] <= 1 for r in rep["rows"])
+    assert json.loads((tmp_path / "ood.json").read_text()) == rep and (tmp_path / "ood.md").is_file()

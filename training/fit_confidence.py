@@ -55,6 +55,15 @@ def judged(model, paths: list[str], scenes: list[Scene], batch: int = 100, desc:
     return {"words": words, "captions": captions}
 
 
+def _auc(scores: list[float], positive: list[bool]) -> float | None:
+    """The area, or None where the split has only one class (a small run)."""
+    return auroc(scores, positive) if any(positive) and not all(positive) else None
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def measure(cal: Calibrator, test: dict) -> dict:
     raw = [w[0] for w in test["words"]]
     right = [w[1] for w in test["words"]]
@@ -63,9 +72,9 @@ def measure(cal: Calibrator, test: dict) -> dict:
     cap_conf = [min(cal(c["signals"])) if c["signals"] else 0.0 for c in test["captions"]]
     whole = [c["whole"] for c in test["captions"]]
     return {"n_words": len(raw), "words_right": sum(right) / len(right),
-            "ece_last_step": expected_calibration_error(last, right), "auc_words_last_step": auroc(last, right),
+            "ece_last_step": expected_calibration_error(last, right), "auc_words_last_step": _auc(last, right),
             "ece_raw": expected_calibration_error(raw, right), "ece_calibrated": expected_calibration_error(calibrated, right),
-            "auc_words": auroc(raw, right), "auc_captions_wholly_right": auroc(cap_conf, whole),
+            "auc_words": _auc(raw, right), "auc_captions_wholly_right": _auc(cap_conf, whole),
             "n_captions": len(whole), "captions_wholly_right": sum(whole) / len(whole),
             "reliability_raw": reliability(raw, right), "reliability_calibrated": reliability(calibrated, right),
             "calibrator": {"a": cal.a, "b": cal.b, "n": cal.n}}
@@ -83,7 +92,7 @@ def plot(results: dict, path: str) -> None:
                 ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=7, color=colour,
                             xytext=(3, -9), textcoords="offset points")
         ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="token confidence (mean in bin)", ylabel="share of words right",
-               title=f"{name}\nword AUC {r['auc_words']:.3f}, wholly-right caption AUC {r['auc_captions_wholly_right']:.3f}")
+               title=f"{name}\nword AUC {_f(r['auc_words'])}, wholly-right caption AUC {_f(r['auc_captions_wholly_right'])}")
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Token confidence against word correctness, test split (numbers: words per bin)")
@@ -99,8 +108,8 @@ def markdown(results: dict) -> str:
     for name, r in results.items():
         sig = "token probability" if r["signal"] == "token" else "rounding probability at the decision step"
         lines.append(f"| {name} | {sig} | {r['n_words']} | {r['words_right']:.3f} | {r['ece_last_step']:.3f} / "
-                     f"{r['ece_raw']:.3f} / {r['ece_calibrated']:.3f} | {r['auc_words_last_step']:.3f} / "
-                     f"{r['auc_words']:.3f} | {r['auc_captions_wholly_right']:.3f} |")
+                     f"{r['ece_raw']:.3f} / {r['ece_calibrated']:.3f} | {_f(r['auc_words_last_step'])} / "
+                     f"{_f(r['auc_words'])} | {_f(r['auc_captions_wholly_right'])} |")
     return "\n".join(lines) + "\n"
 
 
