@@ -33,6 +33,13 @@ def test_word_truth_judges_shapes_bound_colours_backgrounds_sizes_and_counts():
     assert word_truth("two shapes on a gray".split(), sc) == [True, None, None, None, False]
     assert word_truth("three shapes".split(), sc)[0] is False
     assert word_truth("two red squares".split(), sc) == [False, True, True]
+    # emptiness: "empty" and "no shapes" are right of an empty scene only; "no" of whatever is not there
+    empty = Scene([], "beige")
+    assert word_truth("an empty beige background".split(), empty) == [None, True, True, None]
+    assert word_truth("an empty beige background".split(), sc) == [None, False, False, None]
+    assert word_truth("no shapes on a beige background".split(), empty)[0] is True
+    assert word_truth("no shapes on a beige background".split(), sc)[0] is False
+    assert word_truth("no green stars".split(), sc)[0] is True and word_truth("no purple stars".split(), sc)[0] is False
 
 
 def _step(i, ids, conf):

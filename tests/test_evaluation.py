@@ -85,7 +85,7 @@ def test_evaluate_command_end_to_end(make_captioner, world_dir, tmp_path, capsys
     assert sum(not c["whole_errors"] for c in res["captions"]) == round(12 * row["whole"])
     md = open(os.path.splitext(out)[0] + ".md").read()
     assert md.startswith("| model | split |") and "diffusion (ckpt)" in md
-    assert "| model | whole 1-obj | whole 2-obj | whole 3-obj | whole | whole vague | defect rate |" in md
+    assert "| model | whole empty | whole 1-obj | whole 2-obj | whole 3-obj | whole | whole vague | defect rate |" in md
     # the tiny world's test split has two scenes of two objects differing in colour and shape
     two = res["attributes"]["two_objects"]
     assert two["n"] == 2 and sum(two[k] for k in ("right", "swapped", "repeated shape", "repeated colour", "other")) == 1.0

@@ -263,3 +263,60 @@ def test_report_counts_the_vague_caption_apart():
     rep = whole_caption_report(caps, [PAIR, PAIR, PAIR])
     assert rep["whole"] == pytest.approx(2 / 3) and rep["vague"] == pytest.approx(1 / 3)
     assert rep["vague_2obj"] == pytest.approx(1 / 3) and rep["vague_1obj"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# empty scenes
+
+EMPTY = scene(background="beige")
+
+
+def test_every_caption_of_an_empty_scene_is_wholly_right_and_says_so():
+    from diffusion_caption.world.scenes import empty_scene
+
+    for seed in range(20):
+        sc = empty_scene(np.random.default_rng(seed))
+        caps = caption_candidates(sc)
+        assert len(caps) == 5 and sample_captions(sc, np.random.default_rng(seed), 5) == caps
+        for c in caps:
+            assert caption_defects(c) == [] and whole_caption_errors(c, sc) == [], c
+            assert not is_vague(c)
+
+
+@pytest.mark.parametrize("text", ["an empty beige background", "a beige background with no shapes",
+                                  "there are no shapes on a beige background", "no shapes on a beige background",
+                                  "an empty background", "no red circles on a beige background"])
+def test_right_empty_phrasings(text):
+    assert is_right(text, EMPTY)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("an empty gray background", ["wrong background"]),
+    ("a beige background", ["defect: misplaced background"]),  # a background alone says nothing of emptiness
+    ("a red circle on a beige background", ["wrong count", "object not in scene"]),
+    ("two shapes on a beige background", ["wrong count", "object not in scene", "object not in scene"]),
+    ("a empty beige background", ["defect: article mismatch"]),
+    ("there is no shapes on a beige background", ["defect: verb agreement"]),
+    ("an empty", ["defect: incomplete noun phrase"]),
+    ("an empty circle on a beige background", ["defect: misplaced word", "object without colour", "wrong count",
+                                               "object not in scene"]),
+])
+def test_wrong_captions_of_an_empty_scene(text, expected):
+    assert categories(text, EMPTY) == expected
+
+
+def test_saying_empty_of_a_scene_with_objects_is_wrong():
+    assert categories("an empty gray background", RED_CIRCLE) == ["wrong count", "missing object"]
+    assert categories("there are no shapes on a gray background", RED_CIRCLE) == ["wrong count", "missing object"]
+    # naming the object and calling the background empty contradicts itself
+    assert whole_caption_errors("a red circle on an empty gray background", RED_CIRCLE) == [
+        "wrong count: says there is nothing and names 1"]
+    # "no blue squares" is true of the red circle's scene, but the red circle is not named
+    assert categories("no blue squares on a gray background", RED_CIRCLE) == ["wrong count", "missing object"]
+
+
+def test_report_has_a_row_for_empty_scenes():
+    rep = whole_caption_report(["an empty beige background", "a red circle", "a red circle"],
+                               [EMPTY, EMPTY, RED_CIRCLE])
+    assert rep["n_0obj"] == 2 and rep["whole_0obj"] == pytest.approx(0.5) and rep["whole_1obj"] == 1.0
+    assert whole_caption_report(["a red circle"], [RED_CIRCLE])["whole_0obj"] is None

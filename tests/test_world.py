@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from diffusion_caption.world import scenes as world
 from diffusion_caption.data import load_karpathy
@@ -79,8 +80,11 @@ def test_dataset_on_disk_in_karpathy_layout(world_dir):
     assert {"filename", "imgid", "split", "sentences", "sentids", "scene"} <= set(e)
     assert {"raw", "tokens", "imgid", "sentid"} <= set(e["sentences"][0])
     recs = load_karpathy("shapes", world_dir, splits=["test"])
-    assert len(recs) == 12 and all(os.path.isfile(r.image_path) for r in recs)
-    assert all(r.scene and r.scene["objects"] for r in recs)
+    # 12 scenes and, at the default 5%, one empty scene after them
+    assert len(recs) == 13 and all(os.path.isfile(r.image_path) for r in recs)
+    assert all(r.scene and r.scene["objects"] for r in recs[:12])
+    assert recs[12].scene["objects"] == [] and recs[12].image_path.endswith("test_empty_000000.png")
+    assert "an empty" in " ".join(recs[12].captions)
     assert not any(r.scene["correlated"] for r in recs)  # the plain test split is uncorrelated
 
 
@@ -107,3 +111,29 @@ def test_background_augmentation_relabels_captions(tmp_path):
             if "background" in s["raw"]:
                 assert f"{bg} background" in s["raw"], s["raw"]
         assert (tmp_path / "images" / im["filename"]).is_file()
+
+
+def test_empty_scenes_are_appended_and_leave_the_other_scenes_as_they_were(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_caption.world.scenes import WorldConfig, n_empty, write_dataset
+
+    def images(folder, fraction):
+        write_dataset(str(folder), WorldConfig(n_train=40, n_val=10, n_test=20, empty_fraction=fraction,
+                                               augment_backgrounds=1), progress=False)
+        return json.load(open(folder / "dataset_shapes.json"))["images"]
+
+    plain, with_empty = images(tmp_path / "a", 0.0), images(tmp_path / "b", 0.1)
+    assert n_empty(20, 0.1) == 2 and len(with_empty) == len(plain) + 4 * 2 + 1 + 2 + 1 + 2  # train's x2: augmented
+    by_name = {im["filename"]: im for im in with_empty}
+    for im in plain:  # every scene of the world without empty scenes is there, unchanged
+        assert by_name[im["filename"]]["scene"] == im["scene"]
+        assert [s["raw"] for s in by_name[im["filename"]]["sentences"]] == [s["raw"] for s in im["sentences"]]
+    empty = [im for im in with_empty if not im["scene"]["objects"]]
+    assert len(empty) == 14 and all("empty" in im["filename"] for im in empty)
+    assert len({im["scene"]["background"] for im in empty}) > 1
+    pixels = np.asarray(Image.open(tmp_path / "b" / "images" / empty[0]["filename"]).convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) <= 2  # the background alone (noise-free)
+    with pytest.raises(ValueError, match="empty_fraction"):
+        n_empty(10, 1.5)

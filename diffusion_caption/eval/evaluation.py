@@ -105,7 +105,7 @@ def two_object_table(rows: list[tuple[str, dict]]) -> str:
                            for name, t in rows])
 
 
-WHOLE_COLUMNS = (("whole 1-obj", "whole_1obj"), ("whole 2-obj", "whole_2obj"), ("whole 3-obj", "whole_3obj"),
+WHOLE_COLUMNS = (("whole empty", "whole_0obj"), ("whole 1-obj", "whole_1obj"), ("whole 2-obj", "whole_2obj"), ("whole 3-obj", "whole_3obj"),
                  ("whole", "whole"), ("whole vague", "vague"), ("defect rate", "defect_rate"))
 
 

@@ -41,7 +41,8 @@ def step_report(model, records, settings: dict, batch_size: int = 128, features:
         whole = whole_caption_report(texts, scenes)
         scores = [attribute_scores(parse_caption(t), s) for t, s in zip(texts, scenes)]
         row = {"step": k + 1, "t": traces[0].steps[k].t,
-               **{key: whole[key] for key in ("whole", "whole_1obj", "whole_2obj", "whole_3obj", "defect_rate")}}
+               **{key: whole[key] for key in ("whole", "whole_0obj", "whole_1obj", "whole_2obj", "whole_3obj",
+                                                       "defect_rate")}}
         for a in ("color", "shape"):
             vals = [s[a] for s in scores if s.get(a) is not None]
             row[a] = sum(vals) / len(vals) if vals else None

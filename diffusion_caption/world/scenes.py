@@ -1,6 +1,7 @@
 """The synthetic shapes world: scenes, their rendering and their captions.
 
-A scene is 1 to 3 coloured shapes on a coloured background. Everything about it is known exactly, so
+A scene is 1 to 3 coloured shapes on a coloured background, or, now and then, the background alone (an
+empty scene, captioned "an empty gray background"). Everything about it is known exactly, so
 captions can be checked word by word against the ground truth. Every image is deterministic from
 ``(seed, split, index)``.
 
@@ -130,6 +131,11 @@ def sample_scene(rng: np.random.Generator, p_corr: float = 0.0, n_objects: int |
     return Scene(objects, background, correlated, jitter)
 
 
+def empty_scene(rng: np.random.Generator) -> Scene:
+    """A scene with no object: a background drawn uniformly from the palette."""
+    return Scene([], str(rng.choice(BACKGROUNDS)), correlated=False, jitter=[])
+
+
 # ---------------------------------------------------------------------------------------------------
 # rendering
 
@@ -202,6 +208,10 @@ def caption_candidates(scene: Scene, order: list[int] | None = None) -> list[str
     bg = f"on {article(scene.background)} {scene.background} background"
     n = len(objs)
     out: list[str] = []
+    if n == 0:
+        b = scene.background
+        return [f"an empty {b} background", f"{article(b)} {b} background with no shapes",
+                f"there are no shapes {bg}", f"no shapes {bg}", "an empty background"]
     if n == 1:
         o = objs[0]
         out += [_np(o), _np(o, True), f"{_np(o, True)} {bg}", f"{_np(o)} {bg}",
@@ -233,7 +243,7 @@ def sample_captions(scene: Scene, rng: np.random.Generator, k: int = 5) -> list[
             if c not in pool:
                 pool.append(c)
     # the vague "two shapes on ..." caption is kept rare, as vague captions are in real datasets
-    vague = [c for c in pool if " shapes " in c]
+    vague = [c for c in pool if " shapes " in c] if scene.objects else []
     precise = [c for c in pool if c not in vague]
     picked = [precise[i] for i in sorted(rng.permutation(len(precise))[:k])]
     if vague and (len(picked) < k or rng.random() < 0.2):
@@ -257,6 +267,12 @@ class WorldConfig:
     # the colour-bias remedy: per training image, this many extra copies with the background redrawn
     # uniformly from the other backgrounds (re-rendered, and re-captioned from the changed scene)
     augment_backgrounds: int = 0
+    # empty scenes (no object), this fraction of each split's size, appended after its other scenes
+    # (named ``<split>_empty_<j>.png``), so the scenes of a world made without them are unchanged
+    empty_fraction: float = 0.05
+
+
+EMPTY_INDEX = 1_000_000  # the random streams of empty scenes: index ``EMPTY_INDEX + j``, apart from the rest
 
 
 def scene_for(seed: int, split: str, index: int, p_corr: float) -> tuple[Scene, np.random.Generator]:
@@ -273,6 +289,13 @@ def with_background(scene: Scene, rng: np.random.Generator) -> Scene:
                  jitter=list(scene.jitter))
 
 
+def n_empty(n: int, fraction: float) -> int:
+    """How many empty scenes a split of ``n`` scenes gets."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"empty_fraction must be in [0, 1), got {fraction}")
+    return int(round(n * fraction))
+
+
 def write_dataset(out_dir: str, cfg: WorldConfig = WorldConfig(), progress: bool = True) -> str:
     """Render the world into ``out_dir/images`` and write ``out_dir/dataset_shapes.json``.
 
@@ -286,7 +309,9 @@ def write_dataset(out_dir: str, cfg: WorldConfig = WorldConfig(), progress: bool
             ("val_corr", cfg.n_val, cfg.p_corr), ("test_corr", cfg.n_test, cfg.p_corr)]
     images, sentid = [], 0
     n_aug = cfg.augment_backgrounds
-    bar = tqdm(total=sum(n for _, n, _ in plan) + n_aug * cfg.n_train, desc="rendering shapes world",
+    total = sum(n + n_empty(n, cfg.empty_fraction) for _, n, _ in plan)
+    total += n_aug * (cfg.n_train + n_empty(cfg.n_train, cfg.empty_fraction))
+    bar = tqdm(total=total, desc="rendering shapes world",
                disable=not progress)
 
     def add(scene: Scene, rng: np.random.Generator, split: str, fname: str) -> None:
@@ -301,13 +326,17 @@ def write_dataset(out_dir: str, cfg: WorldConfig = WorldConfig(), progress: bool
         bar.update(1)
 
     for split, n, p in plan:
-        for i in range(n):
-            scene, rng = scene_for(cfg.seed, split, i, p)
-            add(scene, rng, split, f"{split}_{i:06d}.png")
+        draws = [(i, *scene_for(cfg.seed, split, i, p), f"{split}_{i:06d}.png") for i in range(n)]
+        for j in range(n_empty(n, cfg.empty_fraction)):
+            rng = np.random.default_rng([cfg.seed, SPLIT_IDS[split], EMPTY_INDEX + j])
+            draws.append((EMPTY_INDEX + j, empty_scene(rng), rng, f"{split}_empty_{j:06d}.png"))
+        for i, scene, rng, fname in draws:
+            add(scene, rng, split, fname)
             if split == "train":
+                stem = fname[len("train_"):]
                 for k in range(n_aug):
                     arng = np.random.default_rng([cfg.seed, SPLIT_IDS[split], i, 1000 + k])
-                    add(with_background(scene, arng), arng, split, f"train_bg{k}_{i:06d}.png")
+                    add(with_background(scene, arng), arng, split, f"train_bg{k}_{stem}")
     bar.close()
     meta = {"dataset": "shapes", "world": asdict(cfg), "shape_background": SHAPE_BACKGROUND, "images": images}
     path = os.path.join(out_dir, "dataset_shapes.json")

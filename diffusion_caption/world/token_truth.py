@@ -6,7 +6,9 @@ word before a shape word is right when the scene has an object of that colour *a
 bound to the wrong object is wrong); a colour before "background" is right when it is the scene's
 background; a size before a shape is right when an object of that shape (and colour, if named) has that
 size; "two"/"three" are right when that many objects match the phrase they count ("three shapes": all of
-the scene's objects). A two-word colour ("dark blue") is one judgement for both of its words.
+the scene's objects). A two-word colour ("dark blue") is one judgement for both of its words. "empty"
+("an empty gray background") is right when the scene has no object; "no" when nothing matches the phrase
+it opens ("no shapes": the scene is empty; "no red circles": no red circle).
 """
 from __future__ import annotations
 
@@ -64,6 +66,15 @@ def word_truth(words: list[str], scene: Scene) -> list[bool | None]:
             colour, j = _colour_at(words, i + 1)
             s = _shape(words[j]) if j < len(words) else None
             out[i] = s is not None and any(sh == s and sz == w and (colour is None or c == colour) for c, sh, sz in objs)
+        elif w == "empty":
+            out[i] = not objs
+        elif w == "no":
+            colour, j = _colour_at(words, i + 1)
+            nxt = words[j] if j < len(words) else ""
+            if nxt in ("shapes", "objects"):
+                out[i] = not objs
+            elif _shape(nxt):
+                out[i] = not any(sh == _shape(nxt) and (colour is None or c == colour) for c, sh, _ in objs)
         elif w in NUMBERS:
             colour, j = _colour_at(words, i + 1)
             nxt = words[j] if j < len(words) else ""

@@ -20,7 +20,9 @@ scene's; every relation stated true of the objects it links (by ``world.relation
 which the two objects are furthest apart, as the world's own captions use it); nothing named that is
 not there. The world's one vague phrasing, "<n> shapes on a ... background", names its objects by
 number only; it is wholly right when the number and background are. A shape word without a colour
-("a circle") is not: the object's colour is not bound to its shape.
+("a circle") is not: the object's colour is not bound to its shape. An empty scene is described by
+saying so: "an empty gray background", "a gray background with no shapes", "there are no shapes on a gray
+background"; a caption that says a scene is empty while it has objects is wrong (``wrong count``).
 
 **Defects** (``DEFECTS``), judged on the words as written:
 
@@ -73,7 +75,7 @@ from .scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, ShapeObject, arti
 
 ARTICLES = {"a": 1, "an": 1, "the": 1}
 NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
-DETERMINERS = {**ARTICLES, **NUMBERS}
+DETERMINERS = {**ARTICLES, **NUMBERS, "no": 0}
 SHAPE_NOUNS = {**{s: (s, False) for s in SHAPES}, **{s + "s": (s, True) for s in SHAPES}}
 GENERIC_NOUNS = {"shape": False, "shapes": True, "object": False, "objects": True}
 RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
@@ -81,7 +83,7 @@ RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above":
 COLOR_WORDS = set(COLORS) | {b for b in BACKGROUNDS if " " not in b} | {"dark"}
 OTHER_WORDS = {"and", ",", "on", "with", "there", "is", "are", "to", "of", "background", "dark"}
 VOCABULARY = (set(DETERMINERS) | set(SHAPE_NOUNS) | set(GENERIC_NOUNS) | set(RELATION_WORDS) | set(SIZES)
-              | set(COLORS) | {w for b in BACKGROUNDS for w in b.split()} | OTHER_WORDS)
+              | set(COLORS) | {w for b in BACKGROUNDS for w in b.split()} | OTHER_WORDS | {"empty"})
 # a caption ending on one of these is cut off mid-phrase
 DANGLING = set(DETERMINERS) | {"on", "of", "with", "to", "and", ",", "above", "below", "left", "right",
                                "there", "is", "are"}
@@ -119,6 +121,7 @@ class _Chunk:
     rel: str | None = None
     broken: bool = False
     at_end: bool = False  # the chunk's last word is the caption's last word
+    empty: bool = False  # "empty" was said in the phrase ("an empty gray background")
     extra: list[str] = field(default_factory=list)  # stray words inside the phrase (a size on a background)
     stacked: list[str] = field(default_factory=list)  # "colour"/"size" for each second colour/size word
 
@@ -216,6 +219,10 @@ def _chunks(toks: list[str]) -> list[_Chunk]:
                 c.stacked.append("colour")
             c.color = color
             c.first = c.first or color
+        elif t == "empty":
+            c = open_np()
+            c.empty = True
+            c.first = c.first or t
         elif t in SHAPE_NOUNS or t in GENERIC_NOUNS or t == "background":
             c = open_np()
             c.first = c.first or t
@@ -228,6 +235,8 @@ def _chunks(toks: list[str]) -> list[_Chunk]:
                 if c.size:
                     c.extra.append(c.size)
                     c.size = None
+            if c.noun != "background" and c.empty:  # "an empty circle": emptiness is said of backgrounds
+                c.extra.append("empty")
             c.at_end = i == n - 1
             out.append(c)
             cur = None
@@ -287,16 +296,19 @@ def _defects(raw: list[str], chunks: list[_Chunk]) -> list[str]:
                     add("number before singular")
                 if prev is not None and prev.is_object():
                     add("missing conjunction")
+                if c.extra:
+                    add("misplaced word")
             else:
-                if c.color is None:
+                if c.color is None and not c.empty:
                     add("incomplete noun phrase")
                 if c.extra:
                     add("misplaced word")
-                opening = k == 0 and nxt is not None and nxt.kind == "with"
+                # "... background with ..." opens a caption; "an empty ... background" is one on its own
+                opening = k == 0 and (nxt is not None and nxt.kind == "with" or n == 1 and c.empty)
                 if not (prev is not None and prev.kind == "on") and not opening:
                     add("misplaced background")
         elif c.kind == "inc":
-            if not (c.at_end and not c.size and not c.color):  # a lone final "a" is a dangling ending
+            if not (c.at_end and not c.size and not c.color and not c.empty):  # a lone final "a" dangles
                 add("incomplete noun phrase")
         elif c.kind == "rel":
             if c.broken:
@@ -465,7 +477,12 @@ def whole_caption_errors(text: str, scene: Scene) -> list[str]:
         if c.kind == "rel" and 0 < k < len(chunks) - 1 and chunks[k - 1].is_object() and chunks[k + 1].is_object():
             relations.append((k - 1, c.rel, k + 1))
 
-    if len(units) != len(objects):
+    says_empty = claims_empty(chunks)
+    if says_empty and units:
+        reasons.append(f"wrong count: says there is nothing and names {len(units)}")
+    elif says_empty and objects:
+        reasons.append(f"wrong count: says there is nothing, scene has {len(objects)}")
+    elif len(units) != len(objects):
         reasons.append(f"wrong count: says {len(units)}, scene has {len(objects)}")
     assign = _best_assignment(units, objects, relations)
 
@@ -510,11 +527,17 @@ def whole_caption_errors(text: str, scene: Scene) -> list[str]:
     return reasons
 
 
+def claims_empty(chunks: list[_Chunk]) -> bool:
+    """Whether the caption says the scene holds no object: "an empty ... background", "no shapes"."""
+    return any(c.kind == "np" and (c.noun == "background" and c.empty or c.noun == "generic" and c.det == "no")
+               for c in chunks)
+
+
 def is_vague(text: str) -> bool:
     """Whether ``text`` names objects by number only ("two shapes on a gray background"): at least one
     object phrase, each a generic noun ("shapes", "objects") without a colour."""
     objs = [c for c in _chunks(_collapse(tokens(text))) if c.is_object()]
-    return bool(objs) and all(c.noun == "generic" and c.color is None for c in objs)
+    return bool(objs) and all(c.noun == "generic" and c.color is None and c.count > 0 for c in objs)
 
 
 def reason_category(reason: str) -> str:
@@ -527,7 +550,7 @@ def reason_category(reason: str) -> str:
 def whole_caption_report(captions: list[str], scenes: list[Scene]) -> dict:
     """Whole-caption correctness and defects over a set of captions, each of its own scene.
 
-    Returns ``{"n", "whole", "vague", "n_1obj", "whole_1obj", "vague_1obj", ... "whole_3obj", "vague_3obj",
+    Returns ``{"n", "whole", "vague", "n_0obj", "whole_0obj", "vague_0obj", ... "whole_3obj", "vague_3obj",
     "defect_rate", "reasons", "defects"}``: ``whole`` is the share of wholly right captions (``whole_Kobj``
     over the scenes of K objects, None when there is none); ``vague`` the share of captions that are
     wholly right by the world's one vague phrasing, "<n> shapes on a ... background" (``is_vague``), so
@@ -537,8 +560,8 @@ def whole_caption_report(captions: list[str], scenes: list[Scene]) -> dict:
     """
     if len(captions) != len(scenes):
         raise ValueError(f"got {len(captions)} captions for {len(scenes)} scenes")
-    by_n: dict[int, list[bool]] = {1: [], 2: [], 3: []}
-    vague_n: dict[int, list[bool]] = {1: [], 2: [], 3: []}
+    by_n: dict[int, list[bool]] = {0: [], 1: [], 2: [], 3: []}
+    vague_n: dict[int, list[bool]] = {0: [], 1: [], 2: [], 3: []}
     right: list[bool] = []
     vague: list[bool] = []
     defective = 0
@@ -559,7 +582,7 @@ def whole_caption_report(captions: list[str], scenes: list[Scene]) -> dict:
             defects[d] = defects.get(d, 0) + 1
     share = (lambda vals: sum(vals) / len(vals) if vals else None)
     out: dict = {"n": len(right), "whole": share(right), "vague": share(vague)}
-    for k in (1, 2, 3):
+    for k in (0, 1, 2, 3):  # 0: the empty scenes
         out[f"n_{k}obj"] = len(by_n[k])
         out[f"whole_{k}obj"] = share(by_n[k])
         out[f"vague_{k}obj"] = share(vague_n[k])
