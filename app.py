@@ -692,6 +692,15 @@ class Handlers:
         yield {"done": True, "model": name, **trace.to_json()}
 
     # ------------------------------------------------------------------ error analysis
+    def variants_event(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
+        """The variants table, as the page's button gets it: when the variants cannot be captioned (no image, a
+        broken file, bad settings), the table of an earlier image is replaced by the reason before the message."""
+        try:
+            yield self.variants(image, scene_state, steps, sampler, guidance, clamp, seed, spacing, model)
+        except gr.Error as e:
+            yield {self.ui.variants_html: f"<div class='dc-note dc-error'>No variants: {html.escape(e.message)}</div>"}
+            raise
+
     def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
         img = self._load(image)
         name = self.m.name(model)
@@ -1080,11 +1089,11 @@ def build(m: Models, url: str | None = None):
                                       "trace ({done: true, text, settings, seconds, steps}).", **model_events)
 
         copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
-        variants_b.click(h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html},
+        variants_b.click(h.variants_event, [a_image, scene_state] + settings + [spacing, model], {variants_html},
                          api_visibility="undocumented", **model_events)
         compose_b.click(h.compose, [background] + obj_inputs, ui.compose_outputs,
                         api_visibility="undocumented").then(
-            h.variants, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
+            h.variants_event, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
             **model_events)
         def about_here(request: gr.Request):  # gradio hands the page's request to a parameter typed gr.Request
             return about_markdown(m, served_url(request) or url)

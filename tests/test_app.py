@@ -351,6 +351,22 @@ def test_error_analysis_variants_and_composer(handlers, app_files):
         handlers.compose("beige", *([False, "star", "red", "large", 40, 64] * 3))
 
 
+def test_an_error_in_the_error_analysis_replaces_the_old_table(handlers, app_files, tmp_path):
+    """The variants of one image, then a broken file: the page's table of the first image is replaced by the
+    reason (named by the file's base name) before the message, not left standing beside it."""
+    ui = handlers.ui
+    table = next(handlers.variants_event(app_files["examples"][1], None, 3, "ddim", 1.0, False, 0))
+    assert "<tr>" in got(table, ui.variants_html)
+    bad = tmp_path / "upload" / "scan.png"
+    bad.parent.mkdir()
+    bad.write_text("not pixels")
+    stream = handlers.variants_event(str(bad), None, 3, "ddim", 1.0, False, 0)
+    shown = got(next(stream), ui.variants_html)
+    assert "<tr>" not in shown and "scan.png" in shown and str(bad.parent) not in shown
+    with pytest.raises(gr.Error, match="not an image file"):
+        next(stream)
+
+
 def _original_caption(table_html: str) -> str:
     """The diffusion caption of the variants table's first row (the original image), as its cell shows it."""
     first_row = table_html.split("<tbody>")[1].split("</tr>")[0]
