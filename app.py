@@ -349,6 +349,14 @@ class Playback:
         return self.playing and self.run == run
 
 
+# "back", "forward" and "play" count from the step the page shows when pressed, read from its status line: the
+# slider's value can already hold a step the server sent that the page has not drawn yet (while playing)
+SHOWN_STEP_JS = """(view, k, ...rest) => {
+    const found = (document.querySelector('#step-status')?.textContent || '').match(/Step (\\d+) of/);
+    return [view, found ? parseInt(found[1]) : k, ...rest];
+}"""
+
+
 def _user_error(msg: str):
     return gr.Error(msg, print_exception=False)
 
@@ -1057,17 +1065,23 @@ def build(m: Models, url: str | None = None):
                     api_visibility="undocumented").then(
             h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
             **model_events)
-        slider.input(h.goto, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last", api_visibility="undocumented")
-        kind.change(h.goto, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
+        # every event that changes the step shown runs in one queue, one at a time, so their updates reach the
+        # page in the order they were pressed: a tick drawn while "back" waits lands before back's step, not
+        # after it (pause alone skips the queue, so it is never stuck behind the ticks it is meant to stop)
+        steps_queue = dict(concurrency_id="playback", concurrency_limit=1, api_visibility="undocumented")
+        slider.input(h.goto, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last",
+                     **steps_queue)
+        kind.change(h.goto, [view, slider, kind, playback, map_positions], step_out, **steps_queue)
         for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
-            b.click(h.step_by(delta), [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
+            b.click(h.step_by(delta), [view, slider, kind, playback, map_positions], step_out, js=SHOWN_STEP_JS,
+                    **steps_queue)
         map_positions.input(h.redraw, [view, slider, kind, map_positions], step_out, trigger_mode="always_last",
-                            api_visibility="undocumented")
-        play_b.click(h.play, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented")
-        # pause skips the queue, so it is never stuck behind the ticks it is meant to stop
+                            **steps_queue)
+        play_b.click(h.play, [view, slider, kind, playback, map_positions], step_out, js=SHOWN_STEP_JS,
+                     **steps_queue)
         pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
-        timer.tick(h.tick, [view, slider, kind, playback, map_positions], step_out, api_visibility="undocumented",
-                   trigger_mode="always_last", concurrency_id="playback", concurrency_limit=1)
+        timer.tick(h.tick, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last",
+                   **steps_queue)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
         # preprocessing) reads it and a broken file gets the loader's message

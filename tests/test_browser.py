@@ -219,8 +219,10 @@ def test_pause_and_the_step_buttons_stop_playback(tmp_path, tokenizer, clip_enco
             while _step(d) == shown and time.time() - t0 < 10:  # the moment the next step lands
                 time.sleep(0.02)
             time.sleep(delay)
-            before = _step(d)
-            d.execute_script("arguments[0].click()", _button(d, stop))
+            # the step shown is read in the same script as the press, so no step can land between the two
+            before = d.execute_script(
+                "const found = document.getElementById('step-status').textContent.match(/Step (\\d+) of/);"
+                "arguments[0].click(); return parseInt(found[1]);", _button(d, stop))
             if stop == "◀ back":  # its own update: the step before the one shown when it was pressed
                 _wait(d, "the step before", lambda: _step(d) == before - 1, timeout=30)
             # a step the server decided before the press can take over a second to be drawn on a loaded
