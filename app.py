@@ -52,6 +52,7 @@ MAX_UI_STEPS = 250  # the steps slider's top (every step is a network call; the 
 SPACING_CHOICES = ("linspace", "trailing", "trailing^2", "trailing^3")  # the dropdown's; any trailing^k is accepted
 TRACE_CACHE_SIZE = 64
 PLAY_INTERVAL_S = 0.7
+MAP_POLL_S = 1.0  # how often a page polls for a vocabulary map still being computed
 # The stream is paced so that a person sees the caption form: at least this long between two shown steps,
 # but never more than STREAM_BUDGET_S of waiting in all (a fast model would otherwise flash straight to the
 # end). The wall times reported are the model's own, without this pacing.
@@ -282,6 +283,7 @@ class UI:
     timing: gr.Markdown
     view: gr.State  # the session's View
     timer: gr.Timer  # playback's ticks (its Playback is an input of the step events, changed in place)
+    map_timer: gr.Timer  # polls while the vocabulary map is computed
     # the settings a model's choice resets, and the line on what the model is
     steps: gr.Slider
     sampler: gr.Radio
@@ -300,7 +302,7 @@ class UI:
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
         kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
                      map_note=gr.Markdown, map_positions=gr.CheckboxGroup, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
-                     timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
+                     timer=gr.Timer, map_timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
         return cls(**{name: kind(render=False) for name, kind in kinds.items()})
@@ -309,7 +311,8 @@ class UI:
     @property
     def step_outputs(self) -> set:
         """A step shown (scrub, step buttons, play, tick)."""
-        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer}
+        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer,
+                self.map_timer}
 
     @property
     def stream_outputs(self) -> set:
@@ -514,7 +517,7 @@ class Handlers:
                 u.slider: gr.Slider(minimum=1, maximum=2, value=1, interactive=False, label="Step"),
                 u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
                 u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
-                u.timer: gr.Timer(active=False)}
+                u.timer: gr.Timer(active=False), u.map_timer: gr.Timer(active=False)}
 
     def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback):
         img = self._load(image)
@@ -553,7 +556,7 @@ class Handlers:
                        u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
                        u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
-                       u.timer: gr.Timer(active=False)}
+                       u.timer: gr.Timer(active=False), u.map_timer: gr.Timer(active=False)}
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
@@ -619,7 +622,22 @@ class Handlers:
                            label=f"Step (1 = pure noise … {S} = final caption)")
         chips = self._chips(view.steps[i], view.token_confidence if k == S else None)
         return {u.slider: slider, u.chips: chips, u.status: self._status(view.steps, i),
-                u.heat: heat, u.traj: traj, u.map_note: note, u.view: view}
+                u.heat: heat, u.traj: traj, u.map_note: note, u.view: view,
+                u.map_timer: gr.Timer(active=self._map_pending(view))}
+
+    def _map_pending(self, view: View) -> bool:
+        """Whether the shown trace waits for a vocabulary map still being computed (the page then polls)."""
+        job = self.m.vocab_jobs[view.model or self.m.default]
+        return view.points is None and job.poll() is None and not job.error
+
+    def map_ready(self, view, k, kind, positions=None):
+        """The page's poll while the vocabulary map is computed: once it is there (or has failed), the step
+        shown is drawn again with its trajectories (or the reason there are none); until then nothing changes."""
+        if view is None:
+            return {self.ui.map_timer: gr.Timer(active=False)}
+        if self._map_pending(view):
+            return gr.skip()
+        return self.show(view, k, kind, positions)
 
     # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
     # caption stops it (a new run); a tick that sees it stopped, or stopped while it drew its step, shows
@@ -936,6 +954,9 @@ def build(m: Models, url: str | None = None):
         playback = gr.State(Playback())
         scene_state = gr.State(None)
         timer = gr.Timer(PLAY_INTERVAL_S, active=False)
+        # polls for the vocabulary map while a child process computes it, so a caption shown before the map
+        # was ready gets its trajectories without a click
+        map_timer = gr.Timer(MAP_POLL_S, active=False)
         with gr.Tabs():
             with gr.Tab("Caption", id="caption"):
                 with gr.Row(equal_height=False):
@@ -1049,7 +1070,7 @@ def build(m: Models, url: str | None = None):
         # ------------------------------------------------------------------ events
         ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note,
                 map_positions=map_positions, table=table,
-                base_html=base_html, timing=timing, view=view, timer=timer, steps=steps,
+                base_html=base_html, timing=timing, view=view, timer=timer, map_timer=map_timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
         h = on_gpu(Handlers(m, ui))
@@ -1082,6 +1103,8 @@ def build(m: Models, url: str | None = None):
         pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
         timer.tick(h.tick, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last",
                    **steps_queue)
+        map_timer.tick(h.map_ready, [view, slider, kind, map_positions], step_out, js=SHOWN_STEP_JS,
+                       trigger_mode="always_last", **steps_queue)
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
         # preprocessing) reads it and a broken file gets the loader's message

@@ -130,6 +130,40 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
             and "linspace spacing" in timing)
 
 
+def test_a_caption_shown_before_the_vocabulary_map_is_ready_gets_its_map_when_it_is(handlers, app_files, tmp_path):
+    """The page opens with a caption denoised at once, usually before the map's child process has finished:
+    the page then polls (the map timer), and the first poll after the map is there draws the trajectories."""
+    import signal
+
+    from diffusion_caption.viz.vocab_map import VocabMapJob
+
+    ui, m = handlers.ui, handlers.m
+    ready = m.vocab_jobs[m.default]
+    job = VocabMapJob(ready.E, ready.tokens, cache_dir=str(tmp_path), method="pca")  # a fresh cache: a real fit
+    assert job.proc is not None
+    os.kill(job.proc.pid, signal.SIGSTOP)  # held until the caption is shown, so it is surely shown first
+    m.vocab_jobs[m.default] = job
+    try:
+        final = list(handlers.caption_stream(app_files["examples"][2], STEPS, "ddim", 1.0, False, 4, "predicted x0"))[-1]
+        view = got(final, ui.view)
+        assert got(final, ui.traj) is None and "being computed" in got(final, ui.map_note)
+        assert got(final, ui.map_timer).active is True
+        assert handlers.map_ready(view, STEPS, "predicted x0") == gr.skip()  # still computing: nothing changes
+        os.kill(job.proc.pid, signal.SIGCONT)
+        assert job.wait(120) is not None, job.error
+        drawn = handlers.map_ready(view, STEPS, "predicted x0")
+        assert set(drawn) <= ui.step_outputs
+        assert isinstance(got(drawn, ui.traj), Figure) and got(drawn, ui.map_note) == ""
+        assert got(drawn, ui.map_timer).active is False and "Step 5 of 5" in got(drawn, ui.status)
+        # no view (an error emptied the viewer): the poll stops
+        assert got(handlers.map_ready(None, 1, "predicted x0"), ui.map_timer).active is False
+    finally:
+        if job.proc is not None and job.proc.poll() is None:
+            os.kill(job.proc.pid, signal.SIGCONT)
+            job.proc.kill()
+        m.vocab_jobs[m.default] = ready
+
+
 def test_step_viewer_scrubs_and_plays(handlers, app_files):
     from app import Playback
 
