@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import html
+import itertools
 import os
 import sys
 import time
@@ -30,7 +31,9 @@ from diffusion_caption.eval.compare import changed_words, diff_html, scene_check
 from diffusion_caption.ood import NOTICE
 from diffusion_caption.samplers import SAMPLERS
 from diffusion_caption.viz.html_views import VariantRow, candidates_list, confidence_legend, token_chips, variants_table
-from diffusion_caption.viz.plots import confidence_heatmap, is_special, shown_positions, trajectory_map
+from diffusion_caption.viz.common import is_special, shown_positions
+from diffusion_caption.viz.step_viewer import (STEP_VIEWER_CSS, STEP_VIEWER_JS, MapFrame, heatmap_html, stepped_frames,
+                                               trajectory_svg)
 from diffusion_caption.viz.vocab_map import VocabMapJob
 from diffusion_caption.world.composer import ObjectSpec, compose_scene
 from diffusion_caption.world.scenes import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, SIZES, Scene, render_scene
@@ -51,8 +54,9 @@ EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
 MAX_UI_STEPS = 250  # the steps slider's top (every step is a network call; the API accepts up to T)
 SPACING_CHOICES = ("linspace", "trailing", "trailing^2", "trailing^3")  # the dropdown's; any trailing^k is accepted
 TRACE_CACHE_SIZE = 64
-PLAY_INTERVAL_S = 0.7
+PLAY_INTERVAL_MS = 700  # playback's pace, in the browser
 MAP_POLL_S = 1.0  # how often a page polls for a vocabulary map still being computed
+VIEWS_STREAM_S = 0.25  # while a caption streams, its heatmap and map are redrawn at most this often
 # The stream is paced so that a person sees the caption form: at least this long between two shown steps,
 # but never more than STREAM_BUDGET_S of waiting in all (a fast model would otherwise flash straight to the
 # end). The wall times reported are the model's own, without this pacing.
@@ -251,6 +255,7 @@ class View:
     # the calibrated probability that each final token is right (the checkpoint's confidence.json), if known
     token_confidence: list | None = None
     caption_confidence: float | None = None
+    run: str = ""  # the caption's run, written into its views (playback in the page stops at a new one)
 
 
 VARIANT_SEEDS = 3  # the error analysis counts changed captions under this many noise seeds
@@ -272,17 +277,16 @@ class UI:
     # the Caption tab: the step viewer, the plots, the table, the baseline and the timing line
     chips: gr.HTML
     ood_note: gr.HTML  # the notice that the image is unlike anything the model was trained on
-    status: gr.Markdown
+    status: gr.HTML
     slider: gr.Slider
-    heat: gr.Plot
-    traj: gr.Plot
+    heat: gr.HTML  # the confidence heatmap of every step (the step viewer's, step_viewer.heatmap_html)
+    traj: gr.HTML  # the trajectory map of every step (step_viewer.trajectory_svg)
     map_note: gr.Markdown
     map_positions: gr.CheckboxGroup  # which caption positions the map draws
     table: gr.Dataframe
     base_html: gr.HTML
     timing: gr.Markdown
     view: gr.State  # the session's View
-    timer: gr.Timer  # playback's ticks (its Playback is an input of the step events, changed in place)
     map_timer: gr.Timer  # polls while the vocabulary map is computed
     # the settings a model's choice resets, and the line on what the model is
     steps: gr.Slider
@@ -300,9 +304,9 @@ class UI:
     @classmethod
     def detached(cls) -> "UI":
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
-        kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.Markdown, slider=gr.Slider, heat=gr.Plot, traj=gr.Plot,
+        kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.HTML, slider=gr.Slider, heat=gr.HTML, traj=gr.HTML,
                      map_note=gr.Markdown, map_positions=gr.CheckboxGroup, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
-                     timer=gr.Timer, map_timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
+                     map_timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
         return cls(**{name: kind(render=False) for name, kind in kinds.items()})
@@ -310,9 +314,13 @@ class UI:
     # what each kind of event may update: its outputs
     @property
     def step_outputs(self) -> set:
-        """A step shown (scrub, step buttons, play, tick)."""
-        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.timer,
-                self.map_timer}
+        """A trace's step viewer drawn (every step; the page then shows any of them without the server)."""
+        return {self.slider, self.chips, self.status, self.heat, self.traj, self.map_note, self.view, self.map_timer}
+
+    @property
+    def map_outputs(self) -> set:
+        """The map drawn once the vocabulary map is there."""
+        return {self.traj, self.map_note, self.view, self.map_timer}
 
     @property
     def stream_outputs(self) -> set:
@@ -327,37 +335,6 @@ class UI:
     @property
     def compose_outputs(self) -> set:
         return {self.a_image, self.scene_state, self.compose_note}
-
-
-@dataclass
-class Playback:
-    """A session's playback, one object per browser session (``gr.State`` keeps it server-side and hands every
-    event of the session the same object). Every start and stop begins a new run; a tick draws its step and
-    then shows it only if its run is still the current one, so a pause, a scrub or a new caption that comes
-    while a tick is being drawn is not undone by that tick."""
-
-    playing: bool = False
-    run: int = 0
-
-    def start(self) -> int:
-        self.run += 1
-        self.playing = True
-        return self.run
-
-    def stop(self) -> None:
-        self.run += 1
-        self.playing = False
-
-    def current(self, run: int) -> bool:
-        return self.playing and self.run == run
-
-
-# "back", "forward" and "play" count from the step the page shows when pressed, read from its status line: the
-# slider's value can already hold a step the server sent that the page has not drawn yet (while playing)
-SHOWN_STEP_JS = """(view, k, ...rest) => {
-    const found = (document.querySelector('#step-status')?.textContent || '').match(/Step (\\d+) of/);
-    return [view, found ? parseInt(found[1]) : k, ...rest];
-}"""
 
 
 def _user_error(msg: str):
@@ -417,6 +394,8 @@ class Handlers:
     def __init__(self, m: Models, ui: UI | None = None):
         self.m = m
         self.ui = ui if ui is not None else UI.detached()
+        self._runs = itertools.count(1)  # each caption's views carry their own run, so the page's playback stops
+        self._frames: dict = {}  # model name -> (its vocabulary map, MapFrame, background PNG)
 
     # ------------------------------------------------------------------ helpers (formatting only)
     def _load(self, image):
@@ -468,8 +447,8 @@ class Handlers:
         s = view_steps[k]
         total = total or len(view_steps)
         mean = sum(s.confidence) / len(s.confidence)
-        return (f"**Step {k + 1} of {total}** · timestep t = {s.t} · mean confidence {mean:.2f} · "
-                f"caption: *{html.escape(s.text) or '(empty)'}*")
+        return (f"<b>Step {k + 1} of {total}</b> · timestep t = {s.t} · mean confidence {mean:.2f} · "
+                f"caption: <i>{html.escape(s.text) or '(empty)'}</i>")
 
     def _table(self, steps) -> list[list]:
         rows = []
@@ -494,17 +473,14 @@ class Handlers:
             self.m.traces.popitem(last=False)
 
     # ------------------------------------------------------------------ the caption stream
-    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
-                       playback: Playback | None = None):
-        """Yield the caption at every denoising step; the last yield adds plots, table and baseline. A new
-        caption stops the session's playback. When it cannot caption (no image, a broken file, bad settings),
-        it first clears what the page showed of the previous caption, then raises the message."""
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
+        """Yield the caption at every denoising step, the views filling as the steps come; the last yield
+        holds every step's views, the table and the baseline. When it cannot caption (no image, a broken
+        file, bad settings), it first clears what the page showed of the previous caption, then raises the
+        message."""
         try:
-            yield from self._caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model,
-                                            playback)
+            yield from self._caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
         except gr.Error as e:
-            if playback is not None:
-                playback.stop()
             yield self.cleared(e.message)
             raise
 
@@ -515,18 +491,17 @@ class Handlers:
         note = f"No caption: {html.escape(why)}" if why else "The caption appears here as it is denoised."
         return {u.chips: f"<div class='dc-note dc-error'>{note}</div>", u.status: "", u.ood_note: "",
                 u.slider: gr.Slider(minimum=1, maximum=2, value=1, interactive=False, label="Step"),
-                u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
+                u.heat: "", u.traj: "", u.map_note: "", u.table: [], u.map_positions: no_positions(),
                 u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
-                u.timer: gr.Timer(active=False), u.map_timer: gr.Timer(active=False)}
+                u.map_timer: gr.Timer(active=False)}
 
-    def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback):
+    def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model):
         img = self._load(image)
         name = self.m.name(model)
         s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
         key = (name, scene_key(img), tuple(sorted(s.items())))
         u = self.ui
-        if playback is not None:
-            playback.stop()
+        run = f"{next(self._runs)}"
         memo = self.m.traces.get(key)
         if memo is not None:
             view = View(steps=memo.steps, seconds=memo.seconds, first_step_seconds=memo.first_step_seconds,
@@ -537,6 +512,7 @@ class Handlers:
             view = None
             step_iter, ood = self._steps(name, img, s)
         done, first, busy, shown = [], None, 0.0, time.perf_counter()  # busy: time spent computing, not waiting
+        views_at = 0.0  # when the heatmap and map were last streamed (they are redrawn at most every VIEWS_STREAM_S)
         total = s["steps"]
         while True:
             tc = time.perf_counter()
@@ -548,15 +524,19 @@ class Handlers:
                 raise _user_error(str(e)) from None
             busy += time.perf_counter() - tc
             done.append(step)
-            update = {u.chips: self._chips(step), u.status: self._status(done, len(done) - 1, total)}
+            update = {u.chips: stepped_frames([self._chips(step)], run=run, kind="chips"),
+                      u.status: stepped_frames([self._status(done, len(done) - 1, total)], run=run, kind="status")}
+            if time.perf_counter() - views_at >= VIEWS_STREAM_S:
+                update.update(self._views(done, len(done), kind, None, name, run, total))
+                views_at = time.perf_counter()
             if first is None:
                 first = busy
                 # the first update also clears what belonged to the previous image
-                yield {**update, u.ood_note: ood_notice(ood),
+                yield {u.heat: "", u.traj: "", **update, u.ood_note: ood_notice(ood),
                        u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
-                       u.heat: None, u.traj: None, u.map_note: "", u.table: [], u.map_positions: no_positions(),
+                       u.map_note: "", u.table: [], u.map_positions: no_positions(),
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
-                       u.timer: gr.Timer(active=False), u.map_timer: gr.Timer(active=False)}
+                       u.map_timer: gr.Timer(active=False)}
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
@@ -575,20 +555,19 @@ class Handlers:
             self._remember(key, View(view.steps, view.seconds, view.first_step_seconds, view.baseline,
                                      view.baseline_seconds, model=name, ood=ood, token_confidence=view.token_confidence,
                                      caption_confidence=view.caption_confidence))
+        view.run = run
         final = view.steps[-1].tokens
         yield {**self.show(view, len(view.steps), kind), u.table: self._table(view.steps),
                u.map_positions: gr.CheckboxGroup(choices=[(f"{p} {final[p]}", p) for p in shown_positions(final)],
                                                  value=content_positions(final)),
-               u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s),
-               u.timer: gr.Timer(active=False)}
+               u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s)}
 
-    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
-                     playback: Playback | None = None):
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         if image is None or image == "":
             yield gr.skip()  # one skip for all of the event's outputs
             return
-        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model, playback)
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
 
     def choose_model(self, model):
         """A model picked: its own sampling defaults in the settings, and the line on what it is."""
@@ -601,29 +580,56 @@ class Handlers:
                 u.model_line: model_note(cap)}
 
     # ------------------------------------------------------------------ the step viewer
+    # The server draws every step of a trace once; the page shows any of them (slider, step buttons, play and
+    # pause, the map's kind and positions) with STEP_VIEWER_JS, without a round trip.
+    def _map_of(self, name: str):
+        """The model's vocabulary map with its drawing frame and background PNG (made once per map), or None."""
+        vmap = self.m.vocab_jobs[name].poll()
+        if vmap is None:
+            return None
+        got = self._frames.get(name)
+        if got is None or got[0] is not vmap:
+            frame = MapFrame(vmap.coords)
+            got = self._frames[name] = (vmap, frame, frame.background())
+        return got
+
+    def _views(self, steps, k: int, kind, positions, name: str, run: str, total: int | None = None,
+               points: dict | None = None) -> dict:
+        """The heatmap and the trajectory map of ``steps`` (step ``k`` shown), the map only once it is there;
+        ``points`` are the steps placed on it (None: placed here)."""
+        u = self.ui
+        out = {u.heat: heatmap_html(steps, current=k - 1, run=run, total=total)}
+        mapped = self._map_of(name)
+        if mapped is not None:
+            vmap, frame, background = mapped
+            if points is None:
+                points = {"predicted x0": vmap.place(torch.stack([s.x0_pred for s in steps])),
+                          "noisy x_t": vmap.place(torch.stack([s.x_t for s in steps]))}
+            kind = kind if kind in TRAJECTORY_KINDS else TRAJECTORY_KINDS[0]
+            out[u.traj] = trajectory_svg(vmap.coords, vmap.tokens, points, steps, current=k - 1, run=run, kind=kind,
+                                         positions=positions, method=vmap.method.upper(), background=background,
+                                         frame=frame)
+        return out
+
     def show(self, view: View | None, k, kind, positions=None):
-        """Render step ``k`` (1-based) of the session's trace: chips, status, heatmap, trajectory map (of the
-        caption ``positions`` picked; None: the caption's words)."""
+        """The step viewer of the session's trace, step ``k`` (1-based) shown: every step's chips and status
+        line, the heatmap and the trajectory map (of the caption ``positions`` picked; None: its words)."""
         u = self.ui
         if view is None:
-            return {u.view: None}
+            return {u.view: None, u.map_timer: gr.Timer(active=False)}
         S = len(view.steps)
         k = int(min(max(1, S if k is None else int(k)), S))
-        i = k - 1
-        heat = confidence_heatmap(view.steps, current=i)
         note = self._map_points(view)
-        traj = None
-        if view.points is not None:
-            vmap = self.m.vocab_jobs[view.model or self.m.default].map
-            kind = kind if kind in TRAJECTORY_KINDS else TRAJECTORY_KINDS[0]
-            traj = trajectory_map(vmap.coords, vmap.tokens, view.points[kind], view.steps, current=i, what=kind,
-                                  method=vmap.method.upper(), positions=picked_positions(view, positions))
+        chips = stepped_frames([self._chips(st, view.token_confidence if i == S - 1 else None)
+                                for i, st in enumerate(view.steps)], current=k - 1, run=view.run, kind="chips")
+        status = stepped_frames([self._status(view.steps, i) for i in range(S)], current=k - 1, run=view.run,
+                                kind="status")
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
-        chips = self._chips(view.steps[i], view.token_confidence if k == S else None)
-        return {u.slider: slider, u.chips: chips, u.status: self._status(view.steps, i),
-                u.heat: heat, u.traj: traj, u.map_note: note, u.view: view,
-                u.map_timer: gr.Timer(active=self._map_pending(view))}
+        views = self._views(view.steps, k, kind, picked_positions(view, positions), view.model or self.m.default,
+                            view.run, points=view.points)
+        return {u.heat: "", u.traj: "", **views, u.slider: slider, u.chips: chips, u.status: status,
+                u.map_note: note, u.view: view, u.map_timer: gr.Timer(active=self._map_pending(view))}
 
     def _map_pending(self, view: View) -> bool:
         """Whether the shown trace waits for a vocabulary map still being computed (the page then polls)."""
@@ -631,61 +637,15 @@ class Handlers:
         return view.points is None and job.poll() is None and not job.error
 
     def map_ready(self, view, k, kind, positions=None):
-        """The page's poll while the vocabulary map is computed: once it is there (or has failed), the step
-        shown is drawn again with its trajectories (or the reason there are none); until then nothing changes."""
+        """The page's poll while the vocabulary map is computed: once it is there (or has failed), the map is
+        drawn, step ``k`` (the step the page shows) current; until then nothing changes."""
+        u = self.ui
         if view is None:
-            return {self.ui.map_timer: gr.Timer(active=False)}
+            return {u.map_timer: gr.Timer(active=False)}
         if self._map_pending(view):
             return gr.skip()
-        return self.show(view, k, kind, positions)
-
-    # Playback: the timer ticks while the session's Playback is playing. Pause, a scrub, a step button or a new
-    # caption stops it (a new run); a tick that sees it stopped, or stopped while it drew its step, shows
-    # nothing and turns the timer off, so a pause is never undone by a tick in flight.
-    def goto(self, view, k, kind, playback: Playback | None = None, positions=None):
-        if playback is not None:
-            playback.stop()
-        return {**self.show(view, k, kind, positions), self.ui.timer: gr.Timer(active=False)}
-
-    def redraw(self, view, k, kind, positions=None):
-        """The step shown drawn again (other positions picked for the map); playback, if on, plays on."""
-        return self.show(view, k, kind, positions)
-
-    def step_by(self, delta):
-        def fn(view, k, kind, playback: Playback | None = None, positions=None):
-            if view is None:
-                return self.goto(view, k, kind, playback, positions)
-            S = len(view.steps)
-            target = 1 if delta == "first" else S if delta == "last" else (S if k is None else int(k)) + delta
-            return self.goto(view, target, kind, playback, positions)
-
-        return fn
-
-    def play(self, view, k, kind, playback: Playback, positions=None):
-        if view is None or len(view.steps) < 2:
-            return self.goto(view, k, kind, playback, positions)
-        start = 1 if int(k or 1) >= len(view.steps) else int(k)
-        run = playback.start()
-        out = self.show(view, start, kind, positions)
-        return {**out, self.ui.timer: gr.Timer(active=playback.current(run))}
-
-    def pause(self, playback: Playback):
-        playback.stop()
-        return {self.ui.timer: gr.Timer(active=False)}
-
-    def tick(self, view, k, kind, playback: Playback, positions=None):
-        off = {self.ui.timer: gr.Timer(active=False)}
-        if view is None or not playback.playing:
-            return off
-        run = playback.run
-        S = len(view.steps)
-        nxt = min(int(k or 1) + 1, S)
-        out = self.show(view, nxt, kind, positions)
-        if not playback.current(run):  # paused (or scrubbed, or captioned anew) while this step was drawn
-            return off
-        if nxt >= S:
-            playback.stop()
-        return {**out, self.ui.timer: gr.Timer(active=nxt < S)}
+        drawn = self.show(view, k, kind, positions)
+        return {c: drawn[c] for c in (u.traj, u.map_note, u.view, u.map_timer)}
 
     # ------------------------------------------------------------------ the API endpoint
     def _steps(self, name: str, img, s: dict):
@@ -927,16 +887,12 @@ def _evaluations(path: str) -> list[str]:
 CSS = """
 #step-controls button {min-width: 0 !important; padding-left: 8px; padding-right: 8px}
 #caption-chips {min-height: 64px}
+.dc-head b {font-size: 1.1em}
 .dc-note {color: #666; font-size: 0.9em}
 .dc-ood {background: #fff4e5; border-left: 4px solid #e8590c; padding: 6px 10px; margin-bottom: 6px}
-/* a narrow window (a phone): the plots keep their drawn size, so their text stays readable (a 20-step heatmap is
-   1400 px wide; fitted into 390 px its labels were 2 px tall), and each scrolls sideways in its own box, not the page */
-@media (max-width: 760px) {
-  #heatmap .matplotlib, #trajectories .matplotlib {display: block; overflow-x: auto; max-width: 100%;
-                                                   -webkit-overflow-scrolling: touch}
-  #heatmap .matplotlib img, #trajectories .matplotlib img {max-width: none !important; width: auto !important;
-                                                           height: auto !important}
-}
+/* the heatmap and the map keep their drawn size, so their text stays readable on a phone; each scrolls
+   sideways in its own box (.dc-scroll), not the page */
+#heatmap, #trajectories {min-width: 0; max-width: 100%}
 """
 
 
@@ -951,9 +907,7 @@ def build(m: Models, url: str | None = None):
                     "and removes the noise step by step; each position is rounded to its nearest token, with a "
                     "confidence. Pick an image, then scrub through the steps.")
         view = gr.State(None)
-        playback = gr.State(Playback())
         scene_state = gr.State(None)
-        timer = gr.Timer(PLAY_INTERVAL_S, active=False)
         # polls for the vocabulary map while a child process computes it, so a caption shown before the map
         # was ready gets its trajectories without a click
         map_timer = gr.Timer(MAP_POLL_S, active=False)
@@ -993,11 +947,14 @@ def build(m: Models, url: str | None = None):
                                                        "trailing^k packs them towards the noisy end")
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Column(scale=8, min_width=420):
-                        gr.Markdown("#### Diffusion caption (each token coloured by its confidence: the rounding probability while it denoises, at the last step the calibrated probability that the word is right)")
+                        # the step viewer: caption, status, step controls and both views, on one screen at 1366x768
+                        gr.HTML("<div class='dc-head'><b>Diffusion caption</b> <span class='dc-note'>each token "
+                                "coloured by its confidence: the rounding probability while it denoises, at the last "
+                                "step the calibrated probability that the word is right</span></div>")
                         ood_note = gr.HTML("", elem_id="ood-note")
                         chips = gr.HTML("<div class='dc-note'>The caption appears here as it is denoised.</div>",
                                         elem_id="caption-chips")
-                        status = gr.Markdown("", elem_id="step-status")
+                        status = gr.HTML("", elem_id="step-status")
                         slider = gr.Slider(1, 2, value=1, step=1, label="Step", interactive=False,
                                            elem_id="step-slider")
                         with gr.Row(elem_id="step-controls"):
@@ -1007,22 +964,24 @@ def build(m: Models, url: str | None = None):
                             pause_b = gr.Button("❚❚ pause", size="sm", min_width=60, elem_id="pause-button")
                             next_b = gr.Button("forward ▶", size="sm", min_width=60)
                             last_b = gr.Button("last ▶|", size="sm", min_width=60)
+                        with gr.Row(equal_height=False, elem_id="step-views"):
+                            with gr.Column(scale=1, min_width=300):
+                                heat = gr.HTML("", elem_id="heatmap")
+                            with gr.Column(scale=1, min_width=300):
+                                traj = gr.HTML("", elem_id="trajectories")
+                                map_note = gr.Markdown("", elem_classes=["dc-note"])
+                        with gr.Accordion("The map: which trajectories, which positions, how to read it", open=False,
+                                          elem_id="map-settings"):
+                            with gr.Row(equal_height=False):
+                                kind = gr.Radio(list(TRAJECTORY_KINDS), value=TRAJECTORY_KINDS[0], label="Trajectories of")
+                                map_positions = gr.CheckboxGroup([], value=[], label="Positions on the map",
+                                                                 info="whose paths to draw (position and final token; "
+                                                                      "at first the caption's words)",
+                                                                 elem_id="map-positions")
+                            gr.Markdown(TRAJECTORY_HELP, elem_classes=["dc-note"])
                         gr.Markdown("#### Autoregressive baseline (same image; each token coloured by its probability)")
                         base_html = gr.HTML(baseline_html(m, None), elem_id="baseline")
                         timing = gr.Markdown("", elem_id="timing")
-                heat = gr.Plot(label="Confidence: tokens × steps", show_label=False, elem_id="heatmap", format="png")
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=7):
-                        traj = gr.Plot(label="Embedding trajectories on the vocabulary map", show_label=False,
-                                       elem_id="trajectories", format="png")
-                    with gr.Column(scale=3, min_width=240):
-                        kind = gr.Radio(list(TRAJECTORY_KINDS), value=TRAJECTORY_KINDS[0], label="Trajectories of")
-                        map_positions = gr.CheckboxGroup([], value=[], label="Positions on the map",
-                                                         info="whose paths to draw (position and final token; "
-                                                              "at first the caption's words)",
-                                                         elem_id="map-positions")
-                        gr.Markdown(TRAJECTORY_HELP, elem_classes=["dc-note"])
-                        map_note = gr.Markdown("", elem_classes=["dc-note"])
                 with gr.Accordion("The caption at every step", open=False):
                     table = gr.Dataframe(headers=["step", "t", "caption", "mean confidence", "lowest confidence"],
                                          datatype=["number", "number", "str", "number", "number"], value=[],
@@ -1070,41 +1029,36 @@ def build(m: Models, url: str | None = None):
         # ------------------------------------------------------------------ events
         ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note,
                 map_positions=map_positions, table=table,
-                base_html=base_html, timing=timing, view=view, timer=timer, map_timer=map_timer, steps=steps,
+                base_html=base_html, timing=timing, view=view, map_timer=map_timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
         h = on_gpu(Handlers(m, ui))
         settings = [steps, sampler, guidance, clamp, seed]
-        stream_out, step_out = ui.stream_outputs, ui.step_outputs
+        stream_out = ui.stream_outputs
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
-        run.click(h.caption_stream, [image] + settings + [kind, spacing, model, playback], stream_out,
+        run.click(h.caption_stream, [image] + settings + [kind, spacing, model], stream_out,
                   api_visibility="undocumented", api_name="caption_ui", **model_events)
-        image.change(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out,
+        image.change(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out,
                      api_visibility="undocumented", trigger_mode="always_last", **model_events)
         # another model: its own defaults in the settings, then the same image captioned by it
         model.input(h.choose_model, model, ui.model_outputs,
                     api_visibility="undocumented").then(
-            h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
+            h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
             **model_events)
-        # every event that changes the step shown runs in one queue, one at a time, so their updates reach the
-        # page in the order they were pressed: a tick drawn while "back" waits lands before back's step, not
-        # after it (pause alone skips the queue, so it is never stuck behind the ticks it is meant to stop)
-        steps_queue = dict(concurrency_id="playback", concurrency_limit=1, api_visibility="undocumented")
-        slider.input(h.goto, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last",
-                     **steps_queue)
-        kind.change(h.goto, [view, slider, kind, playback, map_positions], step_out, **steps_queue)
-        for b, delta in ((first_b, "first"), (prev_b, -1), (next_b, 1), (last_b, "last")):
-            b.click(h.step_by(delta), [view, slider, kind, playback, map_positions], step_out, js=SHOWN_STEP_JS,
-                    **steps_queue)
-        map_positions.input(h.redraw, [view, slider, kind, map_positions], step_out, trigger_mode="always_last",
-                            **steps_queue)
-        play_b.click(h.play, [view, slider, kind, playback, map_positions], step_out, js=SHOWN_STEP_JS,
-                     **steps_queue)
-        pause_b.click(h.pause, playback, {timer}, api_visibility="undocumented", queue=False)
-        timer.tick(h.tick, [view, slider, kind, playback, map_positions], step_out, trigger_mode="always_last",
-                   **steps_queue)
-        map_timer.tick(h.map_ready, [view, slider, kind, map_positions], step_out, js=SHOWN_STEP_JS,
-                       trigger_mode="always_last", **steps_queue)
+        # the step shown, the map's kind and its positions change in the page alone (STEP_VIEWER_JS): the server
+        # sent every step's views with the caption
+        viewer = "window.dcViewer"
+        slider.input(None, slider, None, js=f"(k) => {{ {viewer}.show(k); }}")
+        for b, delta in ((first_b, "'first'"), (prev_b, "-1"), (next_b, "1"), (last_b, "'last'")):
+            b.click(None, None, None, js=f"() => {{ {viewer}.by({delta}); }}")
+        play_b.click(None, None, None, js=f"() => {{ {viewer}.play({PLAY_INTERVAL_MS}); }}")
+        pause_b.click(None, None, None, js=f"() => {{ {viewer}.pause(); }}")
+        kind.input(None, kind, None, js=f"(k) => {{ {viewer}.kind(k); }}")
+        map_positions.input(None, map_positions, None, js=f"(p) => {{ {viewer}.positions(p); }}")
+        # a caption shown before its vocabulary map was ready: the map drawn when it is, at the step the page shows
+        map_timer.tick(h.map_ready, [view, slider, kind, map_positions], ui.map_outputs,
+                       js=f"(v, k, kind, p) => [v, {viewer}.current(), kind, p]", trigger_mode="always_last",
+                       api_visibility="undocumented")
 
         # the API takes the image as a plain file, so the library's loader (not the Image component's
         # preprocessing) reads it and a broken file gets the loader's message
@@ -1137,7 +1091,7 @@ def build(m: Models, url: str | None = None):
 
         demo.load(about_here, None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
-        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model, playback], stream_out, api_visibility="undocumented",
+        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
                   **model_events)
     return demo
 
@@ -1155,7 +1109,8 @@ def main(argv=None) -> int:
     print(f"diffusion-caption app: {', '.join(m.caps)} loaded in {m.load_seconds:.1f} s (default {m.default}), page "
           f"built in {time.perf_counter() - t0 - m.load_seconds:.1f} s; {m.vocab_job.status}; {m.baseline_note}", flush=True)
     try:
-        demo.launch(server_name=host, server_port=port, css=CSS, footer_links=["api", "gradio"], show_error=True,
+        demo.launch(server_name=host, server_port=port, css=CSS + STEP_VIEWER_CSS, head=STEP_VIEWER_JS,
+                    footer_links=["api", "gradio"], show_error=True,
                     allowed_paths=[EXAMPLES_DIR, os.path.abspath(args.examples)])
     except OSError as e:
         print(f"error: cannot serve on {host}:{port}: {e}", file=sys.stderr)

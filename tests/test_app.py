@@ -1,4 +1,5 @@
 """The app: its ``/caption`` API through gradio_client against a running server, and its event handlers."""
+import html
 import os
 import re
 
@@ -6,8 +7,10 @@ import gradio as gr
 import pytest
 import torch
 from gradio.blocks import Block
-from matplotlib.figure import Figure
 
+from diffusion_caption.viz.common import is_special, shown_positions
+
+from app import content_positions
 from app_server import running_app, save_tiny_baseline, save_tiny_checkpoint, write_examples
 
 STEPS = 5
@@ -20,11 +23,6 @@ def got(update, component):
         return gr.skip()
     assert update and all(isinstance(k, Block) for k in update), update
     return update.get(component, gr.skip())
-
-
-def step_view(ui):
-    """The components a step's view updates (the order the old positional tuples had)."""
-    return ui.slider, ui.chips, ui.status, ui.heat, ui.traj, ui.map_note, ui.view, ui.timer
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +105,11 @@ def test_caption_stream_yields_every_step_then_plots(handlers, app_files):
     assert "Step 1 of 5" in first_status and "confidence" in first_chips
     chips, status, slider, heat, traj, note, table, base, timing, view, timer = (
         got(out[-1], c) for c in (ui.chips, ui.status, ui.slider, ui.heat, ui.traj, ui.map_note, ui.table,
-                                  ui.base_html, ui.timing, ui.view, ui.timer))
-    assert timer.active is False
+                                  ui.base_html, ui.timing, ui.view, ui.map_timer))
+    assert timer.active is False  # the map was there: nothing to poll for
     assert isinstance(view, View) and len(view.steps) == STEPS
     assert "Step 5 of 5" in status
-    assert isinstance(heat, Figure) and isinstance(traj, Figure) and note == ""
+    assert "class='dc-heat'" in heat and "<svg" in traj and note == ""
     assert len(table) == STEPS and table[-1][2] == view.steps[-1].text
     assert "No baseline loaded" in base
     assert "first step after" in timing and "replayed" not in timing
@@ -146,15 +144,14 @@ def test_a_caption_shown_before_the_vocabulary_map_is_ready_gets_its_map_when_it
     try:
         final = list(handlers.caption_stream(app_files["examples"][2], STEPS, "ddim", 1.0, False, 4, "predicted x0"))[-1]
         view = got(final, ui.view)
-        assert got(final, ui.traj) is None and "being computed" in got(final, ui.map_note)
+        assert got(final, ui.traj) == "" and "being computed" in got(final, ui.map_note)
         assert got(final, ui.map_timer).active is True
         assert handlers.map_ready(view, STEPS, "predicted x0") == gr.skip()  # still computing: nothing changes
         os.kill(job.proc.pid, signal.SIGCONT)
         assert job.wait(120) is not None, job.error
         drawn = handlers.map_ready(view, STEPS, "predicted x0")
-        assert set(drawn) <= ui.step_outputs
-        assert isinstance(got(drawn, ui.traj), Figure) and got(drawn, ui.map_note) == ""
-        assert got(drawn, ui.map_timer).active is False and "Step 5 of 5" in got(drawn, ui.status)
+        assert set(drawn) <= ui.map_outputs and "<svg" in got(drawn, ui.traj) and got(drawn, ui.map_note) == ""
+        assert got(drawn, ui.map_timer).active is False and "step 5 of 5" in got(drawn, ui.traj)
         # no view (an error emptied the viewer): the poll stops
         assert got(handlers.map_ready(None, 1, "predicted x0"), ui.map_timer).active is False
     finally:
@@ -164,115 +161,89 @@ def test_a_caption_shown_before_the_vocabulary_map_is_ready_gets_its_map_when_it
         m.vocab_jobs[m.default] = ready
 
 
-def test_step_viewer_scrubs_and_plays(handlers, app_files):
-    from app import Playback
+def _root_attr(fragment: str, kind: str, attr: str) -> str:
+    """An attribute of a step-viewer fragment's root (``dc-stepped dc-<kind>``)."""
+    m = re.search(rf"<div class='dc-stepped dc-{kind}' ([^>]*)>", fragment)
+    assert m, fragment[:200]
+    return dict(re.findall(r"(data-\w+)='([^']*)'", m.group(1)))[attr]
 
-    ui, pb = handlers.ui, Playback()
+
+def _current_frame(fragment: str) -> str:
+    """The HTML of a stepped_frames fragment's current frame."""
+    m = re.search(r"<div class='dc-frame cur' data-s='\d+'>(.*?)</div>(?=<div class='dc-frame|</div>$)", fragment, re.S)
+    assert m, fragment[:300]
+    return m.group(1)
+
+
+def test_the_step_viewer_holds_every_step_and_shows_the_one_asked(handlers, app_files):
+    """The server sends every step's views once (the page then shows any step without it): the chips and the
+    status line of each step as frames, the heatmap's columns and the map's points of every step, each element
+    tagged with its step, the step asked for marked current and the later ones future."""
+    ui = handlers.ui
     out = list(handlers.caption_stream(app_files["examples"][1], STEPS, "ddpm", 2.0, True, 1, "predicted x0"))
     view = got(out[-1], ui.view)
-    pb.start()
-    shown = handlers.goto(view, 2, "noisy x_t", pb)
+    shown = handlers.show(view, 2, "noisy x_t")
     assert set(shown) <= ui.step_outputs
-    slider, chips, status, heat, traj, note, v, timer = (got(shown, c) for c in step_view(ui))
-    playing = pb.playing
-    assert slider.value == 2 and "Step 2 of 5" in status and v is view and playing is False
-    assert "step 2 of 5" in traj.axes[0].get_title() and traj.axes[0].get_title().startswith("noisy x_t")
-    assert got(handlers.step_by("first")(view, 4, "predicted x0"), ui.slider).value == 1
-    assert got(handlers.step_by("last")(view, 2, "predicted x0"), ui.slider).value == STEPS
-    assert got(handlers.step_by(-1)(view, 1, "predicted x0"), ui.slider).value == 1  # clamped at the first step
-    assert got(handlers.step_by(1)(view, 3, "predicted x0"), ui.slider).value == 4
-    # play from the end restarts at step 1; ticks advance while playing and stop at the last step
-    played = handlers.play(view, STEPS, "predicted x0", pb)
-    assert got(played, ui.slider).value == 1 and got(played, ui.timer).active is True and pb.playing is True
-    tick = handlers.tick(view, 2, "predicted x0", pb)
-    assert got(tick, ui.slider).value == 3 and pb.playing is True
-    tick = handlers.tick(view, STEPS - 1, "predicted x0", pb)
-    assert got(tick, ui.slider).value == STEPS and got(tick, ui.timer).active is False and pb.playing is False
-    # after a pause, a tick that was already queued changes nothing and keeps the timer off
-    handlers.play(view, 1, "predicted x0", pb)
-    paused = handlers.pause(pb)
-    timer, playing = got(paused, ui.timer), pb.playing
-    assert timer.active is False and playing is False
-    late = handlers.tick(view, 2, "predicted x0", pb)
-    assert all(isinstance(got(late, c), type(gr.skip())) for c in step_view(ui)[:7])
-    assert got(late, ui.timer).active is False
-    # nothing captioned yet in this session: nothing to show, no error
-    assert got(handlers.goto(None, 3, "predicted x0"), ui.view) is None
-
-
-def _drawn_positions(fig, points_at_step):
-    """Which caption positions a trajectory map draws: those whose ringed current-step marker (the size-95
-    scatter) sits at the position's point of the current step (``points_at_step``: [L, 2])."""
-    import numpy as np
-    from matplotlib.collections import LineCollection, PathCollection
-
-    ax = fig.axes[0]
-    rings = [c.get_offsets()[0] for c in ax.collections
-             if isinstance(c, PathCollection) and len(c.get_sizes()) and c.get_sizes()[0] == 95]
-    drawn = sorted(p for p in range(len(points_at_step))
-                   if any(np.allclose(r, points_at_step[p], atol=1e-5) for r in rings))
-    assert len(rings) == sum(isinstance(c, LineCollection) for c in ax.collections) == len(drawn)
-    return drawn
+    slider, chips, status, heat, traj = (got(shown, c) for c in (ui.slider, ui.chips, ui.status, ui.heat, ui.traj))
+    assert slider.value == 2 and slider.maximum == STEPS and slider.interactive
+    for fragment, kind in ((chips, "chips"), (status, "status"), (heat, "heatmap"), (traj, "map")):
+        assert _root_attr(fragment, kind, "data-n") == str(STEPS) and _root_attr(fragment, kind, "data-cur") == "2"
+        assert _root_attr(fragment, kind, "data-run") == view.run != ""
+    assert status.count("class='dc-frame") == STEPS and "Step 2 of 5" in re.sub(r"<[^>]+>", "", _current_frame(status))
+    for k in range(1, STEPS + 1):
+        assert f"Step {k} of {STEPS}" in status and f"caption: <i>{html.escape(view.steps[k - 1].text)}" in status
+    assert chips.count("class='dc-frame") == STEPS and "title='position" in _current_frame(chips)
+    # the heatmap: a cell per shown position and step, the current column outlined, the later ones future
+    rows = heat.count("<th class='dc-pos'>") - 1
+    assert rows == len(shown_positions(view.steps[-1].tokens))
+    assert heat.count("<td data-s='2' class='cur") == rows and heat.count("<td data-s='3' class='future") == rows
+    conf = view.steps[0].confidence[0]
+    assert f"position 0, step 1 (t = {view.steps[0].t}): {html.escape(view.steps[0].tokens[0], quote=True)}, " \
+           f"confidence {conf:.3f}" in heat
+    # the map: both kinds, the kind asked for shown, a marker per step and position
+    assert _root_attr(traj, "map", "data-kind") == "xt" and "dc-kind-x0" in traj and "dc-kind-xt" in traj
+    assert "step 2 of 5" in traj and "<svg" in traj and "data:image/png;base64," in traj
+    words = content_positions(view.steps[-1].tokens)
+    assert traj.count("class='dc-mark cur'") == 2 * len(words)  # each kind's marker at step 2
+    # out-of-range steps are clamped; nothing captioned yet in this session: nothing to show, no error
+    assert got(handlers.show(view, 99, "predicted x0"), ui.slider).value == STEPS
+    assert got(handlers.show(view, 0, "predicted x0"), ui.slider).value == 1
+    assert got(handlers.show(None, 3, "predicted x0"), ui.view) is None
 
 
 def test_the_map_draws_the_positions_picked(handlers, app_files):
     """With many positions the map is a tangle: the person picks which caption positions it draws (at first the
-    caption's words); scrubbing, the step buttons and playback keep the pick; a new caption offers its own."""
-    from app import Playback
-    from diffusion_caption.viz.plots import is_special
+    caption's words; the page hides the others itself); a new caption offers its own."""
+    from diffusion_caption.viz.step_viewer import drawn_positions
 
-    ui, pb = handlers.ui, Playback()
+    ui = handlers.ui
     out = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
     view, pick = got(out[-1], ui.view), got(out[-1], ui.map_positions)
     final = view.steps[-1].tokens
     words = [p for p in range(len(final)) if final[p] != "[PAD]" and not is_special(final[p])]
     assert [v for _, v in pick.choices][0] == 0 and pick.value == words
     assert all(label == f"{p} {final[p]}" for label, p in pick.choices)
-    pts = view.points["predicted x0"]
-    assert _drawn_positions(got(out[-1], ui.traj), pts[STEPS - 1]) == words
+    assert drawn_positions(got(out[-1], ui.traj)) == words
     assert got(out[0], ui.map_positions).choices == []  # while it streams, no positions of the last image
-    chosen = [1, 3]
-    drawn = handlers.redraw(view, 3, "predicted x0", chosen)
-    assert set(drawn) <= ui.step_outputs and got(drawn, ui.slider).value == 3
-    assert _drawn_positions(got(drawn, ui.traj), pts[2]) == chosen
-    assert "of 2 caption positions" in got(drawn, ui.traj).axes[0].get_title()
-    assert _drawn_positions(got(handlers.goto(view, 4, "noisy x_t", pb, [2]), ui.traj),
-                            view.points["noisy x_t"][3]) == [2]
-    assert _drawn_positions(got(handlers.step_by(-1)(view, 4, "predicted x0", pb, chosen), ui.traj), pts[2]) == chosen
-    handlers.play(view, 1, "predicted x0", pb, chosen)
-    assert _drawn_positions(got(handlers.tick(view, 1, "predicted x0", pb, chosen), ui.traj), pts[1]) == chosen
+    assert drawn_positions(got(handlers.show(view, 3, "predicted x0", [1, 3]), ui.traj)) == [1, 3]
     # none picked: the vocabulary alone; positions that are not the trace's are left out
-    assert _drawn_positions(got(handlers.redraw(view, 2, "predicted x0", []), ui.traj), pts[1]) == []
-    assert _drawn_positions(got(handlers.redraw(view, 2, "predicted x0", [0, 99, -1, "x"]), ui.traj), pts[1]) == [0]
+    assert drawn_positions(got(handlers.show(view, 2, "predicted x0", []), ui.traj)) == []
+    assert drawn_positions(got(handlers.show(view, 2, "predicted x0", [0, 99, -1, "x"]), ui.traj)) == [0]
 
 
-def test_a_pause_during_a_tick_is_not_undone_by_it(handlers, app_files, monkeypatch):
-    """A tick takes a while to draw its step; pause, a step button or a new caption pressed meanwhile stops
-    playback, and the tick then shows nothing and leaves the timer off (issue 30: pause that pauses)."""
-    from app import Playback
+def test_the_views_fill_as_the_steps_stream(handlers, app_files, monkeypatch):
+    """While a caption streams, its heatmap (the steps still to come blank) and its map are drawn with the
+    steps so far, so the views are never empty while the caption forms."""
+    import app
 
-    ui, pb = handlers.ui, Playback()
-    image = app_files["examples"][1]
-    view = got(list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0"))[-1], ui.view)
-    show = handlers.show
-    for interrupt in (lambda: handlers.pause(pb), lambda: handlers.step_by("first")(view, 3, "predicted x0", pb),
-                      lambda: list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0",
-                                                           None, None, pb))):
-        assert got(handlers.play(view, 1, "predicted x0", pb), ui.timer).active is True and pb.playing
-
-        def drawn_while_interrupted(*a, _interrupt=interrupt):
-            monkeypatch.setattr(handlers, "show", show)
-            _interrupt()  # pressed while this tick draws its step
-            return show(*a)
-
-        monkeypatch.setattr(handlers, "show", drawn_while_interrupted)
-        late = handlers.tick(view, 1, "predicted x0", pb)
-        assert late == {ui.timer: late[ui.timer]} and late[ui.timer].active is False and pb.playing is False
-        # and the next tick, already queued, does nothing either
-        assert set(handlers.tick(view, 2, "predicted x0", pb)) == {ui.timer}
-    # a tick left alone still plays on
-    handlers.play(view, 1, "predicted x0", pb)
-    assert got(handlers.tick(view, 1, "predicted x0", pb), ui.slider).value == 2 and pb.playing
+    monkeypatch.setattr(app, "VIEWS_STREAM_S", 0.0)  # every streamed step redraws them (the app paces this)
+    ui = handlers.ui
+    out = list(handlers.caption_stream(app_files["examples"][2], STEPS, "ddim", 1.0, False, 7, "predicted x0"))
+    for k, update in enumerate(out[:STEPS], 1):
+        heat, traj = got(update, ui.heat), got(update, ui.traj)
+        assert _root_attr(heat, "heatmap", "data-n") == str(k) and _root_attr(traj, "map", "data-n") == str(k)
+        assert heat.count("<th class='dc-todo'>") == STEPS - k
+        assert f"Step {k} of {STEPS}" in got(update, ui.status)
 
 
 def test_user_errors_are_messages(handlers, app_files):
@@ -295,11 +266,10 @@ def test_an_error_clears_the_old_caption_and_names_an_upload_by_its_base_name(ha
     """After a caption, a broken upload: the page is emptied of the previous image's caption (chips, status,
     plots, table, the session's trace) before the message comes, and the message names the file by the name
     it was uploaded under, not by the server's temporary copy (/tmp/gradio/<hash>/...)."""
-    from app import Playback, View
+    from app import View
 
-    ui, pb = handlers.ui, Playback()
-    shown = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0",
-                                         None, None, pb))
+    ui = handlers.ui
+    shown = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
     assert isinstance(got(shown[-1], ui.view), View) and "title='position" in got(shown[-1], ui.chips)
     upload_dir = tmp_path / "gradio" / "5f3c0a9e1d"  # where gradio keeps an upload
     upload_dir.mkdir(parents=True)
@@ -308,8 +278,7 @@ def test_an_error_clears_the_old_caption_and_names_an_upload_by_its_base_name(ha
     empty = upload_dir / "empty.png"
     empty.write_bytes(b"")
     for path, why in ((bad, "not an image file"), (empty, "is empty")):
-        pb.start()
-        stream = handlers.caption_stream(str(path), STEPS, "ddim", 1.0, False, 0, "predicted x0", None, None, pb)
+        stream = handlers.caption_stream(str(path), STEPS, "ddim", 1.0, False, 0, "predicted x0")
         cleared = next(stream)
         with pytest.raises(gr.Error, match=why) as err:
             next(stream)
@@ -318,9 +287,9 @@ def test_an_error_clears_the_old_caption_and_names_an_upload_by_its_base_name(ha
         assert set(cleared) <= ui.stream_outputs
         chips = got(cleared, ui.chips)
         assert "title='position" not in chips and path.name in chips and str(upload_dir) not in chips
-        assert got(cleared, ui.status) == "" and got(cleared, ui.heat) is None and got(cleared, ui.traj) is None
+        assert got(cleared, ui.status) == "" and got(cleared, ui.heat) == "" and got(cleared, ui.traj) == ""
         assert got(cleared, ui.table) == [] and got(cleared, ui.view) is None and got(cleared, ui.timing) == ""
-        assert got(cleared, ui.slider).value == 1 and got(cleared, ui.timer).active is False and not pb.playing
+        assert got(cleared, ui.slider).value == 1 and got(cleared, ui.map_timer).active is False
     # the API's message names the file the same way
     with pytest.raises(gr.Error) as err:
         list(handlers.api_caption(str(bad), 3, "ddim", 1.0, False, 0))

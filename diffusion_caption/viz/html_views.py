@@ -1,7 +1,7 @@
 """Small self-contained HTML fragments for the app: confidence-coloured tokens and the variants table.
 
 Everything is escaped and styled inline (no stylesheet needed), and colours come from the same scale
-as the heatmap (``plots.confidence_color``), so a chip and its heatmap cell look alike.
+as the heatmap (``common.confidence_color``), so a chip and its heatmap cell look alike.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from .plots import confidence_color, is_special
+from .common import confidence_color, is_special
 
 PAD = "[PAD]"
 _CHIP = ("display:inline-flex;flex-direction:column;align-items:center;margin:2px 2px;padding:3px 7px 2px;"
