@@ -288,6 +288,7 @@ class UI:
     timing: gr.Markdown
     view: gr.State  # the session's View
     map_timer: gr.Timer  # polls while the vocabulary map is computed
+    compare_html: gr.HTML  # a second run of the same image, under the same step controller
     # the settings a model's choice resets, and the line on what the model is
     steps: gr.Slider
     sampler: gr.Radio
@@ -306,7 +307,7 @@ class UI:
         """Components on no page, for calling the handlers directly (the tests, research.benchmark_app)."""
         kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.HTML, slider=gr.Slider, heat=gr.HTML, traj=gr.HTML,
                      map_note=gr.Markdown, map_positions=gr.CheckboxGroup, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
-                     map_timer=gr.Timer, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
+                     map_timer=gr.Timer, compare_html=gr.HTML, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
                      clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
         return cls(**{name: kind(render=False) for name, kind in kinds.items()})
@@ -325,7 +326,8 @@ class UI:
     @property
     def stream_outputs(self) -> set:
         """An image captioned: every step streamed, then the plots, the table, the baseline and the timing."""
-        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note, self.map_positions}
+        return self.step_outputs | {self.table, self.base_html, self.timing, self.ood_note, self.map_positions,
+                                    self.compare_html}
 
     @property
     def model_outputs(self) -> set:
@@ -493,7 +495,7 @@ class Handlers:
                 u.slider: gr.Slider(minimum=1, maximum=2, value=1, interactive=False, label="Step"),
                 u.heat: "", u.traj: "", u.map_note: "", u.table: [], u.map_positions: no_positions(),
                 u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
-                u.map_timer: gr.Timer(active=False)}
+                u.map_timer: gr.Timer(active=False), u.compare_html: ""}
 
     def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model):
         img = self._load(image)
@@ -525,7 +527,8 @@ class Handlers:
             busy += time.perf_counter() - tc
             done.append(step)
             update = {u.chips: stepped_frames([self._chips(step)], run=run, kind="chips"),
-                      u.status: stepped_frames([self._status(done, len(done) - 1, total)], run=run, kind="status")}
+                      u.status: stepped_frames([self._status(done, len(done) - 1, total)], run=run, kind="status",
+                                               main=True)}
             if time.perf_counter() - views_at >= VIEWS_STREAM_S:
                 update.update(self._views(done, len(done), kind, None, name, run, total))
                 views_at = time.perf_counter()
@@ -536,7 +539,7 @@ class Handlers:
                        u.slider: gr.Slider(minimum=1, maximum=max(total, 2), value=1, interactive=False),
                        u.map_note: "", u.table: [], u.map_positions: no_positions(),
                        u.base_html: baseline_html(self.m, None) if self.m.baseline is None else "", u.timing: "",
-                       u.map_timer: gr.Timer(active=False)}
+                       u.map_timer: gr.Timer(active=False), u.compare_html: ""}
             else:
                 wait = min(STREAM_MIN_INTERVAL_S, STREAM_BUDGET_S / max(total, 1)) - (time.perf_counter() - shown)
                 if wait > 0:
@@ -623,7 +626,7 @@ class Handlers:
         chips = stepped_frames([self._chips(st, view.token_confidence if i == S - 1 else None)
                                 for i, st in enumerate(view.steps)], current=k - 1, run=view.run, kind="chips")
         status = stepped_frames([self._status(view.steps, i) for i in range(S)], current=k - 1, run=view.run,
-                                kind="status")
+                                kind="status", main=True)
         slider = gr.Slider(minimum=1, maximum=max(S, 2), value=k, step=1, interactive=S > 1,
                            label=f"Step (1 = pure noise … {S} = final caption)")
         views = self._views(view.steps, k, kind, picked_positions(view, positions), view.model or self.m.default,
@@ -646,6 +649,41 @@ class Handlers:
             return gr.skip()
         drawn = self.show(view, k, kind, positions)
         return {c: drawn[c] for c in (u.traj, u.map_note, u.view, u.map_timer)}
+
+    # ------------------------------------------------------------------ a second run, compared
+    def compare(self, image, steps, sampler, guidance, clamp, seed, spacing, model, b_steps, b_sampler, b_guidance,
+                b_seed, view=None):
+        """The image captioned again with other settings (run B), its chips, status line and heatmap under the page's
+        step controller beside the run shown (run A, ``view``): each step of A shows B at the same share of its
+        run. The line above them names what differs and marks B's final words that A's caption lacks."""
+        img = self._load(image)
+        name = self.m.name(model)
+        a = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
+        b = self._settings(b_steps, b_sampler, b_guidance, clamp, b_seed, spacing, name)
+        steps_iter, _ = self._steps(name, img, b)
+        try:
+            done = list(steps_iter)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
+        run = f"{next(self._runs)}"
+        S = len(done)
+        chips = stepped_frames([self._chips(st) for st in done], run=run, kind="chips")
+        status = stepped_frames([self._status(done, i) for i in range(S)], run=run, kind="status")
+        heat = heatmap_html(done, run=run)
+        differs = ", ".join(f"{k} {a[k]} → {b[k]}" for k in ("sampler", "steps", "guidance", "seed") if a[k] != b[k])
+        a_text = view.steps[-1].text if view is not None and view.steps else None
+        final = (f"final caption: {diff_html(a_text, done[-1].text)} <span class='dc-note'>(words that run A's caption "
+                 f"lacks marked)</span>" if a_text is not None else f"final caption: <i>{html.escape(done[-1].text)}</i>")
+        head = (f"<div class='dc-compare-head'><b>Run B</b>: {html.escape(differs) or 'the same settings as run A'}; "
+                f"{final}</div>")
+        return {self.ui.compare_html: f"<div class='dc-follows dc-compare'>{head}{chips}{status}{heat}</div>"}
+
+    def compare_event(self, *args):
+        """``compare`` as the page's button gets it: an error replaces an earlier comparison by its reason."""
+        try:
+            return self.compare(*args)
+        except gr.Error as e:
+            return {self.ui.compare_html: f"<div class='dc-note dc-error'>No second run: {html.escape(e.message)}</div>"}
 
     # ------------------------------------------------------------------ the API endpoint
     def _steps(self, name: str, img, s: dict):
@@ -888,6 +926,8 @@ CSS = """
 #step-controls button {min-width: 0 !important; padding-left: 8px; padding-right: 8px}
 #caption-chips {min-height: 64px}
 .dc-head b {font-size: 1.1em}
+.dc-compare {border-left: 3px solid #7a5af8; padding-left: 8px; margin-top: 4px}
+.dc-compare-head {margin: 2px 0 4px}
 .dc-note {color: #666; font-size: 0.9em}
 .dc-ood {background: #fff4e5; border-left: 4px solid #e8590c; padding: 6px 10px; margin-bottom: 6px}
 /* the heatmap and the map keep their drawn size, so their text stays readable on a phone; each scrolls
@@ -979,6 +1019,16 @@ def build(m: Models, url: str | None = None):
                                                                       "at first the caption's words)",
                                                                  elem_id="map-positions")
                             gr.Markdown(TRAJECTORY_HELP, elem_classes=["dc-note"])
+                        with gr.Accordion("Compare: the same image with other settings, under the same step controller",
+                                          open=False, elem_id="compare-settings"):
+                            with gr.Row(equal_height=False):
+                                b_sampler = gr.Radio(list(SAMPLERS), value=smp.sampler, label="Run B's sampler")
+                                b_steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(smp.steps, MAX_UI_STEPS),
+                                                    step=1, label="Run B's steps", elem_id="b-steps")
+                                b_guidance = gr.Slider(0, 10, value=smp.guidance, step=0.5, label="Run B's guidance")
+                                b_seed = gr.Number(1, precision=0, minimum=0, label="Run B's seed")
+                            compare_b = gr.Button("Caption the image as run B too", size="sm", elem_id="compare-button")
+                        compare_html = gr.HTML("", elem_id="compare")
                         gr.Markdown("#### Autoregressive baseline (same image; each token coloured by its probability)")
                         base_html = gr.HTML(baseline_html(m, None), elem_id="baseline")
                         timing = gr.Markdown("", elem_id="timing")
@@ -1031,7 +1081,8 @@ def build(m: Models, url: str | None = None):
                 map_positions=map_positions, table=table,
                 base_html=base_html, timing=timing, view=view, map_timer=map_timer, steps=steps,
                 sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
-                a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html)
+                a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html,
+                compare_html=compare_html)
         h = on_gpu(Handlers(m, ui))
         settings = [steps, sampler, guidance, clamp, seed]
         stream_out = ui.stream_outputs
@@ -1055,6 +1106,8 @@ def build(m: Models, url: str | None = None):
         pause_b.click(None, None, None, js=f"() => {{ {viewer}.pause(); }}")
         kind.input(None, kind, None, js=f"(k) => {{ {viewer}.kind(k); }}")
         map_positions.input(None, map_positions, None, js=f"(p) => {{ {viewer}.positions(p); }}")
+        compare_b.click(h.compare_event, [image] + settings + [spacing, model, b_steps, b_sampler, b_guidance, b_seed, view],
+                        {compare_html}, api_visibility="undocumented", **model_events)
         # a caption shown before its vocabulary map was ready: the map drawn when it is, at the step the page shows
         map_timer.tick(h.map_ready, [view, slider, kind, map_positions], ui.map_outputs,
                        js=f"(v, k, kind, p) => [v, {viewer}.current(), kind, p]", trigger_mode="always_last",

@@ -163,7 +163,7 @@ def test_a_caption_shown_before_the_vocabulary_map_is_ready_gets_its_map_when_it
 
 def _root_attr(fragment: str, kind: str, attr: str) -> str:
     """An attribute of a step-viewer fragment's root (``dc-stepped dc-<kind>``)."""
-    m = re.search(rf"<div class='dc-stepped dc-{kind}' ([^>]*)>", fragment)
+    m = re.search(rf"<div class='dc-stepped dc-{kind}(?: dc-main)?' ([^>]*)>", fragment)
     assert m, fragment[:200]
     return dict(re.findall(r"(data-\w+)='([^']*)'", m.group(1)))[attr]
 
@@ -527,3 +527,33 @@ def test_the_app_offers_several_models_each_with_its_own_defaults(app_files, tok
     assert api["model"] == "ranked" and api["text"] == direct.text and api["candidates"] == direct.candidates
     md = app.about_markdown(m)
     assert "`ranked`" in md and "`ckpt` (the default)" in md and "likeliest roundings" in md
+
+
+def test_a_second_run_under_the_same_step_controller(handlers, app_files):
+    """Run B (other settings, same image) comes as its own chips, status lines and heatmap inside a .dc-follows
+    block, so the page's step controller moves it with run A; the line above names what differs and marks the
+    words of B's final caption that A's lacks. Bad settings for B are a message in its place."""
+    ui = handlers.ui
+    image = app_files["examples"][0]
+    view = got(list(handlers.caption_stream(image, STEPS, "ddim", 1.0, False, 0, "predicted x0"))[-1], ui.view)
+    out = got(handlers.compare(image, STEPS, "ddim", 1.0, False, 0, None, None, 3, "ddpm", 2.0, 1, view),
+              ui.compare_html)
+    assert out.startswith("<div class='dc-follows dc-compare'>")
+    for kind in ("chips", "status", "heatmap"):
+        assert _root_attr(out, kind, "data-n") == "3" and _root_attr(out, kind, "data-cur") == "3"
+    assert "dc-main" not in out  # the controller counts run A's steps, not B's
+    assert "sampler ddim → ddpm, steps 5 → 3, guidance 1.0 → 2.0, seed 0 → 1" in out
+    from diffusion_caption import Captioner
+
+    b = Captioner.from_pretrained(app_files["checkpoint"]).caption(image, steps=3, sampler="ddpm", guidance=2.0, seed=1)
+    assert [f"Step {k} of 3" in out for k in (1, 2, 3)] == [True] * 3
+    assert all(html.escape(w) in out for w in b.text.split())
+    same = got(handlers.compare(image, STEPS, "ddim", 1.0, False, 0, None, None, STEPS, "ddim", 1.0, 0, view),
+               ui.compare_html)
+    assert "the same settings as run A" in same and "<mark>" not in same.split("</div>")[0]
+    bad = got(handlers.compare_event(image, STEPS, "ddim", 1.0, False, 0, None, None, 0, "ddim", 1.0, 0, view),
+              ui.compare_html)
+    assert "No second run" in bad and "steps must be an integer" in bad
+    # a new caption of run A clears the comparison (it was of the image before)
+    first = next(handlers.caption_stream(app_files["examples"][1], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
+    assert got(first, ui.compare_html) == ""

@@ -342,3 +342,31 @@ def test_a_phone_wide_window_does_not_scroll_sideways_and_the_plots_stay_readabl
         d.execute_script("document.getElementById('heatmap').scrollIntoView()")
         time.sleep(0.5)
         d.save_screenshot(os.path.join(shots, "app-390-heatmap.png"))
+
+
+def test_a_second_run_follows_the_step_controller(tmp_path, tokenizer, clip_encoder):
+    """Run B with half as many steps, captioned beside run A: moving the one step slider shows, in B, the step at
+    the same share of its run (A's step 10 of 20 is B's 5 of 10), and both end together."""
+    with _opened_page(tmp_path, tokenizer, clip_encoder) as d:
+        d.execute_script("document.querySelector('#compare-settings button, #compare-settings .label-wrap').click()")
+        _wait(d, "run B's settings", lambda: d.execute_script(
+            "return document.querySelector('#b-steps input[type=range]') !== null"), timeout=10)
+        d.execute_script("const r = document.querySelector('#b-steps input[type=range]'); r.value = 10;"
+                         "r.dispatchEvent(new Event('input', {bubbles: true}));"
+                         "r.dispatchEvent(new Event('change', {bubbles: true}));")
+        _wait(d, "run B's steps set", lambda: d.execute_script(
+            "return document.querySelector('#b-steps input[type=number]').value") == "10", timeout=10)
+        d.execute_script("document.querySelector('#compare-button').click()")
+        _wait(d, "run B", lambda: d.execute_script("return document.querySelector('#compare .dc-stepped.dc-status') "
+                                                   "!== null"), timeout=60)
+
+        def b_step():
+            return d.execute_script("return parseInt(document.querySelector('#compare .dc-status').dataset.cur)")
+
+        assert d.execute_script("return document.querySelector('#compare .dc-status').dataset.n") == "10"
+        assert b_step() == 10
+        for k, want in ((10, 5), (1, 1), (STEPS, 10), (3, 2)):
+            d.execute_script("window.dcViewer.slider(arguments[0])", k)
+            _wait(d, f"step {k}", lambda: _step(d) == k, timeout=10)
+            assert b_step() == want, (k, b_step())
+            assert f"Step {want} of 10" in d.find_element("id", "compare").text

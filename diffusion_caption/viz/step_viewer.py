@@ -51,18 +51,21 @@ def _state(s: int, current: int) -> str:
     return "cur" if s == current else "future" if s > current else ""
 
 
-def _root(kind: str, n: int, current: int, run: str, body: str, extra: str = "") -> str:
-    return (f"<div class='dc-stepped dc-{kind}' data-n='{n}' data-cur='{current}' data-run='{_esc(run)}'{extra}>"
-            f"{body}</div>")
+def _root(kind: str, n: int, current: int, run: str, body: str, extra: str = "", main: bool = False) -> str:
+    cls = f"dc-stepped dc-{kind}" + (" dc-main" if main else "")
+    return f"<div class='{cls}' data-n='{n}' data-cur='{current}' data-run='{_esc(run)}'{extra}>{body}</div>"
 
 
-def stepped_frames(frames: Sequence[str], current: int | None = None, run: str = "", kind: str = "frames") -> str:
-    """One HTML frame per step (already-escaped HTML each), only the current one (0-based; None: the last) shown."""
+def stepped_frames(frames: Sequence[str], current: int | None = None, run: str = "", kind: str = "frames",
+                   main: bool = False) -> str:
+    """One HTML frame per step (already-escaped HTML each), only the current one (0-based; None: the last) shown.
+    ``main``: these are the page's leading run (the step controller counts its steps; other runs on the page,
+    a second one compared with it, follow it in proportion)."""
     if not frames:
         raise ValueError("no frames to show")
     cur = _check(frames, current) + 1
     body = "".join(f"<div class='dc-frame {_state(s, cur)}' data-s='{s}'>{f}</div>" for s, f in enumerate(frames, 1))
-    return _root(kind, len(frames), cur, run, body)
+    return _root(kind, len(frames), cur, run, body, main=main)
 
 
 def heatmap_html(steps: Sequence[DenoisingStep], current: int | None = None, run: str = "",
@@ -240,7 +243,9 @@ STEP_VIEWER_JS = """
 <script>
 (() => {
   const roots = () => document.querySelectorAll('.dc-stepped');
-  const first = () => document.querySelector('.dc-stepped');
+  const first = () => document.querySelector('.dc-stepped.dc-main') || document.querySelector('.dc-stepped');
+  // a run of another length (a second run compared with the main one) shows the step at the same share of its run
+  const scaled = (k, n, N) => n === N ? k : Math.max(1, Math.round(k * n / N));
   const dc = window.dcViewer = {
     timer: null,
     current() { const r = first(); return r ? parseInt(r.dataset.cur) : 1; },
@@ -248,8 +253,10 @@ STEP_VIEWER_JS = """
     show(k) {
       k = parseInt(k);
       if (!Number.isFinite(k)) return;
+      const N = dc.count();
       roots().forEach(root => {
-        const c = Math.max(1, Math.min(k, parseInt(root.dataset.n)));
+        const n = parseInt(root.dataset.n);
+        const c = Math.max(1, Math.min(root.closest('.dc-follows') ? scaled(k, n, N) : k, n));
         if (root.dataset.cur === String(c)) return;
         root.dataset.cur = c;
         root.querySelectorAll('[data-s]').forEach(el => {
