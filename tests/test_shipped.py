@@ -83,8 +83,11 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
     assert final["done"] and final["ood"]["unlike_training"] and final["ood"] == cap.caption(photo).ood
     assert final["text"] == cap.caption(photo, seed=0).text
     # the last step's chips and the API carry the calibrated confidence (the library's, for the same seed)
-    assert "calibrated confidence that the word is right" in out[-1][h.ui.chips]
-    assert "calibrated" not in h.show(view, 1, "predicted x0")[h.ui.chips]  # earlier steps: rounding probability
+    # (the chips of every step come as frames, the last one's after the start of its frame)
+    chips = out[-1][h.ui.chips]
+    last = f"data-s='{len(view.steps)}'>"
+    assert "calibrated confidence that the word is right" in chips.split(last)[1]
+    assert "calibrated" not in chips.split(last)[0]  # earlier steps: rounding probability
     assert final["token_confidence"] == cap.caption(photo, seed=0).token_confidence
 
 
