@@ -351,11 +351,13 @@ def test_a_second_run_follows_the_step_controller(tmp_path, tokenizer, clip_enco
         d.execute_script("document.querySelector('#compare-settings button, #compare-settings .label-wrap').click()")
         _wait(d, "run B's settings", lambda: d.execute_script(
             "return document.querySelector('#b-steps input[type=range]') !== null"), timeout=10)
-        d.execute_script("const r = document.querySelector('#b-steps input[type=range]'); r.value = 10;"
-                         "r.dispatchEvent(new Event('input', {bubbles: true}));"
-                         "r.dispatchEvent(new Event('change', {bubbles: true}));")
-        _wait(d, "run B's steps set", lambda: d.execute_script(
-            "return document.querySelector('#b-steps input[type=number]').value") == "10", timeout=10)
+        # the accordion's controls are drawn when it opens: move run B's steps slider until gradio has taken it
+        set_steps = ("const r = document.querySelector('#b-steps input[type=range]'); r.value = 10;"
+                     "r.dispatchEvent(new Event('input', {bubbles: true}));"
+                     "r.dispatchEvent(new Event('change', {bubbles: true}));"
+                     "return document.querySelector('#b-steps input[type=number]').value;")
+        _wait(d, "run B's steps set", lambda: d.execute_script(set_steps) == "10" or (time.sleep(0.5) and False),
+              timeout=30)
         d.execute_script("document.querySelector('#compare-button').click()")
         _wait(d, "run B", lambda: d.execute_script("return document.querySelector('#compare .dc-stepped.dc-status') "
                                                    "!== null"), timeout=60)
