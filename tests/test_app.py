@@ -211,11 +211,17 @@ def test_the_step_viewer_holds_every_step_and_shows_the_one_asked(handlers, app_
     assert got(handlers.show(None, 3, "predicted x0"), ui.view) is None
 
 
+def drawn_positions(svg_html: str) -> list[int]:
+    """The positions a map fragment shows at first: its first kind's position groups not hidden."""
+    kinds = svg_html.split("<g class='dc-kind dc-kind-")[1:2]
+    if not kinds:
+        return []
+    return [int(p) for hidden, p in re.findall(r"<g class='dc-pos( dc-hidden)?' data-p='(\d+)'>", kinds[0]) if not hidden]
+
+
 def test_the_map_draws_the_positions_picked(handlers, app_files):
     """With many positions the map is a tangle: the person picks which caption positions it draws (at first the
     caption's words; the page hides the others itself); a new caption offers its own."""
-    from diffusion_caption.viz.step_viewer import drawn_positions
-
     ui = handlers.ui
     out = list(handlers.caption_stream(app_files["examples"][0], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
     view, pick = got(out[-1], ui.view), got(out[-1], ui.map_positions)

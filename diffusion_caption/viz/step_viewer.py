@@ -7,6 +7,8 @@ steps), ``data-cur`` (the step shown) and ``data-run`` (which trace it is). ``ST
 step by setting ``cur`` on the elements of that step and ``future`` on those after it, in every fragment
 at once, so scrubbing, the step buttons and playback cost no round trip to the server and no redraw.
 The fragments are also right without the script: the server marks the step it renders as current.
+Fragments inside a ``.dc-follows`` element (a second run compared with the first) show the step at the same
+share of their run as the main run's step (``stepped_frames(main=True)`` marks the main run).
 
 The heatmap is a table (positions x steps, each cell coloured on the shared confidence scale, a token
 written where it changes); the map is an SVG over a PNG of the vocabulary's dots, with one group per
@@ -225,16 +227,6 @@ def trajectory_svg(vocab_coords: np.ndarray, vocab_tokens: Sequence[str], points
              "<span>(x: the first, ringed: the one shown)</span></div>")
     extra = f" data-kind='{KIND_CLASS[kind]}'"
     return _root("map", S, cur, run, title + f"<div class='dc-scroll'>{svg}</div>" + scale, extra)
-
-
-def drawn_positions(svg_html: str) -> list[int]:
-    """The positions a map fragment shows (for tests and checks): its position groups not hidden."""
-    import re
-
-    kinds = svg_html.split("<g class='dc-kind dc-kind-")[1:2]
-    if not kinds:
-        return []
-    return [int(p) for hidden, p in re.findall(r"<g class='dc-pos( dc-hidden)?' data-p='(\d+)'>", kinds[0]) if not hidden]
 
 
 # The page's side: show a step in every fragment, step, play and pause, and switch the map's kind and positions.
