@@ -130,7 +130,10 @@ class Denoiser(nn.Module):
             first, act, second = self.input_up_proj
             h = second(act(first(x_t) + self.self_cond_proj(x_self_cond.to(x_t.dtype))))
         # a timestep per row [B], or per position [B, L] (a network trained with revealed positions)
-        te = self.time_embed(timestep_embedding(t.reshape(-1), H).to(x_t.dtype)).view(*t.shape, H)
+        # its MLP is as wide as an encoder layer's feed-forward block, and a batch holds few distinct timesteps
+        # (one per sampling step; two, 0 and T-1, under the reveal sampler): embed each distinct one once
+        t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
+        te = self.time_embed(timestep_embedding(t_unique, H).to(x_t.dtype))[where].view(*t.shape, H)
         h = h + (te[:, None] if t.dim() == 1 else te)
         cond = cond.to(x_t.dtype)
         c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)

@@ -108,3 +108,26 @@ def test_reveal_training_draws_clean_and_pure_noise_positions_and_scores_the_noi
     assert losses["mse"] == pytest.approx(float(mse), rel=1e-5)
     with pytest.raises(ValueError, match="p_reveal"):
         ObjectiveConfig(p_reveal=2.0)
+
+
+def test_each_distinct_timestep_is_embedded_once_and_every_position_gets_its_own(make_captioner, monkeypatch):
+    """The denoiser embeds a batch's distinct timesteps once (the reveal sampler's are 0 and T-1 only); the
+    prediction is the one of embedding every position's timestep on its own."""
+    from diffusion_caption import denoiser
+
+    cap = make_captioner()
+    net = cap.denoiser.eval()
+    L = cap.config.seq_len
+    t = torch.tensor([[0] * 3 + [999] * (L - 3), [7] * L])
+    x_t, cond = torch.randn(2, L, cap.config.emb_dim), torch.randn(2, cap.config.cond_dim)
+    seen = []
+    hook = net.time_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        fast = net(x_t, t, cond)[0]
+        assert seen == [3]  # 0, 7 and 999, not 2 x L positions
+        # every position embedded on its own: "unique" made the identity
+        monkeypatch.setattr(denoiser.torch, "unique", lambda v, return_inverse: (v, torch.arange(v.numel())))
+        slow = net(x_t, t, cond)[0]
+    hook.remove()
+    assert seen == [3, 2 * L]
+    assert torch.allclose(fast, slow, atol=1e-5)
