@@ -5,8 +5,8 @@ defaults live in ``config.json["sampling"]``, apart from the network (``Captione
 overrides any of them by name: ``cap.caption(image, steps=4, guidance=3)``. One text form names a
 setting everywhere (command lines, tables, sweeps)::
 
-    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]]
-    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   reveal:6:1:trailing^2
+    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto]
+    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   reveal:6:1:trailing^2:auto
 
 ``SamplingConfig.parse(text)`` reads it and ``config.spec`` writes it; ``config.describe()`` is the
 human name ("DDIM 20, guidance 5, clamp").
@@ -24,8 +24,12 @@ SELECTIONS = ("mbr", "clip")  # how one of several candidates is kept: consensus
 # where the candidates come from: K noise draws, or the K likeliest roundings of one draw's final x0
 PROPOSALS = ("noise", "rounding")
 MAX_GUIDANCE = 20.0
+# the network's arithmetic: float32, bfloat16 autocast, or "auto" (bfloat16 where the device multiplies it natively:
+# a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX; float32 elsewhere). Rounding stays float32.
+PRECISIONS = ("float32", "bfloat16", "auto")
+PRECISION_FLAGS = {"bf16": "bfloat16", "auto": "auto"}
 MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
-SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]]"
+SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto]"
 
 
 def _is_int(v) -> bool:
@@ -48,6 +52,7 @@ class SamplingConfig(ConfigDict):
     # what ranks candidates under select="clip": "" (the captioner's own CLIP) or a scorer folder, relative
     # to the checkpoint's folder ("../shapes-text-scorer"); a loading setting, not a per-call one
     scorer: str = ""
+    precision: str = "float32"  # one of PRECISIONS: the network's arithmetic (``native_bf16`` decides "auto")
 
     def __post_init__(self):
         if not _is_int(self.steps) or self.steps < 1:
@@ -82,6 +87,8 @@ class SamplingConfig(ConfigDict):
         if self.propose == "rounding" and self.candidates > 1 and self.select != "clip":
             raise ValueError("propose='rounding' varies one draw's rounding, and the consensus of those variants "
                              "is the draw itself: choose among them with select='clip'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.scorer, str):
             raise ValueError(f"scorer must be a folder name or '', got {self.scorer!r}")
 
@@ -112,6 +119,8 @@ class SamplingConfig(ConfigDict):
             parts += [f"k{self.candidates}", self.select] + (["rounding"] if self.propose == "rounding" else [])
         if self.early_stop:
             parts.append(f"stop{self.early_stop}")
+        if self.precision != "float32":
+            parts.append({v: k for k, v in PRECISION_FLAGS.items()}[self.precision])
         return ":".join(parts)
 
     def describe(self) -> str:
@@ -122,6 +131,8 @@ class SamplingConfig(ConfigDict):
         if self.candidates > 1:
             kind = "roundings" if self.propose == "rounding" else "candidates"
             s += f", {self.candidates} {kind} by {self.select.upper()}"
+        if self.precision != "float32":
+            s += ", bfloat16" if self.precision == "bfloat16" else ", bfloat16 where native"
         return s
 
     @classmethod
@@ -134,9 +145,10 @@ class SamplingConfig(ConfigDict):
         stops = [f for f in flags if f.startswith("stop") and f[4:].isdigit()]
         selects = [f for f in flags if f in SELECTIONS]
         proposes = [f for f in flags if f in PROPOSALS]
-        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes]
+        precisions = [f for f in flags if f in PRECISION_FLAGS]
+        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes + precisions]
         if (len(parts) < 3 or flags.count("clamp") > 1 or len(spacings) > 1 or len(ks) > 1 or len(selects) > 1
-                or len(proposes) > 1 or len(stops) > 1 or ((selects or proposes) and not ks)):
+                or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or ((selects or proposes) and not ks)):
             raise ValueError(f"{text!r} is not {SPEC_FORM} (e.g. ddpm:50:5:clamp, ddpm:10:5:clamp:trailing^2, "
                              "ddpm:2:1:clamp:trailing^2:k8:clip or ddim:1:1:k8:clip:rounding)")
         try:
@@ -148,7 +160,8 @@ class SamplingConfig(ConfigDict):
                             spacing=spacings[0] if spacings else "linspace",
                             candidates=int(ks[0][1:]) if ks else 1, select=selects[0] if selects else "mbr",
                             propose=proposes[0] if proposes else "noise",
-                            early_stop=int(stops[0][4:]) if stops else 0)
+                            early_stop=int(stops[0][4:]) if stops else 0,
+                            precision=PRECISION_FLAGS[precisions[0]] if precisions else "float32")
 
 
 # the CaptionerConfig fields a checkpoint written before the sampling section had, and their new names
@@ -163,3 +176,30 @@ def split_legacy(captioner: dict) -> tuple[dict, dict]:
     net = {k: v for k, v in captioner.items() if k not in LEGACY_KEYS}
     sampling = {LEGACY_KEYS[k]: v for k, v in captioner.items() if k in LEGACY_KEYS}
     return net, sampling
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively: a CUDA GPU that supports it, or (on Linux) a CPU whose
+    flags list AVX512-BF16 or AMX-BF16. Elsewhere bfloat16 autocast is emulated and slower than float32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return _cpu_has_bf16()
+
+
+_CPU_BF16: list[bool] = []
+
+
+def _cpu_has_bf16() -> bool:
+    if not _CPU_BF16:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        _CPU_BF16.append("avx512_bf16" in flags or "amx_bf16" in flags)
+    return _CPU_BF16[0]

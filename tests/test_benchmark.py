@@ -28,6 +28,18 @@ def test_benchmark_times_every_model_both_ways_at_each_batch(tokenizer, clip_enc
     assert "`diff`: kind diffusion" in md
 
 
+def test_benchmark_times_each_model_in_the_other_precision_too(tokenizer, clip_encoder, world_dir, tmp_path):
+    from training.benchmark.__main__ import main
+
+    diff = save_tiny_checkpoint(tokenizer, clip_encoder, str(tmp_path / "diff"))
+    base = save_tiny_baseline(tokenizer, clip_encoder, str(tmp_path / "base"))
+    got = main(["--diffusion", diff, "--baseline", base, "--data-dir", world_dir, "--batches", "2", "--n1", "1",
+                "--warmup", "0", "--repeats", "1", "--threads", "1", "--other-precision"])
+    assert {r["model"] for r in got["rows"]} == {"diff", "base", "diff+bf16", "base+bf16"}
+    assert got["models"]["diff+bf16"]["precision"] == "bfloat16" and got["models"]["diff+bf16"]["sampling"].endswith(":bf16")
+    assert got["models"]["base+bf16"]["precision"] == "bfloat16" and "precision" not in got["models"]["base"]
+
+
 def test_benchmark_refuses_bad_arguments(tmp_path):
     import pytest
 

@@ -28,14 +28,21 @@ def test_parse_reads_the_one_text_form():
     for bad in ("ddim:20", "ddim:x:1", "ddim:20:1:yes", "ddim:20:1:clamp:clamp", "ddim:5:1:trailing:linspace",
                 "ddim:5:1:trailing^0", "ddim:1:1:clip", "ddim:1:1:k2:k4", "ddim:1:1:k4:clip:mbr",
                 "ddim:1:1:rounding", "ddim:1:1:k4:clip:rounding:noise", "ddim:0:1", "euler:4:1",
-                "ddim:1:1:k8:mbr:rounding", "ddim:4:99"):
+                "ddim:1:1:k8:mbr:rounding", "ddim:4:99", "ddim:4:1:bf16:auto", "ddim:4:1:fp16"):
         with pytest.raises(ValueError):
             SamplingConfig.parse(bad)
+    # the network's arithmetic: float32 unless named
+    assert SamplingConfig.parse("reveal:6:1:trailing^2").precision == "float32"
+    a = SamplingConfig.parse("reveal:6:1:trailing^2:auto")
+    assert (a.precision, a.spacing) == ("auto", "trailing^2") and a.describe().endswith(", bfloat16 where native")
+    assert SamplingConfig.parse("ddim:4:1:bf16").precision == "bfloat16"
+    with pytest.raises(ValueError, match="precision"):
+        SamplingConfig(precision="float16")
 
 
 def test_spec_and_parse_are_inverse():
     for text in ("ddim:20:5", "ddpm:10:5:clamp:trailing^2", "ddim:1:1:k8:clip:rounding", "reveal:6:1:trailing^2",
-                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3"):
+                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3", "reveal:6:1:trailing^2:auto", "ddim:4:1:bf16"):
         assert SamplingConfig.parse(text).spec == text
         s = SamplingConfig.parse(text)
         assert SamplingConfig.parse(s.spec) == s
@@ -130,3 +137,35 @@ def test_the_objective_is_its_own_section_and_old_checkpoints_split_into_it(make
     (d / "config.json").write_text(json.dumps(old))
     back = Captioner.from_pretrained(str(d))
     assert back.objective == cap.objective and back.config == cap.config
+
+
+def test_precision_runs_the_network_in_bfloat16_autocast_when_asked_or_auto_on_native_hardware(
+        make_captioner, scene_image, monkeypatch):
+    """bfloat16 autocast lives inside each network call only (sampling is a generator); "auto" takes it where the
+    device multiplies bfloat16 natively and the batch is large enough to gain; the record says what ran."""
+    import torch
+
+    from diffusion_caption import captioner as captioner_module
+
+    cap = make_captioner()
+    seen = []
+    inner = cap._net
+
+    def spy(*args):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return inner(*args)
+    spy.embeddings = inner.embeddings
+    cap._net = spy
+    images = [scene_image] * captioner_module.AUTO_BF16_ROWS
+    tr = cap.caption(scene_image, steps=3, sampler="ddim", precision="bfloat16")
+    assert seen == [True] * 3 and tr.settings["precision"] == "bfloat16" and tr.text
+    assert not torch.is_autocast_enabled("cpu")  # nothing leaks into the caller between steps
+    for native, batch, expected in ((True, images, "bfloat16"), (True, [scene_image], "float32"),
+                                    (False, images, "float32")):
+        monkeypatch.setattr(captioner_module, "native_bf16", lambda device, native=native: native)
+        seen.clear()
+        trs = cap.caption_batch(batch, steps=2, sampler="ddim", precision="auto")
+        assert seen == [expected == "bfloat16"] * 2 and trs[0].settings["precision"] == expected
+    seen.clear()
+    cap.caption(scene_image, steps=2, sampler="ddim")  # the default: float32
+    assert seen == [False, False]

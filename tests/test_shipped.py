@@ -53,6 +53,7 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
     cap = Captioner.from_pretrained(path)
     s = cap.sampling
     assert (s.sampler, s.steps, s.guidance, s.candidates, cap.config.self_cond) == ("reveal", 6, 1.0, 1, True)
+    assert s.precision == "auto"  # bfloat16 for batches where the hardware multiplies it natively (docs/BENCHMARKS.md)
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["image_encoder"] == {"kind": "local-dir", "path": "../shapes-clip"}  # the one shared CLIP
     traces = cap.caption_batch(EXAMPLES, seed=0)

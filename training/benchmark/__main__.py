@@ -25,6 +25,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--other-precision", action="store_true",
+                   help="also time each model in the other precision (float32 / bfloat16 autocast), as '+fp32' / '+bf16' rows")
     p.add_argument("--out", default="", help="write the rows as JSON here, and the table beside it as .md")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -36,7 +38,7 @@ def main(argv=None) -> dict:
     if not batches or min(batches) < 1 or a.n1 < 1 or a.repeats < 1 or a.warmup < 0:
         raise SystemExit("--batches, --n1 and --repeats must be positive, --warmup non-negative")
     torch.set_num_threads(a.threads)
-    suite = build(a.diffusion, a.baseline, a.data_dir, a.split, max(max(batches), a.n1), a.device)
+    suite = build(a.diffusion, a.baseline, a.data_dir, a.split, max(max(batches), a.n1), a.device, a.other_precision)
     rows = measure(suite, batches, a.n1, a.warmup, a.repeats)
     info = machine_info(a.device, a.repeats, a.warmup)
     models = {name: suite.describe(name) for name in suite.models}
