@@ -182,14 +182,16 @@ class Captioner(PretrainedCaptioner):
         p = (sampling or self.sampling).precision
         return p == "bfloat16" or (p == "auto" and rows >= AUTO_BF16_ROWS and native_bf16(self.device))
 
-    def settings(self, seed: int = 0, sampling: SamplingConfig | None = None, rows: int = 1, **overrides) -> dict:
-        """The settings of one run of ``rows`` images as a record (what ``Trace.settings`` holds): every sampling
-        setting, the seed, checked; ``precision`` as it resolves for that batch on this device."""
+    def settings(self, seed: int = 0, sampling: SamplingConfig | None = None, rows: int | None = None,
+                 **overrides) -> dict:
+        """The settings of one run as a record (what ``Trace.settings`` holds): every sampling setting, the seed,
+        checked. Given the batch's ``rows``, ``precision`` is what it resolves to for them on this device;
+        without, "auto" stays "auto" (settings to pass on to a later call)."""
         _check_seed(seed)
         resolved = self.resolve(sampling, **overrides)
         s = resolved.to_dict()
         s.pop("scorer")
-        if s["precision"] == "auto":  # what it resolved to on this device
+        if s["precision"] == "auto" and rows is not None:  # what it resolves to for this batch on this device
             s["precision"] = "bfloat16" if self.bf16(resolved, rows) else "float32"
         return {**s, "seed": seed}
 

@@ -166,6 +166,8 @@ def test_precision_runs_the_network_in_bfloat16_autocast_when_asked_or_auto_on_n
         seen.clear()
         trs = cap.caption_batch(batch, steps=2, sampler="ddim", precision="auto")
         assert seen == [expected == "bfloat16"] * 2 and trs[0].settings["precision"] == expected
+    # settings to pass on keep "auto", so a batch of many images resolves it for itself
+    assert cap.settings(0, precision="auto")["precision"] == "auto"
     seen.clear()
     cap.caption(scene_image, steps=2, sampler="ddim")  # the default: float32
     assert seen == [False, False]
