@@ -50,9 +50,6 @@ class CaptionerConfig(ConfigDict):
     # hidden width of a residual MLP from the image feature to the conditioning, beside the linear
     # projection (ClipCap's mapping network); 0 = the linear projection alone
     cond_mlp: int = 0
-    # image memory: this many extra tokens after the caption, made from the image feature by ClipCap's MLP
-    # mapping network, which caption positions attend to as keys and values (0 = none); beside ``fusion``
-    n_memory: int = 0
     predict_feature: bool = False  # an extra head predicting the image feature from the text positions
     # self-conditioning (Chen et al. 2022, "Analog Bits"): the network also reads its own previous x0 estimate
     self_cond: bool = False
@@ -69,8 +66,6 @@ class CaptionerConfig(ConfigDict):
             raise ValueError(f"predict must be one of {PREDICTIONS}, got {self.predict!r}")
         if self.cond_mlp < 0:
             raise ValueError(f"cond_mlp must be >= 0 (0: no MLP), got {self.cond_mlp}")
-        if self.n_memory < 0:
-            raise ValueError(f"n_memory must be >= 0 (0: no image memory), got {self.n_memory}")
         if self.n_prefix < 1:
             raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
 

@@ -4,9 +4,7 @@ Input x_t has shape [B, L, emb_dim]. It is lifted to the encoder width, given a 
 (added at every position) and the CLIP image feature, either as ``n_prefix`` extra tokens in front of the
 caption with their own segment embedding (``concat``, the seed paper's best) or added at every caption
 position (``add``); the projection is linear, with an optional residual MLP beside it (``cond_mlp``,
-ClipCap's mapping network). Beside either, ``n_memory`` image tokens made by ClipCap's MLP mapper can follow
-the caption (after it, so that the caption keeps its position embeddings when they are grown onto a
-checkpoint without them): a memory the caption's words attend to, one token per slot of the scene. The encoder's output at the caption positions is projected back to ``emb_dim``: the
+ClipCap's mapping network). The encoder's output at the caption positions is projected back to ``emb_dim``: the
 prediction of x0 (or of the noise, with ``predict="eps"``). The token embedding table lives here too: it
 makes x0 from captions in training, and rounding is tied to it.
 """
@@ -41,7 +39,7 @@ def build_encoder(cfg: CaptionerConfig, encoder_config: dict | None = None):
     if encoder_config is not None:
         return DistilBertModel(DistilBertConfig(**encoder_config))
     if cfg.encoder == "tiny":
-        n_positions = cfg.seq_len + cfg.n_prefix + cfg.n_memory
+        n_positions = cfg.seq_len + cfg.n_prefix
         return DistilBertModel(DistilBertConfig(
             vocab_size=1, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, hidden_dim=cfg.hidden_dim,
             dropout=cfg.dropout, attention_dropout=cfg.dropout, max_position_embeddings=max(64, n_positions)))
@@ -91,10 +89,6 @@ class Denoiser(nn.Module):
                                           nn.Linear(cfg.cond_mlp, n_cond * H))
             nn.init.zeros_(self.cond_mlp[-1].weight)
             nn.init.zeros_(self.cond_mlp[-1].bias)
-        self.memory = None
-        if cfg.n_memory:  # ClipCap's MLP mapper: feature -> (n_memory * H) / 2 -> n_memory tokens of width H
-            width = cfg.n_memory * H
-            self.memory = nn.Sequential(nn.Linear(cfg.cond_dim, width // 2), nn.Tanh(), nn.Linear(width // 2, width))
         self.segment_embedding = nn.Embedding(2, H)  # 0: caption positions, 1: image prefix
         self.null_cond = nn.Parameter(torch.zeros(cfg.cond_dim))  # the "no image" input for guidance
         self.output_down_proj = nn.Sequential(nn.Linear(H, H), nn.Tanh(), nn.Linear(H, cfg.emb_dim))
@@ -149,10 +143,7 @@ class Denoiser(nn.Module):
             h = torch.cat([prefix, h + seg[0]], dim=1)
         else:
             h = h + c[:, None] + seg[0]
-        if self.memory is not None:
-            h = torch.cat([h, self.memory(cond).view(B, self.cfg.n_memory, H) + seg[1]], dim=1)
         out = self.encoder(inputs_embeds=h).last_hidden_state
-        start = self.cfg.n_prefix if self.cfg.fusion == "concat" else 0
-        out = out[:, start:start + L]
+        out = out[:, -L:]
         feature = self.feature_head(out.mean(1)) if self.feature_head is not None else None
         return self.output_down_proj(out), feature

@@ -1,5 +1,4 @@
 """The training commands end to end on the tiny world: they run, save loadable checkpoints, resume."""
-import dataclasses
 import json
 import math
 import os
@@ -251,33 +250,6 @@ def test_init_may_grow_a_conditioning_mlp_that_starts_as_the_linear_projection(w
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--cond-mlp", "8")
     with pytest.raises(SystemExit, match="--cond-mlp"):
         _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--cond-mlp", "0")
-
-
-def test_init_may_grow_an_image_memory_after_the_caption(world_dir, clip_dir, tmp_path, scene_image):
-    start, _ = _train(world_dir, clip_dir, tmp_path / "start", "--n-layers", "1", "--fusion", "add")
-    grown, _ = _train(world_dir, clip_dir, tmp_path / "grown", "--init", str(start), "--steps", "2", "--lr", "1e-2",
-                      "--n-memory", "3")
-    a, b = Captioner.from_pretrained(str(start)), Captioner.from_pretrained(str(grown))
-    assert b.config.n_memory == 3 and {k for k in load_file(str(grown / "model.safetensors")) if k.startswith("memory.")} == {
-        "memory.0.weight", "memory.0.bias", "memory.2.weight", "memory.2.bias"}
-    # the memory's tokens follow the caption: the caption positions keep the start's position embeddings,
-    # the output keeps the caption's shape, and the caption's positions read the memory
-    x_t, t = torch.randn(2, b.config.seq_len, b.config.emb_dim), torch.tensor([5, 50])
-    cond = torch.randn(2, b.config.cond_dim)
-    with torch.no_grad():
-        out = b.denoiser.eval()(x_t, t, cond)[0]
-        shift = torch.randn_like(b.denoiser.memory[2].bias)  # not a constant: the encoder's LayerNorm removes one
-        b.denoiser.memory[2].bias.add_(shift)
-        moved = b.denoiser(x_t, t, cond)[0]
-        b.denoiser.memory[2].bias.sub_(shift)
-    assert out.shape == x_t.shape and not torch.allclose(out, moved)
-    assert a.denoiser.encoder.embeddings.position_embeddings.weight.shape == \
-        b.denoiser.encoder.embeddings.position_embeddings.weight.shape
-    assert len(b.caption(scene_image, steps=2).steps) == 2
-    with pytest.raises(SystemExit, match="--n-memory"):
-        _train(world_dir, clip_dir, tmp_path / "bad", "--init", str(grown), "--n-memory", "2")
-    with pytest.raises(ValueError, match="n_memory"):
-        dataclasses.replace(b.config, n_memory=-1)
 
 
 def test_init_may_grow_self_conditioning_onto_a_checkpoint(world_dir, clip_dir, tmp_path, scene_image):
