@@ -228,7 +228,9 @@ class Captioner(PretrainedCaptioner):
         features = self.features_of(images, features)
         B = features.shape[0]
         smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing,
-                           **({"sep_id": self.tokenizer.sep_id} if s.sampler == "reveal" else {}))
+                           **({"sep_id": self.tokenizer.sep_id} if s.sampler == "reveal" else {}),
+                           **({"sep_id": self.tokenizer.sep_id, "pad_id": self.tokenizer.pad_id}
+                              if s.sampler == "block" else {}))
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         E = self.denoiser.embeddings.detach()
@@ -355,10 +357,19 @@ class _Autocast:
     def embeddings(self) -> torch.Tensor:
         return self.net.embeddings
 
+    @property
+    def block_size(self) -> int:
+        return self.net.block_size
+
     def __call__(self, *args):
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             out, feature = self.net(*args)
         return out.float(), None if feature is None else feature.float()
+
+    def block_step(self, *args):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out, cache = self.net.block_step(*args)
+        return out.float(), cache
 
 
 def _check_seed(seed) -> None:

@@ -53,6 +53,11 @@ class CaptionerConfig(ConfigDict):
     predict_feature: bool = False  # an extra head predicting the image feature from the text positions
     # self-conditioning (Chen et al. 2022, "Analog Bits"): the network also reads its own previous x0 estimate
     self_cond: bool = False
+    # block diffusion (Arriola et al. 2025, "Block Diffusion"): 0 = every position attends to every other;
+    # b > 0 = the caption is denoised b positions at a time, each block attending to the clean blocks before
+    # it and to itself, never to later ones, so the clean blocks are computed once and cached (like an
+    # autoregressive model's keys and values) and training sees every block's context in every caption
+    block_size: int = 0
     # diffusion
     schedule: str = "sqrt"
     T: int = 1000
@@ -68,6 +73,11 @@ class CaptionerConfig(ConfigDict):
             raise ValueError(f"cond_mlp must be >= 0 (0: no MLP), got {self.cond_mlp}")
         if self.n_prefix < 1:
             raise ValueError(f"n_prefix must be >= 1, got {self.n_prefix}")
+        if not 0 <= self.block_size <= self.seq_len:
+            raise ValueError(f"block_size must be from 0 (none) to seq_len={self.seq_len}, got {self.block_size}")
+        if self.block_size and (self.fusion != "add" or self.self_cond or self.predict != "x0"):
+            raise ValueError("a block denoiser (block_size > 0) takes the image added at every position "
+                             "(fusion='add'), predicts x0 and does not self-condition")
 
 
 @dataclass

@@ -103,6 +103,11 @@ class Denoiser(nn.Module):
                                   "initializer_range", "qa_dropout", "seq_classif_dropout") if k in d}
 
     @property
+    def block_size(self) -> int:
+        """Positions denoised per step by a block denoiser; 0 for one that denoises all at once."""
+        return self.cfg.block_size
+
+    @property
     def embeddings(self) -> torch.Tensor:
         """The token embedding table E, [V, emb_dim]; rounding is tied to it."""
         return self.token_embedding.weight
@@ -110,6 +115,98 @@ class Denoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
                 drop_cond: torch.Tensor | None = None,
                 x_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cfg.block_size:
+            raise TypeError("a block denoiser (block_size > 0) is called through forward_blocks (training) and "
+                            "block_step (sampling, the 'block' sampler), which say which positions are clean")
+        return self._forward_full(x_t, t, cond, drop_cond, x_self_cond)
+
+    # ------------------------------------------------------------------------------ block diffusion
+    def _inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                drop_cond: torch.Tensor | None) -> torch.Tensor:
+        """Encoder inputs before the position embedding: lifted x, its timesteps [B, N] and the image."""
+        B = x.shape[0]
+        null = self.null_cond.to(x.dtype).expand(B, -1)
+        if cond is None:
+            cond = null
+        elif drop_cond is not None:
+            cond = torch.where(drop_cond[:, None], null, cond.to(x.dtype))
+        cond = cond.to(x.dtype)
+        c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
+        t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
+        te = self.time_embed(timestep_embedding(t_unique, self.cfg.dim).to(x.dtype))[where].view(*t.shape, -1)
+        return self.input_up_proj(x) + te + c[:, None] + self.segment_embedding.weight[0]
+
+    def _encode(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """DistilBERT's layers over ``h`` [B, N, H] at ``positions`` [N] under an attention pattern
+        ``allowed`` [N, M + N] (True: query may attend to key), the keys being ``past``'s M cached positions
+        per layer, then these N. Returns (hidden [B, N, H], each layer's (keys, values) of these N)."""
+        import torch.nn.functional as F
+
+        emb = self.encoder.embeddings
+        h = emb.dropout(emb.LayerNorm(h + emb.position_embeddings(positions)[None].to(h.dtype)))
+        B, N, H = h.shape
+        kv = []
+        for i, layer in enumerate(self.encoder.transformer.layer):
+            att = layer.attention
+            nh = att.n_heads
+            q, k, v = (lin(h).view(B, N, nh, H // nh).transpose(1, 2) for lin in (att.q_lin, att.k_lin, att.v_lin))
+            kv.append((k, v))
+            if past is not None:
+                k = torch.cat([past[i][0], k], dim=2)
+                v = torch.cat([past[i][1], v], dim=2)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                               dropout_p=att.dropout.p if self.training else 0.0)
+            a = att.out_lin(a.transpose(1, 2).reshape(B, N, H))
+            h = layer.sa_layer_norm(a + h)
+            h = layer.output_layer_norm(layer.ffn(h) + h)
+        return h, kv
+
+    def block_ids(self, L: int, device=None) -> torch.Tensor:
+        """The block of each of ``L`` positions [L]."""
+        return torch.arange(L, device=device) // self.cfg.block_size
+
+    def forward_blocks(self, x_t: torch.Tensor, t: torch.Tensor, x_clean: torch.Tensor, cond: torch.Tensor | None,
+                       drop_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """Every block's x0 prediction in one pass (Block Diffusion's vectorised training): the noisy
+        caption ``x_t`` [B, L, d] at timesteps ``t`` [B, L] beside its clean copy ``x_clean`` [B, L, d]; a noisy
+        position attends to the noisy positions of its own block and to the clean positions of the blocks
+        before it, a clean position to the clean positions of its own block and those before."""
+        B, L, _ = x_t.shape
+        blk = self.block_ids(L, x_t.device)
+        same, before = blk[:, None] == blk[None], blk[:, None] > blk[None]
+        allowed = torch.cat([torch.cat([same, before], 1),
+                             torch.cat([torch.zeros_like(same), same | before], 1)], 0)
+        h = torch.cat([self._inputs(x_t, t, cond, drop_cond),
+                       self._inputs(x_clean, torch.zeros_like(t), cond, drop_cond)], 1)
+        pos = torch.arange(L, device=x_t.device)
+        out, _ = self._encode(h, torch.cat([pos, pos]), allowed)
+        return self.output_down_proj(out[:, :L]), None
+
+    def block_step(self, x_t: torch.Tensor, t: torch.Tensor, start: int, cond: torch.Tensor | None,
+                   cache: list | None = None, x_clean: torch.Tensor | None = None):
+        """One sampling step: the x0 prediction of the block at positions ``start`` ... (``x_t`` [B, b, d] at
+        timesteps ``t`` [B, b]), given the blocks before it: the ``cache`` of earlier steps (None at the
+        first) and the block just revealed, ``x_clean`` [B, b', d] at the positions right before ``start``.
+        Returns (x0 [B, b, d], the cache extended by ``x_clean``'s keys and values)."""
+        B, n, _ = x_t.shape
+        m = 0 if x_clean is None else x_clean.shape[1]
+        M = 0 if cache is None else cache[0][0].shape[2]
+        dev = x_t.device
+        h = self._inputs(x_t, t, cond, None)
+        if m:
+            h = torch.cat([self._inputs(x_clean, torch.zeros(B, m, dtype=torch.long, device=dev), cond, None), h], 1)
+        pos = torch.arange(start - m, start + n, device=dev)
+        allowed = torch.ones(m + n, M + m + n, dtype=torch.bool, device=dev)
+        allowed[:m, M + m:] = False  # clean positions never read the noisy block
+        out, kv = self._encode(h, pos, allowed, cache)
+        if m:
+            new = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
+            cache = new if cache is None else [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                                               for (pk, pv), (k, v) in zip(cache, new)]
+        return self.output_down_proj(out[:, m:]), cache
+
+    def _forward_full(self, x_t, t, cond, drop_cond=None, x_self_cond=None):
         """Predict x0 (or eps) for ``x_t`` at timesteps ``t`` given image features ``cond`` [B, cond_dim].
 
         ``drop_cond`` [B] (bool) replaces the feature by the learned null condition where True; ``cond``

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import ObjectiveConfig
 from .rounding import clamp_to_embeddings, token_logits
-from .samplers import RevealSampler, Sampler, spaced_timesteps
+from .samplers import BlockSampler, RevealSampler, Sampler, spaced_timesteps
 from .schedule import NoiseSchedule
 
 
@@ -70,6 +70,9 @@ class GaussianDiffusion:
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
         """
         o = dataclasses.replace(objective or ObjectiveConfig.plain(), **overrides)
+        net = getattr(model, "module", model)
+        if getattr(getattr(net, "cfg", None), "block_size", 0):
+            return self._block_losses(model, tokens, cond, o, generator)
         if t_focus is None and o.focus_steps:
             t_focus = spaced_timesteps(self.schedule.T, o.focus_steps, o.focus_spacing)
         lambda_round, lambda_feature, p_uncond, p_focus = o.lambda_round, o.lambda_feature, o.p_uncond, o.p_focus
@@ -151,6 +154,33 @@ class GaussianDiffusion:
         losses["loss"] = loss
         return losses
 
+    def _block_losses(self, model, tokens, cond, o: ObjectiveConfig, generator) -> dict[str, torch.Tensor]:
+        """``training_losses`` of a block denoiser (``Denoiser.forward_blocks``): every position pure noise
+        at T-1 beside the clean caption, each block predicted from the clean blocks before it, all blocks
+        of every caption in one pass; mse + prior + lambda_round * round over every position."""
+        B, L = tokens.shape
+        dev = tokens.device
+        net = getattr(model, "module", model)
+        E = net.embeddings
+        x_start_mean = E[tokens]
+        sched = self.schedule
+        t = torch.full((B, L), sched.T - 1, device=dev, dtype=torch.long)
+        noise = torch.randn(x_start_mean.shape, generator=generator, device=dev)
+        x_t = sched.q_sample(x_start_mean, t, noise)
+        drop = (torch.rand(B, generator=generator, device=dev) < o.p_uncond) if o.p_uncond > 0 else None
+        fwd = net.forward_blocks  # (under DistributedDataParallel this bypasses its gradient hooks: CPU and one GPU only)
+        out, _ = fwd(x_t, t, x_start_mean, cond, drop)
+        x0_hat = out.float()
+        mse = (x0_hat - x_start_mean).pow(2).mean()
+        logits = token_logits(x0_hat, E.float())
+        round_ce = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1))
+        t_last = torch.full((B,), sched.T - 1, device=dev, dtype=torch.long)
+        prior = sched.q_mean_variance(x_start_mean, t_last)[0].pow(2).mean()
+        loss = mse + prior + o.lambda_round * round_ce
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == tokens).float().mean()
+        return {"mse": mse, "round": round_ce, "prior": prior, "token_acc": acc, "loss": loss}
+
     @torch.no_grad()
     def _unrolled(self, model, x_t, t, cond, drop, rows, t_focus, spacing, generator):
         """``x_t`` and ``t`` with the ``rows`` replaced by one DDIM step of the network's own prediction
@@ -220,6 +250,12 @@ class GaussianDiffusion:
         prev_ids = stable = None
         if early_stop:  # nearest token = argmax of 2 x.E_v - ||E_v||^2, the table's norms computed once
             E_t, E_sq = E.T.contiguous(), E.pow(2).sum(-1)
+        if isinstance(sampler, BlockSampler):
+            if early_stop or guidance != 1.0:
+                raise ValueError("the block sampler ends each caption at its [SEP] and has no guidance: "
+                                 "use early_stop=0 and guidance=1")
+            yield from self._sample_blocks(model, cond, sampler, x, E)
+            return
         if isinstance(sampler, RevealSampler):
             yield from self._sample_reveal(model, cond, sampler, x, guidance, generator, E, early_stop)
             return
@@ -264,6 +300,46 @@ class GaussianDiffusion:
             yield StepOutput(i, round(float(t_pos.float().mean())), x, x0)
             if i < n - 1:
                 x, t_pos = sampler.step_positions(x0, i, E, generator)
+
+    def _sample_blocks(self, model, cond, sampler: BlockSampler, x, E):
+        """``sample_progressive`` for the block sampler: step i predicts block i from pure noise given the
+        clean blocks before it (cached in the network), and reveals it as its rounded tokens' embeddings.
+        Each step's x0 is the caption so far, each block as predicted at the step that decided it, and [PAD]'s
+        embedding after it. A row is done at the step whose block holds [SEP] (or the last position)."""
+        B, L, _ = x.shape
+        b = model.block_size
+        T = self.schedule.T
+        n = min(len(sampler.timesteps), -(-L // b))
+        pad = E[sampler.pad_id] if sampler.pad_id is not None else torch.zeros_like(E[0])
+        rows = torch.arange(B, device=x.device)
+        x0 = pad.expand(B, L, -1).clone()  # the caption so far, [PAD] where nothing is predicted yet
+        ids_all = torch.full((B, L), -1, dtype=torch.long, device=x.device)
+        cache, clean = None, None
+        for i in range(n):
+            s, e = i * b, min((i + 1) * b, L)
+            t = torch.full((x.shape[0], e - s), T - 1, dtype=torch.long, device=x.device)
+            pred, cache = model.block_step(x[:, s:e], t, s, cond, cache, clean)
+            pred = pred.float()
+            ids = token_logits(pred, E).argmax(-1)
+            x0[:, s:e] = pred
+            ids_all[:, s:e] = ids
+            x_in = x.clone()
+            x_in[:, :s] = E[ids_all[:, :s]]  # the revealed blocks as the network read them
+            if i == n - 1:
+                done = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            elif sampler.sep_id is not None:
+                done = (ids == sampler.sep_id).any(-1)
+            else:
+                done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            step_ids = torch.where(ids_all >= 0, ids_all, torch.full_like(ids_all, sampler.pad_id or 0))
+            yield StepOutput(i, T - 1, x_in, x0.clone(), rows, done, step_ids)
+            clean = E[ids]
+            if bool(done.any()):
+                keep = ~done
+                if not bool(keep.any()):
+                    return
+                x, x0, cond, rows, ids_all, clean = (v[keep] for v in (x, x0, cond, rows, ids_all, clean))
+                cache = [(k[keep], v[keep]) for k, v in cache] if cache is not None else None
 
 
 def _weighted(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

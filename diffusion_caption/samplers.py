@@ -27,7 +27,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm", "reveal")
+SAMPLERS = ("ddim", "ddpm", "reveal", "block")
 
 
 @dataclass
@@ -224,6 +224,34 @@ class RevealSampler(Sampler):
         raise TypeError("the reveal sampler sets per-position timesteps: use step_positions")
 
 
+class BlockSampler(Sampler):
+    """Block diffusion (Arriola et al. 2025): the caption is denoised one block of ``block_size`` positions per
+    step, left to right, each block from pure noise (t = T-1) given the clean blocks before it, which the
+    network keeps as cached keys and values (``Denoiser.block_step``). ``num_steps`` is the most blocks a
+    caption may take; a caption is finished at the step whose block holds its [SEP], and a batch at the
+    step its last caption is. ``timesteps`` lists T-1 once per step (the trace's label). It needs a network
+    trained with ``block_size`` > 0.
+    """
+
+    name = "block"
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
+                 sep_id: int | None = None, pad_id: int | None = None):
+        super().__init__(schedule, num_steps, spacing)
+        self.sep_id, self.pad_id = sep_id, pad_id  # where a caption ends; what stands after it
+
+    def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
+        if spacing is not None:
+            spacing_power(spacing)
+            self.spacing = str(spacing).strip().lower()
+        if int(num_steps) < 1:
+            raise ValueError(f"steps must be at least 1, got {num_steps}")
+        self.timesteps = [self.schedule.T - 1] * int(num_steps)
+
+    def step(self, x0_pred, t, x_t, generator=None) -> SamplerOutput:
+        raise TypeError("the block sampler denoises one block per step: see GaussianDiffusion's block loop")
+
+
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -237,4 +265,6 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = Non
         return DDPMSampler(schedule, num_steps, spacing)
     if name == "reveal":
         return RevealSampler(schedule, num_steps, spacing, **kw)
+    if name == "block":
+        return BlockSampler(schedule, num_steps, spacing, **kw)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

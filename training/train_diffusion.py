@@ -73,7 +73,7 @@ class DiffusionTrainConfig:
 
 # the fields that fix the denoiser's tensors: a fine-tune (--init) may not change them
 ARCHITECTURE_FIELDS = ("seq_len", "vocab_size", "emb_dim", "encoder", "dim", "n_layers", "n_heads", "hidden_dim",
-                       "cond_dim", "fusion", "n_prefix", "predict_feature", "cond_mlp", "self_cond")
+                       "cond_dim", "fusion", "n_prefix", "predict_feature", "cond_mlp", "self_cond", "block_size")
 # ...except these: a fine-tune may add the conditioning MLP or the self-conditioning input to a start without
 # them (both start at zero, so the fine-tune starts from the checkpoint's own function)
 GROWABLE_FIELDS = ("cond_mlp", "self_cond")
