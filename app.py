@@ -460,7 +460,7 @@ class Handlers:
         return rows
 
     def _timing(self, view: View, settings: dict) -> str:
-        spacing = "" if settings["sampler"] == "reveal" else f", {settings['spacing']} spacing"
+        spacing = "" if settings["sampler"] in ("reveal", "block") else f", {settings['spacing']} spacing"
         parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps"
                  f"{spacing} (first step after {view.first_step_seconds * 1000:.0f} ms)"]
         if view.baseline_seconds is not None:

@@ -169,6 +169,12 @@ class Captioner(PretrainedCaptioner):
         s = (sampling or self.sampling).replace(**overrides)
         if s.steps > T or s.early_stop > T:
             raise ValueError(f"steps and early_stop must be at most T = {T}, got {s.steps} and {s.early_stop}")
+        if (s.sampler == "block") != bool(self.config.block_size):
+            raise ValueError(f"this checkpoint's denoiser writes its caption a block of {self.config.block_size} "
+                             f"positions at a time: it samples with the 'block' sampler only, not {s.sampler!r}"
+                             if self.config.block_size else
+                             "the 'block' sampler needs a denoiser trained with block_size > 0 (block diffusion); "
+                             "this one denoises every position at once")
         if s.candidates > 1 and s.select == "clip" and self.scorer.text_tokenizer is None:
             raise ValueError("select='clip' ranks candidates by CLIP score, but this checkpoint's CLIP has no text "
                              "tokenizer (no tokenizer.json in its clip/ folder)")
@@ -229,7 +235,7 @@ class Captioner(PretrainedCaptioner):
         B = features.shape[0]
         smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing,
                            **({"sep_id": self.tokenizer.sep_id} if s.sampler == "reveal" else {}),
-                           **({"sep_id": self.tokenizer.sep_id, "pad_id": self.tokenizer.pad_id}
+                           **({"sep_id": self.tokenizer.sep_id, "pad_id": self.tokenizer.pad_id, "cls_id": self.tokenizer.cls_id}
                               if s.sampler == "block" else {}))
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(seed)

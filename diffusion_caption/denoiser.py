@@ -121,20 +121,27 @@ class Denoiser(nn.Module):
         return self._forward_full(x_t, t, cond, drop_cond, x_self_cond)
 
     # ------------------------------------------------------------------------------ block diffusion
-    def _inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
-                drop_cond: torch.Tensor | None) -> torch.Tensor:
-        """Encoder inputs before the position embedding: lifted x, its timesteps [B, N] and the image."""
-        B = x.shape[0]
-        null = self.null_cond.to(x.dtype).expand(B, -1)
+    def _conditioning(self, cond: torch.Tensor | None, drop_cond: torch.Tensor | None, B: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The image's term of every caption position's input [B, H] (the null condition where dropped)."""
+        null = self.null_cond.to(dtype).expand(B, -1)
         if cond is None:
             cond = null
         elif drop_cond is not None:
-            cond = torch.where(drop_cond[:, None], null, cond.to(x.dtype))
-        cond = cond.to(x.dtype)
+            cond = torch.where(drop_cond[:, None], null, cond.to(dtype))
+        cond = cond.to(dtype)
         c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
-        t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
-        te = self.time_embed(timestep_embedding(t_unique, self.cfg.dim).to(x.dtype))[where].view(*t.shape, -1)
-        return self.input_up_proj(x) + te + c[:, None] + self.segment_embedding.weight[0]
+        return c + self.segment_embedding.weight[0].to(dtype)
+
+    def _inputs(self, x: torch.Tensor, t: torch.Tensor | int, c: torch.Tensor) -> torch.Tensor:
+        """Encoder inputs before the position embedding: lifted x, its timesteps ([B, N], or one int for all)
+        and the image term ``c`` [B, H] of ``_conditioning``."""
+        if isinstance(t, int):
+            te = self.time_embed(timestep_embedding(torch.tensor([t], device=x.device), self.cfg.dim).to(x.dtype))
+        else:
+            t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
+            te = self.time_embed(timestep_embedding(t_unique, self.cfg.dim).to(x.dtype))[where].view(*t.shape, -1)
+        return self.input_up_proj(x) + te + c[:, None]
 
     def _encode(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                 past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
@@ -159,12 +166,15 @@ class Denoiser(nn.Module):
                                                dropout_p=att.dropout.p if self.training else 0.0)
             a = att.out_lin(a.transpose(1, 2).reshape(B, N, H))
             h = layer.sa_layer_norm(a + h)
-            h = layer.output_layer_norm(layer.ffn(h) + h)
+            ffn = layer.ffn  # its lin1, activation, lin2 and dropout, without transformers' chunking wrapper
+            h = layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(h)))) + h)
         return h, kv
 
     def block_ids(self, L: int, device=None) -> torch.Tensor:
-        """The block of each of ``L`` positions [L]."""
-        return torch.arange(L, device=device) // self.cfg.block_size
+        """The block of each of ``L`` positions [L]: the caption's [CLS] alone in block 0 (sampling gives it, as
+        an autoregressive model is given its first token), then ``block_size`` positions a block."""
+        b = self.cfg.block_size
+        return (torch.arange(L, device=device) + b - 1) // b
 
     def forward_blocks(self, x_t: torch.Tensor, t: torch.Tensor, x_clean: torch.Tensor, cond: torch.Tensor | None,
                        drop_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
@@ -177,34 +187,47 @@ class Denoiser(nn.Module):
         same, before = blk[:, None] == blk[None], blk[:, None] > blk[None]
         allowed = torch.cat([torch.cat([same, before], 1),
                              torch.cat([torch.zeros_like(same), same | before], 1)], 0)
-        h = torch.cat([self._inputs(x_t, t, cond, drop_cond),
-                       self._inputs(x_clean, torch.zeros_like(t), cond, drop_cond)], 1)
+        c = self._conditioning(cond, drop_cond, B, x_t.dtype)
+        h = torch.cat([self._inputs(x_t, t, c), self._inputs(x_clean, 0, c)], 1)
         pos = torch.arange(L, device=x_t.device)
         out, _ = self._encode(h, torch.cat([pos, pos]), allowed)
         return self.output_down_proj(out[:, :L]), None
 
-    def block_step(self, x_t: torch.Tensor, t: torch.Tensor, start: int, cond: torch.Tensor | None,
-                   cache: list | None = None, x_clean: torch.Tensor | None = None):
+    def block_step(self, x_t: torch.Tensor, t: torch.Tensor | int, start: int, cond: torch.Tensor | None,
+                   cache: dict | None = None, x_clean: torch.Tensor | None = None):
         """One sampling step: the x0 prediction of the block at positions ``start`` ... (``x_t`` [B, b, d] at
-        timesteps ``t`` [B, b]), given the blocks before it: the ``cache`` of earlier steps (None at the
-        first) and the block just revealed, ``x_clean`` [B, b', d] at the positions right before ``start``.
-        Returns (x0 [B, b, d], the cache extended by ``x_clean``'s keys and values)."""
+        timesteps ``t``, [B, b] or one int), given the blocks before it: the ``cache`` of earlier steps (None at
+        the first) and the block just revealed, ``x_clean`` [B, b', d] at the positions right before ``start``.
+        Returns (x0 [B, b, d], the cache: the image's term, then each layer's keys and values of every
+        revealed position). ``keep_rows(cache, rows)`` drops finished captions from it."""
         B, n, _ = x_t.shape
         m = 0 if x_clean is None else x_clean.shape[1]
-        M = 0 if cache is None else cache[0][0].shape[2]
+        cache = dict(cache or {})
+        if "c" not in cache:
+            cache["c"] = self._conditioning(cond, None, B, x_t.dtype)
+        kv_past = cache.get("kv")
+        M = 0 if kv_past is None else kv_past[0][0].shape[2]
         dev = x_t.device
-        h = self._inputs(x_t, t, cond, None)
+        h = self._inputs(x_t, t, cache["c"])
         if m:
-            h = torch.cat([self._inputs(x_clean, torch.zeros(B, m, dtype=torch.long, device=dev), cond, None), h], 1)
+            h = torch.cat([self._inputs(x_clean, 0, cache["c"]), h], 1)
         pos = torch.arange(start - m, start + n, device=dev)
         allowed = torch.ones(m + n, M + m + n, dtype=torch.bool, device=dev)
         allowed[:m, M + m:] = False  # clean positions never read the noisy block
-        out, kv = self._encode(h, pos, allowed, cache)
+        out, kv = self._encode(h, pos, allowed, kv_past)
         if m:
             new = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
-            cache = new if cache is None else [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
-                                               for (pk, pv), (k, v) in zip(cache, new)]
+            cache["kv"] = new if kv_past is None else [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                                                       for (pk, pv), (k, v) in zip(kv_past, new)]
         return self.output_down_proj(out[:, m:]), cache
+
+    @staticmethod
+    def keep_rows(cache: dict, rows: torch.Tensor) -> dict:
+        """A block sampling cache with only ``rows`` (a bool mask or indices of the batch) kept."""
+        out = {"c": cache["c"][rows]}
+        if cache.get("kv") is not None:
+            out["kv"] = [(k[rows], v[rows]) for k, v in cache["kv"]]
+        return out
 
     def _forward_full(self, x_t, t, cond, drop_cond=None, x_self_cond=None):
         """Predict x0 (or eps) for ``x_t`` at timesteps ``t`` given image features ``cond`` [B, cond_dim].

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ObjectiveConfig
+from .denoiser import Denoiser
 from .rounding import clamp_to_embeddings, token_logits
 from .samplers import BlockSampler, RevealSampler, Sampler, spaced_timesteps
 from .schedule import NoiseSchedule
@@ -302,23 +303,26 @@ class GaussianDiffusion:
                 x, t_pos = sampler.step_positions(x0, i, E, generator)
 
     def _sample_blocks(self, model, cond, sampler: BlockSampler, x, E):
-        """``sample_progressive`` for the block sampler: step i predicts block i from pure noise given the
-        clean blocks before it (cached in the network), and reveals it as its rounded tokens' embeddings.
-        Each step's x0 is the caption so far, each block as predicted at the step that decided it, and [PAD]'s
-        embedding after it. A row is done at the step whose block holds [SEP] (or the last position)."""
+        """``sample_progressive`` for the block sampler: [CLS] is given at position 0, then step i predicts
+        block i + 1 (``block_size`` positions) from pure noise given the clean blocks before it (cached in the
+        network), and reveals it as its rounded tokens' embeddings. Each step's x0 is the caption so far, each
+        block as predicted at the step that decided it, and [PAD]'s embedding after it. A row is done at the
+        step whose block holds [SEP] (or the last position)."""
         B, L, _ = x.shape
         b = model.block_size
         T = self.schedule.T
-        n = min(len(sampler.timesteps), -(-L // b))
+        n = min(len(sampler.timesteps), -(-(L - 1) // b))
         pad = E[sampler.pad_id] if sampler.pad_id is not None else torch.zeros_like(E[0])
         rows = torch.arange(B, device=x.device)
         x0 = pad.expand(B, L, -1).clone()  # the caption so far, [PAD] where nothing is predicted yet
         ids_all = torch.full((B, L), -1, dtype=torch.long, device=x.device)
-        cache, clean = None, None
+        cls = sampler.cls_id if sampler.cls_id is not None else 0
+        ids_all[:, 0] = cls
+        x0[:, 0] = E[cls]
+        cache, clean = None, E[cls].expand(B, 1, -1)
         for i in range(n):
-            s, e = i * b, min((i + 1) * b, L)
-            t = torch.full((x.shape[0], e - s), T - 1, dtype=torch.long, device=x.device)
-            pred, cache = model.block_step(x[:, s:e], t, s, cond, cache, clean)
+            s, e = 1 + i * b, min(1 + (i + 1) * b, L)
+            pred, cache = model.block_step(x[:, s:e], T - 1, s, cond, cache, clean)
             pred = pred.float()
             ids = token_logits(pred, E).argmax(-1)
             x0[:, s:e] = pred
@@ -339,7 +343,7 @@ class GaussianDiffusion:
                 if not bool(keep.any()):
                     return
                 x, x0, cond, rows, ids_all, clean = (v[keep] for v in (x, x0, cond, rows, ids_all, clean))
-                cache = [(k[keep], v[keep]) for k, v in cache] if cache is not None else None
+                cache = Denoiser.keep_rows(cache, keep)
 
 
 def _weighted(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

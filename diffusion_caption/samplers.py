@@ -225,8 +225,9 @@ class RevealSampler(Sampler):
 
 
 class BlockSampler(Sampler):
-    """Block diffusion (Arriola et al. 2025): the caption is denoised one block of ``block_size`` positions per
-    step, left to right, each block from pure noise (t = T-1) given the clean blocks before it, which the
+    """Block diffusion (Arriola et al. 2025): after the given [CLS], the caption is denoised one block of
+    ``block_size`` positions per step, left to right, each block from pure noise (t = T-1) given the clean
+    blocks before it, which the
     network keeps as cached keys and values (``Denoiser.block_step``). ``num_steps`` is the most blocks a
     caption may take; a caption is finished at the step whose block holds its [SEP], and a batch at the
     step its last caption is. ``timesteps`` lists T-1 once per step (the trace's label). It needs a network
@@ -236,9 +237,10 @@ class BlockSampler(Sampler):
     name = "block"
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
-                 sep_id: int | None = None, pad_id: int | None = None):
+                 sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None):
         super().__init__(schedule, num_steps, spacing)
-        self.sep_id, self.pad_id = sep_id, pad_id  # where a caption ends; what stands after it
+        # where a caption ends, what stands after it, and the [CLS] every caption starts with (given, not sampled)
+        self.sep_id, self.pad_id, self.cls_id = sep_id, pad_id, cls_id
 
     def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
         if spacing is not None:

@@ -21,7 +21,7 @@ def _inputs(cap, B=3, seed=0):
 def test_the_encoder_pass_is_distilberts_own_when_everything_may_attend(make_captioner):
     net = make_captioner(fusion="add").denoiser.eval()
     x_t, t, _, cond = _inputs(make_captioner(fusion="add"))
-    h = net._inputs(x_t, t, cond, None)
+    h = net._inputs(x_t, t, net._conditioning(cond, None, x_t.shape[0], x_t.dtype))
     L = x_t.shape[1]
     with torch.no_grad():
         mine, _ = net._encode(h, torch.arange(L), torch.ones(L, L, dtype=torch.bool))
@@ -37,12 +37,15 @@ def test_cached_block_steps_equal_the_vectorised_training_pass(make_captioner, b
     L = x_t.shape[1]
     with torch.no_grad():
         whole, _ = net.forward_blocks(x_t, t, x_clean, cond)
-        cache, parts = None, []
-        for s in range(0, L, b):
-            e = min(s + b, L)
-            out, cache = net.block_step(x_t[:, s:e], t[:, s:e], s, cond, cache, None if s == 0 else x_clean[:, s - b:s])
+        cache, parts, prev = None, [], None
+        for s in [0] + list(range(1, L, b)):  # [CLS] alone, then blocks of b
+            e = 1 if s == 0 else min(s + b, L)
+            out, cache = net.block_step(x_t[:, s:e], t[:, s:e], s, cond, cache, None if s == 0 else x_clean[:, prev:s])
             parts.append(out)
-    assert cache[0][0].shape[2] == L - (e - s)  # every block but the last is cached, once
+            prev = s
+    assert cache["kv"][0][0].shape[2] == L - (e - s)  # every block but the last is cached, once
+    kept = net.keep_rows(cache, torch.tensor([True, False, True]))
+    assert kept["kv"][-1][0].shape[0] == kept["c"].shape[0] == 2
     assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)
 
 
@@ -50,21 +53,23 @@ def test_a_block_reads_the_clean_blocks_before_it_and_nothing_after(make_caption
     b = 3
     cap = make_captioner(fusion="add", block_size=b)
     net = cap.denoiser.eval()
+    assert net.block_ids(8).tolist() == [0, 1, 1, 1, 2, 2, 2, 3]  # [CLS] alone, then blocks of 3
     x_t, t, x_clean, cond = _inputs(cap)
+    one, two = slice(1, 1 + b), slice(1 + b, 1 + 2 * b)
     with torch.no_grad():
         base, _ = net.forward_blocks(x_t, t, x_clean, cond)
         later_clean = x_clean.clone()
-        later_clean[:, 2 * b:] += 1.0  # change the clean copy from block 2 on
+        later_clean[:, 1:] += 1.0  # change the clean copy from block 1 on
         later_noise = x_t.clone()
-        later_noise[:, b:] += 1.0  # and the noise of every block after block 0
+        later_noise[:, two] += 1.0  # and the noise of block 2
         moved, _ = net.forward_blocks(later_noise, t, later_clean, cond)
         earlier = x_clean.clone()
-        earlier[:, 0] += 1.0  # the clean first position
+        earlier[:, 0] += 1.0  # the clean [CLS]
         moved_by_earlier, _ = net.forward_blocks(x_t, t, earlier, cond)
-    assert torch.allclose(base[:, :b], moved[:, :b], atol=1e-6)  # block 0 reads only its own noise
-    assert not torch.allclose(base[:, b:2 * b], moved[:, b:2 * b])  # block 1 reads its own noise...
-    assert torch.allclose(base[:, :b], moved_by_earlier[:, :b], atol=1e-6)  # block 0 never reads clean tokens
-    assert not torch.allclose(base[:, b:], moved_by_earlier[:, b:])  # the later blocks read the clean first one
+    assert torch.allclose(base[:, one], moved[:, one], atol=1e-6)  # block 1 reads [CLS] and its own noise only
+    assert not torch.allclose(base[:, two], moved[:, two])
+    assert torch.allclose(base[:, :1], moved_by_earlier[:, :1], atol=1e-6)  # block 0 never reads clean tokens
+    assert not torch.allclose(base[:, one], moved_by_earlier[:, one])  # block 1 reads the clean [CLS]
 
 
 def test_a_block_denoiser_refuses_the_all_at_once_call_and_the_settings_it_cannot_have(make_captioner, scene_image):
@@ -77,6 +82,10 @@ def test_a_block_denoiser_refuses_the_all_at_once_call_and_the_settings_it_canno
             preset("tiny", **{"block_size": 3, **bad})
     with pytest.raises(ValueError, match="guidance"):
         cap.caption(scene_image, sampler="block", steps=4, guidance=2)
+    with pytest.raises(ValueError, match="'block' sampler only"):
+        cap.caption(scene_image, sampler="reveal", steps=4)
+    with pytest.raises(ValueError, match="block_size > 0"):
+        make_captioner(fusion="add").caption(scene_image, sampler="block", steps=4)
 
 
 def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_its_end(make_captioner, tokenizer):
@@ -102,13 +111,13 @@ def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_
     assert [tr.text for tr in traces] == texts
     sep = tokenizer.sep_id
     for tr, row in zip(traces, ids.tolist()):
-        n_steps = row.index(sep) // b + 1  # the step whose block holds [SEP] is the last
+        n_steps = (row.index(sep) - 1) // b + 1  # after the given [CLS], the step whose block holds [SEP] is the last
         assert len(tr.steps) == n_steps
-        for i, step in enumerate(tr.steps):  # step i has written the caption's first (i + 1) blocks
-            written = [v for v in step.token_ids[:(i + 1) * b]]
-            assert written == row[:(i + 1) * b]
-            assert all(v == tokenizer.pad_id for v in step.token_ids[(i + 1) * b:])
+        for i, step in enumerate(tr.steps):  # step i has written [CLS] and the caption's next (i + 1) blocks
+            written = 1 + (i + 1) * b
+            assert step.token_ids[:written] == row[:written]
+            assert all(v == tokenizer.pad_id for v in step.token_ids[written:])
             assert step.t == cap.config.T - 1
-        k = (n_steps - 1) * b  # the last step read the blocks before it as their tokens' clean embeddings
+        k = 1 + (n_steps - 1) * b  # the last step read the blocks before it as their tokens' clean embeddings
         assert torch.allclose(tr.steps[-1].x_t[:k], cap.denoiser.embeddings.detach()[torch.tensor(row[:k])])
     assert cap.caption_batch(features=cond, record="final")[1].text == texts[1]

@@ -159,7 +159,8 @@ def main(argv=None) -> None:
         res["per_step"] = step_report(model, records, settings, args.batch_size)
         table += ("\nEvery step's caption (the last row is the call's caption): wholly right by number of objects, "
                   "defect rate, colour and shape over all objects, positions changed since the step before and "
-                  "the share of captions that changed\n\n")
+                  "the share of captions that changed, and the share still being written (a block captioner ends each "
+                  "caption at its [SEP]; an ended caption holds its last step)\n\n")
         table += markdown_table(res["per_step"], first="step")
     if sets:
         res["counterfactuals"] = counterfactual_report(model, records, settings, args.batch_size, sets, args.seed)

@@ -22,7 +22,7 @@ def changed_positions(prev: list[int], cur: list[int], pad_id: int) -> int:
 def step_report(model, records, settings: dict, batch_size: int = 128, features: torch.Tensor | None = None) -> list[dict]:
     """One row per step index: ``step``, ``t``, ``whole`` (and by object count), ``color``, ``shape`` (over
     all objects), ``changed`` (mean positions changed since the previous step) and ``any_changed``
-    (share of captions that changed at all). The last row is the caption the call returns (after any
+    (share of captions that changed at all), ``running`` (share of captions not yet ended). The last row is the caption the call returns (after any
     candidate choice)."""
     from ..world.whole_caption import whole_caption_report
 
@@ -34,21 +34,24 @@ def step_report(model, records, settings: dict, batch_size: int = 128, features:
         kw = dict(settings, seed=int(settings.get("seed", 0)) + i, record="all")
         traces += model.caption_batch(features=features[i:i + batch_size], **kw)
     pad = model.tokenizer.pad_id
-    n_steps = len(traces[0].steps)
+    # a caption that ended early (the block sampler's, at its [SEP]) holds its last step from then on
+    n_steps = max(len(tr.steps) for tr in traces)
+    at = lambda tr, k: tr.steps[min(k, len(tr.steps) - 1)]  # noqa: E731
     rows = []
     for k in range(n_steps):
-        texts = [tr.steps[k].text for tr in traces]
+        texts = [at(tr, k).text for tr in traces]
         whole = whole_caption_report(texts, scenes)
         scores = [attribute_scores(parse_caption(t), s) for t, s in zip(texts, scenes)]
-        row = {"step": k + 1, "t": traces[0].steps[k].t,
+        row = {"step": k + 1, "t": at(traces[0], k).t,
                **{key: whole[key] for key in ("whole", "whole_0obj", "whole_1obj", "whole_2obj", "whole_3obj",
                                                        "defect_rate")}}
         for a in ("color", "shape"):
             vals = [s[a] for s in scores if s.get(a) is not None]
             row[a] = sum(vals) / len(vals) if vals else None
         if k:
-            ch = [changed_positions(tr.steps[k - 1].token_ids, tr.steps[k].token_ids, pad) for tr in traces]
+            ch = [changed_positions(at(tr, k - 1).token_ids, at(tr, k).token_ids, pad) for tr in traces]
             row["changed"] = sum(ch) / len(ch)
             row["any_changed"] = sum(c > 0 for c in ch) / len(ch)
+        row["running"] = sum(len(tr.steps) > k for tr in traces) / len(traces)
         rows.append(row)
     return rows
