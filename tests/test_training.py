@@ -412,3 +412,11 @@ def test_correct_captions_keeps_right_ones_and_replaces_wrong_ones_by_beam_then_
     assert out[0] == right  # the beam's likeliest right hypothesis
     assert out[1] == refs[1]  # no right hypothesis: the reference closest to the teacher's caption
     assert out[2] == right and counts == {"wrong": 2, "from_beam": 1, "from_references": 1}
+    # a vague caption is right as it stands, and replaced only when the student must name every object
+    vocab[9], enc["shapes"], enc["two"] = "shapes", 9, 10
+    vocab[10] = "two"
+    vague = "two shapes on a gray background"
+    hyps = [[(-0.1, ids(vague)), (-0.3, ids(right))], [(-0.1, ids(vague))]]
+    assert correct_captions([vague, vague], [rec, rec], hyps, decode)[0] == [vague, vague]
+    out, counts = correct_captions([vague, vague], [rec, rec], hyps, decode, specific=True)
+    assert out == [right, refs[1]] and counts == {"wrong": 2, "vague": 2, "from_beam": 1, "from_references": 1}

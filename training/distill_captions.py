@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes world: a teacher caption that is not wholly right against its scene is replaced by the "
                         "teacher's likeliest beam hypothesis that is, else by the image's reference closest to it "
                         "(sentence BLEU-2): the student then learns the teacher's phrasing without its mistakes")
+    p.add_argument("--specific", action="store_true",
+                   help="with --correct, a vague caption (\"two shapes on a gray background\") counts as not right "
+                        "either: it is replaced as a wrong one is, so the student names every object")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--device", default="cpu")
@@ -202,26 +205,33 @@ def in_shape_order(caption: str, scene: Scene) -> bool:
 OBJECT_ORDERS = {"left-to-right": in_left_to_right_order, "by-shape": in_shape_order}
 
 
-def correct_captions(captions: list[str], records, hyps, decode) -> tuple[list[str], dict]:
+def correct_captions(captions: list[str], records, hyps, decode, specific: bool = False) -> tuple[list[str], dict]:
     """``captions`` with every one that is not wholly right against its record's scene replaced: by the
     likeliest of its beam hypotheses ``hyps`` (ranked, as ``teacher_hypotheses`` gives them; None: no
     beam) that is wholly right, else by the record's reference caption closest to it by sentence BLEU-2
-    (references are the world's own captions, right by construction). Returns the captions and counts."""
-    from diffusion_caption.world.whole_caption import whole_caption_errors
+    (references are the world's own captions, right by construction). With ``specific``, a vague caption
+    (``whole_caption.is_vague``) is not right either. Returns the captions and counts."""
+    from diffusion_caption.world.whole_caption import is_vague, whole_caption_errors
+
+    def right(text: str, scene: Scene) -> bool:
+        return not whole_caption_errors(text, scene) and not (specific and is_vague(text))
 
     out, counts = list(captions), {"wrong": 0, "from_beam": 0, "from_references": 0}
+    if specific:
+        counts["vague"] = 0
     for i, (caption, r) in enumerate(zip(captions, records)):
         scene = Scene.from_json(r.scene)
-        if not whole_caption_errors(caption, scene):
+        if right(caption, scene):
             continue
         counts["wrong"] += 1
-        right = [text for text in (decode(ids) for _, ids in (hyps[i] if hyps else []))
-                 if not whole_caption_errors(text, scene)]
-        if right:
-            out[i] = right[0]
+        if specific and not whole_caption_errors(caption, scene):
+            counts["vague"] += 1
+        good = [text for text in (decode(ids) for _, ids in (hyps[i] if hyps else [])) if right(text, scene)]
+        if good:
+            out[i] = good[0]
             counts["from_beam"] += 1
             continue
-        refs = [c for c in r.captions if not whole_caption_errors(c, scene)]
+        refs = [c for c in r.captions if right(c, scene)]
         if refs:
             scores = sentence_bleu(refs, [caption])
             out[i] = refs[max(range(len(refs)), key=lambda j: (scores[j], -j))]
@@ -259,6 +269,8 @@ def distill(args) -> dict:
         raise SystemExit("--object-order chooses among beam hypotheses: use it with --select typical")
     if args.reference_weight != 0 and (args.select != "typical" or not args.reference_weight > 0):
         raise SystemExit("--reference-weight chooses among beam hypotheses: use a positive weight with --select typical")
+    if args.specific and not args.correct:
+        raise SystemExit("--specific says which captions --correct replaces: give --correct too")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     records = load_karpathy(args.data, args.data_dir, splits, image_dir=args.image_dir, restval_as_train=False)
     if not records:
@@ -312,7 +324,7 @@ def distill(args) -> dict:
             })
     corrected = None
     if args.correct:
-        captions, corrected = correct_captions(captions, records, hyps, teacher.tokenizer.decode)
+        captions, corrected = correct_captions(captions, records, hyps, teacher.tokenizer.decode, args.specific)
     seconds = time.perf_counter() - t0
     empty = sum(1 for c in captions if not c.strip())
     if empty:
@@ -355,7 +367,7 @@ def distill(args) -> dict:
                    + (f" --object-order {args.object_order}" if args.object_order != "teacher" else "")
                    + (f" --reference-weight {args.reference_weight}" if args.reference_weight > 0 else "")
                    + (" --keep-references" if args.keep_references else "")
-                   + (" --correct" if args.correct else ""),
+                   + (" --correct" if args.correct else "") + (" --specific" if args.specific else ""),
     }
     os.makedirs(args.out, exist_ok=True)
     dst = os.path.join(args.out, os.path.basename(src_json))
