@@ -235,8 +235,7 @@ class Captioner(PretrainedCaptioner):
         B = features.shape[0]
         smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing,
                            **({"sep_id": self.tokenizer.sep_id} if s.sampler == "reveal" else {}),
-                           **({"sep_id": self.tokenizer.sep_id, "pad_id": self.tokenizer.pad_id, "cls_id": self.tokenizer.cls_id,
-                                 "passes": s.passes}
+                           **({"sep_id": self.tokenizer.sep_id, "pad_id": self.tokenizer.pad_id, "cls_id": self.tokenizer.cls_id}
                               if s.sampler == "block" else {}))
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(seed)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import ObjectiveConfig
 from .denoiser import Denoiser
 from .rounding import clamp_to_embeddings, token_logits
-from .samplers import BlockSampler, RevealSampler, Sampler, _noise_like, spaced_timesteps
+from .samplers import BlockSampler, RevealSampler, Sampler, spaced_timesteps
 from .schedule import NoiseSchedule
 
 
@@ -157,10 +157,8 @@ class GaussianDiffusion:
 
     def _block_losses(self, model, tokens, cond, o: ObjectiveConfig, generator) -> dict[str, torch.Tensor]:
         """``training_losses`` of a block denoiser (``Denoiser.forward_blocks``): every position pure noise
-        at T-1 beside the clean caption (with ``focus_steps`` > 1, a fraction ``p_focus`` of the blocks at one
-        of the timesteps a ``focus_steps``-pass block sampler visits instead), each block predicted from the
-        clean blocks before it, all blocks of every caption in one pass; mse + prior + lambda_round * round
-        over every position."""
+        at T-1 beside the clean caption, each block predicted from the clean blocks before it, all blocks
+        of every caption in one pass; mse + prior + lambda_round * round over every position."""
         B, L = tokens.shape
         dev = tokens.device
         net = getattr(model, "module", model)
@@ -168,13 +166,6 @@ class GaussianDiffusion:
         x_start_mean = E[tokens]
         sched = self.schedule
         t = torch.full((B, L), sched.T - 1, device=dev, dtype=torch.long)
-        if o.focus_steps > 1 and o.p_focus > 0:  # a timestep per (caption, block): the passes a block sampler makes
-            focus = torch.as_tensor(spaced_timesteps(sched.T, o.focus_steps, o.focus_spacing), device=dev)
-            blk = net.block_ids(L, dev)
-            n_blk = int(blk.max()) + 1
-            pick = focus[torch.randint(0, len(focus), (B, n_blk), generator=generator, device=dev)]
-            use = torch.rand(B, n_blk, generator=generator, device=dev) < o.p_focus
-            t = torch.where(use, pick, torch.full_like(pick, sched.T - 1))[:, blk]
         noise = torch.randn(x_start_mean.shape, generator=generator, device=dev)
         x_t = sched.q_sample(x_start_mean, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < o.p_uncond) if o.p_uncond > 0 else None
@@ -264,7 +255,7 @@ class GaussianDiffusion:
             if early_stop or guidance != 1.0:
                 raise ValueError("the block sampler ends each caption at its [SEP] and has no guidance: "
                                  "use early_stop=0 and guidance=1")
-            yield from self._sample_blocks(model, cond, sampler, x, E, generator)
+            yield from self._sample_blocks(model, cond, sampler, x, E)
             return
         if isinstance(sampler, RevealSampler):
             yield from self._sample_reveal(model, cond, sampler, x, guidance, generator, E, early_stop)
@@ -311,14 +302,12 @@ class GaussianDiffusion:
             if i < n - 1:
                 x, t_pos = sampler.step_positions(x0, i, E, generator)
 
-    def _sample_blocks(self, model, cond, sampler: BlockSampler, x, E, generator=None):
+    def _sample_blocks(self, model, cond, sampler: BlockSampler, x, E):
         """``sample_progressive`` for the block sampler: [CLS] is given at position 0, then step i predicts
         block i + 1 (``block_size`` positions) from pure noise given the clean blocks before it (cached in the
         network), and reveals it as its rounded tokens' embeddings. Each step's x0 is the caption so far, each
         block as predicted at the step that decided it, and [PAD]'s embedding after it. A row is done at the
-        step whose block holds [SEP] (or the last position). With several passes a block (``block_timesteps``),
-        each later pass reads the previous one's rounded block noised to its timestep (fresh noise), and the
-        step records the last pass's input and prediction."""
+        step whose block holds [SEP] (or the last position)."""
         B, L, _ = x.shape
         b = model.block_size
         T = self.schedule.T
@@ -333,18 +322,12 @@ class GaussianDiffusion:
         cache, clean = None, E[cls].expand(B, 1, -1)
         for i in range(n):
             s, e = 1 + i * b, min(1 + (i + 1) * b, L)
-            x_blk = x[:, s:e]
-            for j, t in enumerate(sampler.block_timesteps):
-                if j:  # the previous pass's rounded block, noised to this pass's timestep
-                    x_blk = self.schedule.q_sample(E[ids], torch.full(ids.shape, t, device=x.device),
-                                                   _noise_like(E[ids], generator))
-                pred, cache = model.block_step(x_blk, t, s, cond, cache, clean if j == 0 else None)
-                pred = pred.float()
-                ids = token_logits(pred, E).argmax(-1)
+            pred, cache = model.block_step(x[:, s:e], T - 1, s, cond, cache, clean)
+            pred = pred.float()
+            ids = token_logits(pred, E).argmax(-1)
             x0[:, s:e] = pred
             ids_all[:, s:e] = ids
             x_in = x.clone()
-            x_in[:, s:e] = x_blk
             x_in[:, :s] = E[ids_all[:, :s]]  # the revealed blocks as the network read them
             if i == n - 1:
                 done = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -353,7 +336,7 @@ class GaussianDiffusion:
             else:
                 done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             step_ids = torch.where(ids_all >= 0, ids_all, torch.full_like(ids_all, sampler.pad_id or 0))
-            yield StepOutput(i, t, x_in, x0.clone(), rows, done, step_ids)
+            yield StepOutput(i, T - 1, x_in, x0.clone(), rows, done, step_ids)
             clean = E[ids]
             if bool(done.any()):
                 keep = ~done

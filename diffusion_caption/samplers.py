@@ -237,11 +237,8 @@ class BlockSampler(Sampler):
     name = "block"
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
-                 sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None, passes: int = 1):
+                 sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None):
         super().__init__(schedule, num_steps, spacing)
-        # each block's denoising passes: from T-1, then (passes > 1) at the lower timesteps ``spacing`` keeps,
-        # each from the previous pass's rounded block noised to that timestep
-        self.block_timesteps = spaced_timesteps(schedule.T, int(passes), self.spacing) if passes > 1 else [schedule.T - 1]
         # where a caption ends, what stands after it, and the [CLS] every caption starts with (given, not sampled)
         self.sep_id, self.pad_id, self.cls_id = sep_id, pad_id, cls_id
 

@@ -5,8 +5,8 @@ defaults live in ``config.json["sampling"]``, apart from the network (``Captione
 overrides any of them by name: ``cap.caption(image, steps=4, guidance=3)``. One text form names a
 setting everywhere (command lines, tables, sweeps)::
 
-    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:pP][:bf16|:auto]
-    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   block:10:1:trailing:p2
+    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto]
+    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   reveal:6:1:trailing^2:auto
 
 ``SamplingConfig.parse(text)`` reads it and ``config.spec`` writes it; ``config.describe()`` is the
 human name ("DDIM 20, guidance 5, clamp").
@@ -29,7 +29,7 @@ MAX_GUIDANCE = 20.0
 PRECISIONS = ("float32", "bfloat16", "auto")
 PRECISION_FLAGS = {"bf16": "bfloat16", "auto": "auto"}
 MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
-SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:pP][:bf16|:auto]"
+SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto]"
 
 
 def _is_int(v) -> bool:
@@ -53,9 +53,6 @@ class SamplingConfig(ConfigDict):
     # to the checkpoint's folder ("../shapes-text-scorer"); a loading setting, not a per-call one
     scorer: str = ""
     precision: str = "float32"  # one of PRECISIONS: the network's arithmetic (``native_bf16`` decides "auto")
-    # the block sampler's denoising passes per block, at the timesteps ``spacing`` spaces from T-1 (2 with
-    # "trailing": T-1, then T/2 from the first pass's rounded block noised again); other samplers ignore it
-    passes: int = 1
 
     def __post_init__(self):
         if not _is_int(self.steps) or self.steps < 1:
@@ -92,9 +89,6 @@ class SamplingConfig(ConfigDict):
                              "is the draw itself: choose among them with select='clip'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not _is_int(self.passes) or not 1 <= self.passes <= 100:
-            raise ValueError(f"passes must be an integer from 1 to 100 (denoising passes per block), got {self.passes!r}")
-        object.__setattr__(self, "passes", int(self.passes))
         if not isinstance(self.scorer, str):
             raise ValueError(f"scorer must be a folder name or '', got {self.scorer!r}")
 
@@ -125,8 +119,6 @@ class SamplingConfig(ConfigDict):
             parts += [f"k{self.candidates}", self.select] + (["rounding"] if self.propose == "rounding" else [])
         if self.early_stop:
             parts.append(f"stop{self.early_stop}")
-        if self.passes > 1:
-            parts.append(f"p{self.passes}")
         if self.precision != "float32":
             parts.append({v: k for k, v in PRECISION_FLAGS.items()}[self.precision])
         return ":".join(parts)
@@ -136,8 +128,6 @@ class SamplingConfig(ConfigDict):
         s = f"{self.sampler.upper()} {self.steps}, guidance {self.guidance:g}" + (", clamp" if self.clamp else "")
         if self.spacing != "linspace":
             s += f", {self.spacing}"
-        if self.passes > 1:
-            s += f", {self.passes} passes a block"
         if self.candidates > 1:
             kind = "roundings" if self.propose == "rounding" else "candidates"
             s += f", {self.candidates} {kind} by {self.select.upper()}"
@@ -153,14 +143,12 @@ class SamplingConfig(ConfigDict):
         flags = [p.lower() for p in parts[3:]]
         ks = [f for f in flags if len(f) > 1 and f[0] == "k" and f[1:].isdigit()]
         stops = [f for f in flags if f.startswith("stop") and f[4:].isdigit()]
-        passes = [f for f in flags if len(f) > 1 and f[0] == "p" and f[1:].isdigit()]
         selects = [f for f in flags if f in SELECTIONS]
         proposes = [f for f in flags if f in PROPOSALS]
         precisions = [f for f in flags if f in PRECISION_FLAGS]
-        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes + precisions + passes]
+        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes + precisions]
         if (len(parts) < 3 or flags.count("clamp") > 1 or len(spacings) > 1 or len(ks) > 1 or len(selects) > 1
-                or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or len(passes) > 1
-                or ((selects or proposes) and not ks)):
+                or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or ((selects or proposes) and not ks)):
             raise ValueError(f"{text!r} is not {SPEC_FORM} (e.g. ddpm:50:5:clamp, ddpm:10:5:clamp:trailing^2, "
                              "ddpm:2:1:clamp:trailing^2:k8:clip or ddim:1:1:k8:clip:rounding)")
         try:
@@ -173,8 +161,7 @@ class SamplingConfig(ConfigDict):
                             candidates=int(ks[0][1:]) if ks else 1, select=selects[0] if selects else "mbr",
                             propose=proposes[0] if proposes else "noise",
                             early_stop=int(stops[0][4:]) if stops else 0,
-                            precision=PRECISION_FLAGS[precisions[0]] if precisions else "float32",
-                            passes=int(passes[0][1:]) if passes else 1)
+                            precision=PRECISION_FLAGS[precisions[0]] if precisions else "float32")
 
 
 # the CaptionerConfig fields a checkpoint written before the sampling section had, and their new names
