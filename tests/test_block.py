@@ -88,7 +88,8 @@ def test_a_block_denoiser_refuses_the_all_at_once_call_and_the_settings_it_canno
         make_captioner(fusion="add").caption(scene_image, sampler="block", steps=4)
 
 
-def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_its_end(make_captioner, tokenizer):
+def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_its_end(make_captioner, tokenizer,
+                                                                                         world_dir):
     torch.manual_seed(0)
     b = 2
     cap = make_captioner(fusion="add", block_size=b, sampling="block:6:1")
@@ -121,3 +122,13 @@ def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_
         k = 1 + (n_steps - 1) * b  # the last step read the blocks before it as their tokens' clean embeddings
         assert torch.allclose(tr.steps[-1].x_t[:k], cap.denoiser.embeddings.detach()[torch.tensor(row[:k])])
     assert cap.caption_batch(features=cond, record="final")[1].text == texts[1]
+    # the per-step report holds a caption that ended early at its last step, and says how many still run
+    from diffusion_caption.data import load_datasets
+    from diffusion_caption.eval.step_report import step_report
+
+    records = load_datasets("shapes", world_dir, splits=["test"])[:2]
+    rows = step_report(cap, records, {"seed": 0}, features=cond)
+    lengths = [len(tr.steps) for tr in traces]
+    assert len(rows) == max(lengths)
+    assert [r["running"] for r in rows] == [sum(n > k for n in lengths) / 2 for k in range(max(lengths))]
+    assert rows[-1]["changed"] == pytest.approx(b / 2)  # the longer caption's last block; the other holds still
