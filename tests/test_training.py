@@ -420,3 +420,23 @@ def test_correct_captions_keeps_right_ones_and_replaces_wrong_ones_by_beam_then_
     assert correct_captions([vague, vague], [rec, rec], hyps, decode)[0] == [vague, vague]
     out, counts = correct_captions([vague, vague], [rec, rec], hyps, decode, specific=True)
     assert out == [right, refs[1]] and counts == {"wrong": 2, "vague": 2, "from_beam": 1, "from_references": 1}
+
+
+def test_ship_refers_to_the_shared_clip_and_writes_the_summary_and_sampling_defaults(make_captioner, tmp_path):
+    import json
+
+    from diffusion_caption import Captioner
+    from training import ship
+
+    cap = make_captioner(fusion="add", block_size=2, sampling="block:6:1")
+    src, clip, dest = str(tmp_path / "run"), str(tmp_path / "shapes-clip"), str(tmp_path / "assets" / "m")
+    cap.save_pretrained(src)
+    cap.image_encoder.save_pretrained(clip)
+    ship.main([src, dest, "--clip", clip, "--summary", "one line", "--sampling", "block:5:1:auto"])
+    shipped = Captioner.from_pretrained(dest)
+    assert (shipped.sampling.steps, shipped.sampling.precision) == (5, "auto")
+    assert shipped.config.extra["summary"] == "one line"
+    with open(os.path.join(dest, "config.json")) as f:
+        assert json.load(f)["image_encoder"]["path"] == os.path.relpath(clip, dest)
+    with pytest.raises(SystemExit, match="block"):
+        ship.main([src, dest, "--clip", clip, "--sampling", "ddim:5:1"])

@@ -17,10 +17,19 @@ from diffusion_caption.eval.evaluation import load_model
 CARRIED = ("vocab_map.json", "README.md", "ood.json", "ood.safetensors")  # the app's vocabulary map; the model card; the out-of-domain statistics
 
 
-def ship(src: str, dest: str, clip: str, summary: str | None = None) -> None:
+def ship(src: str, dest: str, clip: str, summary: str | None = None, sampling: str | None = None) -> None:
     model = load_model(src)
     if summary is not None:  # the line the app shows under its model choice
         model.config.extra = {**(model.config.extra or {}), "summary": summary}
+    if sampling is not None:  # the defaults every call starts from (a diffusion captioner's sampling section)
+        from diffusion_caption.sampling import SamplingConfig
+
+        if not hasattr(model, "sampling"):
+            raise SystemExit("--sampling sets a diffusion captioner's sampling defaults; this is a baseline")
+        try:
+            model.sampling = model.resolve(SamplingConfig.parse(sampling, base=model.sampling))
+        except ValueError as e:
+            raise SystemExit(f"--sampling: {e}") from None
     carried = {}
     for name in CARRIED:  # read first: dest may be src, which the save replaces
         if os.path.isfile(os.path.join(src, name)):
@@ -38,8 +47,10 @@ def main(argv=None) -> None:
     p.add_argument("dest", help="where to write it (may be src itself)")
     p.add_argument("--clip", default="assets/checkpoints/shapes-clip", help="the shared CLIP folder to refer to")
     p.add_argument("--summary", default=None, help="one line on what the model is, shown by the app beside its name")
+    p.add_argument("--sampling", default=None, metavar="SPEC",
+                   help="the shipped sampling defaults, e.g. 'block:10:1:auto' (default: the checkpoint's own)")
     a = p.parse_args(argv)
-    ship(a.src, a.dest, a.clip, a.summary)
+    ship(a.src, a.dest, a.clip, a.summary, a.sampling)
     print(f"wrote {a.dest} (CLIP: {os.path.relpath(os.path.abspath(a.clip), os.path.abspath(a.dest))})")
 
 
