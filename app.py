@@ -47,7 +47,7 @@ except ImportError:
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # the models the app offers, the first one the default: what each is, is read from its config.json (extra.summary)
 DEFAULT_CHECKPOINTS = [os.path.join(ROOT, "assets", "checkpoints", name)
-                       for name in ("shapes-diffusion-reveal", "shapes-diffusion", "shapes-diffusion-fast-small")]
+                       for name in ("shapes-diffusion-block", "shapes-diffusion", "shapes-diffusion-fast-small")]
 DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINTS[0]
 DEFAULT_BASELINE = os.path.join(ROOT, "assets", "checkpoints", "shapes-baseline")
 EXAMPLES_DIR = os.path.join(ROOT, "assets", "examples")
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", default=None,
                    help="diffusion checkpoint directory or hub id; repeat it to offer several (the first is the default; "
-                        "default: the shipped shapes-diffusion-reveal, shapes-diffusion and shapes-diffusion-fast-small)")
+                        "default: the shipped shapes-diffusion-block, shapes-diffusion and shapes-diffusion-fast-small)")
     p.add_argument("--baseline", default=None,
                    help="autoregressive baseline checkpoint directory or hub id ('' for none; default: the shipped "
                         "shapes-baseline, unless a --checkpoint was trained on other data: then none)")
@@ -892,7 +892,9 @@ def _about_model(name: str, cap, checkpoint: str, checkpoint_dir: str, default: 
              f"- diffusion: {cfg.schedule} noise schedule, T = {cfg.T}, predicts {cfg.predict}; "
              f"CLIP fusion `{cfg.fusion}`; default {smp.steps} {smp.sampler.upper()} steps, "
              f"{smp.spacing} spacing, guidance {smp.guidance:g}"
-             + (", clamped to tokens" if smp.clamp else ""),
+             + (", clamped to tokens" if smp.clamp else "")
+             + (f"; block diffusion, {cfg.block_size} positions a block, one block a step (steps: the most "
+                f"blocks a caption may take)" if cfg.block_size else ""),
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
@@ -943,8 +945,9 @@ def build(m: Models, url: str | None = None):
     smp = m.cap.sampling
     with gr.Blocks(title="diffusion-caption: watch a caption being denoised") as demo:
         gr.Markdown("# Watch a caption being denoised\n"
-                    "A CLIP-conditioned diffusion language model starts every caption position from Gaussian noise "
-                    "and removes the noise step by step; each position is rounded to its nearest token, with a "
+                    "A CLIP-conditioned diffusion language model starts caption positions from Gaussian noise "
+                    "and removes the noise step by step (the default, a block at a time, left to right, each "
+                    "block given the ones before); each position is rounded to its nearest token, with a "
                     "confidence. Pick an image, then scrub through the steps.")
         view = gr.State(None)
         scene_state = gr.State(None)
@@ -974,7 +977,9 @@ def build(m: Models, url: str | None = None):
                             sampler = gr.Radio(list(SAMPLERS), value=smp.sampler, label="Sampler",
                                                info="DDIM: deterministic; DDPM: adds fresh noise every step; reveal: "
                                                     "the words decided left to right, a group per step (for models "
-                                                    "trained to reveal; spacing and clamping do not apply)")
+                                                    "trained to reveal); block: one block of the caption denoised "
+                                                    "per step given the ones before (block models only; steps are "
+                                                    "the most blocks, a caption ends at its [SEP])")
                             guidance = gr.Slider(0, 10, value=smp.guidance, step=0.5, label="Guidance scale",
                                                  info="classifier-free guidance; 1 = none")
                             with gr.Row():

@@ -18,7 +18,7 @@ from .ood import NOTICE
 from .samplers import SAMPLERS
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "assets", "checkpoints", "shapes-diffusion-reveal")
+                                  "assets", "checkpoints", "shapes-diffusion-block")
 
 
 def main(argv=None) -> int:

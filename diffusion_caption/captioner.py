@@ -1,6 +1,6 @@
 """The public captioning API: image in, denoising trace out.
 
-    cap = Captioner.from_pretrained("assets/checkpoints/shapes-diffusion-reveal")
+    cap = Captioner.from_pretrained("assets/checkpoints/shapes-diffusion-block")
     trace = cap.caption("scene.png", seed=0)                 # the checkpoint's own sampling defaults
     trace = cap.caption("scene.png", steps=20, sampler="ddim", guidance=5)   # any of them overridden
     trace.text, [(s.t, s.text) for s in trace.steps]

@@ -90,7 +90,7 @@ def test_the_default_carries_calibrated_token_and_caption_confidence(tmp_path):
     caption confidences; record="final" keeps no decision step, so none."""
     from diffusion_caption import Captioner
 
-    cap = Captioner.from_pretrained(os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusion-reveal"))
+    cap = Captioner.from_pretrained(os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusion-block"))
     assert cap.calibrator is not None and cap.calibrator.signal == "decision"
     img = os.path.join(ROOT, "assets", "examples", "shapes_03.png")
     tr = cap.caption(img, seed=0)
@@ -128,11 +128,11 @@ def test_fit_confidence_calibrates_on_val_and_reports_test(world_dir, tmp_path):
 
     ck = os.path.join(ROOT, "assets", "checkpoints")
     out = tmp_path / "conf.json"
-    res = fit_confidence.main(["--diffusion", os.path.join(ck, "shapes-diffusion-reveal"), "--baseline",
+    res = fit_confidence.main(["--diffusion", os.path.join(ck, "shapes-diffusion-block"), "--baseline",
                                os.path.join(ck, "shapes-baseline"), "--data-dir", world_dir, "--threads", "1",
                                "--no-write", "--out", str(out)])
-    assert set(res) == {"shapes-diffusion-reveal", "shapes-baseline"}
-    r = res["shapes-diffusion-reveal"]
+    assert set(res) == {"shapes-diffusion-block", "shapes-baseline"}
+    r = res["shapes-diffusion-block"]
     assert r["signal"] == "decision" and r["n_words"] > 20 and 0 < r["words_right"] <= 1
     assert all(0 <= r[k] <= 1 for k in ("ece_last_step", "ece_raw", "ece_calibrated"))
     assert r["calibrator"]["n"] > 20 and res["shapes-baseline"]["signal"] == "token"

@@ -108,7 +108,7 @@ def test_the_default_flags_the_shipped_photographs_and_passes_the_shipped_scenes
 
     from diffusion_caption import Captioner
 
-    cap = Captioner.from_pretrained(os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusion-reveal"))
+    cap = Captioner.from_pretrained(os.path.join(ROOT, "assets", "checkpoints", "shapes-diffusion-block"))
     assert cap.density is not None and cap.density.pass_rate == 0.95
     examples = os.path.join(ROOT, "assets", "examples")
     photos = sorted(glob.glob(os.path.join(examples, "photo_*.jpg")))

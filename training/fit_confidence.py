@@ -1,6 +1,6 @@
 """Calibrate both captioners' token confidence on val and measure it on test (``diffusion_caption/confidence.py``).
 
-    python -m training.fit_confidence --diffusion assets/checkpoints/shapes-diffusion-reveal \\
+    python -m training.fit_confidence --diffusion assets/checkpoints/shapes-diffusion-block \\
         --baseline assets/checkpoints/shapes-baseline --data-dir data/shapes --out docs/results/confidence.json
 
 Every judged word of a caption (``world/token_truth.py``: shapes, colours bound to their shape, background

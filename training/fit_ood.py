@@ -1,6 +1,6 @@
 """Fit a checkpoint's out-of-domain score and measure it (``diffusion_caption/ood.py``).
 
-    python -m training.fit_ood --checkpoint assets/checkpoints/shapes-diffusion-reveal --train-data-dir data/shapes-aug \\
+    python -m training.fit_ood --checkpoint assets/checkpoints/shapes-diffusion-block --train-data-dir data/shapes-aug \\
         --data-dir data/shapes --out docs/results/ood.json
 
 Fits a Gaussian to the raw CLIP image embeddings of the training split (``--train-data-dir``, the images the model was

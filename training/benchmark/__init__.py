@@ -1,6 +1,6 @@
 """Time captioners side by side: each model's default call, batch-1 latency and batch-N throughput.
 
-    python -m training.benchmark --diffusion assets/checkpoints/shapes-diffusion-reveal \\
+    python -m training.benchmark --diffusion assets/checkpoints/shapes-diffusion-block \\
         --baseline assets/checkpoints/shapes-baseline --out docs/benchmark.json
 
 ``suites`` builds what is timed (every model with its own checkpoint defaults, from images and from
