@@ -111,9 +111,12 @@ def test_greedy_equals_beam_size_one_and_the_kv_cache_changes_nothing(which, tra
     for h in runs["greedy"] + runs["beam3"]:
         assert len(h.probs) == len(h.token_ids) and all(0.0 <= p <= 1.0 for p in h.probs)
         assert abs(sum(torch.tensor(h.probs).log().tolist()) - h.log_prob) < 1e-3
-    # the search finds sequences at least as probable per token as greedy, for the same image
-    for g, b in zip(runs["greedy"], runs["beam3"]):
-        assert b.log_prob / len(b.token_ids) >= g.log_prob / len(g.token_ids) - 1e-5
+    # the search mostly finds sequences at least as probable per token as greedy, for the same image; not
+    # always: greedy's path can fall out of the beam at a step and would have recovered later (seen in CI on a
+    # freshly trained model: the beam's caption -1.07 per token against greedy's -0.85)
+    better = [b.log_prob / len(b.token_ids) >= g.log_prob / len(g.token_ids) - 1e-5
+              for g, b in zip(runs["greedy"], runs["beam3"])]
+    assert sum(better) >= 0.75 * len(better), better
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])
