@@ -233,10 +233,10 @@ class Captioner(PretrainedCaptioner):
             from .selection.candidates import choose_rounding
         features = self.features_of(images, features)
         B = features.shape[0]
-        smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing,
-                           **({"sep_id": self.tokenizer.sep_id} if s.sampler == "reveal" else {}),
-                           **({"sep_id": self.tokenizer.sep_id, "pad_id": self.tokenizer.pad_id, "cls_id": self.tokenizer.cls_id}
-                              if s.sampler == "block" else {}))
+        tok = self.tokenizer  # the samplers that read the caption's own ends
+        ends = {"reveal": {"sep_id": tok.sep_id},
+                "block": {"sep_id": tok.sep_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id}}.get(s.sampler, {})
+        smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing, **ends)
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         E = self.denoiser.embeddings.detach()

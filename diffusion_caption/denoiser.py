@@ -121,27 +121,36 @@ class Denoiser(nn.Module):
         return self._forward_full(x_t, t, cond, drop_cond, x_self_cond)
 
     # ------------------------------------------------------------------------------ block diffusion
-    def _conditioning(self, cond: torch.Tensor | None, drop_cond: torch.Tensor | None, B: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-        """The image's term of every caption position's input [B, H] (the null condition where dropped)."""
+    def _image_projection(self, cond: torch.Tensor | None, drop_cond: torch.Tensor | None, B: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+        """The projected image feature [B, n_cond * H]: ``cond`` [B, cond_dim], the learned null condition
+        where ``drop_cond`` [B] is True or everywhere when ``cond`` is None."""
         null = self.null_cond.to(dtype).expand(B, -1)
         if cond is None:
             cond = null
         elif drop_cond is not None:
             cond = torch.where(drop_cond[:, None], null, cond.to(dtype))
         cond = cond.to(dtype)
-        c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
-        return c + self.segment_embedding.weight[0].to(dtype)
+        return self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
+
+    def _timestep_term(self, t: torch.Tensor | int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The timestep embedding, shaped ``t.shape + [H]`` (an int: [1, H]). Its MLP is as wide as an encoder
+        layer's feed-forward block and a batch holds few distinct timesteps (one per sampling step; two, 0 and
+        T-1, under the reveal sampler): each distinct one is embedded once."""
+        if isinstance(t, int):
+            return self.time_embed(timestep_embedding(torch.tensor([t], device=device), self.cfg.dim).to(dtype))
+        t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
+        return self.time_embed(timestep_embedding(t_unique, self.cfg.dim).to(dtype))[where].view(*t.shape, -1)
+
+    def _conditioning(self, cond: torch.Tensor | None, drop_cond: torch.Tensor | None, B: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The image's term of every caption position's input under ``fusion="add"`` [B, H]."""
+        return self._image_projection(cond, drop_cond, B, dtype) + self.segment_embedding.weight[0].to(dtype)
 
     def _inputs(self, x: torch.Tensor, t: torch.Tensor | int, c: torch.Tensor) -> torch.Tensor:
         """Encoder inputs before the position embedding: lifted x, its timesteps ([B, N], or one int for all)
         and the image term ``c`` [B, H] of ``_conditioning``."""
-        if isinstance(t, int):
-            te = self.time_embed(timestep_embedding(torch.tensor([t], device=x.device), self.cfg.dim).to(x.dtype))
-        else:
-            t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
-            te = self.time_embed(timestep_embedding(t_unique, self.cfg.dim).to(x.dtype))[where].view(*t.shape, -1)
-        return self.input_up_proj(x) + te + c[:, None]
+        return self.input_up_proj(x) + self._timestep_term(t, x.dtype, x.device) + c[:, None]
 
     def _encode(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                 past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
@@ -239,24 +248,15 @@ class Denoiser(nn.Module):
         """
         B, L, _ = x_t.shape
         H = self.cfg.dim
-        null = self.null_cond.to(x_t.dtype).expand(B, -1)
-        if cond is None:
-            cond = null
-        elif drop_cond is not None:
-            cond = torch.where(drop_cond[:, None], null, cond.to(x_t.dtype))
         if self.self_cond_proj is None or x_self_cond is None:
             h = self.input_up_proj(x_t)
         else:
             first, act, second = self.input_up_proj
             h = second(act(first(x_t) + self.self_cond_proj(x_self_cond.to(x_t.dtype))))
         # a timestep per row [B], or per position [B, L] (a network trained with revealed positions)
-        # its MLP is as wide as an encoder layer's feed-forward block, and a batch holds few distinct timesteps
-        # (one per sampling step; two, 0 and T-1, under the reveal sampler): embed each distinct one once
-        t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
-        te = self.time_embed(timestep_embedding(t_unique, H).to(x_t.dtype))[where].view(*t.shape, H)
+        te = self._timestep_term(t, x_t.dtype, x_t.device)
         h = h + (te[:, None] if t.dim() == 1 else te)
-        cond = cond.to(x_t.dtype)
-        c = self.cond_proj(cond) if self.cond_mlp is None else self.cond_proj(cond) + self.cond_mlp(cond)
+        c = self._image_projection(cond, drop_cond, B, x_t.dtype)
         seg = self.segment_embedding.weight
         if self.cfg.fusion == "concat":
             prefix = c.view(B, self.cfg.n_prefix, H) + seg[1]

@@ -22,8 +22,9 @@ def changed_positions(prev: list[int], cur: list[int], pad_id: int) -> int:
 def step_report(model, records, settings: dict, batch_size: int = 128, features: torch.Tensor | None = None) -> list[dict]:
     """One row per step index: ``step``, ``t``, ``whole`` (and by object count), ``color``, ``shape`` (over
     all objects), ``changed`` (mean positions changed since the previous step) and ``any_changed``
-    (share of captions that changed at all), ``running`` (share of captions not yet ended). The last row is the caption the call returns (after any
-    candidate choice)."""
+    (share of captions that changed at all) and ``running`` (share of captions not yet ended: a block
+    captioner ends each at its [SEP]). The last row is the caption the call returns (after any candidate
+    choice)."""
     from ..world.whole_caption import whole_caption_report
 
     if features is None:
