@@ -235,7 +235,8 @@ class Captioner(PretrainedCaptioner):
         B = features.shape[0]
         tok = self.tokenizer  # the samplers that read the caption's own ends
         ends = {"reveal": {"sep_id": tok.sep_id},
-                "block": {"sep_id": tok.sep_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id}}.get(s.sampler, {})
+                "block": {"sep_id": tok.sep_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id,
+                          "commit": s.commit}}.get(s.sampler, {})
         smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing, **ends)
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -372,9 +373,9 @@ class _Autocast:
             out, feature = self.net(*args)
         return out.float(), None if feature is None else feature.float()
 
-    def block_step(self, *args):
+    def block_step(self, *args, **kw):
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            out, cache = self.net.block_step(*args)
+            out, cache = self.net.block_step(*args, **kw)
         return out.float(), cache
 
 

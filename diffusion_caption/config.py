@@ -95,6 +95,10 @@ class ObjectiveConfig(ConfigDict):
     # reveal training (for the "reveal" sampler): a fraction p_reveal of each batch has a prefix of its
     # caption clean at t = 0 and the rest pure noise at T-1, the loss on the noisy positions only
     p_reveal: float = 0.0
+    # random block boundaries (block denoisers): after each position of a block, the block ends early with
+    # probability p_block_split (it always ends at block_size positions), so the network learns blocks of
+    # every length and phase and a sampler may commit a block's sure leading positions only; 0 = fixed blocks
+    p_block_split: float = 0.0
     # few-step training: a fraction p_focus of each batch is drawn from the focus_steps timesteps that a
     # focus_steps-step sampler with focus_spacing visits (the rest uniformly); 0 = uniform t only
     focus_steps: int = 0
@@ -117,6 +121,8 @@ class ObjectiveConfig(ConfigDict):
             spacing_power(self.focus_spacing)
         if not 0.0 <= self.p_reveal <= 1.0:
             raise ValueError(f"p_reveal must be in [0, 1], got {self.p_reveal}")
+        if not 0.0 <= self.p_block_split <= 1.0:
+            raise ValueError(f"p_block_split must be in [0, 1], got {self.p_block_split}")
         if not 0.0 <= self.p_self_cond <= 1.0:
             raise ValueError(f"p_self_cond must be in [0, 1], got {self.p_self_cond}")
         if self.lambda_round < 0 or self.lambda_feature < 0:

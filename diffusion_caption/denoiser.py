@@ -154,13 +154,14 @@ class Denoiser(nn.Module):
 
     def _encode(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                 past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-        """DistilBERT's layers over ``h`` [B, N, H] at ``positions`` [N] under an attention pattern
-        ``allowed`` [N, M + N] (True: query may attend to key), the keys being ``past``'s M cached positions
+        """DistilBERT's layers over ``h`` [B, N, H] at ``positions`` ([N], or [B, N] per row) under an attention
+        pattern ``allowed`` ([N, M + N], or [B, 1, N, M + N] per row; True: query may attend to key), the keys being ``past``'s M cached positions
         per layer, then these N. Returns (hidden [B, N, H], each layer's (keys, values) of these N)."""
         import torch.nn.functional as F
 
         emb = self.encoder.embeddings
-        h = emb.dropout(emb.LayerNorm(h + emb.position_embeddings(positions)[None].to(h.dtype)))
+        pe = emb.position_embeddings(positions)
+        h = emb.dropout(emb.LayerNorm(h + (pe if pe.dim() == 3 else pe[None]).to(h.dtype)))
         B, N, H = h.shape
         kv = []
         for i, layer in enumerate(self.encoder.transformer.layer):
@@ -185,30 +186,57 @@ class Denoiser(nn.Module):
         b = self.cfg.block_size
         return (torch.arange(L, device=device) + b - 1) // b
 
+    def random_block_ids(self, B: int, L: int, p_split: float, generator: torch.Generator | None = None,
+                         device=None) -> torch.Tensor:
+        """Random block boundaries [B, L]: [CLS] alone in block 0, then each block ends after a position with
+        probability ``p_split``, and always at ``block_size`` positions (so blocks of 1 to ``block_size``
+        positions, in every phase)."""
+        b = self.cfg.block_size
+        split = torch.rand((B, L), generator=generator, device=device) < p_split
+        ids = torch.zeros((B, L), dtype=torch.long, device=device)
+        length = torch.full((B,), b, dtype=torch.long, device=device)  # so position 1 starts a block
+        for j in range(1, L):
+            start = (length >= b) | split[:, j]
+            length = torch.where(start, torch.ones_like(length), length + 1)
+            ids[:, j] = ids[:, j - 1] + start.long()
+        return ids
+
     def forward_blocks(self, x_t: torch.Tensor, t: torch.Tensor, x_clean: torch.Tensor, cond: torch.Tensor | None,
-                       drop_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+                       drop_cond: torch.Tensor | None = None,
+                       blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """Every block's x0 prediction in one pass (Block Diffusion's vectorised training): the noisy
         caption ``x_t`` [B, L, d] at timesteps ``t`` [B, L] beside its clean copy ``x_clean`` [B, L, d]; a noisy
         position attends to the noisy positions of its own block and to the clean positions of the blocks
-        before it, a clean position to the clean positions of its own block and those before."""
+        before it, a clean position to the clean positions of its own block and those before. ``blocks``
+        ([L] or [B, L], e.g. ``random_block_ids``) overrides the fixed ``block_ids``."""
         B, L, _ = x_t.shape
-        blk = self.block_ids(L, x_t.device)
-        same, before = blk[:, None] == blk[None], blk[:, None] > blk[None]
-        allowed = torch.cat([torch.cat([same, before], 1),
-                             torch.cat([torch.zeros_like(same), same | before], 1)], 0)
+        blk = self.block_ids(L, x_t.device) if blocks is None else blocks.to(x_t.device)
+        same, before = blk[..., :, None] == blk[..., None, :], blk[..., :, None] > blk[..., None, :]
+        allowed = torch.cat([torch.cat([same, before], -1),
+                             torch.cat([torch.zeros_like(same), same | before], -1)], -2)
+        if allowed.dim() == 3:
+            allowed = allowed[:, None]  # one pattern per caption, shared by the heads
         c = self._conditioning(cond, drop_cond, B, x_t.dtype)
         h = torch.cat([self._inputs(x_t, t, c), self._inputs(x_clean, 0, c)], 1)
         pos = torch.arange(L, device=x_t.device)
         out, _ = self._encode(h, torch.cat([pos, pos]), allowed)
         return self.output_down_proj(out[:, :L]), None
 
-    def block_step(self, x_t: torch.Tensor, t: torch.Tensor | int, start: int, cond: torch.Tensor | None,
-                   cache: dict | None = None, x_clean: torch.Tensor | None = None):
+    def block_step(self, x_t: torch.Tensor, t: torch.Tensor | int, start: int | torch.Tensor, cond: torch.Tensor | None,
+                   cache: dict | None = None, x_clean: torch.Tensor | None = None, *,
+                   clean_start: torch.Tensor | None = None, clean_valid: torch.Tensor | None = None,
+                   valid: torch.Tensor | None = None):
         """One sampling step: the x0 prediction of the block at positions ``start`` ... (``x_t`` [B, b, d] at
         timesteps ``t``, [B, b] or one int), given the blocks before it: the ``cache`` of earlier steps (None at
         the first) and the block just revealed, ``x_clean`` [B, b', d] at the positions right before ``start``.
         Returns (x0 [B, b, d], the cache: the image's term, then each layer's keys and values of every
-        revealed position). ``keep_rows(cache, rows)`` drops finished captions from it."""
+        revealed position). ``keep_rows(cache, rows)`` drops finished captions from it.
+
+        Rows at different places (a sampler that commits a varying number of a block's positions): ``start``
+        [B], the revealed positions from ``clean_start`` [B] on with ``clean_valid`` [B, b'] marking the ones
+        that were revealed (the rest are padding), and ``valid`` [B, b] the block's positions inside the
+        caption. Padding is never read (each padded position reads itself only), and the cache keeps which of
+        its keys are real."""
         B, n, _ = x_t.shape
         m = 0 if x_clean is None else x_clean.shape[1]
         cache = dict(cache or {})
@@ -220,9 +248,23 @@ class Denoiser(nn.Module):
         h = self._inputs(x_t, t, cache["c"])
         if m:
             h = torch.cat([self._inputs(x_clean, 0, cache["c"]), h], 1)
-        pos = torch.arange(start - m, start + n, device=dev)
         allowed = torch.ones(m + n, M + m + n, dtype=torch.bool, device=dev)
         allowed[:m, M + m:] = False  # clean positions never read the noisy block
+        ragged = torch.is_tensor(start) or clean_valid is not None or valid is not None or "valid" in cache
+        if not ragged:
+            pos = torch.arange(start - m, start + n, device=dev)
+        else:
+            start = torch.as_tensor(start, device=dev).expand(B)
+            first = start - m if clean_start is None else torch.as_tensor(clean_start, device=dev).expand(B)
+            pos = torch.cat([first[:, None] + torch.arange(m, device=dev), start[:, None] + torch.arange(n, device=dev)], 1)
+            pos = pos.clamp(0, self.encoder.config.max_position_embeddings - 1)
+            ones = lambda k: torch.ones(B, k, dtype=torch.bool, device=dev)  # noqa: E731
+            cache["valid"] = torch.cat([cache.get("valid", ones(M)), ones(m) if clean_valid is None else clean_valid], 1)
+            real = torch.cat([cache["valid"], ones(n) if valid is None else valid], 1)  # [B, M + m + n]
+            allowed = allowed[None] & real[:, None, :]
+            own = torch.arange(m + n, device=dev)
+            allowed[:, own, M + own] = True  # a padded position reads itself, so no row of the softmax is empty
+            allowed = allowed[:, None]
         out, kv = self._encode(h, pos, allowed, kv_past)
         if m:
             new = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
@@ -234,6 +276,8 @@ class Denoiser(nn.Module):
     def keep_rows(cache: dict, rows: torch.Tensor) -> dict:
         """A block sampling cache with only ``rows`` (a bool mask or indices of the batch) kept."""
         out = {"c": cache["c"][rows]}
+        if "valid" in cache:
+            out["valid"] = cache["valid"][rows]
         if cache.get("kv") is not None:
             out["kv"] = [(k[rows], v[rows]) for k, v in cache["kv"]]
         return out

@@ -170,7 +170,8 @@ class GaussianDiffusion:
         x_t = sched.q_sample(x_start_mean, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < o.p_uncond) if o.p_uncond > 0 else None
         fwd = net.forward_blocks  # (under DistributedDataParallel this bypasses its gradient hooks: CPU and one GPU only)
-        out, _ = fwd(x_t, t, x_start_mean, cond, drop)
+        blocks = (net.random_block_ids(B, L, o.p_block_split, generator, dev) if o.p_block_split > 0 else None)
+        out, _ = fwd(x_t, t, x_start_mean, cond, drop, blocks)
         x0_hat = out.float()
         mse = (x0_hat - x_start_mean).pow(2).mean()
         logits = token_logits(x0_hat, E.float())
@@ -303,46 +304,76 @@ class GaussianDiffusion:
                 x, t_pos = sampler.step_positions(x0, i, E, generator)
 
     def _sample_blocks(self, model, cond, sampler: BlockSampler, x, E):
-        """``sample_progressive`` for the block sampler: [CLS] is given at position 0, then step i predicts
-        block i + 1 (``block_size`` positions) from pure noise given the clean blocks before it (cached in the
-        network), and reveals it as its rounded tokens' embeddings. Each step's x0 is the caption so far, each
-        block as predicted at the step that decided it, and [PAD]'s embedding after it. A row is done at the
-        step whose block holds [SEP] (or the last position)."""
-        B, L, _ = x.shape
+        """``sample_progressive`` for the block sampler: [CLS] is given at position 0, then each step predicts
+        the next block (``block_size`` positions) from pure noise given the clean positions before it (cached
+        in the network) and reveals it as its rounded tokens' embeddings: all of it, or with
+        ``sampler.commit`` = c > 0 its first position and each next one while every position so far is rounded
+        with probability >= c (the rest is predicted again in the next block, which starts after the last
+        revealed position). Each step's x0 is the caption so far: the revealed positions as predicted when
+        revealed, the block's unrevealed guesses, and [PAD]'s embedding after them. A row is done at the step
+        that reveals its [SEP] (or the last position), and at the last step reveals all its block."""
+        B, L, d = x.shape
         b = model.block_size
         T = self.schedule.T
-        n = min(len(sampler.timesteps), -(-(L - 1) // b))
+        c = float(getattr(sampler, "commit", 0.0))
+        n = len(sampler.timesteps) if c > 0 else min(len(sampler.timesteps), -(-(L - 1) // b))
+        dev = x.device
+        pad_id = sampler.pad_id if sampler.pad_id is not None else 0
         pad = E[sampler.pad_id] if sampler.pad_id is not None else torch.zeros_like(E[0])
-        rows = torch.arange(B, device=x.device)
+        rows = torch.arange(B, device=dev)
         x0 = pad.expand(B, L, -1).clone()  # the caption so far, [PAD] where nothing is predicted yet
-        ids_all = torch.full((B, L), -1, dtype=torch.long, device=x.device)
+        ids_all = torch.full((B, L), -1, dtype=torch.long, device=dev)  # the revealed tokens
         cls = sampler.cls_id if sampler.cls_id is not None else 0
         ids_all[:, 0] = cls
         x0[:, 0] = E[cls]
-        cache, clean = None, E[cls].expand(B, 1, -1)
+        x = torch.cat([x, x[:, -1:].expand(B, b, d)], 1)  # noise for blocks running past the end (never revealed)
+        start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position
+        cache, clean, clean_start, clean_valid = None, E[cls].expand(B, 1, -1), start - 1, None
+        offs = torch.arange(b, device=dev)
         for i in range(n):
-            s, e = 1 + i * b, min(1 + (i + 1) * b, L)
-            pred, cache = model.block_step(x[:, s:e], T - 1, s, cond, cache, clean)
+            win = start[:, None] + offs  # [B, b]: this step's block
+            inside = win < L
+            x_blk = x.gather(1, win[..., None].expand(-1, -1, d))
+            if c > 0:
+                pred, cache = model.block_step(x_blk, T - 1, start, cond, cache, clean, clean_start=clean_start,
+                                               clean_valid=clean_valid, valid=inside)
+            else:  # every row at the same place: the plain cached step
+                s0, w = int(start[0]), int(inside[0].sum())
+                x_blk, inside, win = x_blk[:, :w], inside[:, :w], win[:, :w]
+                pred, cache = model.block_step(x_blk, T - 1, s0, cond, cache, clean)
             pred = pred.float()
-            ids = token_logits(pred, E).argmax(-1)
-            x0[:, s:e] = pred
-            ids_all[:, s:e] = ids
-            x_in = x.clone()
-            x_in[:, :s] = E[ids_all[:, :s]]  # the revealed blocks as the network read them
-            if i == n - 1:
-                done = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            elif sampler.sep_id is not None:
-                done = (ids == sampler.sep_id).any(-1)
+            logits = token_logits(pred, E)
+            ids = logits.argmax(-1)
+            if c > 0 and i < n - 1:
+                sure = (logits.softmax(-1).amax(-1) >= c) & inside
+                sure[:, 0] = True
+                k = sure.long().cumprod(1).sum(1)
             else:
-                done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            step_ids = torch.where(ids_all >= 0, ids_all, torch.full_like(ids_all, sampler.pad_id or 0))
+                k = inside.sum(1)
+            revealed = offs[None, :win.shape[1]] < k[:, None]
+            sep = (ids == sampler.sep_id) & revealed if sampler.sep_id is not None else torch.zeros_like(revealed)
+            done = sep.any(-1) | (start + k >= L) | (i == n - 1)
+            # the caption so far: revealed tokens, the block's guesses (none after a revealed [SEP]), [PAD] after
+            after_sep = sep.long().cumsum(-1) - sep.long() > 0
+            shown = inside & ~after_sep
+            wc = win.clamp(max=L - 1)
+            x0.scatter_(1, wc[..., None].expand(-1, -1, d), torch.where(shown[..., None], pred, x0.gather(1, wc[..., None].expand(-1, -1, d))))
+            ids_all.scatter_(1, wc, torch.where(revealed & shown, ids, ids_all.gather(1, wc)))
+            x_in = x[:, :L].clone()
+            seen = ids_all >= 0
+            x_in[seen] = E[ids_all[seen]]  # the revealed positions as the network read them
+            step_ids = torch.where(seen, ids_all, torch.full_like(ids_all, pad_id))
+            step_ids.scatter_(1, wc, torch.where(shown & ~revealed, ids, step_ids.gather(1, wc)))
             yield StepOutput(i, T - 1, x_in, x0.clone(), rows, done, step_ids)
-            clean = E[ids]
+            clean, clean_start, clean_valid = E[ids], start, (revealed if c > 0 else None)
+            start = start + k
             if bool(done.any()):
                 keep = ~done
                 if not bool(keep.any()):
                     return
-                x, x0, cond, rows, ids_all, clean = (v[keep] for v in (x, x0, cond, rows, ids_all, clean))
+                x, x0, cond, rows, ids_all, clean, clean_start, start = (
+                    v[keep] for v in (x, x0, cond, rows, ids_all, clean, clean_start, start))
+                clean_valid = clean_valid[keep] if clean_valid is not None else None
                 cache = Denoiser.keep_rows(cache, keep)
 
 

@@ -231,15 +231,25 @@ class BlockSampler(Sampler):
     ``num_steps`` is the most blocks a caption may take; a caption is finished at the step whose block holds its [SEP], and a batch at the
     step its last caption is. ``timesteps`` lists T-1 once per step (the trace's label). It needs a network
     trained with ``block_size`` > 0.
+
+    ``commit`` = c > 0 reveals only a block's sure leading positions: the first always, each next one while
+    its rounding probability is >= c; the rest is predicted again, in the next block, given what was
+    revealed (so two positions that depend on each other, an article and its colour, are not decided
+    apart). Each caption then moves at its own pace; it needs a network trained on random block boundaries
+    (``ObjectiveConfig.p_block_split``).
     """
 
     name = "block"
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
-                 sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None):
+                 sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None,
+                 commit: float = 0.0):
         super().__init__(schedule, num_steps, spacing)
         # where a caption ends, what stands after it, and the [CLS] every caption starts with (given, not sampled)
         self.sep_id, self.pad_id, self.cls_id = sep_id, pad_id, cls_id
+        if not 0.0 <= float(commit) < 1.0:
+            raise ValueError(f"commit must be in [0, 1) (0: reveal whole blocks), got {commit!r}")
+        self.commit = float(commit)
 
     def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
         if spacing is not None:

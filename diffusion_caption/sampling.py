@@ -29,7 +29,14 @@ MAX_GUIDANCE = 20.0
 PRECISIONS = ("float32", "bfloat16", "auto")
 PRECISION_FLAGS = {"bf16": "bfloat16", "auto": "auto"}
 MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
-SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto]"
+SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto][:commitC]"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _is_int(v) -> bool:
@@ -53,6 +60,9 @@ class SamplingConfig(ConfigDict):
     # to the checkpoint's folder ("../shapes-text-scorer"); a loading setting, not a per-call one
     scorer: str = ""
     precision: str = "float32"  # one of PRECISIONS: the network's arithmetic (``native_bf16`` decides "auto")
+    # the block sampler's threshold: a block's positions after its first are revealed while each one's
+    # rounding probability is at least this, the rest predicted again in the next block (0 = whole blocks)
+    commit: float = 0.0
 
     def __post_init__(self):
         if not _is_int(self.steps) or self.steps < 1:
@@ -89,6 +99,12 @@ class SamplingConfig(ConfigDict):
                              "is the draw itself: choose among them with select='clip'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        cm = self.commit
+        if isinstance(cm, bool) or not isinstance(cm, (int, float)) or not 0.0 <= cm < 1.0:
+            raise ValueError(f"commit must be a number in [0, 1) (0: whole blocks), got {cm!r}")
+        if cm and self.sampler != "block":
+            raise ValueError(f"commit is the block sampler's setting; the {self.sampler} sampler has none")
+        object.__setattr__(self, "commit", float(cm))
         if not isinstance(self.scorer, str):
             raise ValueError(f"scorer must be a folder name or '', got {self.scorer!r}")
 
@@ -121,6 +137,8 @@ class SamplingConfig(ConfigDict):
             parts.append(f"stop{self.early_stop}")
         if self.precision != "float32":
             parts.append({v: k for k, v in PRECISION_FLAGS.items()}[self.precision])
+        if self.commit:
+            parts.append(f"commit{self.commit:g}")
         return ":".join(parts)
 
     def describe(self) -> str:
@@ -133,6 +151,8 @@ class SamplingConfig(ConfigDict):
             s += f", {self.candidates} {kind} by {self.select.upper()}"
         if self.precision != "float32":
             s += ", bfloat16" if self.precision == "bfloat16" else ", bfloat16 where native"
+        if self.commit:
+            s += f", reveal where p >= {self.commit:g}"
         return s
 
     @classmethod
@@ -146,9 +166,11 @@ class SamplingConfig(ConfigDict):
         selects = [f for f in flags if f in SELECTIONS]
         proposes = [f for f in flags if f in PROPOSALS]
         precisions = [f for f in flags if f in PRECISION_FLAGS]
-        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes + precisions]
+        commits = [f for f in flags if f.startswith("commit") and _is_number(f[6:])]
+        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes + precisions + commits]
         if (len(parts) < 3 or flags.count("clamp") > 1 or len(spacings) > 1 or len(ks) > 1 or len(selects) > 1
-                or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or ((selects or proposes) and not ks)):
+                or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or ((selects or proposes) and not ks)
+                or len(commits) > 1):
             raise ValueError(f"{text!r} is not {SPEC_FORM} (e.g. ddpm:50:5:clamp, ddpm:10:5:clamp:trailing^2, "
                              "ddpm:2:1:clamp:trailing^2:k8:clip or ddim:1:1:k8:clip:rounding)")
         try:
@@ -161,7 +183,8 @@ class SamplingConfig(ConfigDict):
                             candidates=int(ks[0][1:]) if ks else 1, select=selects[0] if selects else "mbr",
                             propose=proposes[0] if proposes else "noise",
                             early_stop=int(stops[0][4:]) if stops else 0,
-                            precision=PRECISION_FLAGS[precisions[0]] if precisions else "float32")
+                            precision=PRECISION_FLAGS[precisions[0]] if precisions else "float32",
+                            commit=float(commits[0][6:]) if commits else 0.0)
 
 
 # the CaptionerConfig fields a checkpoint written before the sampling section had, and their new names

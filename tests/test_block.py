@@ -132,3 +132,80 @@ def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_
     assert len(rows) == max(lengths)
     assert [r["running"] for r in rows] == [sum(n > k for n in lengths) / 2 for k in range(max(lengths))]
     assert rows[-1]["changed"] == pytest.approx(b / 2)  # the longer caption's last block; the other holds still
+
+
+def test_random_block_boundaries_make_blocks_of_one_to_b_positions_in_every_phase(make_captioner):
+    b = 3
+    net = make_captioner(fusion="add", block_size=b).denoiser
+    L = 40
+    ids = net.random_block_ids(64, L, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(net.random_block_ids(5, L, 0.0), net.block_ids(L).expand(5, L))  # no splits: the fixed blocks
+    sizes = set()
+    for row in ids.tolist():
+        assert row[:2] == [0, 1]  # [CLS] alone, then block 1
+        assert all(0 <= q - p <= 1 for p, q in zip(row, row[1:]))  # consecutive blocks
+        sizes |= {row.count(k) for k in set(row[:-1]) - {0}}  # (the last block may be cut by the end)
+    assert sizes == {1, 2, 3}
+    starts = {(row.index(k) - 1) % b for row in ids.tolist() for k in set(row) - {0}}
+    assert starts == {0, 1, 2}  # blocks start at every phase, not only every b-th position
+
+
+def test_cached_steps_at_each_rows_own_pace_equal_the_training_pass_on_random_boundaries(make_captioner):
+    """What the sampler with ``commit`` does (each row reveals 1 to b positions a step, then its next block
+    starts right after them) is what training on random block boundaries taught: the same predictions."""
+    b = 3
+    cap = make_captioner(fusion="add", block_size=b)
+    net = cap.denoiser.eval()
+    x_t, t, x_clean, cond = _inputs(cap, B=4)
+    B, L, d = x_t.shape
+    blocks = net.random_block_ids(B, L, 0.5, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole, _ = net.forward_blocks(x_t, t, x_clean, cond, blocks=blocks)
+        n = int(blocks[:, -1].min()) - 1  # blocks every row has whole
+        got, seen = torch.zeros_like(whole), torch.zeros(B, L, dtype=torch.bool)
+        cache, clean, clean_start, clean_valid = None, x_clean[:, :1], torch.zeros(B, dtype=torch.long), None
+        offs = torch.arange(b)
+        for i in range(1, n + 1):
+            start = torch.tensor([row.index(i) for row in blocks.tolist()])
+            valid = offs[None] < (blocks == i).sum(1)[:, None]
+            win = (start[:, None] + offs).clamp(max=L - 1)
+            pick = lambda v: v.gather(1, win[..., None].expand(-1, -1, d))  # noqa: E731
+            out, cache = net.block_step(pick(x_t), cap.config.T - 1, start, cond, cache, clean,
+                                        clean_start=clean_start, clean_valid=clean_valid, valid=valid)
+            for r in range(B):
+                k = int(valid[r].sum())
+                got[r, win[r, :k]] = out[r, :k]
+                seen[r, win[r, :k]] = True
+            clean, clean_start, clean_valid = pick(x_clean), start, valid
+    assert int(seen.sum()) > B * n  # rows moved at different paces
+    assert torch.allclose(got[seen], whole[seen], atol=1e-5)
+
+
+def test_with_commit_two_positions_that_depend_on_each_other_are_not_decided_apart(make_captioner, tokenizer):
+    """One image, two captions that differ from their first block on ("a red ..." / "an orange ..."): blocks of
+    two decided at once may mix them ("a orange"); revealing only the sure positions writes one of them whole."""
+    torch.manual_seed(0)
+    b = 2
+    cap = make_captioner(fusion="add", block_size=b, sampling="block:12:1:commit0.9")
+    texts = ["a red circle on a black background", "an orange square on a black background"]
+    ids = tokenizer.encode(texts, cap.config.seq_len)
+    cond = torch.randn(1, cap.config.cond_dim, generator=torch.Generator().manual_seed(3)).repeat(2, 1)
+    diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, cap.config.T), cap.config.predict)
+    net = cap.denoiser.train()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for step in range(400):
+        loss = diff.training_losses(net, ids.repeat(8, 1), cond.repeat(8, 1), lambda_round=1.0,
+                                    p_block_split=0.5)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    features = cond[:1].repeat(16, 1)
+    traces = cap.caption_batch(features=features, seed=1)
+    assert all(tr.text in texts for tr in traces)
+    assert len({tr.text for tr in traces}) == 2  # the noise picks one or the other
+    # the first step revealed the article and only guessed the colour, which the next block decided given it
+    assert any(tr.steps[0].token_ids[2] != tr.steps[-1].token_ids[2] for tr in traces)
+    whole_blocks = [tr.text for tr in cap.caption_batch(features=features, seed=1, commit=0.0)]
+    assert any(text not in texts for text in whole_blocks)  # the same network revealing whole blocks: "an red ..."
+    assert cap.caption_batch(features=features, seed=1, record="final")[0].text == traces[0].text

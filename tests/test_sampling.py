@@ -38,11 +38,19 @@ def test_parse_reads_the_one_text_form():
     assert SamplingConfig.parse("ddim:4:1:bf16").precision == "bfloat16"
     with pytest.raises(ValueError, match="precision"):
         SamplingConfig(precision="float16")
+    # the block sampler's threshold for revealing a block's later positions
+    c = SamplingConfig.parse("block:12:1:auto:commit0.8")
+    assert (c.commit, c.precision) == (0.8, "auto") and c.describe().endswith("reveal where p >= 0.8")
+    assert SamplingConfig.parse("block:10:1").commit == 0.0
+    for bad in ("block:12:1:commit1", "block:12:1:commit-0.5", "block:12:1:commit0.5:commit0.6", "ddim:4:1:commit0.5"):
+        with pytest.raises(ValueError, match="commit|is not"):
+            SamplingConfig.parse(bad)
 
 
 def test_spec_and_parse_are_inverse():
     for text in ("ddim:20:5", "ddpm:10:5:clamp:trailing^2", "ddim:1:1:k8:clip:rounding", "reveal:6:1:trailing^2",
-                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3", "reveal:6:1:trailing^2:auto", "ddim:4:1:bf16"):
+                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3", "reveal:6:1:trailing^2:auto", "ddim:4:1:bf16",
+                 "block:12:1:auto:commit0.8"):
         assert SamplingConfig.parse(text).spec == text
         s = SamplingConfig.parse(text)
         assert SamplingConfig.parse(s.spec) == s
