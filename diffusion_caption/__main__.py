@@ -41,6 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--select", default=None, choices=["mbr", "clip"],
                    help="which of K candidates: the consensus (mbr) or the highest CLIP score (clip); "
                         "default: the checkpoint's")
+    p.add_argument("--commit", type=float, default=None, metavar="C",
+                   help="block sampler: reveal a block's later positions only while each is rounded with "
+                        "probability >= C, the rest predicted again given them (0 = whole blocks; default: the "
+                        "checkpoint's)")
     p.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="the K candidates: K noise draws (noise), or the K likeliest roundings of one draw "
                         "(rounding, with --select clip); default: the checkpoint's")
@@ -68,7 +72,8 @@ def main(argv=None) -> int:
         return 2
     try:  # bad settings are one mistake, said once, before any image is read
         cap.settings(args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, clamp=args.clamp,
-                     spacing=args.spacing, candidates=args.candidates, select=args.select, propose=args.propose)
+                     spacing=args.spacing, candidates=args.candidates, select=args.select, propose=args.propose,
+                     commit=args.commit)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
         try:
             trace = cap.caption(path, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                                 seed=args.seed, clamp=args.clamp, spacing=args.spacing, candidates=args.candidates,
-                                select=args.select, propose=args.propose)
+                                select=args.select, propose=args.propose, commit=args.commit)
         except (ImageLoadError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             status = 1

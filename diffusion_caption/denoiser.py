@@ -245,9 +245,16 @@ class Denoiser(nn.Module):
         kv_past = cache.get("kv")
         M = 0 if kv_past is None else kv_past[0][0].shape[2]
         dev = x_t.device
-        h = self._inputs(x_t, t, cache["c"])
-        if m:
-            h = torch.cat([self._inputs(x_clean, 0, cache["c"]), h], 1)
+        terms = cache.setdefault("t", {})  # each int timestep's embedding, made once per caption batch
+        for v in (0, t) if isinstance(t, int) else (0,):
+            if v not in terms:
+                terms[v] = self._timestep_term(v, x_t.dtype, dev)
+        t_term = terms[t] if isinstance(t, int) else self._timestep_term(t, x_t.dtype, dev)
+        if m:  # the revealed positions (t = 0) and the block, lifted together
+            h = self.input_up_proj(torch.cat([x_clean, x_t], 1)) + cache["c"][:, None]
+            h = torch.cat([h[:, :m] + terms[0], h[:, m:] + t_term], 1)
+        else:
+            h = self.input_up_proj(x_t) + t_term + cache["c"][:, None]
         allowed = torch.ones(m + n, M + m + n, dtype=torch.bool, device=dev)
         allowed[:m, M + m:] = False  # clean positions never read the noisy block
         ragged = torch.is_tensor(start) or clean_valid is not None or valid is not None or "valid" in cache
@@ -275,7 +282,7 @@ class Denoiser(nn.Module):
     @staticmethod
     def keep_rows(cache: dict, rows: torch.Tensor) -> dict:
         """A block sampling cache with only ``rows`` (a bool mask or indices of the batch) kept."""
-        out = {"c": cache["c"][rows]}
+        out = {"c": cache["c"][rows], "t": cache.get("t", {})}
         if "valid" in cache:
             out["valid"] = cache["valid"][rows]
         if cache.get("kv") is not None:

@@ -54,6 +54,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--select", default=None, choices=["mbr", "clip"],
                    help="which of K candidates is kept: the consensus (mbr) or the highest CLIP score (clip); "
                         "default: the checkpoint's")
+    g.add_argument("--commit", type=float, default=None, metavar="C",
+                   help="block sampler: reveal a block's later positions only while each is rounded with "
+                        "probability >= C, the rest predicted again given them (0 = whole blocks; default: the "
+                        "checkpoint's)")
     g.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="where the K candidates come from: K noise draws (noise) or the K likeliest roundings of "
                         "one draw's last x0 (rounding, with --select clip); default: the checkpoint's")
@@ -91,7 +95,7 @@ def settings_from_args(model, args) -> dict:
                 model.use_scorer(args.scorer)
             return model.settings(args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                                   clamp=args.clamp, spacing=args.spacing, candidates=args.candidates,
-                                  select=args.select, propose=args.propose)
+                                  select=args.select, propose=args.propose, commit=args.commit)
         except (ValueError, CheckpointError) as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}
