@@ -166,7 +166,10 @@ class Captioner(PretrainedCaptioner):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer()
                                   or not low <= v <= T):
                 raise ValueError(f"{name} must be an integer from {what} to {T}, got {v!r}")
-        s = (sampling or self.sampling).replace(**overrides)
+        base = sampling or self.sampling
+        if overrides.get("sampler") not in (None, "block") and overrides.get("commit") is None:
+            base = base.replace(commit=0.0)  # the block sampler's threshold does not follow to another sampler
+        s = base.replace(**overrides)
         if s.steps > T or s.early_stop > T:
             raise ValueError(f"steps and early_stop must be at most T = {T}, got {s.steps} and {s.early_stop}")
         if (s.sampler == "block") != bool(self.config.block_size):
