@@ -95,9 +95,9 @@ class ObjectiveConfig(ConfigDict):
     # reveal training (for the "reveal" sampler): a fraction p_reveal of each batch has a prefix of its
     # caption clean at t = 0 and the rest pure noise at T-1, the loss on the noisy positions only
     p_reveal: float = 0.0
-    # random block boundaries (block denoisers): after each position of a block, the block ends early with
-    # probability p_block_split (it always ends at block_size positions), so the network learns blocks of
-    # every length and phase and a sampler may commit a block's sure leading positions only; 0 = fixed blocks
+    # random block boundaries (block denoisers): each fixed block of block_size positions is cut between two
+    # of its positions with probability p_block_split per place, so the network also learns the shorter
+    # blocks left when a sampler reveals only a block's sure leading positions; 0 = fixed blocks only
     p_block_split: float = 0.0
     # few-step training: a fraction p_focus of each batch is drawn from the focus_steps timesteps that a
     # focus_steps-step sampler with focus_spacing visits (the rest uniformly); 0 = uniform t only

@@ -188,18 +188,15 @@ class Denoiser(nn.Module):
 
     def random_block_ids(self, B: int, L: int, p_split: float, generator: torch.Generator | None = None,
                          device=None) -> torch.Tensor:
-        """Random block boundaries [B, L]: [CLS] alone in block 0, then each block ends after a position with
-        probability ``p_split``, and always at ``block_size`` positions (so blocks of 1 to ``block_size``
-        positions, in every phase)."""
+        """Random block boundaries [B, L] inside the fixed ones (``block_ids``): [CLS] alone in block 0, then
+        each fixed block cut between two of its positions with probability ``p_split`` per place, so blocks
+        of 1 to ``block_size`` positions that never straddle two fixed blocks."""
         b = self.cfg.block_size
-        split = torch.rand((B, L), generator=generator, device=device) < p_split
-        ids = torch.zeros((B, L), dtype=torch.long, device=device)
-        length = torch.full((B,), b, dtype=torch.long, device=device)  # so position 1 starts a block
-        for j in range(1, L):
-            start = (length >= b) | split[:, j]
-            length = torch.where(start, torch.ones_like(length), length + 1)
-            ids[:, j] = ids[:, j - 1] + start.long()
-        return ids
+        j = torch.arange(L, device=device)
+        fixed = ((j - 1) % b == 0) & (j > 0)  # where a fixed block starts
+        cut = torch.rand((B, L), generator=generator, device=device) < p_split
+        start = fixed[None] | (cut & (j > 1)[None])
+        return start.long().cumsum(1)
 
     def forward_blocks(self, x_t: torch.Tensor, t: torch.Tensor, x_clean: torch.Tensor, cond: torch.Tensor | None,
                        drop_cond: torch.Tensor | None = None,

@@ -308,8 +308,8 @@ class GaussianDiffusion:
         the next block (``block_size`` positions) from pure noise given the clean positions before it (cached
         in the network) and reveals it as its rounded tokens' embeddings: all of it, or with
         ``sampler.commit`` = c > 0 its first position and each next one while every position so far is rounded
-        with probability >= c (the rest is predicted again in the next block, which starts after the last
-        revealed position). Each step's x0 is the caption so far: the revealed positions as predicted when
+        with probability >= c (the rest is predicted again as the next step's block, which ends where the fixed
+        block does, so blocks never straddle two fixed ones). Each step's x0 is the caption so far: the revealed positions as predicted when
         revealed, the block's unrevealed guesses, and [PAD]'s embedding after them. A row is done at the step
         that reveals its [SEP] (or the last position), and at the last step reveals all its block."""
         B, L, d = x.shape
@@ -331,8 +331,8 @@ class GaussianDiffusion:
         cache, clean, clean_start, clean_valid = None, E[cls].expand(B, 1, -1), start - 1, None
         offs = torch.arange(b, device=dev)
         for i in range(n):
-            win = start[:, None] + offs  # [B, b]: this step's block
-            inside = win < L
+            win = start[:, None] + offs  # [B, b]: this step's block, up to the end of its fixed block
+            inside = (win < L) & (offs[None] < b - (start[:, None] - 1) % b)
             x_blk = x.gather(1, win[..., None].expand(-1, -1, d))
             if c > 0:
                 pred, cache = model.block_step(x_blk, T - 1, start, cond, cache, clean, clean_start=clean_start,

@@ -233,9 +233,9 @@ class BlockSampler(Sampler):
     trained with ``block_size`` > 0.
 
     ``commit`` = c > 0 reveals only a block's sure leading positions: the first always, each next one while
-    its rounding probability is >= c; the rest is predicted again, in the next block, given what was
-    revealed (so two positions that depend on each other, an article and its colour, are not decided
-    apart). Each caption then moves at its own pace; it needs a network trained on random block boundaries
+    its rounding probability is >= c; the rest of the block is predicted again at the next step, given what
+    was revealed (so two positions that depend on each other, an article and its colour, are not decided
+    apart). Each caption then moves at its own pace; it needs a network trained on blocks cut short
     (``ObjectiveConfig.p_block_split``).
     """
 

@@ -137,25 +137,30 @@ def test_trained_on_two_captions_it_writes_each_one_block_per_step_and_stops_at_
     assert rows[-1]["changed"] == pytest.approx(b / 2)  # the longer caption's last block; the other holds still
 
 
-def test_random_block_boundaries_make_blocks_of_one_to_b_positions_in_every_phase(make_captioner):
+def test_random_block_boundaries_cut_the_fixed_blocks_and_never_straddle_two(make_captioner):
     b = 3
     net = make_captioner(fusion="add", block_size=b).denoiser
     L = 40
     ids = net.random_block_ids(64, L, 0.4, torch.Generator().manual_seed(0))
-    assert torch.equal(net.random_block_ids(5, L, 0.0), net.block_ids(L).expand(5, L))  # no splits: the fixed blocks
+    fixed = net.block_ids(L).tolist()
+    assert torch.equal(net.random_block_ids(5, L, 0.0), net.block_ids(L).expand(5, L))  # no cuts: the fixed blocks
     sizes = set()
     for row in ids.tolist():
         assert row[:2] == [0, 1]  # [CLS] alone, then block 1
         assert all(0 <= q - p <= 1 for p, q in zip(row, row[1:]))  # consecutive blocks
+        for k in set(row):
+            assert len({fixed[j] for j in range(L) if row[j] == k}) == 1  # inside one fixed block
+        assert all(row[j] != row[j - 1] for j in range(1, L) if fixed[j] != fixed[j - 1])  # the fixed cuts stay
         sizes |= {row.count(k) for k in set(row[:-1]) - {0}}  # (the last block may be cut by the end)
     assert sizes == {1, 2, 3}
     starts = {(row.index(k) - 1) % b for row in ids.tolist() for k in set(row) - {0}}
-    assert starts == {0, 1, 2}  # blocks start at every phase, not only every b-th position
+    assert starts == {0, 1, 2}  # cut short, blocks start at every place of a fixed block
 
 
 def test_cached_steps_at_each_rows_own_pace_equal_the_training_pass_on_random_boundaries(make_captioner):
-    """What the sampler with ``commit`` does (each row reveals 1 to b positions a step, then its next block
-    starts right after them) is what training on random block boundaries taught: the same predictions."""
+    """What the sampler with ``commit`` does (each row reveals 1 to b positions a step; its next block starts
+    right after them and ends where the fixed block does) is what training on blocks cut short taught: the
+    same predictions."""
     b = 3
     cap = make_captioner(fusion="add", block_size=b)
     net = cap.denoiser.eval()
