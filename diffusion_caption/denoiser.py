@@ -167,7 +167,11 @@ class Denoiser(nn.Module):
         for i, layer in enumerate(self.encoder.transformer.layer):
             att = layer.attention
             nh = att.n_heads
-            q, k, v = (lin(h).view(B, N, nh, H // nh).transpose(1, 2) for lin in (att.q_lin, att.k_lin, att.v_lin))
+            if self.training or torch.is_grad_enabled():
+                q, k, v = (lin(h) for lin in (att.q_lin, att.k_lin, att.v_lin))
+            else:  # sampling: the three projections as one matrix product
+                q, k, v = F.linear(h, *self._qkv(i, att)).split(H, -1)
+            q, k, v = (z.view(B, N, nh, H // nh).transpose(1, 2) for z in (q, k, v))
             kv.append((k, v))
             if past is not None:
                 k = torch.cat([past[i][0], k], dim=2)
@@ -179,6 +183,16 @@ class Denoiser(nn.Module):
             ffn = layer.ffn  # its lin1, activation, lin2 and dropout, without transformers' chunking wrapper
             h = layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(h)))) + h)
         return h, kv
+
+    def _qkv(self, i: int, att) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s query, key and value weights and biases stacked ([3H, H], [3H]), made again only when
+        one of them has changed since (training steps, ``load_state_dict``)."""
+        parts = [t for lin in (att.q_lin, att.k_lin, att.v_lin) for t in (lin.weight, lin.bias)]
+        key = tuple((t.data_ptr(), t._version) for t in parts)
+        memo = self.__dict__.setdefault("_qkv_memo", {})
+        if memo.get(i, (None,))[0] != key:
+            memo[i] = (key, torch.cat(parts[0::2]).detach(), torch.cat(parts[1::2]).detach())
+        return memo[i][1], memo[i][2]
 
     def block_ids(self, L: int, device=None) -> torch.Tensor:
         """The block of each of ``L`` positions [L]: the caption's [CLS] alone in block 0 (sampling gives it, as

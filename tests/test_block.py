@@ -29,6 +29,20 @@ def test_the_encoder_pass_is_distilberts_own_when_everything_may_attend(make_cap
     assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+def test_sampling_stacks_the_attention_projections_and_follows_their_changes(make_captioner):
+    cap = make_captioner(fusion="add")
+    net = cap.denoiser.eval()
+    x_t, t, _, cond = _inputs(cap)
+    h = net._inputs(x_t, t, net._conditioning(cond, None, x_t.shape[0], x_t.dtype))
+    L = x_t.shape[1]
+    for _ in range(2):
+        with torch.no_grad():  # sampling: one stacked projection, made from the weights as they are now
+            mine, _ = net._encode(h, torch.arange(L), torch.ones(L, L, dtype=torch.bool))
+            theirs = net.encoder(inputs_embeds=h).last_hidden_state
+            assert torch.allclose(mine, theirs, atol=1e-5)
+            net.encoder.transformer.layer[0].attention.k_lin.weight.mul_(2.0)  # as a training step would
+
+
 @pytest.mark.parametrize("b", [1, 3, 5])
 def test_cached_block_steps_equal_the_vectorised_training_pass(make_captioner, b):
     cap = make_captioner(fusion="add", block_size=b)
