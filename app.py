@@ -894,7 +894,9 @@ def _about_model(name: str, cap, checkpoint: str, checkpoint_dir: str, default: 
              f"{smp.spacing} spacing, guidance {smp.guidance:g}"
              + (", clamped to tokens" if smp.clamp else "")
              + (f"; block diffusion, {cfg.block_size} positions a block, one block a step (steps: the most "
-                f"blocks a caption may take)" if cfg.block_size else ""),
+                f"a caption may take)" if cfg.block_size else "")
+             + (f", a block's later positions revealed only where their rounding probability is at least "
+                f"{smp.commit:g}, the rest decided again at the next step" if smp.commit else ""),
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
@@ -979,7 +981,7 @@ def build(m: Models, url: str | None = None):
                                                     "the words decided left to right, a group per step (for models "
                                                     "trained to reveal); block: one block of the caption denoised "
                                                     "per step given the ones before (block models only; steps are "
-                                                    "the most blocks, a caption ends at its [SEP])")
+                                                    "the most a caption may take, it ends at its [SEP])")
                             guidance = gr.Slider(0, 10, value=smp.guidance, step=0.5, label="Guidance scale",
                                                  info="classifier-free guidance; 1 = none")
                             with gr.Row():
