@@ -460,7 +460,7 @@ class Handlers:
         return rows
 
     def _timing(self, view: View, settings: dict) -> str:
-        spacing = "" if settings["sampler"] in ("reveal", "block") else f", {settings['spacing']} spacing"
+        spacing = "" if settings["sampler"] == "block" else f", {settings['spacing']} spacing"
         parts = [f"diffusion **{view.seconds:.2f} s** for {len(view.steps)} {settings['sampler'].upper()} steps"
                  f"{spacing} (first step after {view.first_step_seconds * 1000:.0f} ms)"]
         if view.baseline_seconds is not None:
@@ -977,9 +977,8 @@ def build(m: Models, url: str | None = None):
                             steps = gr.Slider(1, min(cfg.T, MAX_UI_STEPS), value=min(smp.steps, MAX_UI_STEPS),
                                               step=1, label="Denoising steps")
                             sampler = gr.Radio(list(SAMPLERS), value=smp.sampler, label="Sampler",
-                                               info="DDIM: deterministic; DDPM: adds fresh noise every step; reveal: "
-                                                    "the words decided left to right, a group per step (for models "
-                                                    "trained to reveal); block: one block of the caption denoised "
+                                               info="DDIM: deterministic; DDPM: adds fresh noise every step; block: "
+                                                    "one block of the caption denoised "
                                                     "per step given the ones before (block models only; steps are "
                                                     "the most a caption may take, it ends at its [SEP])")
                             guidance = gr.Slider(0, 10, value=smp.guidance, step=0.5, label="Guidance scale",

@@ -237,8 +237,7 @@ class Captioner(PretrainedCaptioner):
         features = self.features_of(images, features)
         B = features.shape[0]
         tok = self.tokenizer  # the samplers that read the caption's own ends
-        ends = {"reveal": {"sep_id": tok.sep_id},
-                "block": {"sep_id": tok.sep_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id,
+        ends = {"block": {"sep_id": tok.sep_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id,
                           "commit": s.commit}}.get(s.sampler, {})
         smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing, **ends)
         n = len(smp.timesteps)

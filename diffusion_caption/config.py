@@ -1,7 +1,7 @@
 """The captioner's configuration in two parts, as the checkpoint stores them: the network (``CaptionerConfig``,
 config.json's ``captioner`` section: denoiser, conditioning, diffusion process) and the objective it was
 trained with (``ObjectiveConfig``, the ``objective`` section: loss weights, condition dropout, the timestep
-curriculum, self-conditioning and reveal training). How it samples is a third (``sampling.SamplingConfig``).
+curriculum, self-conditioning and block boundaries). How it samples is a third (``sampling.SamplingConfig``).
 """
 from __future__ import annotations
 
@@ -92,9 +92,6 @@ class ObjectiveConfig(ConfigDict):
     # self-conditioning: a fraction p_self_cond of each batch gets an x0 estimate made by a first,
     # gradient-free pass (the network must have self_cond)
     p_self_cond: float = 0.5
-    # reveal training (for the "reveal" sampler): a fraction p_reveal of each batch has a prefix of its
-    # caption clean at t = 0 and the rest pure noise at T-1, the loss on the noisy positions only
-    p_reveal: float = 0.0
     # random block boundaries (block denoisers): each fixed block of block_size positions is cut between two
     # of its positions with probability p_block_split per place, so the network also learns the shorter
     # blocks left when a sampler reveals only a block's sure leading positions; 0 = fixed blocks only
@@ -108,6 +105,16 @@ class ObjectiveConfig(ConfigDict):
     # its input made from the network's own first-step prediction (needs focus_steps >= 2); 0 = off
     p_unroll: float = 0.0
 
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config"):
+        d = dict(d)
+        if d.get("p_reveal", 0.0):  # reveal training and its sampler were removed on 2026-12-07
+            raise ValueError(f"{source}: this checkpoint was trained for the reveal sampler (p_reveal = "
+                             f"{d['p_reveal']}), which diffusion-caption no longer has; git history before "
+                             "2026-12-07 samples it")
+        d.pop("p_reveal", None)  # written as 0 by checkpoints before then: nothing to keep
+        return super().from_dict(d, source)
+
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
@@ -119,8 +126,6 @@ class ObjectiveConfig(ConfigDict):
         if self.focus_steps:  # checked here, not after the features are encoded
             from .samplers import spacing_power
             spacing_power(self.focus_spacing)
-        if not 0.0 <= self.p_reveal <= 1.0:
-            raise ValueError(f"p_reveal must be in [0, 1], got {self.p_reveal}")
         if not 0.0 <= self.p_block_split <= 1.0:
             raise ValueError(f"p_block_split must be in [0, 1], got {self.p_block_split}")
         if not 0.0 <= self.p_self_cond <= 1.0:

@@ -135,8 +135,8 @@ class Denoiser(nn.Module):
 
     def _timestep_term(self, t: torch.Tensor | int, dtype: torch.dtype, device) -> torch.Tensor:
         """The timestep embedding, shaped ``t.shape + [H]`` (an int: [1, H]). Its MLP is as wide as an encoder
-        layer's feed-forward block and a batch holds few distinct timesteps (one per sampling step; two, 0 and
-        T-1, under the reveal sampler): each distinct one is embedded once."""
+        layer's feed-forward block and a batch holds few distinct timesteps (one per sampling step, two in a
+        block step): each distinct one is embedded once."""
         if isinstance(t, int):
             return self.time_embed(timestep_embedding(torch.tensor([t], device=device), self.cfg.dim).to(dtype))
         t_unique, where = torch.unique(t.reshape(-1), return_inverse=True)
@@ -315,7 +315,7 @@ class Denoiser(nn.Module):
         else:
             first, act, second = self.input_up_proj
             h = second(act(first(x_t) + self.self_cond_proj(x_self_cond.to(x_t.dtype))))
-        # a timestep per row [B], or per position [B, L] (a network trained with revealed positions)
+        # a timestep per row [B], or per position [B, L]
         te = self._timestep_term(t, x_t.dtype, x_t.device)
         h = h + (te[:, None] if t.dim() == 1 else te)
         c = self._image_projection(cond, drop_cond, B, x_t.dtype)

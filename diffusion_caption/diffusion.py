@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import ObjectiveConfig
 from .denoiser import Denoiser
 from .rounding import clamp_to_embeddings, token_logits
-from .samplers import BlockSampler, RevealSampler, Sampler, spaced_timesteps
+from .samplers import BlockSampler, Sampler, spaced_timesteps
 from .schedule import NoiseSchedule
 
 
@@ -61,11 +61,7 @@ class GaussianDiffusion:
         own first draft, not only a noisy copy of the truth (step-unrolled training, as in SUNDAE, Savinov
         et al. 2022). A self-conditioned network (``self_cond``) also reads an x0 estimate: for a fraction
         ``p_self_cond`` of the batch its own, from a first gradient-free pass on the same x_t (Chen et al.
-        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. With
-        ``p_reveal``, that fraction of the batch is drawn as the reveal sampler (``samplers.RevealSampler``)
-        feeds it: a prefix of each row's caption clean at t = 0 (its length uniform from none to the whole
-        caption before its padding, ``pad_id``), the rest at T-1, timesteps per position, and the losses
-        averaged over the noisy positions only. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
+        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
         ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
         (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
@@ -77,7 +73,7 @@ class GaussianDiffusion:
         if t_focus is None and o.focus_steps:
             t_focus = spaced_timesteps(self.schedule.T, o.focus_steps, o.focus_spacing)
         lambda_round, lambda_feature, p_uncond, p_focus = o.lambda_round, o.lambda_feature, o.p_uncond, o.p_focus
-        p_unroll, focus_spacing, p_self_cond, p_reveal = o.p_unroll, o.focus_spacing, o.p_self_cond, o.p_reveal
+        p_unroll, focus_spacing, p_self_cond = o.p_unroll, o.focus_spacing, o.p_self_cond
         B, L = tokens.shape
         dev = tokens.device
         E = getattr(model, "module", model).embeddings  # the table itself, also under DistributedDataParallel
@@ -93,18 +89,6 @@ class GaussianDiffusion:
             t = torch.where(torch.rand(B, generator=generator, device=dev) < p_focus, pick, t)
         noise = torch.randn(x_start.shape, generator=generator, device=dev)
         x_t = sched.q_sample(x_start, t, noise)
-        weight = None  # per-position loss weights [B, L]: the noisy positions of revealed rows, all elsewhere
-        if p_reveal > 0:
-            if p_unroll > 0 or self.predict != "x0":
-                raise ValueError("p_reveal trains x0 prediction without step unrolling")
-            rows = torch.rand(B, generator=generator, device=dev) < p_reveal
-            length = (tokens != pad_id).sum(1) if pad_id is not None else torch.full((B,), L, device=dev)
-            k = (torch.rand(B, generator=generator, device=dev) * (length + 1).float()).long()  # 0..length
-            revealed = (torch.arange(L, device=dev)[None] < k[:, None]) & rows[:, None]
-            t = torch.where(rows[:, None], torch.full_like(t, sched.T - 1)[:, None], t[:, None]).expand(B, L)
-            t = torch.where(revealed, torch.zeros_like(t), t)
-            x_t = sched.q_sample(x_start, t, noise)
-            weight = (~revealed).float()
         drop = (torch.rand(B, generator=generator, device=dev) < p_uncond) if p_uncond > 0 else None
         x_sc = torch.zeros_like(x_t) if self.self_cond else None
         if p_unroll > 0:
@@ -129,19 +113,17 @@ class GaussianDiffusion:
         out = out.float()
         if self.predict == "x0":
             x0_hat = out
-            mse = (out - x_start_mean).pow(2).mean() if weight is None else _weighted(
-                (out - x_start_mean).pow(2).mean(-1), weight)
+            mse = (out - x_start_mean).pow(2).mean()
         else:
             x0_hat = sched.predict_start_from_noise(x_t, t, out)
             mse = (out - noise).pow(2).mean()
         logits = token_logits(x0_hat, E.float())
-        ce_pos = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1), reduction="none").view(B, L)
-        ce = ce_pos.mean(1)
+        ce = F.cross_entropy(logits.reshape(B * L, -1), tokens.reshape(-1), reduction="none").view(B, L).mean(1)
         if self.predict == "eps":
             # x0 from an eps prediction carries eps's error times sqrt((1 - alpha_bar) / alpha_bar):
             # weighting by alpha_bar_t keeps the noisiest steps from swamping the loss
             ce = ce * sched.alphas_cumprod.to(dev)[t].float()
-        round_ce = ce.mean() if weight is None else _weighted(ce_pos, weight)
+        round_ce = ce.mean()
         t_last = torch.full((B,), sched.T - 1, device=dev, dtype=torch.long)
         prior = sched.q_mean_variance(x_start_mean, t_last)[0].pow(2).mean()
         losses = {"mse": mse, "round": round_ce, "prior": prior}
@@ -258,9 +240,6 @@ class GaussianDiffusion:
                                  "use early_stop=0 and guidance=1")
             yield from self._sample_blocks(model, cond, sampler, x, E)
             return
-        if isinstance(sampler, RevealSampler):
-            yield from self._sample_reveal(model, cond, sampler, x, guidance, generator, E, early_stop)
-            return
         x0 = None  # the previous step's estimate, which a self-conditioned network reads
         for i, t in enumerate(sampler.timesteps):
             x0 = self.predict_x0(model, x, t, cond, guidance, x0 if self.self_cond and x0 is not None else None)
@@ -286,22 +265,6 @@ class GaussianDiffusion:
                 prev_ids = ids
             x0_used = clamp_to_embeddings(x0, E) if clamp else x0
             x = sampler.step(x0_used, t, x, generator).prev_sample
-
-    def _sample_reveal(self, model, cond, sampler: RevealSampler, x, guidance, generator, E, early_stop):
-        """``sample_progressive`` for the reveal sampler: timesteps per position, T-1 everywhere at first,
-        then 0 at the revealed positions. A step's ``t`` is the mean over the batch's positions (a label)."""
-        if early_stop:
-            raise ValueError("early_stop is not available with the reveal sampler (every step reveals more)")
-        B, L, _ = x.shape
-        T = self.schedule.T
-        t_pos = torch.full((B, L), T - 1, device=x.device, dtype=torch.long)
-        n = len(sampler.timesteps)
-        x0 = None
-        for i in range(n):
-            x0 = self.predict_x0(model, x, t_pos, cond, guidance, x0 if self.self_cond and x0 is not None else None)
-            yield StepOutput(i, round(float(t_pos.float().mean())), x, x0)
-            if i < n - 1:
-                x, t_pos = sampler.step_positions(x0, i, E, generator)
 
     def _sample_blocks(self, model, cond, sampler: BlockSampler, x, E):
         """``sample_progressive`` for the block sampler: [CLS] is given at position 0, then each step predicts
@@ -359,10 +322,9 @@ class GaussianDiffusion:
             wc = win.clamp(max=L - 1)
             x0.scatter_(1, wc[..., None].expand(-1, -1, d), torch.where(shown[..., None], pred, x0.gather(1, wc[..., None].expand(-1, -1, d))))
             ids_all.scatter_(1, wc, torch.where(revealed & shown, ids, ids_all.gather(1, wc)))
-            x_in = x[:, :L].clone()
-            seen = ids_all >= 0
-            x_in[seen] = E[ids_all[seen]]  # the revealed positions as the network read them
-            step_ids = torch.where(seen, ids_all, torch.full_like(ids_all, pad_id))
+            seen = ids_all >= 0  # the revealed positions, as the network read them
+            x_in = torch.where(seen[..., None], E[ids_all.clamp(min=0)], x[:, :L])
+            step_ids = torch.where(seen, ids_all, pad_id)
             step_ids.scatter_(1, wc, torch.where(shown & ~revealed, ids, step_ids.gather(1, wc)))
             yield StepOutput(i, T - 1, x_in, x0.clone(), rows, done, step_ids)
             clean, clean_start, clean_valid = E[ids], start, (revealed if c > 0 else None)
@@ -375,8 +337,3 @@ class GaussianDiffusion:
                     v[keep] for v in (x, x0, cond, rows, ids_all, clean, clean_start, start))
                 clean_valid = clean_valid[keep] if clean_valid is not None else None
                 cache = Denoiser.keep_rows(cache, keep)
-
-
-def _weighted(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values`` [B, L] weighted by ``weight`` [B, L]."""
-    return (values * weight).sum() / weight.sum().clamp(min=1.0)

@@ -27,7 +27,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddim", "ddpm", "reveal", "block")
+SAMPLERS = ("ddim", "ddpm", "block")
 
 
 @dataclass
@@ -153,77 +153,6 @@ class DDPMSampler(Sampler):
         return SamplerOutput(x_s, x0_pred)
 
 
-class RevealSampler(Sampler):
-    """Left-to-right reveal: every position starts as pure noise (t = T-1); after step i of n the first
-    ``round(n_c (i+1) / n)`` positions are *revealed* -- set to their rounded token's clean embedding, at
-    timestep 0 -- and the rest are noised back to T-1, so the next step predicts them given the words
-    before them. ``n_c`` is the caption's length as the step predicts it (up to its [SEP]), so every step
-    decides a share of the caption's words, not of its padding; the last step rounds every position.
-
-    This is semi-autoregressive decoding (Wang et al. 2018) done by a diffusion model's own denoiser: a
-    caption's words are decided a group at a time, each group conditioned on the ones before, which is
-    what a one-shot prediction lacks when two orders of a caption are equally likely ("a red circle and a
-    blue square" / "a blue square and a red circle" averaged into "a red square and a blue circle").
-    Revealing the most confident positions first instead (Mask-Predict's order, Ghazvininejad et al. 2019)
-    was measured and does worse here: the confident positions are the function words, and the colours and
-    shapes are left to be decided together at the end. It needs a network trained with per-position
-    timesteps on revealed prefixes (``p_reveal``).
-
-    ``timesteps`` lists T-1 once per step (the trace's label); ``step_positions`` returns the next input
-    and its per-position timesteps.
-    """
-
-    name = "reveal"
-
-    def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
-                 sep_id: int | None = None):
-        super().__init__(schedule, num_steps, spacing)
-        self.sep_id = sep_id  # the end of a caption; None: every position counts
-
-    def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
-        if spacing is not None:
-            spacing_power(spacing)
-            self.spacing = str(spacing).strip().lower()
-        T = self.schedule.T
-        if not 1 <= int(num_steps) <= T:
-            raise ValueError(f"steps must be between 1 and the schedule's T={T}, got {num_steps}")
-        self.timesteps = [T - 1] * int(num_steps)
-
-    def revealed_count(self, i: int, length: torch.Tensor) -> torch.Tensor:
-        """How many positions stand revealed after step ``i`` (0-based), for captions of ``length``
-        positions (a tensor [B]); all of them after the last step."""
-        n = len(self.timesteps)
-        return torch.round(length.float() * (i + 1) / n).long()
-
-    def caption_length(self, ids: torch.Tensor) -> torch.Tensor:
-        """Positions up to and including each row's first [SEP] ([B]); all positions where none is."""
-        L = ids.shape[-1]
-        if self.sep_id is None:
-            return torch.full(ids.shape[:-1], L, dtype=torch.long, device=ids.device)
-        is_sep = ids == self.sep_id
-        first = torch.where(is_sep.any(-1), is_sep.float().argmax(-1), torch.full_like(ids[..., 0], L - 1))
-        return first + 1
-
-    def step_positions(self, x0_pred: torch.Tensor, i: int, embeddings: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x for the next step [B, L, d], its per-position timesteps [B, L]) from step ``i``'s x0."""
-        from .rounding import token_logits
-
-        B, L, _ = x0_pred.shape
-        T = self.schedule.T
-        ids = token_logits(x0_pred.float(), embeddings.float()).argmax(-1)
-        k = self.revealed_count(i, self.caption_length(ids))
-        revealed = torch.arange(L, device=ids.device)[None] < k[:, None]
-        a_T = float(self.schedule.alphas_cumprod[T - 1])
-        hidden = math.sqrt(a_T) * x0_pred + math.sqrt(1 - a_T) * _noise_like(x0_pred, generator)
-        x = torch.where(revealed[..., None], embeddings.to(x0_pred.dtype)[ids], hidden)
-        t = torch.where(revealed, torch.zeros_like(ids), torch.full_like(ids, T - 1))
-        return x, t
-
-    def step(self, x0_pred, t, x_t, generator=None) -> SamplerOutput:
-        raise TypeError("the reveal sampler sets per-position timesteps: use step_positions")
-
-
 class BlockSampler(Sampler):
     """Block diffusion (Arriola et al. 2025): after the given [CLS], the caption is denoised one block of
     ``block_size`` positions per step, left to right, each block from pure noise (t = T-1) given the clean
@@ -274,8 +203,6 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int | None = Non
         return DDIMSampler(schedule, num_steps, spacing, **kw)
     if name == "ddpm":
         return DDPMSampler(schedule, num_steps, spacing)
-    if name == "reveal":
-        return RevealSampler(schedule, num_steps, spacing, **kw)
     if name == "block":
         return BlockSampler(schedule, num_steps, spacing, **kw)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

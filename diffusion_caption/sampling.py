@@ -5,8 +5,8 @@ defaults live in ``config.json["sampling"]``, apart from the network (``Captione
 overrides any of them by name: ``cap.caption(image, steps=4, guidance=3)``. One text form names a
 setting everywhere (command lines, tables, sweeps)::
 
-    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto]
-    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   reveal:6:1:trailing^2:auto
+    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto][:commitC]
+    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   block:16:1:auto:commit0.95
 
 ``SamplingConfig.parse(text)`` reads it and ``config.spec`` writes it; ``config.describe()`` is the
 human name ("DDIM 20, guidance 5, clamp").

@@ -97,7 +97,7 @@ def test_a_block_denoiser_refuses_the_all_at_once_call_and_the_settings_it_canno
     with pytest.raises(ValueError, match="guidance"):
         cap.caption(scene_image, sampler="block", steps=4, guidance=2)
     with pytest.raises(ValueError, match="'block' sampler only"):
-        cap.caption(scene_image, sampler="reveal", steps=4)
+        cap.caption(scene_image, sampler="ddim", steps=4)
     committing = make_captioner(fusion="add", block_size=3, sampling="block:6:1:commit0.9")
     with pytest.raises(ValueError, match="'block' sampler only"):  # not "commit is the block sampler's setting"
         committing.caption(scene_image, sampler="ddim", steps=4)

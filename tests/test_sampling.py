@@ -24,7 +24,7 @@ def test_parse_reads_the_one_text_form():
     r = SamplingConfig.parse("ddim:1:1:k8:clip:rounding")
     assert (r.candidates, r.select, r.propose, r.spacing) == (8, "clip", "rounding", "linspace")
     assert r.describe() == "DDIM 1, guidance 1, 8 roundings by CLIP"
-    assert SamplingConfig.parse("reveal:6:1:trailing^2").sampler == "reveal"
+    assert SamplingConfig.parse("block:6:1").sampler == "block"
     for bad in ("ddim:20", "ddim:x:1", "ddim:20:1:yes", "ddim:20:1:clamp:clamp", "ddim:5:1:trailing:linspace",
                 "ddim:5:1:trailing^0", "ddim:1:1:clip", "ddim:1:1:k2:k4", "ddim:1:1:k4:clip:mbr",
                 "ddim:1:1:rounding", "ddim:1:1:k4:clip:rounding:noise", "ddim:0:1", "euler:4:1",
@@ -32,8 +32,8 @@ def test_parse_reads_the_one_text_form():
         with pytest.raises(ValueError):
             SamplingConfig.parse(bad)
     # the network's arithmetic: float32 unless named
-    assert SamplingConfig.parse("reveal:6:1:trailing^2").precision == "float32"
-    a = SamplingConfig.parse("reveal:6:1:trailing^2:auto")
+    assert SamplingConfig.parse("ddpm:6:1:trailing^2").precision == "float32"
+    a = SamplingConfig.parse("ddpm:6:1:trailing^2:auto")
     assert (a.precision, a.spacing) == ("auto", "trailing^2") and a.describe().endswith(", bfloat16 where native")
     assert SamplingConfig.parse("ddim:4:1:bf16").precision == "bfloat16"
     with pytest.raises(ValueError, match="precision"):
@@ -48,8 +48,8 @@ def test_parse_reads_the_one_text_form():
 
 
 def test_spec_and_parse_are_inverse():
-    for text in ("ddim:20:5", "ddpm:10:5:clamp:trailing^2", "ddim:1:1:k8:clip:rounding", "reveal:6:1:trailing^2",
-                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3", "reveal:6:1:trailing^2:auto", "ddim:4:1:bf16",
+    for text in ("ddim:20:5", "ddpm:10:5:clamp:trailing^2", "ddim:1:1:k8:clip:rounding", "ddpm:6:1:trailing^2",
+                 "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3", "ddpm:6:1:trailing^2:auto", "ddim:4:1:bf16",
                  "block:12:1:auto:commit0.8"):
         assert SamplingConfig.parse(text).spec == text
         s = SamplingConfig.parse(text)
@@ -134,17 +134,26 @@ def test_the_objective_is_its_own_section_and_old_checkpoints_split_into_it(make
     from diffusion_caption.config import OBJECTIVE_KEYS, ObjectiveConfig
 
     cap = make_captioner()
-    cap.objective = ObjectiveConfig(p_uncond=0.0, p_reveal=0.8, lambda_round=1.0, focus_steps=1)
+    cap.objective = ObjectiveConfig(p_uncond=0.0, p_block_split=0.8, lambda_round=1.0, focus_steps=1)
     d = tmp_path / "ckpt"
     cap.save_pretrained(str(d))
     meta = json.loads((d / "config.json").read_text())
-    assert meta["objective"]["p_reveal"] == 0.8 and not set(OBJECTIVE_KEYS) & set(meta["captioner"])
+    assert meta["objective"]["p_block_split"] == 0.8 and not set(OBJECTIVE_KEYS) & set(meta["captioner"])
     assert Captioner.from_pretrained(str(d)).objective == cap.objective
     old = {**meta, "captioner": {**meta["captioner"], **meta["objective"]}}
     del old["objective"]
     (d / "config.json").write_text(json.dumps(old))
     back = Captioner.from_pretrained(str(d))
     assert back.objective == cap.objective and back.config == cap.config
+    # the reveal sampler's training share, which checkpoints before 2026-12-07 wrote as 0, is read past;
+    # a checkpoint trained for that sampler says why it cannot be loaded
+    for p_reveal in (0.0, 0.7):
+        (d / "config.json").write_text(json.dumps({**meta, "objective": {**meta["objective"], "p_reveal": p_reveal}}))
+        if not p_reveal:
+            assert Captioner.from_pretrained(str(d)).objective == cap.objective
+        else:
+            with pytest.raises(Exception, match="reveal sampler"):
+                Captioner.from_pretrained(str(d))
 
 
 def test_precision_runs_the_network_in_bfloat16_autocast_when_asked_or_auto_on_native_hardware(
