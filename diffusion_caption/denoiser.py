@@ -155,8 +155,9 @@ class Denoiser(nn.Module):
     def _encode(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
                 past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """DistilBERT's layers over ``h`` [B, N, H] at ``positions`` ([N], or [B, N] per row) under an attention
-        pattern ``allowed`` ([N, M + N], or [B, 1, N, M + N] per row; True: query may attend to key), the keys being ``past``'s M cached positions
-        per layer, then these N. Returns (hidden [B, N, H], each layer's (keys, values) of these N)."""
+        pattern ``allowed`` ([N, M + N], or [B, 1, N, M + N] per row; True: query may attend to key), the keys
+        being ``past``'s M cached positions per layer, then these N. Returns (hidden [B, N, H], each layer's
+        (keys, values) of these N)."""
         import torch.nn.functional as F
 
         emb = self.encoder.embeddings
@@ -274,7 +275,8 @@ class Denoiser(nn.Module):
         else:
             start = torch.as_tensor(start, device=dev).expand(B)
             first = start - m if clean_start is None else torch.as_tensor(clean_start, device=dev).expand(B)
-            pos = torch.cat([first[:, None] + torch.arange(m, device=dev), start[:, None] + torch.arange(n, device=dev)], 1)
+            pos = torch.cat([first[:, None] + torch.arange(m, device=dev),
+                             start[:, None] + torch.arange(n, device=dev)], 1)
             pos = pos.clamp(0, self.encoder.config.max_position_embeddings - 1)
             ones = lambda k: torch.ones(B, k, dtype=torch.bool, device=dev)  # noqa: E731
             cache["valid"] = torch.cat([cache.get("valid", ones(M)), ones(m) if clean_valid is None else clean_valid], 1)

@@ -61,9 +61,10 @@ class GaussianDiffusion:
         own first draft, not only a noisy copy of the truth (step-unrolled training, as in SUNDAE, Savinov
         et al. 2022). A self-conditioned network (``self_cond``) also reads an x0 estimate: for a fraction
         ``p_self_cond`` of the batch its own, from a first gradient-free pass on the same x_t (Chen et al.
-        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. ``mse`` is ||x0_hat - E(w)||^2 (or the eps error with
-        ``predict="eps"``), ``round`` the cross-entropy -log p(w | x0_hat) of the tied rounding head,
-        (weighted by alpha_bar_t with ``predict="eps"``), ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
+        2022), for unrolled rows the first step's, as the sampler gives it, and zeros for the rest. ``mse``
+        is ||x0_hat - E(w)||^2 (or the eps error with ``predict="eps"``), ``round`` the cross-entropy
+        -log p(w | x0_hat) of the tied rounding head (weighted by alpha_bar_t with ``predict="eps"``),
+        ``prior`` keeps ||sqrt(alpha_bar_T) E(w)||^2 small, ``feature`` is 1 - cos between the predicted
         and the true image feature. ``loss`` = mse + prior + lambda_round * round + lambda_feature * feature.
         """
         o = dataclasses.replace(objective or ObjectiveConfig.plain(), **overrides)
@@ -272,9 +273,10 @@ class GaussianDiffusion:
         in the network) and reveals it as its rounded tokens' embeddings: all of it, or with
         ``sampler.commit`` = c > 0 its first position and each next one while every position so far is rounded
         with probability >= c (the rest is predicted again as the next step's block, which ends where the fixed
-        block does, so blocks never straddle two fixed ones). Each step's x0 is the caption so far: the revealed positions as predicted when
-        revealed, the block's unrevealed guesses, and [PAD]'s embedding after them. A row is done at the step
-        that reveals its [SEP] (or the last position), and at the last step reveals all its block."""
+        block does, so blocks never straddle two fixed ones). Each step's x0 is the caption so far: the
+        revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s embedding
+        after them. A row is done at the step that reveals its [SEP] (or the last position), and at the last
+        step reveals all its block."""
         B, L, d = x.shape
         b = model.block_size
         T = self.schedule.T
@@ -320,7 +322,8 @@ class GaussianDiffusion:
             after_sep = sep.long().cumsum(-1) - sep.long() > 0
             shown = inside & ~after_sep
             wc = win.clamp(max=L - 1)
-            x0.scatter_(1, wc[..., None].expand(-1, -1, d), torch.where(shown[..., None], pred, x0.gather(1, wc[..., None].expand(-1, -1, d))))
+            wd = wc[..., None].expand(-1, -1, d)
+            x0.scatter_(1, wd, torch.where(shown[..., None], pred, x0.gather(1, wd)))
             ids_all.scatter_(1, wc, torch.where(revealed & shown, ids, ids_all.gather(1, wc)))
             seen = ids_all >= 0  # the revealed positions, as the network read them
             x_in = torch.where(seen[..., None], E[ids_all.clamp(min=0)], x[:, :L])

@@ -157,9 +157,9 @@ class BlockSampler(Sampler):
     """Block diffusion (Arriola et al. 2025): after the given [CLS], the caption is denoised one block of
     ``block_size`` positions per step, left to right, each block from pure noise (t = T-1) given the clean
     blocks before it, which the network keeps as cached keys and values (``Denoiser.block_step``).
-    ``num_steps`` is the most steps a caption may take; a caption is finished at the step whose block holds its [SEP], and a batch at the
-    step its last caption is. ``timesteps`` lists T-1 once per step (the trace's label). It needs a network
-    trained with ``block_size`` > 0.
+    ``num_steps`` is the most steps a caption may take; a caption is finished at the step whose block holds
+    its [SEP], and a batch at the step its last caption is. ``timesteps`` lists T-1 once per step (the
+    trace's label). It needs a network trained with ``block_size`` > 0.
 
     ``commit`` = c > 0 reveals only a block's sure leading positions: the first always, each next one while
     its rounding probability is >= c; the rest of the block is predicted again at the next step, given what
