@@ -58,6 +58,8 @@ class Captioner(PretrainedCaptioner):
         self.schedule = NoiseSchedule(config.schedule, config.T)
         self.diffusion = GaussianDiffusion(self.schedule, config.predict, config.self_cond)
         self._net = self.denoiser  # what sampling calls: the denoiser, or its compiled graph
+        self._compile_options: dict | None = None  # Captioner.compile's, for the bfloat16 copy too
+        self._bf16_net: tuple = (None, None)  # (the weights it was made from, the denoiser's bfloat16 copy)
         self.density: FeatureDensity | None = None  # how unlike the training images an input is (ood.py)
         self.calibrator: Calibrator | None = None  # a token's decision confidence -> P(right) (confidence.py)
         self.to(device)
@@ -77,6 +79,7 @@ class Captioner(PretrainedCaptioner):
         unless it is one that ``TextScorer.compile`` keeps eager.
         """
         self._net = torch.compile(self.denoiser, **options)
+        self._compile_options, self._bf16_net = dict(options), (None, None)
         if self._scorer is not None:
             from .selection.candidates import compiled
             self._scorer = compiled(self._scorer, **options)
@@ -191,6 +194,19 @@ class Captioner(PretrainedCaptioner):
         p = (sampling or self.sampling).precision
         return p == "bfloat16" or (p == "auto" and rows >= AUTO_BF16_ROWS and native_bf16(self.device))
 
+    def _bfloat16(self) -> _BFloat16:
+        """The network that sampling in bfloat16 calls: a bfloat16 copy of the denoiser, made again only when
+        the denoiser's weights have changed since (training steps, ``load_state_dict``), compiled if
+        ``compile`` was asked for."""
+        key = tuple((p.data_ptr(), p._version) for p in self.denoiser.parameters())
+        if self._bf16_net[0] != key:
+            import copy
+            net = copy.deepcopy(self.denoiser).to(torch.bfloat16).requires_grad_(False)
+            if self._compile_options is not None:
+                net = torch.compile(net, **self._compile_options)
+            self._bf16_net = (key, net)
+        return _BFloat16(self._bf16_net[1])
+
     def settings(self, seed: int = 0, sampling: SamplingConfig | None = None, rows: int | None = None,
                  **overrides) -> dict:
         """The settings of one run as a record (what ``Trace.settings`` holds): every sampling setting, the seed,
@@ -204,13 +220,13 @@ class Captioner(PretrainedCaptioner):
             s["precision"] = "bfloat16" if self.bf16(resolved, rows) else "float32"
         return {**s, "seed": seed}
 
-    def _records(self, out: StepOutput, j: int, ids: torch.Tensor, conf: torch.Tensor) -> DenoisingStep:
-        """The record of row ``j`` of ``out``, whose rounding is ``ids[j]``, ``conf[j]``."""
-        token_ids = ids[j].tolist()
-        return DenoisingStep(index=out.index, t=out.t, x_t=out.x_t[j].cpu(), x0_pred=out.x0_pred[j].cpu(),
-                             token_ids=token_ids, tokens=self.tokenizer.token_strings(token_ids),
-                             confidence=[round(float(c), 6) for c in conf[j].tolist()],
-                             text=self.tokenizer.decode(token_ids))
+    def _records(self, out: StepOutput, ids: torch.Tensor, conf: torch.Tensor) -> list[DenoisingStep]:
+        """The records of the rows of ``out``, whose roundings are ``ids`` and ``conf``."""
+        x_t, x0 = out.x_t.cpu().unbind(0), out.x0_pred.cpu().unbind(0)
+        return [DenoisingStep(index=out.index, t=out.t, x_t=a, x0_pred=b, token_ids=token_ids,
+                              tokens=self.tokenizer.token_strings(token_ids), confidence=[round(c, 6) for c in cs],
+                              text=self.tokenizer.decode(token_ids))
+                for a, b, token_ids, cs in zip(x_t, x0, ids.tolist(), conf.tolist())]
 
     def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                            sampling: SamplingConfig | None = None, seed: int = 0, record: str = "all",
@@ -244,7 +260,7 @@ class Captioner(PretrainedCaptioner):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         E = self.denoiser.embeddings.detach()
         final: list[DenoisingStep | None] = [None] * B
-        net = _Autocast(self._net, self.device) if self.bf16(s, B) else self._net
+        net = self._bfloat16() if self.bf16(s, B) else self._net
         for out in self.diffusion.sample_progressive(net, features, smp, self.config.seq_len,
                                                      guidance=s.guidance, clamp=s.clamp, generator=gen,
                                                      early_stop=s.early_stop):
@@ -256,8 +272,8 @@ class Captioner(PretrainedCaptioner):
             if record == "all":
                 ids, conf = round_to_tokens(out.x0_pred, E)
                 batch: list[DenoisingStep | None] = [None] * B
-                for j, b in enumerate(rows):
-                    batch[b] = self._records(out, j, ids, conf)
+                for b, step in zip(rows, self._records(out, ids, conf)):
+                    batch[b] = step
                 if K > 1 and done:
                     choose_rounding(self, batch, [rows[j] for j in done], features, K)
                 yield batch
@@ -266,8 +282,8 @@ class Captioner(PretrainedCaptioner):
                 sel = torch.tensor(done, device=out.x0_pred.device)
                 part = dataclasses.replace(out, x_t=out.x_t[sel], x0_pred=out.x0_pred[sel])
                 ids, conf = round_to_tokens(part.x0_pred, E)
-                for k, j in enumerate(done):
-                    final[rows[j]] = self._records(part, k, ids, conf)
+                for j, step in zip(done, self._records(part, ids, conf)):
+                    final[rows[j]] = step
         if record == "final":
             if K > 1:
                 choose_rounding(self, final, list(range(B)), features, K)
@@ -354,13 +370,13 @@ class Captioner(PretrainedCaptioner):
                 for b, (texts, j) in enumerate(zip(groups, chosen))]
 
 
-class _Autocast:
-    """The denoiser called under bfloat16 autocast, its prediction returned as float32 (the sampler's steps and
-    the rounding stay float32). The autocast lives only inside each call: sampling is a generator, and a context
-    held across its ``yield`` would leak into the caller's code."""
+class _BFloat16:
+    """The denoiser's bfloat16 copy, called with float32 inputs and returning float32 predictions (the sampler's
+    steps and the rounding stay float32). A copy in bfloat16 rather than autocast: autocast casts every
+    layer's input at every call, which on small batches costs most of what bfloat16 matrix products save."""
 
-    def __init__(self, net, device: torch.device):
-        self.net, self.device_type = net, torch.device(device).type
+    def __init__(self, net):
+        self.net = net
 
     @property
     def embeddings(self) -> torch.Tensor:
@@ -371,14 +387,16 @@ class _Autocast:
         return self.net.block_size
 
     def __call__(self, *args):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            out, feature = self.net(*args)
+        out, feature = self.net(*(_to_bf16(a) for a in args))
         return out.float(), None if feature is None else feature.float()
 
     def block_step(self, *args, **kw):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            out, cache = self.net.block_step(*args, **kw)
+        out, cache = self.net.block_step(*(_to_bf16(a) for a in args), **kw)
         return out.float(), cache
+
+
+def _to_bf16(x):
+    return x.to(torch.bfloat16) if torch.is_tensor(x) and x.is_floating_point() else x
 
 
 def _check_seed(seed) -> None:

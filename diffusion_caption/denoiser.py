@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import CaptionerConfig
+from .packed import PackedLinear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -153,47 +154,90 @@ class Denoiser(nn.Module):
         return self.input_up_proj(x) + self._timestep_term(t, x.dtype, x.device) + c[:, None]
 
     def _encode(self, h: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+                past: list[tuple[torch.Tensor, torch.Tensor]] | None = None, last: int | None = None,
+                packed: dict | None = None):
         """DistilBERT's layers over ``h`` [B, N, H] at ``positions`` ([N], or [B, N] per row) under an attention
         pattern ``allowed`` ([N, M + N], or [B, 1, N, M + N] per row; True: query may attend to key), the keys
         being ``past``'s M cached positions per layer, then these N. Returns (hidden [B, N, H], each layer's
-        (keys, values) of these N)."""
+        (keys, values) of the M + N positions). With ``last`` = n only the last n positions' hidden states come
+        out: the top layer reads the others' keys and values but computes nothing else for them (a block step
+        needs the revealed positions' keys and values, not their outputs)."""
         import torch.nn.functional as F
 
         emb = self.encoder.embeddings
+        train = self.training
         pe = emb.position_embeddings(positions)
-        h = emb.dropout(emb.LayerNorm(h + (pe if pe.dim() == 3 else pe[None]).to(h.dtype)))
+        h = emb.LayerNorm(h + (pe if pe.dim() == 3 else pe[None]).to(h.dtype))
+        if train:
+            h = emb.dropout(h)
         B, N, H = h.shape
         kv = []
-        for i, layer in enumerate(self.encoder.transformer.layer):
+        blocked = None  # the keys a query may not read, made once
+        layers = self.encoder.transformer.layer
+        sampling = not (train or torch.is_grad_enabled())
+        packed = (packed or self._packed()) if sampling else None
+        gelu = self.encoder.config.activation == "gelu"  # transformers' exact GELU, which oneDNN's matches
+        for i, layer in enumerate(layers):
             att = layer.attention
             nh = att.n_heads
-            if self.training or torch.is_grad_enabled():
+            if not sampling:
                 q, k, v = (lin(h) for lin in (att.q_lin, att.k_lin, att.v_lin))
             else:  # sampling: the three projections as one matrix product
-                q, k, v = F.linear(h, *self._qkv(i, att)).split(H, -1)
+                q, k, v = packed[f"qkv{i}"](h).split(H, -1)
             q, k, v = (z.view(B, N, nh, H // nh).transpose(1, 2) for z in (q, k, v))
-            kv.append((k, v))
             if past is not None:
                 k = torch.cat([past[i][0], k], dim=2)
                 v = torch.cat([past[i][1], v], dim=2)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                               dropout_p=att.dropout.p if self.training else 0.0)
-            a = att.out_lin(a.transpose(1, 2).reshape(B, N, H))
-            h = layer.sa_layer_norm(a + h)
+            kv.append((k, v))
+            if last is not None and i == len(layers) - 1 and last < N:
+                q, h, allowed, N = q[:, :, N - last:], h[:, N - last:], allowed[..., N - last:, :], last
+                blocked = None
             ffn = layer.ffn  # its lin1, activation, lin2 and dropout, without transformers' chunking wrapper
-            h = layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(h)))) + h)
+            if not sampling:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=att.dropout.p if train else 0.0)
+                h = layer.sa_layer_norm(att.out_lin(a.transpose(1, 2).reshape(B, N, H)) + h)
+                f = ffn.lin2(ffn.activation(ffn.lin1(h)))
+                h = layer.output_layer_norm((ffn.dropout(f) if train else f) + h)
+                continue
+            # a few queries over a few keys, where the fused attention kernel's setup costs more than the
+            # products (2 to 3 times, in bfloat16 on a CPU); every query may read at least one key
+            blocked = ~allowed if blocked is None else blocked
+            scores = (q @ k.transpose(-1, -2)).masked_fill_(blocked, float("-inf"))  # q is scaled already
+            a = scores.softmax(-1) @ v
+            h = layer.sa_layer_norm(packed[f"out{i}"](a.transpose(1, 2).reshape(B, N, H), add=h))
+            f = packed[f"lin1_{i}"](h, "gelu") if gelu else ffn.activation(packed[f"lin1_{i}"](h))
+            h = layer.output_layer_norm(packed[f"lin2_{i}"](f, add=h))
         return h, kv
 
-    def _qkv(self, i: int, att) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s query, key and value weights and biases stacked ([3H, H], [3H]), made again only when
-        one of them has changed since (training steps, ``load_state_dict``)."""
-        parts = [t for lin in (att.q_lin, att.k_lin, att.v_lin) for t in (lin.weight, lin.bias)]
-        key = tuple((t.data_ptr(), t._version) for t in parts)
-        memo = self.__dict__.setdefault("_qkv_memo", {})
-        if memo.get(i, (None,))[0] != key:
-            memo[i] = (key, torch.cat(parts[0::2]).detach(), torch.cat(parts[1::2]).detach())
-        return memo[i][1], memo[i][2]
+    def __getstate__(self) -> dict:  # copies and pickles leave the prepacked layers behind (made again on use)
+        state = dict(self.__dict__)
+        state.pop("_packed_memo", None)
+        return state
+
+    def _packed(self) -> dict:
+        """The layers sampling multiplies by, prepacked (``packed.PackedLinear``): each encoder layer's query,
+        key and value projections stacked into one ("qkv0", "qkv1", ...; the queries scaled by 1/sqrt(d_head),
+        the attention's scale), its output and feed-forward layers,
+        and the input and output MLPs. Made again only when a weight has changed since (training steps,
+        ``load_state_dict``, a cast)."""
+        params = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        memo = self.__dict__.get("_packed_memo")
+        if memo is None or memo[0] != key:
+            layers = {"up0": self.input_up_proj[0], "up2": self.input_up_proj[2],
+                      "down0": self.output_down_proj[0], "down2": self.output_down_proj[2]}
+            for i, layer in enumerate(self.encoder.transformer.layer):
+                layers.update({f"out{i}": layer.attention.out_lin, f"lin1_{i}": layer.ffn.lin1,
+                               f"lin2_{i}": layer.ffn.lin2})
+            packed = {k: PackedLinear.of(v) for k, v in layers.items()}
+            for i, layer in enumerate(self.encoder.transformer.layer):
+                att = layer.attention
+                scale = (att.dim // att.n_heads) ** -0.5  # the attention's 1/sqrt(d_head), folded into the queries
+                packed[f"qkv{i}"] = PackedLinear(
+                    torch.cat([att.q_lin.weight * scale, att.k_lin.weight, att.v_lin.weight]).detach(),
+                    torch.cat([att.q_lin.bias * scale, att.k_lin.bias, att.v_lin.bias]).detach())
+            memo = self.__dict__["_packed_memo"] = (key, packed)
+        return memo[1]
 
     def block_ids(self, L: int, device=None) -> torch.Tensor:
         """The block of each of ``L`` positions [L]: the caption's [CLS] alone in block 0 (sampling gives it, as
@@ -251,46 +295,53 @@ class Denoiser(nn.Module):
         its keys are real."""
         B, n, _ = x_t.shape
         m = 0 if x_clean is None else x_clean.shape[1]
+        dev, dtype = x_t.device, x_t.dtype
         cache = dict(cache or {})
         if "c" not in cache:
-            cache["c"] = self._conditioning(cond, None, B, x_t.dtype)
+            cache["c"] = self._conditioning(cond, None, B, dtype)
         kv_past = cache.get("kv")
         M = 0 if kv_past is None else kv_past[0][0].shape[2]
-        dev = x_t.device
-        terms = cache.setdefault("t", {})  # each int timestep's embedding, made once per caption batch
-        for v in (0, t) if isinstance(t, int) else (0,):
-            if v not in terms:
-                terms[v] = self._timestep_term(v, x_t.dtype, dev)
-        t_term = terms[t] if isinstance(t, int) else self._timestep_term(t, x_t.dtype, dev)
-        if m:  # the revealed positions (t = 0) and the block, lifted together
-            h = self.input_up_proj(torch.cat([x_clean, x_t], 1)) + cache["c"][:, None]
-            h = torch.cat([h[:, :m] + terms[0], h[:, m:] + t_term], 1)
+        shared = cache.setdefault("t", {})  # what every row shares, made once per caption batch
+        x = x_t if not m else torch.cat([x_clean, x_t], 1)
+        lin = None
+        if not (self.training or torch.is_grad_enabled()):  # sampling: the prepacked layers, made once a batch
+            lin = shared["packed"] if "packed" in shared else shared.setdefault("packed", self._packed())
+        x = self.input_up_proj(x) if lin is None else lin["up2"](lin["up0"](x, "tanh"))
+        if isinstance(t, int):  # the revealed positions at t = 0, the block at t
+            if (m, n, t) not in shared:
+                terms = [self._timestep_term(v, dtype, dev) for v in (0, t)]
+                shared[m, n, t] = torch.cat([terms[0].expand(m, -1), terms[1].expand(n, -1)])
+            h = x + (cache["c"][:, None] + shared[m, n, t])
         else:
-            h = self.input_up_proj(x_t) + t_term + cache["c"][:, None]
-        allowed = torch.ones(m + n, M + m + n, dtype=torch.bool, device=dev)
-        allowed[:m, M + m:] = False  # clean positions never read the noisy block
+            t_all = t if not m else torch.cat([t.new_zeros(B, m), t.expand(B, n)], 1)
+            h = x + self._timestep_term(t_all, dtype, dev) + cache["c"][:, None]
         ragged = torch.is_tensor(start) or clean_valid is not None or valid is not None or "valid" in cache
+        if (m, n) not in shared:  # among these positions: clean ones never read the noisy block; each reads itself
+            allowed = torch.ones(m + n, m + n, dtype=torch.bool, device=dev)
+            allowed[:m, m:] = False
+            offs = torch.cat([torch.arange(m), torch.arange(n)]).to(dev)
+            shared[m, n] = (allowed, torch.eye(m + n, dtype=torch.bool, device=dev), offs,
+                            torch.tensor([0] * m + [1] * n, device=dev))
+        allowed, own, offs, which = shared[m, n]
         if not ragged:
             pos = torch.arange(start - m, start + n, device=dev)
+            allowed = torch.cat([allowed.new_ones(m + n, M), allowed], 1) if M else allowed
         else:
             start = torch.as_tensor(start, device=dev).expand(B)
             first = start - m if clean_start is None else torch.as_tensor(clean_start, device=dev).expand(B)
-            pos = torch.cat([first[:, None] + torch.arange(m, device=dev),
-                             start[:, None] + torch.arange(n, device=dev)], 1)
-            pos = pos.clamp(0, self.encoder.config.max_position_embeddings - 1)
+            pos = (torch.stack([first, start], 1)[:, which] + offs).clamp_(0, self.encoder.config.max_position_embeddings - 1)
             ones = lambda k: torch.ones(B, k, dtype=torch.bool, device=dev)  # noqa: E731
-            cache["valid"] = torch.cat([cache.get("valid", ones(M)), ones(m) if clean_valid is None else clean_valid], 1)
-            real = torch.cat([cache["valid"], ones(n) if valid is None else valid], 1)  # [B, M + m + n]
-            allowed = allowed[None] & real[:, None, :]
-            own = torch.arange(m + n, device=dev)
-            allowed[:, own, M + own] = True  # a padded position reads itself, so no row of the softmax is empty
+            real = torch.cat([ones(m) if clean_valid is None else clean_valid, ones(n) if valid is None else valid], 1)
+            allowed = (allowed & real[:, None, :]) | own  # [B, m + n, m + n]; a padded position reads itself alone
+            past = cache["valid"] if "valid" in cache else ones(M)  # [B, M]: which cached keys are real
+            if M:
+                allowed = torch.cat([past[:, None, :].expand(-1, m + n, -1), allowed], 2)
             allowed = allowed[:, None]
-        out, kv = self._encode(h, pos, allowed, kv_past)
+            cache["valid"] = torch.cat([past, real[:, :m]], 1) if M else real[:, :m]
+        out, kv = self._encode(h, pos, allowed, kv_past, last=n, packed=lin)
         if m:
-            new = [(k[:, :, :m], v[:, :, :m]) for k, v in kv]
-            cache["kv"] = new if kv_past is None else [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
-                                                       for (pk, pv), (k, v) in zip(kv_past, new)]
-        return self.output_down_proj(out[:, m:]), cache
+            cache["kv"] = [(k[:, :, :M + m], v[:, :, :M + m]) for k, v in kv]
+        return (self.output_down_proj(out) if lin is None else lin["down2"](lin["down0"](out, "tanh"))), cache
 
     @staticmethod
     def keep_rows(cache: dict, rows: torch.Tensor) -> dict:

@@ -7,6 +7,7 @@ trained model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -284,59 +285,67 @@ class GaussianDiffusion:
         n = len(sampler.timesteps) if c > 0 else min(len(sampler.timesteps), -(-(L - 1) // b))
         dev = x.device
         pad_id = sampler.pad_id if sampler.pad_id is not None else 0
-        pad = E[sampler.pad_id] if sampler.pad_id is not None else torch.zeros_like(E[0])
-        rows = torch.arange(B, device=dev)
-        x0 = pad.expand(B, L, -1).clone()  # the caption so far, [PAD] where nothing is predicted yet
-        ids_all = torch.full((B, L), -1, dtype=torch.long, device=dev)  # the revealed tokens
         cls = sampler.cls_id if sampler.cls_id is not None else 0
-        ids_all[:, 0] = cls
+        sep_id = sampler.sep_id if sampler.sep_id is not None else -1
+        # rounding's logits up to a per-position constant (the softmax and the nearest token are the same):
+        # 2 x.E_v - ||E_v||^2, one matrix product
+        E2t, E_sq = 2 * E.T, -E.pow(2).sum(-1)
+        log_c = math.log(c) if c > 0 else 0.0
+        # what each step shows, one scratch column L past the end taking the writes that show nothing:
+        # the network's input (revealed embeddings, noise elsewhere), the caption so far (x0: revealed positions
+        # as predicted when revealed, the block's guesses, [PAD]'s embedding after) and its tokens
+        x_in = torch.cat([x[:, :L], x[:, :1]], 1)
+        x_in[:, 0] = E[cls]
+        x0 = (E[sampler.pad_id] if sampler.pad_id is not None else torch.zeros_like(E[0])).repeat(B, L + 1, 1)
         x0[:, 0] = E[cls]
+        ids_all = torch.full((B, L + 1), pad_id, dtype=torch.long, device=dev)
+        ids_all[:, 0] = cls
         x = torch.cat([x, x[:, -1:].expand(B, b, d)], 1)  # noise for blocks running past the end (never revealed)
+        # each block start position's room: the positions left in its fixed block and in the caption
+        at = torch.arange(L + b, device=dev)
+        room = torch.minimum(b - (at - 1) % b, (L - at).clamp(min=0))
+        offs = torch.arange(b, device=dev)
+        rows = torch.arange(B, device=dev)
         start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position
         cache, clean, clean_start, clean_valid = None, E[cls].expand(B, 1, -1), start - 1, None
-        offs = torch.arange(b, device=dev)
         for i in range(n):
+            last = i == n - 1
             win = start[:, None] + offs  # [B, b]: this step's block, up to the end of its fixed block
-            inside = (win < L) & (offs[None] < b - (start[:, None] - 1) % b)
+            inside = offs < room[start][:, None]
             x_blk = x.gather(1, win[..., None].expand(-1, -1, d))
             if c > 0:
                 pred, cache = model.block_step(x_blk, T - 1, start, cond, cache, clean, clean_start=clean_start,
                                                clean_valid=clean_valid, valid=inside)
             else:  # every row at the same place: the plain cached step
-                s0, w = int(start[0]), int(inside[0].sum())
+                w = int(room[int(start[0])])
                 x_blk, inside, win = x_blk[:, :w], inside[:, :w], win[:, :w]
-                pred, cache = model.block_step(x_blk, T - 1, s0, cond, cache, clean)
+                pred, cache = model.block_step(x_blk, T - 1, int(start[0]), cond, cache, clean)
             pred = pred.float()
-            logits = token_logits(pred, E)
-            ids = logits.argmax(-1)
-            if c > 0 and i < n - 1:
-                sure = (logits.softmax(-1).amax(-1) >= c) & inside
+            logits = torch.addmm(E_sq, pred.reshape(-1, d), E2t).view(*pred.shape[:2], -1)
+            top, ids = logits.max(-1)
+            if c > 0 and not last:  # the first position, then each next one while its probability is >= c
+                sure = ((top - logits.logsumexp(-1)) >= log_c) & inside
                 sure[:, 0] = True
-                k = sure.long().cumprod(1).sum(1)
+                k = sure.cumprod(1).sum(1)
             else:
                 k = inside.sum(1)
-            revealed = offs[None, :win.shape[1]] < k[:, None]
-            sep = (ids == sampler.sep_id) & revealed if sampler.sep_id is not None else torch.zeros_like(revealed)
-            done = sep.any(-1) | (start + k >= L) | (i == n - 1)
-            # the caption so far: revealed tokens, the block's guesses (none after a revealed [SEP]), [PAD] after
-            after_sep = sep.long().cumsum(-1) - sep.long() > 0
-            shown = inside & ~after_sep
-            wc = win.clamp(max=L - 1)
-            wd = wc[..., None].expand(-1, -1, d)
-            x0.scatter_(1, wd, torch.where(shown[..., None], pred, x0.gather(1, wd)))
-            ids_all.scatter_(1, wc, torch.where(revealed & shown, ids, ids_all.gather(1, wc)))
-            seen = ids_all >= 0  # the revealed positions, as the network read them
-            x_in = torch.where(seen[..., None], E[ids_all.clamp(min=0)], x[:, :L])
-            step_ids = torch.where(seen, ids_all, pad_id)
-            step_ids.scatter_(1, wc, torch.where(shown & ~revealed, ids, step_ids.gather(1, wc)))
-            yield StepOutput(i, T - 1, x_in, x0.clone(), rows, done, step_ids)
-            clean, clean_start, clean_valid = E[ids], start, (revealed if c > 0 else None)
+            revealed = offs[:win.shape[1]] < k[:, None]
+            sep = (ids == sep_id) & revealed
+            done = sep.any(-1) | (start + k >= L) if not last else torch.ones_like(start, dtype=torch.bool)
+            shown = inside & (sep.cumsum(-1) <= sep)  # nothing after a revealed [SEP]
+            where = torch.where(shown, win, L)
+            x0.scatter_(1, where[..., None].expand(-1, -1, d), pred)
+            ids_all.scatter_(1, torch.where(inside, win, L), torch.where(shown, ids, pad_id))
+            clean = E[ids]
+            x_in.scatter_(1, torch.where(revealed & shown, win, L)[..., None].expand(-1, -1, d), clean)
+            yield StepOutput(i, T - 1, x_in[:, :L].clone(), x0[:, :L].clone(), rows, done, ids_all[:, :L].clone())
+            clean_start, clean_valid = start, (revealed if c > 0 else None)
             start = start + k
             if bool(done.any()):
-                keep = ~done
-                if not bool(keep.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if not len(keep):
                     return
-                x, x0, cond, rows, ids_all, clean, clean_start, start = (
-                    v[keep] for v in (x, x0, cond, rows, ids_all, clean, clean_start, start))
-                clean_valid = clean_valid[keep] if clean_valid is not None else None
+                x, x_in, x0, ids_all, cond, rows, clean, clean_start, start = (
+                    v.index_select(0, keep) for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start))
+                clean_valid = clean_valid.index_select(0, keep) if clean_valid is not None else None
                 cache = Denoiser.keep_rows(cache, keep)

@@ -50,6 +50,7 @@ class ImageEncoder:
 
     def __init__(self, model, preprocess, source: dict, device: str | torch.device = "cpu", text_tokenizer=None):
         self.model = model.eval().requires_grad_(False)
+        self._tower_memo: tuple = (None, None)  # (the weights it was made from, the image tower as it runs)
         self.preprocess = preprocess
         self.source = source  # how to rebuild it: {"kind": "local-dir"|"open_clip", ...}
         self.device = torch.device(device)
@@ -217,13 +218,42 @@ class ImageEncoder:
 
     # ---------------------------------------------------------------------------------------- encoding
     def pixels(self, images) -> torch.Tensor:
-        """Preprocessed [N, 3, H, W] pixels for images given as PIL images, paths or arrays."""
-        return torch.stack([self.preprocess(load_image(im)) for im in images])
+        """Preprocessed [N, 3, H, W] pixels for images given as PIL images, paths or arrays (channels-last in
+        memory, as the tower runs). open_clip's evaluation transform (resize, centre crop, to tensor, normalise)
+        runs on each group of same-sized images at once, as uint8 tensors: torchvision's antialiased uint8
+        resize gives PIL's pixels, at a fraction of the per-image cost. Any other transform runs per image."""
+        loaded = [load_image(im) for im in images]
+        steps = _batchable(self.preprocess)
+        if steps is None or not loaded:
+            out = torch.stack([self.preprocess(im) for im in loaded])
+        else:
+            out = torch.empty(0)
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, im in enumerate(loaded):
+                by_size.setdefault(im.size, []).append(i)
+            for idx in by_size.values():
+                x = _preprocess_batch([loaded[i] for i in idx], *steps)
+                if not out.numel():
+                    out = x.new_empty((len(loaded), *x.shape[1:]))
+                out[idx] = x
+        return out.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        feats = self.model.encode_image(pixels.to(self.device)).float()
+        feats = self.tower()(pixels.to(self.device)).float()
         return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+    def tower(self) -> torch.nn.Module:
+        """The image tower as encoding runs it: a copy of ``model.visual`` in channels-last memory, and for a
+        ModifiedResNet (the shapes CLIP) each batch norm folded into the convolution before it and the
+        attention pool computing its one output query only (open_clip's computes all of them and keeps the
+        first). The same features to float rounding, some 1.5 times faster on a CPU; the checkpoint's own
+        modules are untouched (training and saving read those). Made again when their weights change."""
+        parts = list(self.model.visual.parameters()) + list(self.model.visual.buffers())
+        key = tuple((t.data_ptr(), t._version, t.device) for t in parts)
+        if self._tower_memo[0] != key:
+            self._tower_memo = (key, _inference_tower(self.model.visual))
+        return self._tower_memo[1]
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 512) -> torch.Tensor:
@@ -283,3 +313,76 @@ class ImageEncoder:
                for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.feature_dim)
 
+
+def _batchable(preprocess):
+    """(resize, centre crop, normalise) of an open_clip evaluation transform (``Compose`` of Resize, CenterCrop,
+    the RGB conversion, ToTensor and Normalize), which ``_preprocess_batch`` computes on tensors; None for any
+    other transform."""
+    from torchvision import transforms as T
+
+    steps = getattr(preprocess, "transforms", None)
+    if not isinstance(steps, list) or len(steps) != 5:
+        return None
+    resize, crop, convert, to_tensor, norm = steps
+    if not (type(resize) is T.Resize and type(crop) is T.CenterCrop and isinstance(to_tensor, T.ToTensor)
+            and type(norm) is T.Normalize and type(convert).__name__ == "MaybeConvertMode"
+            and getattr(convert, "mode", None) == "RGB" and resize.antialias in (True, None)):
+        return None
+    return resize, crop, norm
+
+
+def _preprocess_batch(images: list, resize, crop, norm) -> torch.Tensor:
+    """``Compose([resize, crop, RGB, ToTensor, norm])`` of same-sized PIL images, as one uint8 batch."""
+    import numpy as np
+    from torchvision.transforms.v2 import functional as TF
+
+    arrays = [np.asarray(im if im.mode == "RGB" else im.convert("RGB")) for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [N, 3, H, W], uint8, channels-last in memory
+    x = TF.resize(x, resize.size, interpolation=resize.interpolation, max_size=resize.max_size, antialias=True)
+    x = TF.center_crop(x, list(crop.size))
+    return TF.normalize(x.float().div_(255), list(norm.mean), list(norm.std))
+
+
+def _inference_tower(visual: torch.nn.Module) -> torch.nn.Module:
+    """``ImageEncoder.tower``'s copy of an image tower."""
+    import copy
+
+    from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    tower = copy.deepcopy(visual).eval().requires_grad_(False)
+    if isinstance(tower, ModifiedResNet):
+        def fold(mods: dict, conv: str, bn: str) -> None:
+            if isinstance(mods.get(conv), torch.nn.Conv2d) and isinstance(mods.get(bn), torch.nn.BatchNorm2d):
+                mods[conv], mods[bn] = fuse_conv_bn_eval(mods[conv], mods[bn]), torch.nn.Identity()
+        blocks = [tower] + [block for layer in (tower.layer1, tower.layer2, tower.layer3, tower.layer4)
+                            for block in layer]
+        for block in blocks:
+            for i in (1, 2, 3):
+                fold(block._modules, f"conv{i}", f"bn{i}")
+            if getattr(block, "downsample", None) is not None:
+                fold(block.downsample._modules, "0", "1")
+        if isinstance(tower.attnpool, AttentionPool2d):
+            tower.attnpool = _FirstQueryPool(tower.attnpool)
+    return tower.to(memory_format=torch.channels_last)
+
+
+class _FirstQueryPool(torch.nn.Module):
+    """open_clip's ``AttentionPool2d`` with only its output query computed: the mean of the feature map
+    attending to it and to every position (open_clip's attends from every position and keeps the first)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool
+        x = x.flatten(2).permute(2, 0, 1)  # NCHW -> (HW)NC
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + p.positional_embedding[:, None, :].to(x.dtype)
+        out, _ = torch.nn.functional.multi_head_attention_forward(
+            query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=p.num_heads,
+            q_proj_weight=p.q_proj.weight, k_proj_weight=p.k_proj.weight, v_proj_weight=p.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([p.q_proj.bias, p.k_proj.bias, p.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=p.c_proj.weight,
+            out_proj_bias=p.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+        return out[0]

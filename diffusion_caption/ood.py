@@ -63,8 +63,8 @@ class FeatureDensity:
 
     def assess(self, embeddings: torch.Tensor) -> list[dict]:
         """For each image: its score, the threshold, and whether it is out of domain."""
-        return [{"score": round(float(s), 4), "threshold": round(self.threshold, 4),
-                 "unlike_training": bool(s > self.threshold)} for s in self.scores(embeddings)]
+        return [{"score": round(s, 4), "threshold": round(self.threshold, 4), "unlike_training": s > self.threshold}
+                for s in self.scores(embeddings).tolist()]
 
     # ---------------------------------------------------------------------------------------- files
     def save(self, folder: str) -> None:

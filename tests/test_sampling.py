@@ -156,35 +156,44 @@ def test_the_objective_is_its_own_section_and_old_checkpoints_split_into_it(make
                 Captioner.from_pretrained(str(d))
 
 
-def test_precision_runs_the_network_in_bfloat16_autocast_when_asked_or_auto_on_native_hardware(
+def test_precision_runs_a_bfloat16_copy_of_the_network_when_asked_or_auto_on_native_hardware(
         make_captioner, scene_image, monkeypatch):
-    """bfloat16 autocast lives inside each network call only (sampling is a generator); "auto" takes it where the
-    device multiplies bfloat16 natively and the batch is large enough to gain; the record says what ran."""
+    """bfloat16 sampling runs a bfloat16 copy of the denoiser (the checkpoint's own weights stay float32, and the
+    sampler's arithmetic stays float32); "auto" takes it where the device multiplies bfloat16 natively and the
+    batch is large enough to gain; the record says what ran; a copy is made again when the weights change."""
     import torch
 
     from diffusion_caption import captioner as captioner_module
+    from diffusion_caption.denoiser import Denoiser
 
     cap = make_captioner()
     seen = []
-    inner = cap._net
+    inner = Denoiser._forward_full
 
-    def spy(*args):
-        seen.append(torch.is_autocast_enabled("cpu"))
-        return inner(*args)
-    spy.embeddings = inner.embeddings
-    cap._net = spy
+    def spy(self, x_t, *args):
+        seen.append(next(self.parameters()).dtype)
+        assert x_t.dtype == seen[-1]
+        return inner(self, x_t, *args)
+    monkeypatch.setattr(Denoiser, "_forward_full", spy)
     images = [scene_image] * captioner_module.AUTO_BF16_ROWS
-    tr = cap.caption(scene_image, steps=3, sampler="ddim", precision="bfloat16")
-    assert seen == [True] * 3 and tr.settings["precision"] == "bfloat16" and tr.text
-    assert not torch.is_autocast_enabled("cpu")  # nothing leaks into the caller between steps
+    tr = cap.caption(scene_image, steps=3, sampler="ddim", precision="bfloat16", record="all")
+    assert seen == [torch.bfloat16] * 3 and tr.settings["precision"] == "bfloat16" and tr.text
+    assert tr.final.x0_pred.dtype == torch.float32 and next(cap.denoiser.parameters()).dtype == torch.float32
     for native, batch, expected in ((True, images, "bfloat16"), (True, [scene_image], "float32"),
                                     (False, images, "float32")):
         monkeypatch.setattr(captioner_module, "native_bf16", lambda device, native=native: native)
         seen.clear()
         trs = cap.caption_batch(batch, steps=2, sampler="ddim", precision="auto")
-        assert seen == [expected == "bfloat16"] * 2 and trs[0].settings["precision"] == expected
+        assert seen == [getattr(torch, expected)] * 2 and trs[0].settings["precision"] == expected
     # settings to pass on keep "auto", so a batch of many images resolves it for itself
     assert cap.settings(0, precision="auto")["precision"] == "auto"
     seen.clear()
     cap.caption(scene_image, steps=2, sampler="ddim")  # the default: float32
-    assert seen == [False, False]
+    assert seen == [torch.float32] * 2
+    # the copy follows the weights: changed in place, the bfloat16 caption changes with them
+    copy_before = cap._bfloat16().net
+    assert cap._bfloat16().net is copy_before  # made once while the weights stay
+    with torch.no_grad():
+        cap.denoiser.output_down_proj[2].bias.add_(1.0)
+    assert cap._bfloat16().net is not copy_before
+    assert torch.equal(cap._bfloat16().net.output_down_proj[2].bias, cap.denoiser.output_down_proj[2].bias.bfloat16())
