@@ -172,41 +172,49 @@ class Denoiser(nn.Module):
             h = emb.dropout(h)
         B, N, H = h.shape
         kv = []
-        blocked = None  # the keys a query may not read, made once
         layers = self.encoder.transformer.layer
-        sampling = not (train or torch.is_grad_enabled())
-        packed = (packed or self._packed()) if sampling else None
-        gelu = self.encoder.config.activation == "gelu"  # transformers' exact GELU, which oneDNN's matches
+        if not (train or torch.is_grad_enabled()):
+            return self._encode_sampling(h, allowed, past, last, packed or self._packed())
         for i, layer in enumerate(layers):
             att = layer.attention
             nh = att.n_heads
-            if not sampling:
-                q, k, v = (lin(h) for lin in (att.q_lin, att.k_lin, att.v_lin))
-            else:  # sampling: the three projections as one matrix product
-                q, k, v = packed[f"qkv{i}"](h).split(H, -1)
-            q, k, v = (z.view(B, N, nh, H // nh).transpose(1, 2) for z in (q, k, v))
+            q, k, v = (lin(h).view(B, N, nh, H // nh).transpose(1, 2) for lin in (att.q_lin, att.k_lin, att.v_lin))
             if past is not None:
                 k = torch.cat([past[i][0], k], dim=2)
                 v = torch.cat([past[i][1], v], dim=2)
             kv.append((k, v))
             if last is not None and i == len(layers) - 1 and last < N:
                 q, h, allowed, N = q[:, :, N - last:], h[:, N - last:], allowed[..., N - last:, :], last
-                blocked = None
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=att.dropout.p if train else 0.0)
+            h = layer.sa_layer_norm(att.out_lin(a.transpose(1, 2).reshape(B, N, H)) + h)
             ffn = layer.ffn  # its lin1, activation, lin2 and dropout, without transformers' chunking wrapper
-            if not sampling:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=att.dropout.p if train else 0.0)
-                h = layer.sa_layer_norm(att.out_lin(a.transpose(1, 2).reshape(B, N, H)) + h)
-                f = ffn.lin2(ffn.activation(ffn.lin1(h)))
-                h = layer.output_layer_norm((ffn.dropout(f) if train else f) + h)
-                continue
-            # a few queries over a few keys, where the fused attention kernel's setup costs more than the
-            # products (2 to 3 times, in bfloat16 on a CPU); every query may read at least one key
-            blocked = ~allowed if blocked is None else blocked
+            f = ffn.lin2(ffn.activation(ffn.lin1(h)))
+            h = layer.output_layer_norm((ffn.dropout(f) if train else f) + h)
+        return h, kv
+
+    def _encode_sampling(self, h, allowed, past, last, packed):
+        """``_encode``'s layers as sampling runs them (no gradients): the prepacked products of ``_packed``
+        (queries, keys and values in one; GELU and the residual sums inside the products), and attention as
+        plain float32 products (a few queries over a few keys, where the fused attention kernel's setup costs
+        more than the products, and bfloat16's costs more than float32's); the keys and values it returns, and
+        so a sampling cache, are float32."""
+        import torch.nn.functional as F
+
+        B, N, H = h.shape
+        kv, blocked = [], ~allowed  # the keys a query may not read
+        top = len(packed["layers"]) - 1
+        for i, (qkv, out, lin1, lin2, norm1, norm2, nh, act) in enumerate(packed["layers"]):
+            q, k, v = (z.view(B, N, nh, H // nh).transpose(1, 2) for z in qkv(h).float().split(H, -1))
+            if past is not None:
+                k = torch.cat([past[i][0], k], dim=2)
+                v = torch.cat([past[i][1], v], dim=2)
+            kv.append((k, v))
+            if last is not None and i == top and last < N:
+                q, h, blocked, N = q[:, :, N - last:], h[:, N - last:], blocked[..., N - last:, :], last
             scores = (q @ k.transpose(-1, -2)).masked_fill_(blocked, float("-inf"))  # q is scaled already
-            a = scores.softmax(-1) @ v
-            h = layer.sa_layer_norm(packed[f"out{i}"](a.transpose(1, 2).reshape(B, N, H), add=h))
-            f = packed[f"lin1_{i}"](h, "gelu") if gelu else ffn.activation(packed[f"lin1_{i}"](h))
-            h = layer.output_layer_norm(packed[f"lin2_{i}"](f, add=h))
+            a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H).to(h.dtype)
+            h = F.layer_norm(out(a, add=h), *norm1)
+            h = F.layer_norm(lin2(lin1(h, "gelu") if act is None else act(lin1(h)), add=h), *norm2)
         return h, kv
 
     def __getstate__(self) -> dict:  # copies and pickles leave the prepacked layers behind (made again on use)
@@ -217,9 +225,9 @@ class Denoiser(nn.Module):
     def _packed(self) -> dict:
         """The layers sampling multiplies by, prepacked (``packed.PackedLinear``): each encoder layer's query,
         key and value projections stacked into one ("qkv0", "qkv1", ...; the queries scaled by 1/sqrt(d_head),
-        the attention's scale), its output and feed-forward layers,
-        and the input and output MLPs. Made again only when a weight has changed since (training steps,
-        ``load_state_dict``, a cast)."""
+        the attention's scale), its output and feed-forward layers, and the input and output MLPs; "layers"
+        lists each encoder layer's as ``_encode_sampling`` reads them. Made again only when a weight has changed
+        since (training steps, ``load_state_dict``, a cast)."""
         params = list(self.parameters())
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         memo = self.__dict__.get("_packed_memo")
@@ -236,6 +244,12 @@ class Denoiser(nn.Module):
                 packed[f"qkv{i}"] = PackedLinear(
                     torch.cat([att.q_lin.weight * scale, att.k_lin.weight, att.v_lin.weight]).detach(),
                     torch.cat([att.q_lin.bias * scale, att.k_lin.bias, att.v_lin.bias]).detach())
+            gelu = self.encoder.config.activation == "gelu"  # transformers' exact GELU, which oneDNN's matches
+            packed["layers"] = [(packed[f"qkv{i}"], packed[f"out{i}"], packed[f"lin1_{i}"], packed[f"lin2_{i}"],
+                                 *[(n.normalized_shape, n.weight, n.bias, n.eps)
+                                   for n in (layer.sa_layer_norm, layer.output_layer_norm)], layer.attention.n_heads,
+                                 None if gelu else layer.ffn.activation)
+                                for i, layer in enumerate(self.encoder.transformer.layer)]
             memo = self.__dict__["_packed_memo"] = (key, packed)
         return memo[1]
 

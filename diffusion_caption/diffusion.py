@@ -7,7 +7,6 @@ trained model.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -290,7 +289,6 @@ class GaussianDiffusion:
         # rounding's logits up to a per-position constant (the softmax and the nearest token are the same):
         # 2 x.E_v - ||E_v||^2, one matrix product
         E2t, E_sq = 2 * E.T, -E.pow(2).sum(-1)
-        log_c = math.log(c) if c > 0 else 0.0
         # what each step shows, one scratch column L past the end taking the writes that show nothing:
         # the network's input (revealed embeddings, noise elsewhere), the caption so far (x0: revealed positions
         # as predicted when revealed, the block's guesses, [PAD]'s embedding after) and its tokens
@@ -322,9 +320,9 @@ class GaussianDiffusion:
                 pred, cache = model.block_step(x_blk, T - 1, int(start[0]), cond, cache, clean)
             pred = pred.float()
             logits = torch.addmm(E_sq, pred.reshape(-1, d), E2t).view(*pred.shape[:2], -1)
-            top, ids = logits.max(-1)
+            ids = logits.argmax(-1)
             if c > 0 and not last:  # the first position, then each next one while its probability is >= c
-                sure = ((top - logits.logsumexp(-1)) >= log_c) & inside
+                sure = (logits.softmax(-1).amax(-1) >= c) & inside
                 sure[:, 0] = True
                 k = sure.cumprod(1).sum(1)
             else:

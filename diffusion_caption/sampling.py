@@ -24,8 +24,9 @@ SELECTIONS = ("mbr", "clip")  # how one of several candidates is kept: consensus
 # where the candidates come from: K noise draws, or the K likeliest roundings of one draw's final x0
 PROPOSALS = ("noise", "rounding")
 MAX_GUIDANCE = 20.0
-# the network's arithmetic: float32, bfloat16 autocast, or "auto" (bfloat16 where the device multiplies it natively:
-# a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX; float32 elsewhere). Rounding stays float32.
+# the network's arithmetic: float32, bfloat16 (a bfloat16 copy of the network), or "auto" (bfloat16 for batches large
+# enough to gain where the device multiplies it natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or
+# AMX; float32 elsewhere). The sampler's steps and the rounding stay float32.
 PRECISIONS = ("float32", "bfloat16", "auto")
 PRECISION_FLAGS = {"bf16": "bfloat16", "auto": "auto"}
 MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
@@ -203,7 +204,7 @@ def split_legacy(captioner: dict) -> tuple[dict, dict]:
 
 def native_bf16(device) -> bool:
     """Whether ``device`` multiplies bfloat16 natively: a CUDA GPU that supports it, or (on Linux) a CPU whose
-    flags list AVX512-BF16 or AMX-BF16. Elsewhere bfloat16 autocast is emulated and slower than float32."""
+    flags list AVX512-BF16 or AMX-BF16. Elsewhere bfloat16 products are emulated and slower than float32."""
     import torch
 
     device = torch.device(device)

@@ -1,7 +1,6 @@
 """Encoding as it runs (batched preprocessing, the inference copy of the image tower) gives open_clip's own
 pixels and features."""
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
