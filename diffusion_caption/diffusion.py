@@ -273,9 +273,10 @@ class GaussianDiffusion:
         in the network) and reveals it as its rounded tokens' embeddings: all of it, or with
         ``sampler.commit`` = c > 0 its first position and each next one while every position so far is rounded
         with probability >= c (the rest is predicted again as the next step's block, which ends where the fixed
-        block does, so blocks never straddle two fixed ones). Each step's x0 is the caption so far: the
-        revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s embedding
-        after them. A row is done at the step that reveals its [SEP] (or the last position), and at the last
+        block does, so blocks never straddle two fixed ones), until a caption has revealed
+        ``BlockSampler.MAX_SHORT`` blocks short, and whole blocks after that. Each step's x0 is the caption so
+        far: the revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s
+        embedding after them. A row is done at the step that reveals its [SEP] (or the last position), and at the last
         step reveals all its block."""
         B, L, d = x.shape
         b = model.block_size
@@ -306,6 +307,7 @@ class GaussianDiffusion:
         rows = torch.arange(B, device=dev)
         start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position
         cache, clean, clean_start, clean_valid = None, E[cls].expand(B, 1, -1), start - 1, None
+        short = torch.zeros(B, dtype=torch.long, device=dev)  # how many blocks each row has revealed short
         for i in range(n):
             last = i == n - 1
             win = start[:, None] + offs  # [B, b]: this step's block, up to the end of its fixed block
@@ -322,9 +324,11 @@ class GaussianDiffusion:
             logits = torch.addmm(E_sq, pred.reshape(-1, d), E2t).view(*pred.shape[:2], -1)
             ids = logits.argmax(-1)
             if c > 0 and not last:  # the first position, then each next one while its probability is >= c
-                sure = (logits.softmax(-1).amax(-1) >= c) & inside
+                # (every one, once a caption has cut MAX_SHORT blocks short)
+                sure = ((logits.softmax(-1).amax(-1) >= c) | (short >= sampler.MAX_SHORT)[:, None]) & inside
                 sure[:, 0] = True
                 k = sure.cumprod(1).sum(1)
+                short += k < inside.sum(1)
             else:
                 k = inside.sum(1)
             revealed = offs[:win.shape[1]] < k[:, None]
@@ -343,7 +347,7 @@ class GaussianDiffusion:
                 keep = (~done).nonzero().squeeze(1)
                 if not len(keep):
                     return
-                x, x_in, x0, ids_all, cond, rows, clean, clean_start, start = (
-                    v.index_select(0, keep) for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start))
+                x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short = (
+                    v.index_select(0, keep) for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short))
                 clean_valid = clean_valid.index_select(0, keep) if clean_valid is not None else None
                 cache = Denoiser.keep_rows(cache, keep)

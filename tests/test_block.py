@@ -231,3 +231,26 @@ def test_with_commit_two_positions_that_depend_on_each_other_are_not_decided_apa
     whole_blocks = [tr.text for tr in cap.caption_batch(features=features, seed=1, commit=0.0)]
     assert any(text not in texts for text in whole_blocks)  # the same network revealing whole blocks: "an red ..."
     assert cap.caption_batch(features=features, seed=1, record="final")[0].text == traces[0].text
+
+
+def test_a_caption_reveals_at_most_max_short_blocks_short(make_captioner, monkeypatch):
+    """An untrained network is sure of nothing, so under a high commit threshold every block would be revealed
+    one position at a time; a caption cuts a block short at most ``MAX_SHORT`` times, then reveals whole
+    blocks: it takes at most its blocks plus ``MAX_SHORT`` steps."""
+    from diffusion_caption.samplers import BlockSampler
+
+    b = 2
+    cap = make_captioner(fusion="add", block_size=b, sampling="block:40:1:commit0.99")
+    features = torch.randn(6, cap.config.cond_dim, generator=torch.Generator().manual_seed(0))
+
+    def extra_steps():  # each caption's steps beyond its blocks
+        out = []
+        for tr in cap.caption_batch(features=features, seed=2):
+            ids = tr.final.token_ids
+            end = ids.index(cap.tokenizer.sep_id) + 1 if cap.tokenizer.sep_id in ids else len(ids)
+            out.append(len(tr.steps) - -(-(end - 1) // b))
+        return out
+    cap_at = BlockSampler.MAX_SHORT
+    assert max(extra_steps()) == cap_at
+    monkeypatch.setattr(BlockSampler, "MAX_SHORT", 10**6)
+    assert max(extra_steps()) > cap_at  # uncapped, the same captions cut more blocks short
