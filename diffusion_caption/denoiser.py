@@ -343,7 +343,8 @@ class Denoiser(nn.Module):
         else:
             start = torch.as_tensor(start, device=dev).expand(B)
             first = start - m if clean_start is None else torch.as_tensor(clean_start, device=dev).expand(B)
-            pos = (torch.stack([first, start], 1)[:, which] + offs).clamp_(0, self.encoder.config.max_position_embeddings - 1)
+            pos = torch.stack([first, start], 1)[:, which] + offs
+            pos = pos.clamp_(0, self.encoder.config.max_position_embeddings - 1)
             ones = lambda k: torch.ones(B, k, dtype=torch.bool, device=dev)  # noqa: E731
             real = torch.cat([ones(m) if clean_valid is None else clean_valid, ones(n) if valid is None else valid], 1)
             allowed = (allowed & real[:, None, :]) | own  # [B, m + n, m + n]; a padded position reads itself alone

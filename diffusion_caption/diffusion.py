@@ -276,8 +276,8 @@ class GaussianDiffusion:
         block does, so blocks never straddle two fixed ones), until a caption has revealed
         ``BlockSampler.MAX_SHORT`` blocks short, and whole blocks after that. Each step's x0 is the caption so
         far: the revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s
-        embedding after them. A row is done at the step that reveals its [SEP] (or the last position), and at the last
-        step reveals all its block."""
+        embedding after them. A row is done at the step that reveals its [SEP] (or the last position), and at
+        the last step reveals all its block."""
         B, L, d = x.shape
         b = model.block_size
         T = self.schedule.T
@@ -348,6 +348,7 @@ class GaussianDiffusion:
                 if not len(keep):
                     return
                 x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short = (
-                    v.index_select(0, keep) for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short))
+                    v.index_select(0, keep)
+                    for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short))
                 clean_valid = clean_valid.index_select(0, keep) if clean_valid is not None else None
                 cache = Denoiser.keep_rows(cache, keep)

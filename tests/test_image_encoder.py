@@ -23,7 +23,8 @@ def test_batched_preprocessing_gives_the_transforms_pixels_in_order(clip_encoder
     ims = _images()
     expected = torch.stack([clip_encoder.preprocess(load_image(im)) for im in ims])
     got = clip_encoder.pixels(ims)
-    levels = (got - expected).abs().amax(dim=(1, 2, 3)) * torch.tensor(clip_encoder.preprocess.transforms[-1].std).max() * 255
+    std = torch.tensor(clip_encoder.preprocess.transforms[-1].std).max()
+    levels = (got - expected).abs().amax(dim=(1, 2, 3)) * std * 255
     assert got.shape == expected.shape and bool((levels <= 1.01).all()), levels
     assert (levels[-3] == 0).item()  # flat regions: exactly PIL's
     odd = ImageEncoder(clip_encoder.model, lambda im: torch.zeros(3, 4, 4), clip_encoder.source)
