@@ -223,11 +223,11 @@ class Captioner(PretrainedCaptioner):
 
     def _records(self, out: StepOutput, ids: torch.Tensor, conf: torch.Tensor) -> list[DenoisingStep]:
         """The records of the rows of ``out``, whose roundings are ``ids`` and ``conf``."""
-        x_t, x0 = out.x_t.cpu().unbind(0), out.x0_pred.cpu().unbind(0)
+        x_t, x0, ids = out.x_t.cpu().unbind(0), out.x0_pred.cpu().unbind(0), ids.tolist()
         return [DenoisingStep(index=out.index, t=out.t, x_t=a, x0_pred=b, token_ids=token_ids,
                               tokens=self.tokenizer.token_strings(token_ids), confidence=[round(c, 6) for c in cs],
-                              text=self.tokenizer.decode(token_ids))
-                for a, b, token_ids, cs in zip(x_t, x0, ids.tolist(), conf.tolist())]
+                              text=text)
+                for a, b, token_ids, cs, text in zip(x_t, x0, ids, conf.tolist(), self.tokenizer.decode_batch(ids))]
 
     def iter_caption_batch(self, images: list | None = None, *, features: torch.Tensor | None = None,
                            sampling: SamplingConfig | None = None, seed: int = 0, record: str = "all",

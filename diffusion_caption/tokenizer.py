@@ -66,7 +66,14 @@ class CaptionTokenizer:
         return torch.tensor(enc["input_ids"], dtype=torch.long)
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        return self.hf.convert_ids_to_tokens(list(ids))
+        """Each id's token (``convert_ids_to_tokens``, from a table made once)."""
+        table = self.__dict__.get("_tokens")
+        if table is None:
+            table = self._tokens = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        ids = list(ids)
+        if all(0 <= i < len(table) for i in ids):
+            return [table[i] for i in ids]
+        return self.hf.convert_ids_to_tokens(ids)
 
     def same_vocabulary(self, other) -> bool:
         """Whether ``other`` (a tokenizer of any kind) maps every token and the special tokens to the same ids."""

@@ -38,3 +38,10 @@ def test_word_ids_encode_as_their_decoded_text_does(tokenizer):
         assert tokenizer.encode_ids([words[0] + [min(pieces)]], 24) is None
     assert tokenizer.encode_ids([words[0]], len(words[0]) + 1) is None
     assert tokenizer.encode_ids([[tokenizer.sep_id]], 24) is None
+
+
+def test_token_strings_are_the_tokenizers_own_even_past_its_vocabulary(tokenizer):
+    """Read from a table made once; an id the table does not hold goes to the tokenizer (which says None)."""
+    every = list(range(tokenizer.vocab_size))
+    assert tokenizer.token_strings(every) == tokenizer.hf.convert_ids_to_tokens(every)
+    assert tokenizer.token_strings([tokenizer.cls_id, tokenizer.vocab_size + 5]) == ["[CLS]", None]
