@@ -244,11 +244,12 @@ class ImageEncoder:
         return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     def tower(self) -> torch.nn.Module:
-        """The image tower as encoding runs it: a copy of ``model.visual`` in channels-last memory, and for a
-        ModifiedResNet (the shapes CLIP) each batch norm folded into the convolution before it and the
+        """The image tower as encoding runs it. For a ModifiedResNet (the shapes CLIP): a copy of
+        ``model.visual`` in channels-last memory, each batch norm folded into the convolution before it and the
         attention pool computing its one output query only (open_clip's computes all of them and keeps the
-        first). The same features to float rounding, some 1.5 times faster on a CPU; the checkpoint's own
-        modules are untouched (training and saving read those). Made again when their weights change."""
+        first); the same features to float rounding, some 1.5 times faster on a CPU, and the checkpoint's own
+        modules untouched (training and saving read those). Made again when their weights change. Any other
+        tower runs as it is."""
         parts = list(self.model.visual.parameters()) + list(self.model.visual.buffers())
         key = tuple((t.data_ptr(), t._version, t.device) for t in parts)
         if self._tower_memo[0] != key:
@@ -344,26 +345,29 @@ def _preprocess_batch(images: list, resize, crop, norm) -> torch.Tensor:
 
 
 def _inference_tower(visual: torch.nn.Module) -> torch.nn.Module:
-    """``ImageEncoder.tower``'s copy of an image tower."""
+    """``ImageEncoder.tower``'s copy of a ModifiedResNet image tower; any other tower (a ViT has no batch norm to
+    fold) is used as it is, without a second copy in memory."""
     import copy
 
     from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    if not isinstance(visual, ModifiedResNet):  # nothing to fold (a ViT): the tower itself, no second copy
+        return visual
     tower = copy.deepcopy(visual).eval().requires_grad_(False)
-    if isinstance(tower, ModifiedResNet):
-        def fold(mods: dict, conv: str, bn: str) -> None:
-            if isinstance(mods.get(conv), torch.nn.Conv2d) and isinstance(mods.get(bn), torch.nn.BatchNorm2d):
-                mods[conv], mods[bn] = fuse_conv_bn_eval(mods[conv], mods[bn]), torch.nn.Identity()
-        blocks = [tower] + [block for layer in (tower.layer1, tower.layer2, tower.layer3, tower.layer4)
-                            for block in layer]
-        for block in blocks:
-            for i in (1, 2, 3):
-                fold(block._modules, f"conv{i}", f"bn{i}")
-            if getattr(block, "downsample", None) is not None:
-                fold(block.downsample._modules, "0", "1")
-        if isinstance(tower.attnpool, AttentionPool2d):
-            tower.attnpool = _FirstQueryPool(tower.attnpool)
+
+    def fold(mods: dict, conv: str, bn: str) -> None:
+        if isinstance(mods.get(conv), torch.nn.Conv2d) and isinstance(mods.get(bn), torch.nn.BatchNorm2d):
+            mods[conv], mods[bn] = fuse_conv_bn_eval(mods[conv], mods[bn]), torch.nn.Identity()
+    blocks = [tower] + [block for layer in (tower.layer1, tower.layer2, tower.layer3, tower.layer4)
+                        for block in layer]
+    for block in blocks:
+        for i in (1, 2, 3):
+            fold(block._modules, f"conv{i}", f"bn{i}")
+        if getattr(block, "downsample", None) is not None:
+            fold(block.downsample._modules, "0", "1")
+    if isinstance(tower.attnpool, AttentionPool2d):
+        tower.attnpool = _FirstQueryPool(tower.attnpool)
     return tower.to(memory_format=torch.channels_last)
 
 
