@@ -295,6 +295,7 @@ class UI:
     guidance: gr.Slider
     clamp: gr.Checkbox
     spacing: gr.Dropdown
+    commit: gr.Slider
     model_line: gr.HTML
     # the Error analysis tab
     a_image: gr.Image
@@ -308,7 +309,7 @@ class UI:
         kinds = dict(chips=gr.HTML, ood_note=gr.HTML, status=gr.HTML, slider=gr.Slider, heat=gr.HTML, traj=gr.HTML,
                      map_note=gr.Markdown, map_positions=gr.CheckboxGroup, table=gr.Dataframe, base_html=gr.HTML, timing=gr.Markdown, view=gr.State,
                      map_timer=gr.Timer, compare_html=gr.HTML, steps=gr.Slider, sampler=gr.Radio, guidance=gr.Slider,
-                     clamp=gr.Checkbox, spacing=gr.Dropdown, model_line=gr.HTML, a_image=gr.Image,
+                     clamp=gr.Checkbox, spacing=gr.Dropdown, commit=gr.Slider, model_line=gr.HTML, a_image=gr.Image,
                      scene_state=gr.State, compose_note=gr.Markdown, variants_html=gr.HTML)
         return cls(**{name: kind(render=False) for name, kind in kinds.items()})
 
@@ -332,7 +333,7 @@ class UI:
     @property
     def model_outputs(self) -> set:
         """A model chosen: its sampling defaults in the settings, and the line on what it is."""
-        return {self.steps, self.sampler, self.guidance, self.clamp, self.spacing, self.model_line}
+        return {self.steps, self.sampler, self.guidance, self.clamp, self.spacing, self.commit, self.model_line}
 
     @property
     def compose_outputs(self) -> set:
@@ -408,7 +409,7 @@ class Handlers:
         except ImageLoadError as e:
             raise _user_error(without_folder(str(e), image)) from None
 
-    def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None, model=None) -> dict:
+    def _settings(self, steps, sampler, guidance, clamp, seed, spacing=None, model=None, commit=None) -> dict:
         cap = self.m.caps[self.m.name(model)]
         try:
             seed = int(seed) if seed is not None and float(seed) == int(float(seed)) else seed
@@ -416,8 +417,11 @@ class Handlers:
             # the page shows one caption forming: a model that ranks the roundings of its last step keeps
             # them (the last step lists the candidates), one that compares K noise draws shows a single draw
             candidates = None if cap.sampling.propose == "rounding" else 1
-            return cap.settings(seed, steps=steps, sampler=str(sampler).lower(), guidance=float(guidance),
-                                clamp=bool(clamp), spacing=spacing or None, candidates=candidates)
+            sampler = str(sampler).lower()
+            # the block sampler's threshold (None: the checkpoint's); other samplers have none
+            commit = float(commit) if commit is not None and sampler == "block" else None
+            return cap.settings(seed, steps=steps, sampler=sampler, guidance=float(guidance), clamp=bool(clamp),
+                                spacing=spacing or None, candidates=candidates, commit=commit)
         except (TypeError, ValueError) as e:
             raise _user_error(f"Settings: {e}") from None
 
@@ -475,13 +479,14 @@ class Handlers:
             self.m.traces.popitem(last=False)
 
     # ------------------------------------------------------------------ the caption stream
-    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
+    def caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
+                       commit=None):
         """Yield the caption at every denoising step, the views filling as the steps come; the last yield
         holds every step's views, the table and the baseline. When it cannot caption (no image, a broken
         file, bad settings), it first clears what the page showed of the previous caption, then raises the
         message."""
         try:
-            yield from self._caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
+            yield from self._caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model, commit)
         except gr.Error as e:
             yield self.cleared(e.message)
             raise
@@ -497,10 +502,10 @@ class Handlers:
                 u.base_html: baseline_html(self.m, None), u.timing: "", u.view: None,
                 u.map_timer: gr.Timer(active=False), u.compare_html: ""}
 
-    def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model):
+    def _caption_stream(self, image, steps, sampler, guidance, clamp, seed, kind, spacing, model, commit=None):
         img = self._load(image)
         name = self.m.name(model)
-        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name, commit)
         key = (name, scene_key(img), tuple(sorted(s.items())))
         u = self.ui
         run = f"{next(self._runs)}"
@@ -565,12 +570,13 @@ class Handlers:
                                                  value=content_positions(final)),
                u.base_html: baseline_html(self.m, view), u.timing: self._timing(view, s)}
 
-    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None):
+    def auto_caption(self, image, steps, sampler, guidance, clamp, seed, kind, spacing=None, model=None,
+                     commit=None):
         """Caption as soon as an image arrives (example click, upload, paste); nothing when it is cleared."""
         if image is None or image == "":
             yield gr.skip()  # one skip for all of the event's outputs
             return
-        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model)
+        yield from self.caption_stream(image, steps, sampler, guidance, clamp, seed, kind, spacing, model, commit)
 
     def choose_model(self, model):
         """A model picked: its own sampling defaults in the settings, and the line on what it is."""
@@ -580,7 +586,7 @@ class Handlers:
         return {u.steps: gr.Slider(value=min(smp.steps, MAX_UI_STEPS)), u.sampler: gr.Radio(value=smp.sampler),
                 u.guidance: gr.Slider(value=smp.guidance), u.clamp: gr.Checkbox(value=smp.clamp),
                 u.spacing: gr.Dropdown(choices=spacing_choices(smp.spacing), value=smp.spacing),
-                u.model_line: model_note(cap)}
+                u.commit: gr.Slider(value=smp.commit), u.model_line: model_note(cap)}
 
     # ------------------------------------------------------------------ the step viewer
     # The server draws every step of a trace once; the page shows any of them (slider, step buttons, play and
@@ -652,14 +658,14 @@ class Handlers:
 
     # ------------------------------------------------------------------ a second run, compared
     def compare(self, image, steps, sampler, guidance, clamp, seed, spacing, model, b_steps, b_sampler, b_guidance,
-                b_seed, view=None):
+                b_seed, view=None, commit=None):
         """The image captioned again with other settings (run B), its chips, status line and heatmap under the page's
         step controller beside the run shown (run A, ``view``): each step of A shows B at the same share of its
         run. The line above them names what differs and marks B's final words that A's caption lacks."""
         img = self._load(image)
         name = self.m.name(model)
-        a = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
-        b = self._settings(b_steps, b_sampler, b_guidance, clamp, b_seed, spacing, name)
+        a = self._settings(steps, sampler, guidance, clamp, seed, spacing, name, commit)
+        b = self._settings(b_steps, b_sampler, b_guidance, clamp, b_seed, spacing, name, commit)
         steps_iter, _ = self._steps(name, img, b)
         try:
             done = list(steps_iter)
@@ -696,12 +702,12 @@ class Handlers:
             raise _user_error(str(e)) from None
         return (batch[0] for batch in cap.iter_caption_batch(features=feats, **s)), ood[0]
 
-    def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
+    def api_caption(self, image, steps, sampler, guidance, clamp, seed, spacing=None, model=None, commit=None):
         """Stream one JSON chunk per step ({"done": false, "step": ...}), then the whole trace ({"done": true, ...},
         with "ood": how unlike the training images the image is, when the model knows)."""
         img = self._load(image)
         name = self.m.name(model)
-        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name, commit)
         t0 = time.perf_counter()
         done = []
         steps_iter, ood = self._steps(name, img, s)
@@ -716,19 +722,21 @@ class Handlers:
         yield {"done": True, "model": name, **trace.to_json()}
 
     # ------------------------------------------------------------------ error analysis
-    def variants_event(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
+    def variants_event(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None,
+                       commit=None):
         """The variants table, as the page's button gets it: when the variants cannot be captioned (no image, a
         broken file, bad settings), the table of an earlier image is replaced by the reason before the message."""
         try:
-            yield self.variants(image, scene_state, steps, sampler, guidance, clamp, seed, spacing, model)
+            yield self.variants(image, scene_state, steps, sampler, guidance, clamp, seed, spacing, model, commit)
         except gr.Error as e:
             yield {self.ui.variants_html: f"<div class='dc-note dc-error'>No variants: {html.escape(e.message)}</div>"}
             raise
 
-    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None):
+    def variants(self, image, scene_state, steps, sampler, guidance, clamp, seed, spacing=None, model=None,
+                 commit=None):
         img = self._load(image)
         name = self.m.name(model)
-        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name)
+        s = self._settings(steps, sampler, guidance, clamp, seed, spacing, name, commit)
         key = scene_key(img)
         scene = None
         if scene_state and scene_state.get("key") == key:
@@ -991,6 +999,12 @@ def build(m: Models, url: str | None = None):
                                                   allow_custom_value=True, label="Timestep spacing",
                                                   info="which timesteps the steps visit: linspace ends at t = 0; "
                                                        "trailing^k packs them towards the noisy end")
+                            commit = gr.Slider(0, 0.99, value=smp.commit, step=0.01, label="Commit threshold",
+                                               elem_id="commit",
+                                               info="block sampler: a block's second position is revealed only "
+                                                    "where its rounding probability reaches this, else decided at "
+                                                    "the next step given the first (at most twice a caption); "
+                                                    "0 reveals whole blocks")
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Column(scale=8, min_width=420):
                         # the step viewer: caption, status, step controls and both views, on one screen at 1366x768
@@ -1086,21 +1100,21 @@ def build(m: Models, url: str | None = None):
         ui = UI(chips=chips, ood_note=ood_note, status=status, slider=slider, heat=heat, traj=traj, map_note=map_note,
                 map_positions=map_positions, table=table,
                 base_html=base_html, timing=timing, view=view, map_timer=map_timer, steps=steps,
-                sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, model_line=model_line,
+                sampler=sampler, guidance=guidance, clamp=clamp, spacing=spacing, commit=commit, model_line=model_line,
                 a_image=a_image, scene_state=scene_state, compose_note=compose_note, variants_html=variants_html,
                 compare_html=compare_html)
         h = on_gpu(Handlers(m, ui))
         settings = [steps, sampler, guidance, clamp, seed]
         stream_out = ui.stream_outputs
         model_events = dict(concurrency_id="model", concurrency_limit=m.concurrency)
-        run.click(h.caption_stream, [image] + settings + [kind, spacing, model], stream_out,
+        run.click(h.caption_stream, [image] + settings + [kind, spacing, model, commit], stream_out,
                   api_visibility="undocumented", api_name="caption_ui", **model_events)
-        image.change(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out,
+        image.change(h.auto_caption, [image] + settings + [kind, spacing, model, commit], stream_out,
                      api_visibility="undocumented", trigger_mode="always_last", **model_events)
         # another model: its own defaults in the settings, then the same image captioned by it
         model.input(h.choose_model, model, ui.model_outputs,
                     api_visibility="undocumented").then(
-            h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+            h.auto_caption, [image] + settings + [kind, spacing, model, commit], stream_out, api_visibility="undocumented",
             **model_events)
         # the step shown, the map's kind and its positions change in the page alone (STEP_VIEWER_JS): the server
         # sent every step's views with the caption
@@ -1112,7 +1126,8 @@ def build(m: Models, url: str | None = None):
         pause_b.click(None, None, None, js=f"() => {{ {viewer}.pause(); }}")
         kind.input(None, kind, None, js=f"(k) => {{ {viewer}.kind(k); }}")
         map_positions.input(None, map_positions, None, js=f"(p) => {{ {viewer}.positions(p); }}")
-        compare_b.click(h.compare_event, [image] + settings + [spacing, model, b_steps, b_sampler, b_guidance, b_seed, view],
+        compare_b.click(h.compare_event,
+                        [image] + settings + [spacing, model, b_steps, b_sampler, b_guidance, b_seed, view, commit],
                         {compare_html}, api_visibility="undocumented", **model_events)
         # a caption shown before its vocabulary map was ready: the map drawn when it is, at the step the page shows
         map_timer.tick(h.map_ready, [view, slider, kind, map_positions], ui.map_outputs,
@@ -1130,7 +1145,8 @@ def build(m: Models, url: str | None = None):
                         gr.Checkbox(smp.clamp, visible=False, label="clamp"),
                         gr.Number(0, precision=0, visible=False, label="seed"),
                         gr.Textbox(smp.spacing, visible=False, label="spacing"),
-                        gr.Textbox(m.default, visible=False, label="model")]
+                        gr.Textbox(m.default, visible=False, label="model"),
+                        gr.Number(smp.commit, visible=False, label="commit")]
         api_out = gr.JSON(visible=False)
         api_btn = gr.Button(visible=False)
         api_btn.click(h.api_caption, [api_image] + api_settings, api_out, api_name="caption",
@@ -1139,18 +1155,18 @@ def build(m: Models, url: str | None = None):
                                       "trace ({done: true, text, settings, seconds, steps}).", **model_events)
 
         copy_b.click(lambda x: x, image, a_image, api_visibility="undocumented")
-        variants_b.click(h.variants_event, [a_image, scene_state] + settings + [spacing, model], {variants_html},
+        variants_b.click(h.variants_event, [a_image, scene_state] + settings + [spacing, model, commit], {variants_html},
                          api_visibility="undocumented", **model_events)
         compose_b.click(h.compose, [background] + obj_inputs, ui.compose_outputs,
                         api_visibility="undocumented").then(
-            h.variants_event, [a_image, scene_state] + settings + [spacing, model], {variants_html}, api_visibility="undocumented",
+            h.variants_event, [a_image, scene_state] + settings + [spacing, model, commit], {variants_html}, api_visibility="undocumented",
             **model_events)
         def about_here(request: gr.Request):  # gradio hands the page's request to a parameter typed gr.Request
             return about_markdown(m, served_url(request) or url)
 
         demo.load(about_here, None, about, api_visibility="undocumented")
         # the page opens with the first example already denoised
-        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model], stream_out, api_visibility="undocumented",
+        demo.load(h.auto_caption, [image] + settings + [kind, spacing, model, commit], stream_out, api_visibility="undocumented",
                   **model_events)
     return demo
 

@@ -563,3 +563,36 @@ def test_a_second_run_under_the_same_step_controller(handlers, app_files):
     # a new caption of run A clears the comparison (it was of the image before)
     first = next(handlers.caption_stream(app_files["examples"][1], STEPS, "ddim", 1.0, False, 0, "predicted x0"))
     assert got(first, ui.compare_html) == ""
+
+
+def test_the_commit_threshold_of_a_block_model_is_a_setting_of_the_page_and_the_api(app_files, tokenizer,
+                                                                                      clip_encoder, tmp_path):
+    """A block model's commit threshold starts at its checkpoint's, reaches the caption (and the record of its
+    settings) from the page and from the API, and names the same caption the library gives; another sampler
+    ignores it."""
+    import app
+    from diffusion_caption import Captioner
+    from diffusion_caption.config import preset
+    from diffusion_caption.denoiser import Denoiser
+    from diffusion_caption.sampling import SamplingConfig
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim, block_size=2,
+                 fusion="add")
+    ck = str(tmp_path / "blocky")
+    Captioner(cfg, Denoiser(cfg), clip_encoder, tokenizer,
+              sampling=SamplingConfig.parse("block:12:1:commit0.9")).save_pretrained(ck)
+    args = app.parse_args(["--checkpoint", ck, "--baseline", "", "--vocab-map", "pca", "--cache-dir", app_files["cache"],
+                           "--examples", app_files["examples_dir"]])
+    h = app.Handlers(app.load_models(args))
+    assert got(h.choose_model("blocky"), h.ui.commit).value == 0.9
+    image = app_files["examples"][0]
+    views = {c: got(list(h.caption_stream(image, 12, "block", 1.0, False, 0, "predicted x0", None, None, c))[-1],
+                    h.ui.view) for c in (0.0, 0.99)}
+    direct = {c: Captioner.from_pretrained(ck).caption(image, seed=0, commit=c) for c in (0.0, 0.99)}
+    for c, view in views.items():
+        assert view.steps[-1].text == direct[c].text and len(view.steps) == len(direct[c].steps)
+    assert len(views[0.99].steps) > len(views[0.0].steps)  # an untrained network is sure of little: blocks cut short
+    api = list(h.api_caption(image, 12, "block", 1.0, False, 0, None, None, 0.99))[-1]
+    assert api["settings"]["commit"] == 0.99 and api["text"] == direct[0.99].text
+    assert list(h.api_caption(image, 12, "block", 1.0, False, 0))[-1]["settings"]["commit"] == 0.9  # the default
