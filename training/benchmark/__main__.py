@@ -26,7 +26,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--other-precision", action="store_true",
-                   help="also time each model in the other precision (float32 / bfloat16 autocast), as '+fp32' / '+bf16' rows")
+                   help="also time each model in the other precision (float32 / bfloat16: a diffusion model's bfloat16 "
+                        "copy, the baseline under autocast), as '+fp32' / '+bf16' rows")
     p.add_argument("--out", default="", help="write the rows as JSON here, and the table beside it as .md")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
