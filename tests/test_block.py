@@ -254,3 +254,18 @@ def test_a_caption_reveals_at_most_max_short_blocks_short(make_captioner, monkey
     assert max(extra_steps()) == cap_at
     monkeypatch.setattr(BlockSampler, "MAX_SHORT", 10**6)
     assert max(extra_steps()) > cap_at  # uncapped, the same captions cut more blocks short
+
+
+def test_the_sampling_path_computes_what_the_training_path_does(make_captioner):
+    """Under no_grad the denoiser runs its own sampling path (prepacked products, fused activations and residual
+    sums, attention as plain products); with gradients, transformers' modules and SDPA. The same network in eval
+    mode gives the same predictions both ways, on random block boundaries (per-row attention masks)."""
+    cap = make_captioner(fusion="add", block_size=2)
+    net = cap.denoiser.eval()
+    x_t, t, x_clean, cond = _inputs(cap, B=4)
+    blocks = net.random_block_ids(4, x_t.shape[1], 0.5, torch.Generator().manual_seed(2))
+    trained, _ = net.forward_blocks(x_t, t, x_clean, cond, blocks=blocks)  # gradients on: the training path
+    assert trained.requires_grad
+    with torch.no_grad():
+        sampled, _ = net.forward_blocks(x_t, t, x_clean, cond, blocks=blocks)
+    assert torch.allclose(sampled, trained.detach(), atol=1e-5)
