@@ -221,7 +221,8 @@ class ImageEncoder:
         """Preprocessed [N, 3, H, W] pixels for images given as PIL images, paths or arrays (channels-last in
         memory, as the tower runs). open_clip's evaluation transform (resize, centre crop, to tensor, normalise)
         runs on each group of same-sized images at once, as uint8 tensors: torchvision's antialiased uint8
-        resize gives PIL's pixels, at a fraction of the per-image cost. Any other transform runs per image."""
+        resize gives PIL's pixels to one level of 255 (exactly, on the shapes renders), at a fraction of the
+        per-image cost. Any other transform runs per image."""
         loaded = [load_image(im) for im in images]
         steps = _batchable(self.preprocess)
         if steps is None or not loaded:

@@ -3,10 +3,10 @@
 A block sampling step multiplies a few rows per caption by every weight matrix of the denoiser. ``F.linear``
 lays each weight out again at every call, which for such small products costs as much as the product itself;
 prepacking it once (what ``torch.compile``'s freezing pass does on a CPU) makes the step's matrix products
-1.2 to 2 times faster from a few dozen rows on, and the activation after a layer (tanh, GELU) rides along in
-the same call, as does a residual connection's sum. The results
-are the same products (to the last bit in the tests); where oneDNN does not run (another device, a build
-without it) the layer falls back to ``F.linear``.
+1.2 to 2.2 times faster from a few dozen rows on, and the activation after a layer (tanh, GELU) rides along in
+the same call, as does a residual connection's sum. The results are ``F.linear``'s to float rounding
+(``tests/test_packed.py``); where oneDNN does not run (another device, a build without it) the layer falls
+back to ``F.linear``.
 """
 from __future__ import annotations
 
