@@ -153,7 +153,8 @@ class GaussianDiffusion:
         x_t = sched.q_sample(x_start_mean, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < o.p_uncond) if o.p_uncond > 0 else None
         fwd = net.forward_blocks  # (under DistributedDataParallel this bypasses its gradient hooks: CPU and one GPU only)
-        blocks = (net.random_block_ids(B, L, o.p_block_split, generator, dev) if o.p_block_split > 0 else None)
+        blocks = (net.random_block_ids(B, L, o.p_block_split, generator, dev, free=o.free_blocks)
+                  if o.p_block_split > 0 or o.free_blocks else None)
         out, _ = fwd(x_t, t, x_start_mean, cond, drop, blocks)
         x0_hat = out.float()
         mse = (x0_hat - x_start_mean).pow(2).mean()
@@ -271,10 +272,10 @@ class GaussianDiffusion:
         """``sample_progressive`` for the block sampler: [CLS] is given at position 0, then each step predicts
         the next block (``block_size`` positions) from pure noise given the clean positions before it (cached
         in the network) and reveals it as its rounded tokens' embeddings: all of it, or with
-        ``sampler.commit`` = c > 0 its first position and each next one while every position so far is rounded
-        with probability >= c (the rest is predicted again as the next step's block, which ends where the fixed
-        block does, so blocks never straddle two fixed ones), until a caption has revealed
-        ``BlockSampler.MAX_SHORT`` blocks short, and whole blocks after that. Each step's x0 is the caption so
+        ``sampler.commit`` = c > 0 its positions up to the second one rounded with probability < c (the rest is
+        predicted again in the next step's block, which ends where the fixed block does, or with
+        ``sampler.free`` is a whole block from there), until a caption has revealed ``BlockSampler.MAX_SHORT``
+        blocks short, and whole blocks after that. Each step's x0 is the caption so
         far: the revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s
         embedding after them. A row is done at the step that reveals its [SEP] (or the last position), and at
         the last step reveals all its block."""
@@ -300,9 +301,10 @@ class GaussianDiffusion:
         ids_all = torch.full((B, L + 1), pad_id, dtype=torch.long, device=dev)
         ids_all[:, 0] = cls
         x = torch.cat([x, x[:, -1:].expand(B, b, d)], 1)  # noise for blocks running past the end (never revealed)
-        # each block start position's room: the positions left in its fixed block and in the caption
+        # each block start position's room: the positions left in the caption, and in its fixed block unless free
         at = torch.arange(L + b, device=dev)
-        room = torch.minimum(b - (at - 1) % b, (L - at).clamp(min=0))
+        room = ((L - at).clamp(min=0, max=b) if getattr(sampler, "free", False)
+                else torch.minimum(b - (at - 1) % b, (L - at).clamp(min=0)))
         offs = torch.arange(b, device=dev)
         rows = torch.arange(B, device=dev)
         start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position
@@ -323,11 +325,10 @@ class GaussianDiffusion:
             pred = pred.float()
             logits = torch.addmm(E_sq, pred.reshape(-1, d), E2t).view(*pred.shape[:2], -1)
             ids = logits.argmax(-1)
-            if c > 0 and not last:  # the first position, then each next one while its probability is >= c
-                # (every one, once a caption has cut MAX_SHORT blocks short)
-                sure = ((logits.softmax(-1).amax(-1) >= c) | (short >= sampler.MAX_SHORT)[:, None]) & inside
-                sure[:, 0] = True
-                k = sure.cumprod(1).sum(1)
+            if c > 0 and not last:  # the positions up to the second one rounded with probability < c
+                # (all of them, once a caption has cut MAX_SHORT blocks short)
+                unsure = (logits.softmax(-1).amax(-1) < c) & (short < sampler.MAX_SHORT)[:, None] & inside
+                k = ((unsure.cumsum(1) <= 1) & inside).sum(1)
                 short += k < inside.sum(1)
             else:
                 k = inside.sum(1)

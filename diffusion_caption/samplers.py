@@ -161,11 +161,15 @@ class BlockSampler(Sampler):
     its [SEP], and a batch at the step its last caption is. ``timesteps`` lists T-1 once per step (the
     trace's label). It needs a network trained with ``block_size`` > 0.
 
-    ``commit`` = c > 0 reveals only a block's sure leading positions: the first always, each next one while
-    its rounding probability is >= c; the rest of the block is predicted again at the next step, given what
-    was revealed (so two positions that depend on each other, an article and its colour, are not decided
-    apart), at most ``MAX_SHORT`` times a caption. Each caption then moves at its own pace; it needs a network
-    trained on blocks cut short (``ObjectiveConfig.p_block_split``).
+    ``commit`` = c > 0 reveals a block only up to its second unsure position (one rounded with probability
+    < c): of two positions that depend on each other and are both unsure (an article and its colour), the
+    second is predicted again at the next step, given the first; one unsure position after sure ones is
+    revealed, as nothing sure that came before it can tell it more. A caption reveals at most ``MAX_SHORT``
+    blocks short, and whole ones after that. Each caption then moves at its own pace; it needs a network
+    trained on blocks cut short (``ObjectiveConfig.p_block_split``). The rest of a block cut short is the next
+    step's block; with ``free``, that block is a whole ``block_size`` from where the reveal stopped (a
+    network trained with ``ObjectiveConfig.free_blocks``), so a short reveal puts the caption one position
+    behind, not one step.
     """
 
     name = "block"
@@ -176,13 +180,14 @@ class BlockSampler(Sampler):
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
                  sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None,
-                 commit: float = 0.0):
+                 commit: float = 0.0, free: bool = False):
         super().__init__(schedule, num_steps, spacing)
         # where a caption ends, what stands after it, and the [CLS] every caption starts with (given, not sampled)
         self.sep_id, self.pad_id, self.cls_id = sep_id, pad_id, cls_id
         if not 0.0 <= float(commit) < 1.0:
             raise ValueError(f"commit must be in [0, 1) (0: reveal whole blocks), got {commit!r}")
         self.commit = float(commit)
+        self.free = bool(free)  # blocks start where the last reveal stopped, not on the fixed grid
 
     def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
         if spacing is not None:
