@@ -171,7 +171,7 @@ class Captioner(PretrainedCaptioner):
                 raise ValueError(f"{name} must be an integer from {what} to {T}, got {v!r}")
         base = sampling or self.sampling
         if overrides.get("sampler") not in (None, "block") and overrides.get("commit") is None:
-            base = dataclasses.replace(base, commit=0.0, free=False)  # the block sampler's threshold does not follow to another sampler
+            base = base.replace(commit=0.0)  # the block sampler's threshold does not follow to another sampler
         s = base.replace(**overrides)
         if s.steps > T or s.early_stop > T:
             raise ValueError(f"steps and early_stop must be at most T = {T}, got {s.steps} and {s.early_stop}")
@@ -181,10 +181,6 @@ class Captioner(PretrainedCaptioner):
                              if self.config.block_size else
                              "the 'block' sampler needs a denoiser trained with block_size > 0 (block diffusion); "
                              "this one denoises every position at once")
-        if s.free and s.commit and not self.objective.free_blocks:
-            raise ValueError("free blocks start where a short reveal stopped, which this denoiser was not trained "
-                             "for (its blocks were cut only inside fixed ones: objective free_blocks = false); "
-                             "sample it with free=False")
         if s.candidates > 1 and s.select == "clip" and self.scorer.text_tokenizer is None:
             raise ValueError("select='clip' ranks candidates by CLIP score, but this checkpoint's CLIP has no text "
                              "tokenizer (no tokenizer.json in its clip/ folder)")
@@ -259,7 +255,7 @@ class Captioner(PretrainedCaptioner):
         B = features.shape[0]
         tok = self.tokenizer  # the samplers that read the caption's own ends
         ends = {"block": {"sep_id": tok.sep_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id,
-                          "commit": s.commit, "free": s.free}}.get(s.sampler, {})
+                          "commit": s.commit}}.get(s.sampler, {})
         smp = make_sampler(s.sampler, self.schedule, s.steps, s.spacing, **ends)
         n = len(smp.timesteps)
         gen = torch.Generator(device=self.device).manual_seed(seed)

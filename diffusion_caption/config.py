@@ -96,10 +96,6 @@ class ObjectiveConfig(ConfigDict):
     # of its positions with probability p_block_split per place, so the network also learns the shorter
     # blocks left when a sampler reveals only a block's sure leading positions; 0 = fixed blocks only
     p_block_split: float = 0.0
-    # with free_blocks, blocks of 1 to block_size positions start anywhere (a block ends after block_size
-    # positions or, with probability p_block_split, after any earlier one), so a sampler may also start its
-    # next block where a short reveal left off (``BlockSampler(free=True)``) instead of finishing the fixed one
-    free_blocks: bool = False
     # few-step training: a fraction p_focus of each batch is drawn from the focus_steps timesteps that a
     # focus_steps-step sampler with focus_spacing visits (the rest uniformly); 0 = uniform t only
     focus_steps: int = 0

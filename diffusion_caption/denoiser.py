@@ -260,23 +260,14 @@ class Denoiser(nn.Module):
         return (torch.arange(L, device=device) + b - 1) // b
 
     def random_block_ids(self, B: int, L: int, p_split: float, generator: torch.Generator | None = None,
-                         device=None, free: bool = False) -> torch.Tensor:
-        """Random block boundaries [B, L]: [CLS] alone in block 0, then blocks of 1 to ``block_size``
-        positions. By default inside the fixed ones (``block_ids``): each fixed block is cut between two of its
-        positions with probability ``p_split`` per place, and no block straddles two fixed ones. With ``free``,
-        blocks start anywhere: each ends after ``block_size`` positions, or with probability ``p_split`` after
-        any earlier one."""
+                         device=None) -> torch.Tensor:
+        """Random block boundaries [B, L] inside the fixed ones (``block_ids``): [CLS] alone in block 0, then
+        each fixed block cut between two of its positions with probability ``p_split`` per place, so blocks
+        of 1 to ``block_size`` positions that never straddle two fixed blocks."""
         b = self.cfg.block_size
         j = torch.arange(L, device=device)
-        cut = torch.rand((B, L), generator=generator, device=device) < p_split
-        if free:  # a block ends after b positions or at a cut, wherever it started
-            start = torch.zeros((B, L), dtype=torch.bool, device=device)
-            size = torch.full((B,), b, dtype=torch.long, device=device)  # so position 1 starts a block
-            for i in range(1, L):
-                start[:, i] = (size >= b) | (cut[:, i] & (i > 1))
-                size = torch.where(start[:, i], 1, size + 1)
-            return start.long().cumsum(1)
         fixed = ((j - 1) % b == 0) & (j > 0)  # where a fixed block starts
+        cut = torch.rand((B, L), generator=generator, device=device) < p_split
         start = fixed[None] | (cut & (j > 1)[None])
         return start.long().cumsum(1)
 

@@ -153,8 +153,7 @@ class GaussianDiffusion:
         x_t = sched.q_sample(x_start_mean, t, noise)
         drop = (torch.rand(B, generator=generator, device=dev) < o.p_uncond) if o.p_uncond > 0 else None
         fwd = net.forward_blocks  # (under DistributedDataParallel this bypasses its gradient hooks: CPU and one GPU only)
-        blocks = (net.random_block_ids(B, L, o.p_block_split, generator, dev, free=o.free_blocks)
-                  if o.p_block_split > 0 or o.free_blocks else None)
+        blocks = (net.random_block_ids(B, L, o.p_block_split, generator, dev) if o.p_block_split > 0 else None)
         out, _ = fwd(x_t, t, x_start_mean, cond, drop, blocks)
         x0_hat = out.float()
         mse = (x0_hat - x_start_mean).pow(2).mean()
@@ -273,9 +272,9 @@ class GaussianDiffusion:
         the next block (``block_size`` positions) from pure noise given the clean positions before it (cached
         in the network) and reveals it as its rounded tokens' embeddings: all of it, or with
         ``sampler.commit`` = c > 0 its positions up to the second one rounded with probability < c (the rest is
-        predicted again in the next step's block, which ends where the fixed block does, or with
-        ``sampler.free`` is a whole block from there), until a caption has revealed ``BlockSampler.MAX_SHORT``
-        blocks short, and whole blocks after that. Each step's x0 is the caption so
+        predicted again as the next step's block, which ends where the fixed block does, so blocks never
+        straddle two fixed ones), until a caption has revealed ``BlockSampler.MAX_SHORT`` blocks short, and
+        whole blocks after that. Each step's x0 is the caption so
         far: the revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s
         embedding after them. A row is done at the step that reveals its [SEP] (or the last position), and at
         the last step reveals all its block."""
@@ -301,10 +300,9 @@ class GaussianDiffusion:
         ids_all = torch.full((B, L + 1), pad_id, dtype=torch.long, device=dev)
         ids_all[:, 0] = cls
         x = torch.cat([x, x[:, -1:].expand(B, b, d)], 1)  # noise for blocks running past the end (never revealed)
-        # each block start position's room: the positions left in the caption, and in its fixed block unless free
+        # each block start position's room: the positions left in its fixed block and in the caption
         at = torch.arange(L + b, device=dev)
-        room = ((L - at).clamp(min=0, max=b) if getattr(sampler, "free", False)
-                else torch.minimum(b - (at - 1) % b, (L - at).clamp(min=0)))
+        room = torch.minimum(b - (at - 1) % b, (L - at).clamp(min=0))
         offs = torch.arange(b, device=dev)
         rows = torch.arange(B, device=dev)
         start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position

@@ -166,28 +166,24 @@ class BlockSampler(Sampler):
     second is predicted again at the next step, given the first; one unsure position after sure ones is
     revealed, as nothing sure that came before it can tell it more. A caption reveals at most ``MAX_SHORT``
     blocks short, and whole ones after that. Each caption then moves at its own pace; it needs a network
-    trained on blocks cut short (``ObjectiveConfig.p_block_split``). The rest of a block cut short is the next
-    step's block; with ``free``, that block is a whole ``block_size`` from where the reveal stopped (a
-    network trained with ``ObjectiveConfig.free_blocks``), so a short reveal puts the caption one position
-    behind, not one step.
+    trained on blocks cut short (``ObjectiveConfig.p_block_split``).
     """
 
     name = "block"
-    # how many blocks a caption may reveal short under commit: each costs a step, and on the dev world the third
-    # and later ones changed 3 captions of 3,150 and no whole caption's correctness, while taking 7.5% of the
-    # captions past 10 steps (up to 13; 3.4% take 11 with the cap)
+    # how many blocks a caption may reveal short under commit: each costs a step. On the dev world (3,150 scenes)
+    # the third and later ones changed no caption, while taking 1.1% of them past 10 steps (up to 12; 0.9% take 11
+    # with the cap); a cap of one keeps every caption within 10 steps but doubles the defects (0.44% to 0.89%)
     MAX_SHORT = 2
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
                  sep_id: int | None = None, pad_id: int | None = None, cls_id: int | None = None,
-                 commit: float = 0.0, free: bool = False):
+                 commit: float = 0.0):
         super().__init__(schedule, num_steps, spacing)
         # where a caption ends, what stands after it, and the [CLS] every caption starts with (given, not sampled)
         self.sep_id, self.pad_id, self.cls_id = sep_id, pad_id, cls_id
         if not 0.0 <= float(commit) < 1.0:
             raise ValueError(f"commit must be in [0, 1) (0: reveal whole blocks), got {commit!r}")
         self.commit = float(commit)
-        self.free = bool(free)  # blocks start where the last reveal stopped, not on the fixed grid
 
     def set_timesteps(self, num_steps: int, spacing: str | None = None) -> None:
         if spacing is not None:

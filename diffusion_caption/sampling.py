@@ -5,8 +5,8 @@ defaults live in ``config.json["sampling"]``, apart from the network (``Captione
 overrides any of them by name: ``cap.caption(image, steps=4, guidance=3)``. One text form names a
 setting everywhere (command lines, tables, sweeps)::
 
-    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto][:commitC][:free]
-    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   block:16:1:auto:commit0.95:free
+    SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto][:commitC]
+    ddim:20:5   ddpm:10:5:clamp:trailing^2   ddim:1:1:k8:clip:rounding   block:16:1:auto:commit0.95
 
 ``SamplingConfig.parse(text)`` reads it and ``config.spec`` writes it; ``config.describe()`` is the
 human name ("DDIM 20, guidance 5, clamp").
@@ -30,7 +30,7 @@ MAX_GUIDANCE = 20.0
 PRECISIONS = ("float32", "bfloat16", "auto")
 PRECISION_FLAGS = {"bf16": "bfloat16", "auto": "auto"}
 MAX_CANDIDATES = 64  # samples per image to choose among (each is one more row in every network call)
-SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto][:commitC][:free]"
+SPEC_FORM = "SAMPLER:STEPS:GUIDANCE[:clamp][:SPACING][:kK[:clip|:mbr][:rounding]][:bf16|:auto][:commitC]"
 
 
 def _is_number(text: str) -> bool:
@@ -64,9 +64,6 @@ class SamplingConfig(ConfigDict):
     # the block sampler's threshold: a block's positions after its first are revealed while each one's
     # rounding probability is at least this, the rest predicted again in the next block (0 = whole blocks)
     commit: float = 0.0
-    # the block sampler's next block after a short reveal: a whole block from where the reveal stopped (True; the
-    # network must be trained with free_blocks) or the rest of the fixed block (False)
-    free: bool = False
 
     def __post_init__(self):
         if not _is_int(self.steps) or self.steps < 1:
@@ -109,11 +106,6 @@ class SamplingConfig(ConfigDict):
         if cm and self.sampler != "block":
             raise ValueError(f"commit is the block sampler's setting; the {self.sampler} sampler has none")
         object.__setattr__(self, "commit", float(cm))
-        if not isinstance(self.free, (bool, int)) or self.free not in (0, 1):
-            raise ValueError(f"free must be true or false, got {self.free!r}")
-        if self.free and self.sampler != "block":
-            raise ValueError(f"free is the block sampler's setting; the {self.sampler} sampler has none")
-        object.__setattr__(self, "free", bool(self.free))
         if not isinstance(self.scorer, str):
             raise ValueError(f"scorer must be a folder name or '', got {self.scorer!r}")
 
@@ -148,8 +140,6 @@ class SamplingConfig(ConfigDict):
             parts.append({v: k for k, v in PRECISION_FLAGS.items()}[self.precision])
         if self.commit:
             parts.append(f"commit{self.commit:g}")
-        if self.free:
-            parts.append("free")
         return ":".join(parts)
 
     def describe(self) -> str:
@@ -164,8 +154,6 @@ class SamplingConfig(ConfigDict):
             s += ", bfloat16" if self.precision == "bfloat16" else ", bfloat16 where native"
         if self.commit:
             s += f", reveal where p >= {self.commit:g}"
-        if self.free:
-            s += ", free blocks"
         return s
 
     @classmethod
@@ -180,10 +168,9 @@ class SamplingConfig(ConfigDict):
         proposes = [f for f in flags if f in PROPOSALS]
         precisions = [f for f in flags if f in PRECISION_FLAGS]
         commits = [f for f in flags if f.startswith("commit") and _is_number(f[6:])]
-        spacings = [f for f in flags if f not in ("clamp", "free")
-                    and f not in ks + stops + selects + proposes + precisions + commits]
-        if (len(parts) < 3 or flags.count("clamp") > 1 or flags.count("free") > 1 or len(spacings) > 1 or len(ks) > 1
-                or len(selects) > 1 or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or ((selects or proposes) and not ks)
+        spacings = [f for f in flags if f != "clamp" and f not in ks + stops + selects + proposes + precisions + commits]
+        if (len(parts) < 3 or flags.count("clamp") > 1 or len(spacings) > 1 or len(ks) > 1 or len(selects) > 1
+                or len(proposes) > 1 or len(stops) > 1 or len(precisions) > 1 or ((selects or proposes) and not ks)
                 or len(commits) > 1):
             raise ValueError(f"{text!r} is not {SPEC_FORM} (e.g. ddpm:50:5:clamp, ddpm:10:5:clamp:trailing^2, "
                              "ddpm:2:1:clamp:trailing^2:k8:clip or ddim:1:1:k8:clip:rounding)")
@@ -198,7 +185,7 @@ class SamplingConfig(ConfigDict):
                             propose=proposes[0] if proposes else "noise",
                             early_stop=int(stops[0][4:]) if stops else 0,
                             precision=PRECISION_FLAGS[precisions[0]] if precisions else "float32",
-                            commit=float(commits[0][6:]) if commits else 0.0, free="free" in flags)
+                            commit=float(commits[0][6:]) if commits else 0.0)
 
 
 # the CaptionerConfig fields a checkpoint written before the sampling section had, and their new names

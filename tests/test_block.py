@@ -171,33 +171,16 @@ def test_random_block_boundaries_cut_the_fixed_blocks_and_never_straddle_two(mak
     assert starts == {0, 1, 2}  # cut short, blocks start at every place of a fixed block
 
 
-def test_free_block_boundaries_start_anywhere_and_end_after_at_most_a_block(make_captioner):
-    b = 2
-    net = make_captioner(fusion="add", block_size=b).denoiser
-    L = 30
-    assert torch.equal(net.random_block_ids(5, L, 0.0, free=True), net.block_ids(L).expand(5, L))  # no cuts
-    ids = net.random_block_ids(64, L, 0.3, torch.Generator().manual_seed(0), free=True)
-    fixed = net.block_ids(L).tolist()
-    sizes, straddle = set(), 0
-    for row in ids.tolist():
-        assert row[:2] == [0, 1]
-        assert all(0 <= q - p <= 1 for p, q in zip(row, row[1:]))
-        sizes |= {row.count(k) for k in set(row) - {0}}
-        straddle += sum(len({fixed[j] for j in range(L) if row[j] == k}) > 1 for k in set(row))
-    assert sizes == {1, 2} and straddle > 64  # blocks of one or two positions, many across a fixed boundary
-
-
-@pytest.mark.parametrize("free", [False, True])
-def test_cached_steps_at_each_rows_own_pace_equal_the_training_pass_on_random_boundaries(make_captioner, free):
+def test_cached_steps_at_each_rows_own_pace_equal_the_training_pass_on_random_boundaries(make_captioner):
     """What the sampler with ``commit`` does (each row reveals 1 to b positions a step; its next block starts
-    right after them and ends where the fixed block does, or with ``free`` a block later) is what training on
-    blocks cut short taught: the same predictions."""
+    right after them and ends where the fixed block does) is what training on blocks cut short taught: the
+    same predictions."""
     b = 3
     cap = make_captioner(fusion="add", block_size=b)
     net = cap.denoiser.eval()
     x_t, t, x_clean, cond = _inputs(cap, B=4)
     B, L, d = x_t.shape
-    blocks = net.random_block_ids(B, L, 0.5, torch.Generator().manual_seed(1), free=free)
+    blocks = net.random_block_ids(B, L, 0.5, torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole, _ = net.forward_blocks(x_t, t, x_clean, cond, blocks=blocks)
         n = int(blocks[:, -1].min()) - 1  # blocks every row has whole
@@ -279,30 +262,6 @@ def test_with_commit_an_unsure_position_after_sure_ones_is_revealed_with_them(ma
     assert max(tr.steps[0].confidence[2] for tr in traces) < 0.9  # the colour was unsure at the first step...
     n = int((tokenizer.encode(texts[:1], cap.config.seq_len) != tokenizer.pad_id).sum()) - 1  # words and [SEP]
     assert {len(tr.steps) for tr in traces} == {-(-n // b)}  # ...and still revealed with its article
-
-
-def test_free_blocks_start_where_a_short_reveal_stopped(make_captioner, tokenizer):
-    """"a red ..." / "an orange ...", of 12 words and [SEP]: the first step reveals the article alone. On fixed
-    blocks of two the colour is then a block of its own, a step more than the caption's 7 blocks; with ``free``
-    the next block is the colour and the shape, and the caption takes its 7 steps (the article, then 6 blocks)."""
-    from diffusion_caption.config import ObjectiveConfig
-
-    torch.manual_seed(0)
-    b = 2
-    cap = make_captioner(fusion="add", block_size=b, seq_len=16, sampling="block:16:1:commit0.9:free")
-    texts = ["a red star and a large blue circle on a black background",
-             "an orange star and a large blue circle on a black background"]
-    with pytest.raises(ValueError, match="free_blocks"):  # the network was not trained for it
-        cap.caption_batch(features=torch.zeros(1, cap.config.cond_dim))
-    cond = _trained_on(cap, tokenizer, texts, p_block_split=0.5, free_blocks=True)
-    cap.objective = ObjectiveConfig(p_block_split=0.5, free_blocks=True)
-    blocks = -(-(int((tokenizer.encode(texts[:1], cap.config.seq_len) != tokenizer.pad_id).sum()) - 1) // b)
-    assert blocks == 7
-    for free, extra in ((True, 0), (False, 1)):
-        traces = cap.caption_batch(features=cond.repeat(64, 1), seed=1, free=free)
-        assert all(tr.text in texts for tr in traces) and len({tr.text for tr in traces}) == 2
-        assert all(tr.steps[0].confidence[2] < 0.9 for tr in traces)  # the colour unsure: the article alone first
-        assert {len(tr.steps) for tr in traces} == {blocks + extra}
 
 
 def test_a_caption_reveals_at_most_max_short_blocks_short(make_captioner, monkeypatch):

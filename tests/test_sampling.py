@@ -45,20 +45,12 @@ def test_parse_reads_the_one_text_form():
     for bad in ("block:12:1:commit1", "block:12:1:commit-0.5", "block:12:1:commit0.5:commit0.6", "ddim:4:1:commit0.5"):
         with pytest.raises(ValueError, match="commit|is not"):
             SamplingConfig.parse(bad)
-    # and where its next block starts after a short reveal
-    f = SamplingConfig.parse("block:12:1:commit0.9:free")
-    assert f.free and not c.free and f.describe().endswith("free blocks")
-    for bad in ("ddim:4:1:free", "block:12:1:free:free"):
-        with pytest.raises(ValueError, match="free|is not"):
-            SamplingConfig.parse(bad)
-    with pytest.raises(ValueError, match="free must be"):
-        SamplingConfig(sampler="block", free="yes")
 
 
 def test_spec_and_parse_are_inverse():
     for text in ("ddim:20:5", "ddpm:10:5:clamp:trailing^2", "ddim:1:1:k8:clip:rounding", "ddpm:6:1:trailing^2",
                  "ddpm:2:1:clamp:trailing^2:k8:clip", "ddim:20:1:stop3", "ddpm:6:1:trailing^2:auto", "ddim:4:1:bf16",
-                 "block:12:1:auto:commit0.8", "block:12:1:auto:commit0.8:free"):
+                 "block:12:1:auto:commit0.8"):
         assert SamplingConfig.parse(text).spec == text
         s = SamplingConfig.parse(text)
         assert SamplingConfig.parse(s.spec) == s

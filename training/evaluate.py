@@ -58,10 +58,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="block sampler: reveal a block's later positions only while each is rounded with "
                         "probability >= C, the rest predicted again given them (0 = whole blocks; default: the "
                         "checkpoint's)")
-    g.add_argument("--free", action=argparse.BooleanOptionalAction, default=None,
-                   help="block sampler: after a short reveal, the next block is a whole block from there (--free; "
-                        "a network trained with --free-blocks) or the rest of the fixed one (--no-free); default: "
-                        "the checkpoint's")
     g.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="where the K candidates come from: K noise draws (noise) or the K likeliest roundings of "
                         "one draw's last x0 (rounding, with --select clip); default: the checkpoint's")
@@ -99,8 +95,7 @@ def settings_from_args(model, args) -> dict:
                 model.use_scorer(args.scorer)
             return model.settings(args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
                                   clamp=args.clamp, spacing=args.spacing, candidates=args.candidates,
-                                  select=args.select, propose=args.propose, commit=args.commit,
-                                  free=getattr(args, "free", None))
+                                  select=args.select, propose=args.propose, commit=args.commit)
         except (ValueError, CheckpointError) as e:
             raise SystemExit(f"error: {e}")
     return {"beam": args.beam}
