@@ -903,8 +903,8 @@ def _about_model(name: str, cap, checkpoint: str, checkpoint_dir: str, default: 
              + (", clamped to tokens" if smp.clamp else "")
              + (f"; block diffusion, {cfg.block_size} positions a block, one block a step (steps: the most "
                 f"a caption may take)" if cfg.block_size else "")
-             + (f", a block's later positions revealed only where their rounding probability is at least "
-                f"{smp.commit:g}, the rest decided again at the next step" if smp.commit else ""),
+             + (f"; where both positions of a block are rounded with probability below {smp.commit:g}, the "
+                f"second is decided again at the next step" if smp.commit else ""),
              f"- training data: `{extra.get('data', 'not recorded')}`"
              + (f", {train.get('steps')} steps of batch {train.get('batch_size')}" if train else ""),
              f"- image encoder: `{extra.get('clip', 'as stored in the checkpoint')}`"]
@@ -1001,10 +1001,10 @@ def build(m: Models, url: str | None = None):
                                                        "trailing^k packs them towards the noisy end")
                             commit = gr.Slider(0, 0.99, value=smp.commit, step=0.01, label="Commit threshold",
                                                elem_id="commit",
-                                               info="block sampler: a block's second position is revealed only "
-                                                    "where its rounding probability reaches this, else decided at "
-                                                    "the next step given the first (at most twice a caption); "
-                                                    "0 reveals whole blocks")
+                                               info="block sampler: where both positions of a block are "
+                                                    "rounded with probability below this, the second is decided "
+                                                    "at the next step, given the first (at most twice a "
+                                                    "caption); 0 reveals whole blocks")
                         run = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     with gr.Column(scale=8, min_width=420):
                         # the step viewer: caption, status, step controls and both views, on one screen at 1366x768

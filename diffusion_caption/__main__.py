@@ -42,8 +42,8 @@ def main(argv=None) -> int:
                    help="which of K candidates: the consensus (mbr) or the highest CLIP score (clip); "
                         "default: the checkpoint's")
     p.add_argument("--commit", type=float, default=None, metavar="C",
-                   help="block sampler: reveal a block's later positions only while each is rounded with "
-                        "probability >= C, the rest predicted again given them (0 = whole blocks; default: the "
+                   help="block sampler: cut a block short before its second position rounded with probability "
+                        "< C, the rest predicted again given what was revealed (0 = whole blocks; default: the "
                         "checkpoint's)")
     p.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="the K candidates: K noise draws (noise), or the K likeliest roundings of one draw "

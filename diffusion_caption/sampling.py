@@ -61,8 +61,8 @@ class SamplingConfig(ConfigDict):
     # to the checkpoint's folder ("../shapes-text-scorer"); a loading setting, not a per-call one
     scorer: str = ""
     precision: str = "float32"  # one of PRECISIONS: the network's arithmetic (``native_bf16`` decides "auto")
-    # the block sampler's threshold: a block's positions after its first are revealed while each one's
-    # rounding probability is at least this, the rest predicted again in the next block (0 = whole blocks)
+    # the block sampler's threshold: a block is revealed up to its second position rounded with probability
+    # below this, the rest predicted again in the next block (0 = whole blocks)
     commit: float = 0.0
 
     def __post_init__(self):
@@ -153,7 +153,7 @@ class SamplingConfig(ConfigDict):
         if self.precision != "float32":
             s += ", bfloat16" if self.precision == "bfloat16" else ", bfloat16 where native"
         if self.commit:
-            s += f", reveal where p >= {self.commit:g}"
+            s += f", blocks cut short at p < {self.commit:g}"
         return s
 
     @classmethod

@@ -38,9 +38,9 @@ def test_parse_reads_the_one_text_form():
     assert SamplingConfig.parse("ddim:4:1:bf16").precision == "bfloat16"
     with pytest.raises(ValueError, match="precision"):
         SamplingConfig(precision="float16")
-    # the block sampler's threshold for revealing a block's later positions
+    # the block sampler's threshold for cutting a block short
     c = SamplingConfig.parse("block:12:1:auto:commit0.8")
-    assert (c.commit, c.precision) == (0.8, "auto") and c.describe().endswith("reveal where p >= 0.8")
+    assert (c.commit, c.precision) == (0.8, "auto") and c.describe().endswith("blocks cut short at p < 0.8")
     assert SamplingConfig.parse("block:10:1").commit == 0.0
     for bad in ("block:12:1:commit1", "block:12:1:commit-0.5", "block:12:1:commit0.5:commit0.6", "ddim:4:1:commit0.5"):
         with pytest.raises(ValueError, match="commit|is not"):

@@ -54,7 +54,7 @@ def test_the_default_model_writes_its_caption_over_several_steps_and_is_what_the
     cap = Captioner.from_pretrained(path)
     s = cap.sampling
     assert (s.sampler, s.guidance, s.candidates, cap.config.block_size) == ("block", 1.0, 1, 2)
-    assert 0 < s.commit < 1  # a block's second position revealed only where it is sure
+    assert 0 < s.commit < 1  # a block cut short only where both positions are unsure
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["image_encoder"] == {"kind": "local-dir", "path": "../shapes-clip"}  # the one shared CLIP
     traces = cap.caption_batch(EXAMPLES, seed=0)

@@ -55,8 +55,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="which of K candidates is kept: the consensus (mbr) or the highest CLIP score (clip); "
                         "default: the checkpoint's")
     g.add_argument("--commit", type=float, default=None, metavar="C",
-                   help="block sampler: reveal a block's later positions only while each is rounded with "
-                        "probability >= C, the rest predicted again given them (0 = whole blocks; default: the "
+                   help="block sampler: cut a block short before its second position rounded with probability "
+                        "< C, the rest predicted again given what was revealed (0 = whole blocks; default: the "
                         "checkpoint's)")
     g.add_argument("--propose", default=None, choices=["noise", "rounding"],
                    help="where the K candidates come from: K noise draws (noise) or the K likeliest roundings of "
