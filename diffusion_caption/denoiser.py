@@ -295,7 +295,7 @@ class Denoiser(nn.Module):
     def block_step(self, x_t: torch.Tensor, t: torch.Tensor | int, start: int | torch.Tensor, cond: torch.Tensor | None,
                    cache: dict | None = None, x_clean: torch.Tensor | None = None, *,
                    clean_start: torch.Tensor | None = None, clean_valid: torch.Tensor | None = None,
-                   valid: torch.Tensor | None = None):
+                   valid: torch.Tensor | None = None, clean_blocks: torch.Tensor | None = None):
         """One sampling step: the x0 prediction of the block at positions ``start`` ... (``x_t`` [B, b, d] at
         timesteps ``t``, [B, b] or one int), given the blocks before it: the ``cache`` of earlier steps (None at
         the first) and the block just revealed, ``x_clean`` [B, b', d] at the positions right before ``start``.
@@ -306,7 +306,8 @@ class Denoiser(nn.Module):
         [B], the revealed positions from ``clean_start`` [B] on with ``clean_valid`` [B, b'] marking the ones
         that were revealed (the rest are padding), and ``valid`` [B, b] the block's positions inside the
         caption. Padding is never read (each padded position reads itself only), and the cache keeps which of
-        its keys are real."""
+        its keys are real. ``clean_blocks`` [B, b'] (non-decreasing) splits the revealed positions into blocks
+        of their own: each reads its block and the ones before (default: one block, all read each other)."""
         B, n, _ = x_t.shape
         m = 0 if x_clean is None else x_clean.shape[1]
         dev, dtype = x_t.device, x_t.dtype
@@ -329,7 +330,8 @@ class Denoiser(nn.Module):
         else:
             t_all = t if not m else torch.cat([t.new_zeros(B, m), t.expand(B, n)], 1)
             h = x + self._timestep_term(t_all, dtype, dev) + cache["c"][:, None]
-        ragged = torch.is_tensor(start) or clean_valid is not None or valid is not None or "valid" in cache
+        ragged = (torch.is_tensor(start) or clean_valid is not None or valid is not None or "valid" in cache
+                  or clean_blocks is not None)
         if (m, n) not in shared:  # among these positions: clean ones never read the noisy block; each reads itself
             allowed = torch.ones(m + n, m + n, dtype=torch.bool, device=dev)
             allowed[:m, m:] = False
@@ -348,6 +350,9 @@ class Denoiser(nn.Module):
             ones = lambda k: torch.ones(B, k, dtype=torch.bool, device=dev)  # noqa: E731
             real = torch.cat([ones(m) if clean_valid is None else clean_valid, ones(n) if valid is None else valid], 1)
             allowed = (allowed & real[:, None, :]) | own  # [B, m + n, m + n]; a padded position reads itself alone
+            if clean_blocks is not None:
+                cb = torch.as_tensor(clean_blocks, device=dev)
+                allowed[:, :m, :m] &= cb[:, None, :] <= cb[:, :, None]
             past = cache["valid"] if "valid" in cache else ones(M)  # [B, M]: which cached keys are real
             if M:
                 allowed = torch.cat([past[:, None, :].expand(-1, m + n, -1), allowed], 2)

@@ -274,7 +274,9 @@ class GaussianDiffusion:
         ``sampler.commit`` = c > 0 its positions up to the second one rounded with probability < c (the rest is
         predicted again as the next step's block, which ends where the fixed block does, so blocks never
         straddle two fixed ones), until a caption has revealed ``BlockSampler.MAX_SHORT`` blocks short, and
-        whole blocks after that. Each step's x0 is the caption so
+        whole blocks after that; with ``BlockSampler.VERIFY`` the step that finishes such a rest also predicts
+        the next fixed block from the rest's guesses, in a second row, and takes it where they are confirmed.
+        Each step's x0 is the caption so
         far: the revealed positions as predicted when revealed, the block's unrevealed guesses, and [PAD]'s
         embedding after them. A row is done at the step that reveals its [SEP] (or the last position), and at
         the last step reveals all its block."""
@@ -308,12 +310,53 @@ class GaussianDiffusion:
         start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position
         cache, clean, clean_start, clean_valid = None, E[cls].expand(B, 1, -1), start - 1, None
         short = torch.zeros(B, dtype=torch.long, device=dev)  # how many blocks each row has revealed short
+        def reveal(unsure, inside, short):  # how many leading positions: up to the second unsure one (any, once
+            # a caption has cut MAX_SHORT blocks short)
+            unsure = unsure & (short < sampler.MAX_SHORT)[:, None] & inside
+            return ((unsure.cumsum(1) <= 1) & inside).sum(1)
+
+        def show(r, win, inside, pred, ids, k):  # a block's outcome into the trace's rows r (None: all of them);
+            # returns its revealed positions and whether they hold a [SEP] (nothing after it is shown)
+            revealed = offs[:win.shape[1]] < k[:, None]
+            sep = (ids == sep_id) & revealed
+            shown = inside & (sep.cumsum(-1) <= sep)
+            to = lambda m: torch.where(m, win, L)  # noqa: E731
+            out = (x0, ids_all, x_in) if r is None else (x0[r], ids_all[r], x_in[r])
+            out[0].scatter_(1, to(shown)[..., None].expand(-1, -1, d), pred)
+            out[1].scatter_(1, to(inside), torch.where(shown, ids, pad_id))
+            out[2].scatter_(1, to(revealed & shown)[..., None].expand(-1, -1, d), E[ids])
+            if r is not None:
+                x0[r], ids_all[r], x_in[r] = out
+            return revealed, sep.any(-1)
+
+        inside_prev = None  # each row's last block: its positions inside the caption
         for i in range(n):
             last = i == n - 1
+            R = len(start)
             win = start[:, None] + offs  # [B, b]: this step's block, up to the end of its fixed block
             inside = offs < room[start][:, None]
             x_blk = x.gather(1, win[..., None].expand(-1, -1, d))
-            if c > 0:
+            spec = None  # the rows that finish a fixed block cut short, and so also guess the next one
+            if c > 0 and sampler.VERIFY and not last:
+                nxt = start + room[start]
+                spec = (((start - 1) % b != 0) & (nxt < L)).nonzero().squeeze(1)
+                spec = spec if len(spec) else None
+            if spec is not None:
+                # a second row for each of them predicts the next fixed block as if the rest of this one were
+                # revealed as the last step guessed it (a block of its own after the revealed part); where the
+                # guess is confirmed, that is exactly the next step's prediction, so the row takes it now
+                guess = ids_all.gather(1, win.clamp(max=L))
+                s_start = nxt[spec]
+                s_win = s_start[:, None] + offs
+                s_inside = offs < room[s_start][:, None]
+                two = lambda u, v: torch.cat([u, v])  # noqa: E731
+                cache = Denoiser.keep_rows(cache, two(torch.arange(R, device=dev), spec))
+                pred, cache = model.block_step(
+                    two(x_blk, x[spec].gather(1, s_win[..., None].expand(-1, -1, d))), T - 1, two(start, s_start),
+                    cond, cache, two(clean, clean[spec]), clean_start=two(clean_start, clean_start[spec]),
+                    clean_valid=two(clean_valid, inside_prev[spec]), valid=two(inside, s_inside),
+                    clean_blocks=two(torch.zeros_like(clean_valid, dtype=torch.long), (~clean_valid[spec]).long()))
+            elif c > 0:
                 pred, cache = model.block_step(x_blk, T - 1, start, cond, cache, clean, clean_start=clean_start,
                                                clean_valid=clean_valid, valid=inside)
             else:  # every row at the same place: the plain cached step
@@ -323,31 +366,41 @@ class GaussianDiffusion:
             pred = pred.float()
             logits = torch.addmm(E_sq, pred.reshape(-1, d), E2t).view(*pred.shape[:2], -1)
             ids = logits.argmax(-1)
-            if c > 0 and not last:  # the positions up to the second one rounded with probability < c
-                # (all of them, once a caption has cut MAX_SHORT blocks short)
-                unsure = (logits.softmax(-1).amax(-1) < c) & (short < sampler.MAX_SHORT)[:, None] & inside
-                k = ((unsure.cumsum(1) <= 1) & inside).sum(1)
+            if c > 0 and not last:
+                unsure = logits.softmax(-1).amax(-1) < c
+                k = reveal(unsure[:R], inside, short)
                 short += k < inside.sum(1)
             else:
                 k = inside.sum(1)
-            revealed = offs[:win.shape[1]] < k[:, None]
-            sep = (ids == sep_id) & revealed
-            done = sep.any(-1) | (start + k >= L) if not last else torch.ones_like(start, dtype=torch.bool)
-            shown = inside & (sep.cumsum(-1) <= sep)  # nothing after a revealed [SEP]
-            where = torch.where(shown, win, L)
-            x0.scatter_(1, where[..., None].expand(-1, -1, d), pred)
-            ids_all.scatter_(1, torch.where(inside, win, L), torch.where(shown, ids, pad_id))
-            clean = E[ids]
-            x_in.scatter_(1, torch.where(revealed & shown, win, L)[..., None].expand(-1, -1, d), clean)
-            yield StepOutput(i, T - 1, x_in[:, :L].clone(), x0[:, :L].clone(), rows, done, ids_all[:, :L].clone())
-            clean_start, clean_valid = start, (revealed if c > 0 else None)
+            revealed, sep = show(None, win, inside, pred[:R], ids[:R], k)
+            done = sep | (start + k >= L) if not last else torch.ones_like(start, dtype=torch.bool)
+            clean, clean_start, inside_prev = E[ids[:R]], start, inside
+            clean_valid = revealed if c > 0 else None
             start = start + k
+            if spec is not None:
+                whole = (k == inside.sum(1)) & ((ids[:R] == guess) | ~inside).all(1) & ~sep
+                took = whole[spec]
+                r, sel = spec[took], R + took.nonzero().squeeze(1)
+                if len(r):
+                    s_win, s_inside, s_start = s_win[took], s_inside[took], s_start[took]
+                    s_k = reveal(unsure[sel], s_inside, short[r])
+                    short[r] += s_k < s_inside.sum(1)
+                    s_revealed, s_sep = show(r, s_win, s_inside, pred[sel], ids[sel], s_k)
+                    done[r] = s_sep | (s_start + s_k >= L)
+                    clean[r], clean_start[r], inside_prev[r] = E[ids[sel]], s_start, s_inside
+                    clean_valid[r], start[r] = s_revealed, s_start + s_k
+                    rows_kept = torch.arange(R, device=dev)
+                    rows_kept[r] = sel
+                    cache = Denoiser.keep_rows(cache, rows_kept)
+                else:  # every guess was wrong: the first rows, as they are
+                    cache = Denoiser.keep_rows(cache, slice(0, R))
+            yield StepOutput(i, T - 1, x_in[:, :L].clone(), x0[:, :L].clone(), rows, done, ids_all[:, :L].clone())
             if bool(done.any()):
                 keep = (~done).nonzero().squeeze(1)
                 if not len(keep):
                     return
-                x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short = (
+                x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short, inside_prev = (
                     v.index_select(0, keep)
-                    for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short))
+                    for v in (x, x_in, x0, ids_all, cond, rows, clean, clean_start, start, short, inside_prev))
                 clean_valid = clean_valid.index_select(0, keep) if clean_valid is not None else None
                 cache = Denoiser.keep_rows(cache, keep)

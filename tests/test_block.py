@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion_caption.config import preset
+from diffusion_caption.denoiser import Denoiser
 from diffusion_caption.diffusion import GaussianDiffusion
 from diffusion_caption.schedule import NoiseSchedule
 
@@ -264,11 +265,93 @@ def test_with_commit_an_unsure_position_after_sure_ones_is_revealed_with_them(ma
     assert {len(tr.steps) for tr in traces} == {-(-n // b)}  # ...and still revealed with its article
 
 
+def test_a_second_row_given_a_guess_predicts_what_the_next_step_would(make_captioner):
+    """``clean_blocks``: a row of the step that finishes a block cut short (position 1 revealed, 2 not) reads
+    positions 1 and 2 as two blocks of their own, 2 as guessed, and predicts the block 3-4: what the step after,
+    given 2 revealed as guessed, predicts; its cache then serves the step after that as well. (Two layers: the
+    first layer's keys are the inputs', whatever the clean blocks.)"""
+    cap = make_captioner(fusion="add", block_size=2, n_layers=2)
+    net = cap.denoiser.eval()
+    with torch.no_grad():  # weights far from their small initial ones, so that what a position reads shows
+        for name, w in net.named_parameters():
+            if name.startswith("encoder") and w.dim() == 2:
+                w.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    x_t, t, x_clean, cond = _inputs(cap, B=3)
+    T = cap.config.T - 1
+    B = x_t.shape[0]
+    ones, tf = torch.ones(B, 2, dtype=torch.bool), torch.tensor([[True, False]]).expand(B, 2)
+    at = lambda p: torch.full((B,), p)  # noqa: E731
+    with torch.no_grad():
+        _, c1 = net.block_step(x_t[:, 1:3], T, at(1), cond, None, x_clean[:, :1], clean_start=at(0), valid=ones)
+        keep = Denoiser.keep_rows
+        # one step at a time: 2 alone (1 revealed before it), then 3-4 given 2, then 5-6 given 3-4
+        _, c2 = net.block_step(x_t[:, 2:4], T, at(2), cond, keep(c1, torch.arange(B)), x_clean[:, 1:3],
+                               clean_start=at(1), clean_valid=tf, valid=tf)
+        want3, c3 = net.block_step(x_t[:, 3:5], T, at(3), cond, c2, x_clean[:, 2:4], clean_start=at(2),
+                                   clean_valid=tf, valid=ones)
+        want5, _ = net.block_step(x_t[:, 5:7], T, at(5), cond, c3, x_clean[:, 3:5], clean_start=at(3),
+                                  clean_valid=ones, valid=ones)
+        # 2 and, in a second row, 3-4 given 2 as guessed (x_clean's), in one call
+        rows = torch.cat([torch.arange(B), torch.arange(B)])
+        both, cb = net.block_step(torch.cat([x_t[:, 2:4], x_t[:, 3:5]]), T, torch.cat([at(2), at(3)]), cond,
+                                  keep(c1, rows), x_clean[:, 1:3].repeat(2, 1, 1), clean_start=at(1).repeat(2),
+                                  clean_valid=torch.cat([tf, ones]), valid=torch.cat([tf, ones]),
+                                  clean_blocks=torch.tensor([[0, 0]] * B + [[0, 1]] * B))
+        got5, _ = net.block_step(x_t[:, 5:7], T, at(5), cond, keep(cb, torch.arange(B, 2 * B)), x_clean[:, 3:5],
+                                 clean_start=at(3), clean_valid=ones, valid=ones)
+        one_block, _ = net.block_step(x_t[:, 3:5], T, at(3), cond, keep(c1, torch.arange(B)), x_clean[:, 1:3],
+                                      clean_start=at(1), clean_valid=ones, valid=ones)
+    assert torch.allclose(both[B:], want3, atol=1e-5) and torch.allclose(got5, want5, atol=1e-5)
+    assert not torch.allclose(one_block, want3, atol=1e-3)  # 1 and 2 read as one block: not the same
+
+
+def test_verified_guesses_give_the_same_captions_in_fewer_steps(make_captioner, tokenizer, monkeypatch):
+    """With ``BlockSampler.VERIFY`` a caption that cut a block short takes the next block a step early where the
+    held-back position is decided as guessed: the same captions, token for token, and fewer steps."""
+    from diffusion_caption.samplers import BlockSampler
+
+    torch.manual_seed(0)
+    b = 2
+    cap = make_captioner(fusion="add", block_size=b, seq_len=16, sampling="block:16:1:commit0.9")
+    texts = ["a red star and a large blue circle on a black background",  # the shape follows the colour, so
+             "an orange circle and a large blue star on a black background"]  # a wrong guess would show
+    cond = _trained_on(cap, tokenizer, texts, p_block_split=0.5)
+    features = torch.cat([cond.repeat(24, 1), torch.randn(8, cond.shape[1], generator=torch.Generator().manual_seed(5))])
+    runs = {}
+    for verify in (False, True):
+        monkeypatch.setattr(BlockSampler, "VERIFY", verify)
+        runs[verify] = cap.caption_batch(features=features, seed=1)
+    assert [tr.final.token_ids for tr in runs[True]] == [tr.final.token_ids for tr in runs[False]]
+    assert any(tr.text in texts for tr in runs[True])
+    steps = {v: [len(tr.steps) for tr in runs[v]] for v in runs}
+    assert all(a <= b_ for a, b_ in zip(steps[True], steps[False])) and sum(steps[True]) < sum(steps[False])
+    for tr in runs[True]:  # each step still reveals at least one position more than the one before
+        revealed = [sum(i != tokenizer.pad_id for i in st.token_ids) for st in tr.steps]
+        assert all(q >= p for p, q in zip(revealed, revealed[1:]))
+    # a network of large random weights is unsure everywhere and its guesses often change once the position
+    # before is revealed: those are not taken, and the captions are still the same
+    wild = make_captioner(fusion="add", block_size=b, n_layers=2, sampling="block:16:1:commit0.99")
+    with torch.no_grad():
+        for name, w in wild.denoiser.named_parameters():
+            if name.startswith("encoder") and w.dim() == 2:
+                w.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    monkeypatch.setattr(BlockSampler, "MAX_SHORT", 10**6)
+    noise = torch.randn(16, cond.shape[1], generator=torch.Generator().manual_seed(6))
+    for verify in (False, True):
+        monkeypatch.setattr(BlockSampler, "VERIFY", verify)
+        runs[verify] = wild.caption_batch(features=noise, seed=2)
+    assert [tr.final.token_ids for tr in runs[True]] == [tr.final.token_ids for tr in runs[False]]
+    assert sum(len(tr.steps) for tr in runs[True]) < sum(len(tr.steps) for tr in runs[False])
+
+
 def test_a_caption_reveals_at_most_max_short_blocks_short(make_captioner, monkeypatch):
     """An untrained network is sure of nothing, so under a high commit threshold every block would be revealed
     one position at a time; a caption cuts a block short at most ``MAX_SHORT`` times, then reveals whole
-    blocks: it takes at most its blocks plus ``MAX_SHORT`` steps."""
+    blocks: it takes at most its blocks plus ``MAX_SHORT`` steps (counted without ``VERIFY``, which takes a
+    confirmed guess's next block in the same step)."""
     from diffusion_caption.samplers import BlockSampler
+
+    monkeypatch.setattr(BlockSampler, "VERIFY", False)
 
     b = 2
     cap = make_captioner(fusion="add", block_size=b, sampling="block:40:1:commit0.99")
