@@ -383,7 +383,8 @@ class GaussianDiffusion:
                 r, sel = spec[took], R + took.nonzero().squeeze(1)
                 if len(r):
                     s_win, s_inside, s_start = s_win[took], s_inside[took], s_start[took]
-                    s_k = reveal(unsure[sel], s_inside, short[r])
+                    # (the next step's reveal: whole blocks if it was the last)
+                    s_k = reveal(unsure[sel], s_inside, short[r]) if i < n - 2 else s_inside.sum(1)
                     short[r] += s_k < s_inside.sum(1)
                     s_revealed, s_sep = show(r, s_win, s_inside, pred[sel], ids[sel], s_k)
                     done[r] = s_sep | (s_start + s_k >= L)

@@ -168,7 +168,7 @@ class BlockSampler(Sampler):
     blocks short, and whole ones after that. Each caption then moves at its own pace; it needs a network
     trained on blocks cut short (``ObjectiveConfig.p_block_split``). With ``VERIFY``, the step that decides a
     held-back position also predicts the next block, given that position's guess, and keeps it where the
-    guess is confirmed: the captions of one block a step, in fewer steps.
+    guess is confirmed: the captions of one block a step, in fewer steps (where ``num_steps`` is enough for them).
     """
 
     name = "block"
@@ -178,7 +178,8 @@ class BlockSampler(Sampler):
     MAX_SHORT = 2
     # verify the guess instead of waiting for it: a caption finishing a block cut short also predicts the next block,
     # in a second row of the same call, given the rest of this one as the last step guessed it; where the guess is
-    # confirmed that is the next step's prediction exactly, taken a step early (the captions are the same)
+    # confirmed that is the next step's prediction exactly, taken a step early (the same captions, unless a step budget
+    # too small for them cuts them short: then they get further)
     VERIFY = True
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int | None = None, spacing: str = "linspace",
