@@ -310,6 +310,7 @@ class GaussianDiffusion:
         start = torch.ones(B, dtype=torch.long, device=dev)  # each row's first unrevealed position
         cache, clean, clean_start, clean_valid = None, E[cls].expand(B, 1, -1), start - 1, None
         short = torch.zeros(B, dtype=torch.long, device=dev)  # how many blocks each row has revealed short
+
         def reveal(unsure, inside, short):  # how many leading positions: up to the second unsure one (any, once
             # a caption has cut MAX_SHORT blocks short)
             unsure = unsure & (short < sampler.MAX_SHORT)[:, None] & inside

@@ -572,13 +572,13 @@ def test_the_commit_threshold_of_a_block_model_is_a_setting_of_the_page_and_the_
     settings) from the page and from the API, and names the same caption the library gives; another sampler
     ignores it. (Steps counted one block a step: verified guesses would take the blocks cut short back.)"""
     import app
-    from diffusion_caption.samplers import BlockSampler
-
-    monkeypatch.setattr(BlockSampler, "VERIFY", False)
     from diffusion_caption import Captioner
     from diffusion_caption.config import preset
     from diffusion_caption.denoiser import Denoiser
+    from diffusion_caption.samplers import BlockSampler
     from diffusion_caption.sampling import SamplingConfig
+
+    monkeypatch.setattr(BlockSampler, "VERIFY", False)
 
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=tokenizer.vocab_size, cond_dim=clip_encoder.feature_dim, block_size=2,

@@ -204,36 +204,6 @@ def test_cached_steps_at_each_rows_own_pace_equal_the_training_pass_on_random_bo
     assert torch.allclose(got[seen], whole[seen], atol=1e-5)
 
 
-def test_with_commit_two_positions_that_depend_on_each_other_are_not_decided_apart(make_captioner, tokenizer):
-    """One image, two captions that differ from their first block on ("a red ..." / "an orange ..."): blocks of
-    two decided at once may mix them ("a orange"); revealing only the sure positions writes one of them whole."""
-    torch.manual_seed(0)
-    b = 2
-    cap = make_captioner(fusion="add", block_size=b, sampling="block:12:1:commit0.9")
-    texts = ["a red circle on a black background", "an orange square on a black background"]
-    ids = tokenizer.encode(texts, cap.config.seq_len)
-    cond = torch.randn(1, cap.config.cond_dim, generator=torch.Generator().manual_seed(3)).repeat(2, 1)
-    diff = GaussianDiffusion(NoiseSchedule(cap.config.schedule, cap.config.T), cap.config.predict)
-    net = cap.denoiser.train()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for step in range(400):
-        loss = diff.training_losses(net, ids.repeat(8, 1), cond.repeat(8, 1), lambda_round=1.0,
-                                    p_block_split=0.5)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    features = cond[:1].repeat(16, 1)
-    traces = cap.caption_batch(features=features, seed=1)
-    assert all(tr.text in texts for tr in traces)
-    assert len({tr.text for tr in traces}) == 2  # the noise picks one or the other
-    # the first step revealed the article and only guessed the colour, which the next block decided given it
-    assert any(tr.steps[0].token_ids[2] != tr.steps[-1].token_ids[2] for tr in traces)
-    whole_blocks = [tr.text for tr in cap.caption_batch(features=features, seed=1, commit=0.0)]
-    assert any(text not in texts for text in whole_blocks)  # the same network revealing whole blocks: "an red ..."
-    assert cap.caption_batch(features=features, seed=1, record="final")[0].text == traces[0].text
-
-
 def _trained_on(cap, tokenizer, texts, steps=400, **objective):
     """``cap``'s denoiser trained on ``texts``, all of one image (random features, returned)."""
     ids = tokenizer.encode(texts, cap.config.seq_len)
@@ -248,6 +218,24 @@ def _trained_on(cap, tokenizer, texts, steps=400, **objective):
         opt.step()
     net.eval()
     return cond[:1]
+
+
+def test_with_commit_two_positions_that_depend_on_each_other_are_not_decided_apart(make_captioner, tokenizer):
+    """One image, two captions that differ from their first block on ("a red ..." / "an orange ..."): blocks of
+    two decided at once may mix them ("a orange"); revealing only the sure positions writes one of them whole."""
+    torch.manual_seed(0)
+    b = 2
+    cap = make_captioner(fusion="add", block_size=b, sampling="block:12:1:commit0.9")
+    texts = ["a red circle on a black background", "an orange square on a black background"]
+    features = _trained_on(cap, tokenizer, texts, p_block_split=0.5).repeat(16, 1)
+    traces = cap.caption_batch(features=features, seed=1)
+    assert all(tr.text in texts for tr in traces)
+    assert len({tr.text for tr in traces}) == 2  # the noise picks one or the other
+    # the first step revealed the article and only guessed the colour, which the next block decided given it
+    assert any(tr.steps[0].token_ids[2] != tr.steps[-1].token_ids[2] for tr in traces)
+    whole_blocks = [tr.text for tr in cap.caption_batch(features=features, seed=1, commit=0.0)]
+    assert any(text not in texts for text in whole_blocks)  # the same network revealing whole blocks: "an red ..."
+    assert cap.caption_batch(features=features, seed=1, record="final")[0].text == traces[0].text
 
 
 def test_with_commit_an_unsure_position_after_sure_ones_is_revealed_with_them(make_captioner, tokenizer):
